@@ -1,0 +1,337 @@
+//! The MessagePack codec.
+//!
+//! Decoding happens in two passes. [`scan`] walks the bytes without allocating and checks the
+//! structure: every length fits in the bytes that remain, nesting stays within `max_depth`, no
+//! reserved or extension markers, nothing after the value. Only then does serde build the typed
+//! message, so a hostile length prefix can never make the decoder allocate more than the frame
+//! itself. Both passes return errors, never panic.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::ErrorCode;
+use crate::limits::Limits;
+use crate::messages::{Change, Cursor, Frame, decode_fields, encode_fields};
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes end in the middle of a value.
+    #[error("frame is truncated")]
+    Truncated,
+    /// Bytes follow the frame's value.
+    #[error("{0} unexpected bytes after the frame")]
+    TrailingBytes(usize),
+    /// A reserved marker (0xc1) or an extension type.
+    #[error("unsupported MessagePack marker 0x{0:02x}")]
+    UnsupportedMarker(u8),
+    /// Arrays and maps nest deeper than allowed.
+    #[error("nesting deeper than {0}")]
+    TooDeep(u32),
+    /// The frame is larger than allowed.
+    #[error("frame of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The frame's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The frame is not `[type, fields]`.
+    #[error("frame must be a 2-element array [type, fields]: {0}")]
+    BadEnvelope(&'static str),
+    /// The message type is unknown.
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    /// A field is missing or has the wrong type.
+    #[error("invalid fields: {0}")]
+    InvalidFields(String),
+}
+
+impl DecodeError {
+    /// The stable error code to send back.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooDeep(_) => ErrorCode::NestingTooDeep,
+            DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownMessage,
+            _ => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Encodes a frame as `[type, fields]`.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    write_envelope(&mut out, frame.type_name());
+    encode_fields(frame, &mut out);
+    out
+}
+
+/// Decodes a frame with the default limits.
+pub fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
+    decode_with_limits(bytes, &Limits::default())
+}
+
+/// Decodes one frame, enforcing `limits.max_frame_bytes` and `limits.max_depth`.
+pub fn decode_with_limits(bytes: &[u8], limits: &Limits) -> Result<Frame, DecodeError> {
+    if bytes.len() > limits.max_frame_bytes as usize {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit: limits.max_frame_bytes as usize,
+        });
+    }
+    scan(bytes, limits.max_depth)?;
+    let mut rd = bytes;
+    let n = rmp::decode::read_array_len(&mut rd)
+        .map_err(|_| DecodeError::BadEnvelope("not an array"))?;
+    if n != 2 {
+        return Err(DecodeError::BadEnvelope("array length is not 2"));
+    }
+    let (type_name, rest) = rmp::decode::read_str_from_slice(rd)
+        .map_err(|_| DecodeError::BadEnvelope("type is not a string"))?;
+    if !matches!(rest.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Err(DecodeError::BadEnvelope("fields are not a map"));
+    }
+    let (frame, used) = decode_fields(type_name, rest)?;
+    if used != rest.len() {
+        // The scan already proved there is exactly one value; this is defence in depth.
+        return Err(DecodeError::TrailingBytes(rest.len() - used));
+    }
+    Ok(frame)
+}
+
+/// Checks the structure of one MessagePack value spanning all of `bytes`, without allocating
+/// in proportion to any length prefix.
+pub fn scan(bytes: &[u8], max_depth: u32) -> Result<(), DecodeError> {
+    // `pending[i]` counts the values still to read in the i-th open container; the root
+    // "container" holds exactly one value.
+    let mut pending: Vec<u64> = Vec::with_capacity(8);
+    pending.push(1);
+    let mut pos = 0usize;
+    while let Some(top) = pending.last_mut() {
+        if *top == 0 {
+            pending.pop();
+            continue;
+        }
+        *top -= 1;
+        let marker = *bytes.get(pos).ok_or(DecodeError::Truncated)?;
+        pos += 1;
+        let (skip, children): (usize, u64) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (usize::from(marker & 0x1f), 0),
+            0xc4 | 0xd9 => (read_len(bytes, &mut pos, 1)?, 0),
+            0xc5 | 0xda => (read_len(bytes, &mut pos, 2)?, 0),
+            0xc6 | 0xdb => (read_len(bytes, &mut pos, 4)?, 0),
+            0xca => (4, 0),
+            0xcb => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xce | 0xd2 => (4, 0),
+            0xcf | 0xd3 => (8, 0),
+            0xdc => (0, read_len(bytes, &mut pos, 2)? as u64),
+            0xdd => (0, read_len(bytes, &mut pos, 4)? as u64),
+            0xde => (0, 2 * read_len(bytes, &mut pos, 2)? as u64),
+            0xdf => (0, 2 * read_len(bytes, &mut pos, 4)? as u64),
+            // 0xc1 is reserved; 0xc7..=0xc9 and 0xd4..=0xd8 are extension types.
+            other => return Err(DecodeError::UnsupportedMarker(other)),
+        };
+        let remaining = bytes.len() - pos;
+        if skip > remaining {
+            return Err(DecodeError::Truncated);
+        }
+        pos += skip;
+        let is_container = matches!(marker, 0x80..=0x9f | 0xdc..=0xdf);
+        if is_container {
+            // Every child takes at least one byte: a count beyond the bytes left is a lie.
+            if children > (bytes.len() - pos) as u64 {
+                return Err(DecodeError::Truncated);
+            }
+            if pending.len() as u32 > max_depth {
+                return Err(DecodeError::TooDeep(max_depth));
+            }
+            pending.push(children);
+        }
+    }
+    if pos != bytes.len() {
+        return Err(DecodeError::TrailingBytes(bytes.len() - pos));
+    }
+    Ok(())
+}
+
+fn read_len(bytes: &[u8], pos: &mut usize, width: usize) -> Result<usize, DecodeError> {
+    let slice = bytes
+        .get(*pos..*pos + width)
+        .ok_or(DecodeError::Truncated)?;
+    *pos += width;
+    let mut n: usize = 0;
+    for b in slice {
+        n = (n << 8) | usize::from(*b);
+    }
+    Ok(n)
+}
+
+fn write_envelope(out: &mut Vec<u8>, type_name: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = rmp::encode::write_array_len(out, 2);
+    let _ = rmp::encode::write_str(out, type_name);
+}
+
+pub(crate) fn write_struct<T: Serialize>(out: &mut Vec<u8>, value: &T) {
+    // The message types contain only maps with string keys, strings, integers, booleans and
+    // rmpv values: serialising them into a Vec cannot fail.
+    rmp_serde::encode::write_named(out, value).expect("serialising a message cannot fail");
+}
+
+pub(crate) fn read_struct<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), DecodeError> {
+    let mut cur = std::io::Cursor::new(bytes);
+    let value = {
+        let mut de = rmp_serde::Deserializer::new(&mut cur);
+        T::deserialize(&mut de).map_err(|e| DecodeError::InvalidFields(e.to_string()))?
+    };
+    Ok((value, cur.position() as usize))
+}
+
+/// Encodes one change on its own, so that fan-out serialises a change once and splices the
+/// bytes into every subscriber's `Changes` frame with [`encode_changes_frame`].
+pub fn encode_change(change: &Change) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    write_struct(&mut out, change);
+    out
+}
+
+/// Builds a `Changes` frame from pre-encoded changes (see [`encode_change`]). The output is
+/// byte-identical to [`encode`] of the equivalent [`Frame::Changes`].
+pub fn encode_changes_frame<'a>(
+    sub: u32,
+    encoded_changes: impl ExactSizeIterator<Item = &'a [u8]>,
+    cursor: &Cursor,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + cursor.epoch.len());
+    write_envelope(&mut out, "changes");
+    let _ = rmp::encode::write_map_len(&mut out, 3);
+    let _ = rmp::encode::write_str(&mut out, "sub");
+    let _ = rmp::encode::write_uint(&mut out, u64::from(sub));
+    let _ = rmp::encode::write_str(&mut out, "changes");
+    let _ = rmp::encode::write_array_len(&mut out, encoded_changes.len() as u32);
+    for c in encoded_changes {
+        out.extend_from_slice(c);
+    }
+    let _ = rmp::encode::write_str(&mut out, "cursor");
+    write_struct(&mut out, cursor);
+    out
+}
+
+/// The encoded size of a body, as counted against `max_document_bytes`.
+pub fn body_size(body: &crate::messages::Body) -> usize {
+    let mut out = Vec::new();
+    write_struct(&mut out, body);
+    out.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::*;
+
+    #[test]
+    fn rejects_trailing_bytes() {
+        let mut b = encode(&Frame::Ping(Ping { nonce: 7 }));
+        b.push(0xc0);
+        assert_eq!(decode(&b), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn rejects_lying_lengths_without_allocating() {
+        // array32 claiming 4 billion elements in a 5-byte frame.
+        assert_eq!(
+            decode(&[0xdd, 0xff, 0xff, 0xff, 0xff]),
+            Err(DecodeError::Truncated)
+        );
+        // str32 claiming 4 GiB.
+        assert_eq!(
+            decode(&[0xdb, 0xff, 0xff, 0xff, 0xff]),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    #[test]
+    fn rejects_deep_nesting() {
+        let bytes = vec![0x91; 100]
+            .into_iter()
+            .chain([0xc0])
+            .collect::<Vec<_>>();
+        assert_eq!(decode(&bytes), Err(DecodeError::TooDeep(32)));
+    }
+
+    #[test]
+    fn rejects_reserved_and_ext() {
+        assert_eq!(decode(&[0xc1]), Err(DecodeError::UnsupportedMarker(0xc1)));
+        assert_eq!(
+            decode(&[0xd4, 0x01, 0x00]),
+            Err(DecodeError::UnsupportedMarker(0xd4))
+        );
+    }
+
+    #[test]
+    fn unknown_type_and_bad_envelope() {
+        let mut b = Vec::new();
+        rmp::encode::write_array_len(&mut b, 2).unwrap();
+        rmp::encode::write_str(&mut b, "nope").unwrap();
+        rmp::encode::write_map_len(&mut b, 0).unwrap();
+        assert_eq!(decode(&b), Err(DecodeError::UnknownType("nope".into())));
+        assert!(matches!(decode(&[0x90]), Err(DecodeError::BadEnvelope(_))));
+        // Fields given as an array are refused: the spec says map.
+        assert!(matches!(
+            decode(&[0x92, 0xa4, b'p', b'i', b'n', b'g', 0x91, 0x01]),
+            Err(DecodeError::BadEnvelope(_))
+        ));
+    }
+
+    #[test]
+    fn too_large() {
+        let limits = Limits {
+            max_frame_bytes: 4,
+            ..Limits::default()
+        };
+        let b = encode(&Frame::Ping(Ping { nonce: 7 }));
+        assert!(matches!(
+            decode_with_limits(&b, &limits),
+            Err(DecodeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn changes_frame_builder_matches_encode() {
+        let changes = vec![
+            Change {
+                seq: 5,
+                collection: "machines".into(),
+                id: "m1".into(),
+                op: ChangeOp::Upsert,
+                body: Some(Body::from([("state".to_owned(), Value::from("idle"))])),
+            },
+            Change {
+                seq: 300,
+                collection: "machines".into(),
+                id: "m2".into(),
+                op: ChangeOp::Delete,
+                body: None,
+            },
+        ];
+        let cursor = Cursor {
+            epoch: "e1".into(),
+            seq: 300,
+        };
+        let encoded: Vec<Vec<u8>> = changes.iter().map(encode_change).collect();
+        let built = encode_changes_frame(70000, encoded.iter().map(|v| v.as_slice()), &cursor);
+        let frame = Frame::Changes(Changes {
+            sub: 70000,
+            changes,
+            cursor,
+        });
+        assert_eq!(built, encode(&frame));
+        assert_eq!(decode(&built).unwrap(), frame);
+    }
+}

@@ -1,0 +1,119 @@
+//! Stable error codes. The numbers and names are part of the wire contract: never renumber,
+//! only add. PROTOCOL.md lists them; a test checks that list against this enum.
+
+use std::fmt;
+
+macro_rules! error_codes {
+    ($( $(#[doc = $doc:literal])* $variant:ident = $num:literal, $name:literal, $retry:literal; )*) => {
+        /// A stable error code, sent in `Error.code` and in rejected `PushAck` results.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in numeric order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The numeric code carried on the wire.
+            pub fn code(self) -> u16 {
+                match self { $(ErrorCode::$variant => $num,)* }
+            }
+
+            /// The stable snake_case name carried beside the number.
+            pub fn name(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $name,)* }
+            }
+
+            /// Whether retrying the same request later can succeed (after a reconnect, a
+            /// backoff, or a fresh token) as opposed to a request that is wrong as sent.
+            pub fn retryable(self) -> bool {
+                match self { $(ErrorCode::$variant => $retry,)* }
+            }
+
+            /// Looks a code up by number.
+            pub fn from_code(code: u16) -> Option<ErrorCode> {
+                match code { $($num => Some(ErrorCode::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The frame is not MessagePack, or not `[type, fields]`, or a field has the wrong type.
+    MalformedFrame = 100, "malformed_frame", false;
+    /// The frame is larger than `max_frame_bytes`.
+    FrameTooLarge = 101, "frame_too_large", false;
+    /// The message type is not one this version knows.
+    UnknownMessage = 102, "unknown_message", false;
+    /// No protocol version in `Hello.versions` is supported by the server.
+    UnsupportedVersion = 103, "unsupported_version", false;
+    /// A message other than `Hello` arrived before the handshake completed.
+    HandshakeRequired = 104, "handshake_required", false;
+    /// A second `Hello` arrived on an established session.
+    DuplicateHello = 105, "duplicate_hello", false;
+    /// A text WebSocket frame arrived; syncgate speaks binary frames only.
+    TextFrameNotSupported = 106, "text_frame_not_supported", false;
+    /// Arrays and maps are nested deeper than `max_depth`.
+    NestingTooDeep = 107, "nesting_too_deep", false;
+    /// The token is missing, malformed, wrongly signed, or names no user.
+    Unauthorized = 200, "unauthorized", false;
+    /// The client id is empty, too long or contains control characters.
+    InvalidClientId = 201, "invalid_client_id", false;
+    /// The token has expired: fetch a new one and reconnect.
+    TokenExpired = 202, "token_expired", true;
+    /// The collection is not declared on this gateway.
+    UnknownCollection = 300, "unknown_collection", false;
+    /// The subscription filter is invalid (a field name that is not a string, a nested value).
+    InvalidFilter = 301, "invalid_filter", false;
+    /// A subscription with this `sub` id is already active on the connection.
+    DuplicateSubscription = 302, "duplicate_subscription", false;
+    /// No active subscription has this `sub` id.
+    UnknownSubscription = 303, "unknown_subscription", false;
+    /// The connection already holds `max_subscriptions` subscriptions.
+    TooManySubscriptions = 304, "too_many_subscriptions", false;
+    /// The mutation is not well formed (a put or patch without a body, a delete with one ...).
+    InvalidMutation = 400, "invalid_mutation", false;
+    /// The batch holds more than `max_mutations_per_batch` mutations.
+    BatchTooLarge = 401, "batch_too_large", false;
+    /// A document body is larger than `max_document_bytes` once merged.
+    DocumentTooLarge = 402, "document_too_large", false;
+    /// A document id is empty, too long or contains control characters.
+    InvalidDocumentId = 403, "invalid_document_id", false;
+    /// Mutation ids in a batch are not strictly increasing.
+    MutationIdsNotIncreasing = 404, "mutation_ids_not_increasing", false;
+    /// A patch names a document that does not exist or is deleted.
+    DocumentNotFound = 405, "document_not_found", false;
+    /// The gateway failed internally; the request may be retried.
+    InternalError = 500, "internal_error", true;
+    /// The connection's outbound buffer overflowed; reconnect and resume by cursor.
+    SlowConsumer = 501, "slow_consumer", true;
+    /// The gateway is draining; reconnect (elsewhere) after `retry_after_ms`.
+    ServerDraining = 502, "server_draining", true;
+    /// No frame arrived within the heartbeat timeout.
+    HeartbeatTimeout = 503, "heartbeat_timeout", true;
+    /// The database is unreachable; retry with backoff.
+    StorageUnavailable = 504, "storage_unavailable", true;
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name(), self.code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.code()), "duplicate code {}", c.code());
+            assert_eq!(ErrorCode::from_code(c.code()), Some(*c));
+        }
+        assert_eq!(ErrorCode::from_code(9999), None);
+    }
+}
