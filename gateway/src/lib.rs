@@ -1,1 +1,28 @@
+//! `syncgate-gateway`: the WebSocket sync gateway.
+//!
+//! # Layout
+//! - [`config`]: the `Config` (TOML file, env, flags) and its validation.
+//! - [`auth`]: HS256 JWT verification and minting; the generated secret.
+//! - [`storage`]: the only module that knows sea-orm: schema, change log, documents,
+//!   exactly-once records, the group-commit write path and the log head lock.
+//! - [`ingest`]: the group-commit task.
+//! - [`hub`]: subscriber registry, the log follower and fan-out.
+//! - `subscription`: snapshot / catch-up / go-live of one subscription.
+//! - `connection`: one WebSocket connection's reader loop.
+//! - [`outbound`]: the byte-bounded outbound queue and the writer task.
+//! - [`server`]: wiring, listeners, HTTP endpoints, graceful shutdown.
+//! - [`metrics`]: Prometheus metrics.
 
+pub mod auth;
+pub mod config;
+mod connection;
+pub mod hub;
+pub mod ingest;
+pub mod metrics;
+pub mod outbound;
+pub mod server;
+pub mod storage;
+mod subscription;
+
+pub use config::Config;
+pub use server::Gateway;

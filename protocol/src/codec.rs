@@ -223,11 +223,23 @@ pub fn encode_changes_frame<'a>(
     out
 }
 
-/// The encoded size of a body, as counted against `max_document_bytes`.
-pub fn body_size(body: &crate::messages::Body) -> usize {
+/// Encodes any protocol value (a body, a mutation) on its own, as stored by the gateway and the
+/// client's outbox. Structs become maps keyed by field name, as on the wire.
+pub fn to_msgpack<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::new();
-    write_struct(&mut out, body);
-    out.len()
+    write_struct(&mut out, value);
+    out
+}
+
+/// Decodes a value written by [`to_msgpack`], with the same structural checks as frames (a
+/// generous depth of 128; no size limit: stored values were checked when they came in).
+pub fn from_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    scan(bytes, 128)?;
+    let (value, used) = read_struct::<T>(bytes)?;
+    if used != bytes.len() {
+        return Err(DecodeError::TrailingBytes(bytes.len() - used));
+    }
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -1,0 +1,241 @@
+//! Gateway configuration: one serde `Config`, every field defaulted and documented. Sources,
+//! lowest precedence first: built-in defaults, the TOML file, `SYNCGATE_*` environment
+//! variables, command-line flags (the last two are merged in `main.rs`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use syncgate_protocol::Limits;
+use syncgate_protocol::limits::is_valid_collection_name;
+
+/// The default WebSocket port (chosen clear of PostgreSQL, Redis, NATS, MQTT and RabbitMQ).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+/// The default HTTP port for `/healthz`, `/readyz` and `/metrics`.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7421";
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the WebSocket listener.
+    pub listen: SocketAddr,
+    /// Address of the HTTP listener (`/healthz`, `/readyz`, `/metrics`).
+    pub http_listen: SocketAddr,
+    /// Directory for the SQLite database and the generated JWT secret.
+    pub data_dir: PathBuf,
+    /// Database URL: `sqlite://PATH` or `postgres://...`. Empty means
+    /// `sqlite://<data_dir>/syncgate.db`.
+    pub database: String,
+    /// Maximum pooled database connections.
+    pub database_pool_size: u32,
+    /// Authentication settings.
+    pub auth: AuthConfig,
+    /// Limits announced in `Welcome` and enforced on every connection.
+    pub limits: Limits,
+    /// Interval at which clients should send a frame; silence for 3 intervals closes.
+    pub heartbeat_ms: u32,
+    /// Byte cap of each connection's outbound queue. A subscriber whose queue would exceed it is
+    /// disconnected with `slow_consumer` and resumes by cursor.
+    pub outbound_buffer_bytes: usize,
+    /// Maximum concurrent WebSocket connections; further connections wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Pushes a connection may have in flight before the gateway stops reading its frames.
+    pub max_inflight_pushes: usize,
+    /// Most mutations committed in one group-commit transaction.
+    pub group_commit_max_mutations: usize,
+    /// Grace period for connections to drain on shutdown, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// Declared collections. A client may only use collections named here.
+    pub collections: BTreeMap<String, CollectionConfig>,
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret for client JWTs. Empty: a random secret is generated once into
+    /// `<data_dir>/jwt_secret` and reused.
+    pub jwt_secret: String,
+}
+
+/// One declared collection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectionConfig {
+    /// Conflict policy. Only `lww` (server-order last-write-wins) exists so far.
+    pub policy: ConflictPolicy,
+}
+
+/// How concurrent writes to one document are resolved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictPolicy {
+    /// Server-order last-write-wins: the mutation committed last wins.
+    #[default]
+    Lww,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let collections = ["work_orders", "machines", "stock", "feedback"]
+            .into_iter()
+            .map(|c| (c.to_owned(), CollectionConfig::default()))
+            .collect();
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            http_listen: DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
+            data_dir: PathBuf::from("./data"),
+            database: String::new(),
+            database_pool_size: 8,
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            heartbeat_ms: 15_000,
+            outbound_buffer_bytes: 1024 * 1024,
+            max_connections: 19_000,
+            max_inflight_pushes: 16,
+            group_commit_max_mutations: 5_000,
+            shutdown_grace_ms: 5_000,
+            collections,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; absent fields take their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The database URL, with the SQLite default filled in.
+    pub fn database_url(&self) -> String {
+        if self.database.is_empty() {
+            format!("sqlite://{}/syncgate.db", self.data_dir.display())
+        } else {
+            self.database.clone()
+        }
+    }
+
+    /// Checks ranges and names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for name in self.collections.keys() {
+            if !is_valid_collection_name(name) {
+                return bad(format!(
+                    "collection name {name:?} must match [a-z][a-z0-9_]{{0,63}}"
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_frame_bytes < 1024 {
+            return bad("limits.max_frame_bytes must be at least 1024".into());
+        }
+        if l.max_document_bytes == 0 || l.max_document_bytes >= l.max_frame_bytes {
+            return bad("limits.max_document_bytes must be in 1..max_frame_bytes".into());
+        }
+        if l.max_mutations_per_batch == 0 || l.max_id_bytes == 0 || l.max_subscriptions == 0 {
+            return bad("limits must be positive".into());
+        }
+        if !(4..=128).contains(&l.max_depth) {
+            return bad("limits.max_depth must be in 4..=128".into());
+        }
+        if self.outbound_buffer_bytes < l.max_frame_bytes as usize {
+            return bad("outbound_buffer_bytes must be at least limits.max_frame_bytes".into());
+        }
+        if self.heartbeat_ms < 100 {
+            return bad("heartbeat_ms must be at least 100".into());
+        }
+        if self.max_connections == 0 || self.max_inflight_pushes == 0 {
+            return bad("max_connections and max_inflight_pushes must be positive".into());
+        }
+        if self.group_commit_max_mutations < l.max_mutations_per_batch as usize {
+            return bad(
+                "group_commit_max_mutations must be at least limits.max_mutations_per_batch".into(),
+            );
+        }
+        let url = self.database_url();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres:")
+            || url.starts_with("postgresql:"))
+        {
+            return bad(format!(
+                "database must be sqlite://... or postgres://..., got {url:?}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_in_deploy_matches_defaults() {
+        let text = include_str!("../../deploy/syncgate.toml");
+        let parsed = Config::from_toml(text).expect("deploy/syncgate.toml parses");
+        assert_eq!(
+            parsed,
+            Config::default(),
+            "deploy/syncgate.toml drifted from the defaults"
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        assert!(Config::from_toml("lisen = \"127.0.0.1:1\"").is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_reported() {
+        let mut c = Config::default();
+        c.collections
+            .insert("Bad-Name".into(), CollectionConfig::default());
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.database = "mysql://x".into();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,481 @@
+//! One WebSocket connection: the handshake, then a reader loop that turns frames into work
+//! (subscriptions, pushes, pings) while a writer task drains the outbound queue.
+//!
+//! Tasks per connection: this reader, the writer ([`Outbound::run_writer`]) and, while a
+//! subscription is catching up, one short-lived task per subscription
+//! ([`crate::subscription::start`]). On disconnect the reader unregisters every subscription
+//! and aborts catch-up tasks; pushes already handed to ingest still commit (the client learns
+//! their outcome from `Welcome.last_applied_mutation` and replays).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{Future, StreamExt};
+use syncgate_protocol::codec::{decode_with_limits, encode};
+use syncgate_protocol::limits::is_valid_id;
+use syncgate_protocol::{
+    ErrorCode, ErrorFrame, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome,
+    negotiate_version,
+};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::hub::{SubEntry, close_code};
+use crate::ingest::IngestRequest;
+use crate::outbound::Outbound;
+use crate::server::Shared;
+use crate::storage::{PushJob, PushOutcome};
+
+/// How long a client has to complete the WebSocket upgrade and send `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type PushReply = Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    u64,
+                    Instant,
+                    Result<Result<PushOutcome, ErrorCode>, oneshot::error::RecvError>,
+                ),
+            > + Send,
+    >,
+>;
+
+/// An authenticated session.
+struct Session {
+    client_id: String,
+    user: String,
+}
+
+/// A subscription of this connection.
+struct ActiveSub {
+    entry: Arc<SubEntry>,
+    /// The catch-up task, while it runs.
+    task: AbortHandle,
+}
+
+/// Serves one accepted TCP connection to the end.
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let limits = shared.config.limits;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(shared.config.outbound_buffer_bytes * 2 + 64 * 1024)
+        .max_message_size(Some(limits.max_frame_bytes as usize))
+        .max_frame_size(Some(limits.max_frame_bytes as usize));
+    let ws = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_tungstenite::accept_async_with_config(tcp, Some(ws_config)),
+    )
+    .await
+    {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    shared.metrics.connections.inc();
+    let (sink, mut stream) = ws.split();
+    let out = Arc::new(Outbound::new(
+        shared.config.outbound_buffer_bytes,
+        shared.metrics.outbound_bytes.clone(),
+    ));
+    let writer = {
+        let out = out.clone();
+        let metrics = shared.metrics.clone();
+        tokio::spawn(async move { out.run_writer(sink, metrics).await })
+    };
+    let mut conn = Connection {
+        shared: shared.clone(),
+        out: out.clone(),
+        session: None,
+        subs: HashMap::new(),
+    };
+    conn.run(&mut stream).await;
+    conn.teardown();
+    if !out.is_closed() {
+        out.close_after_flush(1000, "bye");
+    }
+    // The writer ends after its close frame; do not wait forever on a peer that stopped reading.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    shared.metrics.connections.dec();
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    out: Arc<Outbound>,
+    session: Option<Session>,
+    subs: HashMap<u32, ActiveSub>,
+}
+
+impl Connection {
+    async fn run<S>(&mut self, stream: &mut S)
+    where
+        S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let heartbeat = Duration::from_millis(u64::from(self.shared.config.heartbeat_ms) * 3);
+        let handshake_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut last_seen = Instant::now();
+        let mut pushes: FuturesOrdered<PushReply> = FuturesOrdered::new();
+        let max_inflight = self.shared.config.max_inflight_pushes;
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let deadline = if self.session.is_none() {
+                handshake_deadline
+            } else {
+                last_seen + heartbeat
+            };
+            let can_read = pushes.len() < max_inflight && self.out.has_space();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let retry_after_ms = 1000;
+                    self.send(Frame::GoAway(GoAway {
+                        reason: "server shutting down".into(),
+                        retry_after_ms,
+                    }));
+                    self.out.close_after_flush(1012, "server shutting down");
+                    return;
+                }
+                Some((batch, started, reply)) = pushes.next(), if !pushes.is_empty() => {
+                    self.finish_push(batch, started, reply);
+                }
+                _ = self.out.wait_for_space(), if !can_read && pushes.len() < max_inflight => {}
+                msg = stream.next(), if can_read => {
+                    let Some(msg) = msg else { return };
+                    match msg {
+                        Ok(Message::Binary(b)) => {
+                            last_seen = Instant::now();
+                            self.shared.metrics.frames_in.inc();
+                            self.shared.metrics.bytes_in.inc_by(b.len() as u64);
+                            if let Some(p) = self.handle_binary(&b).await {
+                                pushes.push_back(p);
+                            }
+                        }
+                        Ok(Message::Text(_)) => {
+                            last_seen = Instant::now();
+                            self.error(ErrorCode::TextFrameNotSupported, "send binary frames", false, None, None);
+                        }
+                        Ok(Message::Ping(_) | Message::Pong(_)) => last_seen = Instant::now(),
+                        Ok(Message::Close(_)) => return,
+                        Ok(Message::Frame(_)) => {}
+                        Err(WsError::Capacity(e)) => {
+                            self.error(ErrorCode::FrameTooLarge, &e.to_string(), true, None, None);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "connection read failed");
+                            return;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let code = if self.session.is_none() {
+                        ErrorCode::HandshakeRequired
+                    } else {
+                        ErrorCode::HeartbeatTimeout
+                    };
+                    self.error(code, "no frame within the timeout", true, None, None);
+                    return;
+                }
+                _ = self.out.closed() => return,
+            }
+            if self.out.is_closed() {
+                return;
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        for (_, s) in self.subs.drain() {
+            s.task.abort();
+            self.shared.hub.unregister(&s.entry);
+        }
+    }
+
+    fn send(&self, frame: Frame) {
+        self.out.push(Bytes::from(encode(&frame)));
+    }
+
+    fn error(
+        &self,
+        code: ErrorCode,
+        message: &str,
+        fatal: bool,
+        sub: Option<u32>,
+        batch: Option<u64>,
+    ) {
+        self.shared
+            .metrics
+            .errors
+            .with_label_values(&[code.name()])
+            .inc();
+        let mut e = ErrorFrame::new(code, message, fatal);
+        e.sub = sub;
+        e.batch = batch;
+        let bytes = Bytes::from(encode(&Frame::Error(e)));
+        if fatal {
+            self.out.push(bytes);
+            self.out.close_after_flush(close_code(code), code.name());
+        } else {
+            self.out.push(bytes);
+        }
+    }
+
+    /// Handles one binary frame; returns a pending push acknowledgement, if it was a push.
+    async fn handle_binary(&mut self, bytes: &[u8]) -> Option<PushReply> {
+        let frame = match decode_with_limits(bytes, &self.shared.config.limits) {
+            Ok(f) => f,
+            Err(e) => {
+                self.error(e.code(), &e.to_string(), false, None, None);
+                return None;
+            }
+        };
+        if self.session.is_none() {
+            match frame {
+                Frame::Hello(h) => self.hello(h).await,
+                _ => {
+                    self.error(
+                        ErrorCode::HandshakeRequired,
+                        "send hello first",
+                        true,
+                        None,
+                        None,
+                    );
+                }
+            }
+            return None;
+        }
+        match frame {
+            Frame::Hello(_) => {
+                self.error(
+                    ErrorCode::DuplicateHello,
+                    "session already established",
+                    false,
+                    None,
+                    None,
+                );
+            }
+            Frame::Subscribe(s) => self.subscribe(s),
+            Frame::Unsubscribe(u) => match self.subs.remove(&u.sub) {
+                Some(s) => {
+                    s.task.abort();
+                    self.shared.hub.unregister(&s.entry);
+                }
+                None => self.error(
+                    ErrorCode::UnknownSubscription,
+                    "no such subscription",
+                    false,
+                    Some(u.sub),
+                    None,
+                ),
+            },
+            Frame::Push(p) => return self.push(p),
+            Frame::Ping(p) => self.send(Frame::Pong(Pong { nonce: p.nonce })),
+            Frame::Pong(_) => {}
+            other => {
+                self.error(
+                    ErrorCode::UnknownMessage,
+                    &format!("{} is a server-to-client message", other.type_name()),
+                    false,
+                    None,
+                    None,
+                );
+            }
+        }
+        None
+    }
+
+    async fn hello(&mut self, h: Hello) {
+        let Some(version) = negotiate_version(&h.versions) else {
+            let msg = format!("server speaks {:?}", syncgate_protocol::SUPPORTED_VERSIONS);
+            self.error(ErrorCode::UnsupportedVersion, &msg, true, None, None);
+            return;
+        };
+        if !is_valid_id(&h.client_id, self.shared.config.limits.max_id_bytes) {
+            self.error(
+                ErrorCode::InvalidClientId,
+                "client_id must be 1..=max_id_bytes bytes without control characters",
+                true,
+                None,
+                None,
+            );
+            return;
+        }
+        let user = match self.shared.auth.verify(&h.token) {
+            Ok(u) => u,
+            Err((code, msg)) => {
+                self.error(code, &msg, true, None, None);
+                return;
+            }
+        };
+        let last_applied_mutation = match self.shared.store.last_applied(&h.client_id).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the client's last mutation failed");
+                self.error(
+                    ErrorCode::StorageUnavailable,
+                    "database unavailable",
+                    true,
+                    None,
+                    None,
+                );
+                return;
+            }
+        };
+        tracing::debug!(client_id = %h.client_id, user = %user, agent = %h.agent, "session established");
+        self.send(Frame::Welcome(Welcome {
+            version,
+            session: hex::encode(rand::random::<[u8; 8]>()),
+            epoch: self.shared.hub.epoch().to_owned(),
+            last_applied_mutation,
+            limits: self.shared.config.limits,
+            heartbeat_ms: self.shared.config.heartbeat_ms,
+        }));
+        self.session = Some(Session {
+            client_id: h.client_id,
+            user,
+        });
+    }
+
+    fn subscribe(&mut self, s: Subscribe) {
+        let sub = Some(s.sub);
+        if self.subs.contains_key(&s.sub) {
+            self.error(
+                ErrorCode::DuplicateSubscription,
+                "sub id already in use",
+                false,
+                sub,
+                None,
+            );
+            return;
+        }
+        if self.subs.len() >= self.shared.config.limits.max_subscriptions as usize {
+            self.error(
+                ErrorCode::TooManySubscriptions,
+                "too many subscriptions",
+                false,
+                sub,
+                None,
+            );
+            return;
+        }
+        if !self.shared.config.collections.contains_key(&s.collection) {
+            let msg = format!("collection {:?} is not declared", s.collection);
+            self.error(ErrorCode::UnknownCollection, &msg, false, sub, None);
+            return;
+        }
+        let filter = match Filter::new(&s.filter) {
+            Ok(f) => f,
+            Err(msg) => {
+                self.error(ErrorCode::InvalidFilter, &msg, false, sub, None);
+                return;
+            }
+        };
+        let entry = Arc::new(SubEntry::new(self.out.clone(), s.sub, s.collection, filter));
+        self.shared.hub.register(entry.clone());
+        let task = tokio::spawn(crate::subscription::start(
+            self.shared.clone(),
+            entry.clone(),
+            s.cursor,
+        ))
+        .abort_handle();
+        self.subs.insert(s.sub, ActiveSub { entry, task });
+    }
+
+    fn push(&mut self, p: Push) -> Option<PushReply> {
+        let limits = &self.shared.config.limits;
+        let batch = Some(p.batch);
+        if p.mutations.len() > limits.max_mutations_per_batch as usize {
+            let msg = format!(
+                "at most {} mutations per batch",
+                limits.max_mutations_per_batch
+            );
+            self.error(ErrorCode::BatchTooLarge, &msg, false, None, batch);
+            return None;
+        }
+        if p.mutations
+            .windows(2)
+            .any(|w| w[0].mutation_id >= w[1].mutation_id)
+        {
+            self.error(
+                ErrorCode::MutationIdsNotIncreasing,
+                "mutation ids must strictly increase",
+                false,
+                None,
+                batch,
+            );
+            return None;
+        }
+        let session = self.session.as_ref()?;
+        let (reply, rx) = oneshot::channel();
+        let req = IngestRequest {
+            job: PushJob {
+                client_id: session.client_id.clone(),
+                user: session.user.clone(),
+                batch: p.batch,
+                mutations: p.mutations,
+            },
+            reply,
+        };
+        let started = Instant::now();
+        let ingest = self.shared.ingest.clone();
+        Some(Box::pin(async move {
+            if ingest.send(req).await.is_err() {
+                return (p.batch, started, Ok(Err(ErrorCode::ServerDraining)));
+            }
+            (p.batch, started, rx.await)
+        }))
+    }
+
+    fn finish_push(
+        &mut self,
+        batch: u64,
+        started: Instant,
+        reply: Result<Result<PushOutcome, ErrorCode>, oneshot::error::RecvError>,
+    ) {
+        match reply {
+            Ok(Ok(outcome)) => {
+                self.shared
+                    .metrics
+                    .push_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.send(Frame::PushAck(PushAck {
+                    batch,
+                    results: outcome.results,
+                    visible_at: outcome.visible_at,
+                }));
+            }
+            Ok(Err(code)) => self.error(
+                code,
+                "the batch was not committed; retry it",
+                false,
+                None,
+                Some(batch),
+            ),
+            Err(_) => self.error(
+                ErrorCode::InternalError,
+                "ingest stopped; retry the batch",
+                false,
+                None,
+                Some(batch),
+            ),
+        }
+    }
+}

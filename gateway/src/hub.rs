@@ -1,0 +1,315 @@
+//! Fan-out: who is subscribed to what, and the log follower that publishes committed changes
+//! to live subscribers in strict seq order.
+//!
+//! # State and ownership
+//! - `subs`: collection → subscriber entries. Connections add and remove their own entries.
+//! - `published`: the last seq handed to live subscribers, under a mutex that is held while a
+//!   chunk is published and while a subscription goes live. That mutex is the handover point
+//!   between catch-up (reading the log) and live delivery: a subscription goes live only when
+//!   its position equals `published`, and from then on receives every later chunk. So between
+//!   snapshot, catch-up and live no change is skipped or repeated.
+//! - Only the follower task (`run_follower`) publishes. It gets committed groups straight from
+//!   this node's ingest (no database read) and fills any gap — changes committed by other
+//!   nodes — from the log, woken by PostgreSQL NOTIFY or a periodic poll.
+//!
+//! A change is encoded once ([`LogEntry::encoded`]); each subscriber's `Changes` frame splices
+//! those bytes behind its own `sub` and cursor.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use syncgate_protocol::codec::{encode, encode_changes_frame};
+use syncgate_protocol::{Cursor, ErrorCode, ErrorFrame, Filter, Frame, Synced};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+use crate::storage::{Committed, LogEntry, Store};
+
+/// One subscription of one connection.
+pub struct SubEntry {
+    /// The subscriber's outbound queue.
+    pub out: Arc<Outbound>,
+    /// The client's subscription id.
+    pub sub: u32,
+    /// The followed collection.
+    pub collection: String,
+    /// The subscription's filter.
+    pub filter: Filter,
+    /// Set (under the publish lock) once the subscription receives live chunks.
+    live: AtomicBool,
+}
+
+impl SubEntry {
+    /// A subscription that is not live yet.
+    pub fn new(out: Arc<Outbound>, sub: u32, collection: String, filter: Filter) -> SubEntry {
+        SubEntry {
+            out,
+            sub,
+            collection,
+            filter,
+            live: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Events for the follower.
+#[derive(Debug)]
+pub enum HubEvent {
+    /// This node committed a group.
+    Committed(Committed),
+    /// The log head may have moved (another node committed).
+    Wake,
+}
+
+/// The subscriber registry and publisher state.
+pub struct Hub {
+    /// Subscribers by collection.
+    subs: DashMap<String, Vec<Arc<SubEntry>>>,
+    /// The last published seq; locked while publishing and while going live.
+    published: Mutex<u64>,
+    /// Broadcasts `published` to catch-up tasks waiting for the hub to reach them.
+    published_tx: watch::Sender<u64>,
+    /// The database epoch, for cursors.
+    epoch: String,
+    /// Metrics.
+    metrics: Metrics,
+}
+
+impl Hub {
+    /// A hub whose log is already published up to `head`.
+    pub fn new(head: u64, epoch: String, metrics: Metrics) -> Hub {
+        metrics.published_seq.set(head as i64);
+        Hub {
+            subs: DashMap::new(),
+            published: Mutex::new(head),
+            published_tx: watch::channel(head).0,
+            epoch,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.published.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last published seq.
+    pub fn published(&self) -> u64 {
+        *self.published_tx.borrow()
+    }
+
+    /// Watches the published seq.
+    pub fn watch_published(&self) -> watch::Receiver<u64> {
+        self.published_tx.subscribe()
+    }
+
+    /// The epoch cursors carry.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// Adds a (not yet live) subscription.
+    pub fn register(&self, entry: Arc<SubEntry>) {
+        self.metrics.subscriptions.inc();
+        self.subs
+            .entry(entry.collection.clone())
+            .or_default()
+            .push(entry);
+    }
+
+    /// Removes a subscription.
+    pub fn unregister(&self, entry: &Arc<SubEntry>) {
+        let mut now_empty = false;
+        if let Some(mut list) = self.subs.get_mut(&entry.collection) {
+            let before = list.len();
+            list.retain(|e| !Arc::ptr_eq(e, entry));
+            if list.len() < before {
+                self.metrics.subscriptions.dec();
+            }
+            now_empty = list.is_empty();
+        }
+        if now_empty {
+            self.subs.remove_if(&entry.collection, |_, l| l.is_empty());
+        }
+    }
+
+    /// Makes the subscription live if it has caught up with `published`; queues its `Synced`
+    /// before any live chunk can reach it.
+    pub fn try_go_live(&self, entry: &SubEntry, position: u64) -> bool {
+        let published = self.lock();
+        if *published != position {
+            return false;
+        }
+        entry.out.push(Bytes::from(encode(&Frame::Synced(Synced {
+            sub: entry.sub,
+            cursor: Cursor {
+                epoch: self.epoch.clone(),
+                seq: position,
+            },
+        }))));
+        entry.live.store(true, Ordering::Release);
+        true
+    }
+
+    /// Publishes the chunk `from+1..=to` (entries in seq order) to live subscribers.
+    /// Returns false if `from` is not the published head (the caller must fill the gap).
+    fn publish(&self, from: u64, to: u64, entries: &[Arc<LogEntry>]) -> bool {
+        let mut published = self.lock();
+        if *published != from {
+            return false;
+        }
+        let mut by_collection: BTreeMap<&str, Vec<&LogEntry>> = BTreeMap::new();
+        for e in entries {
+            by_collection
+                .entry(e.change.collection.as_str())
+                .or_default()
+                .push(e);
+        }
+        let cursor = Cursor {
+            epoch: self.epoch.clone(),
+            seq: to,
+        };
+        let mut delivered = 0u64;
+        for (collection, changes) in by_collection {
+            let Some(list) = self.subs.get(collection) else {
+                continue;
+            };
+            for entry in list.iter() {
+                if !entry.live.load(Ordering::Acquire) {
+                    continue;
+                }
+                let parts: Vec<&[u8]> = changes
+                    .iter()
+                    .filter_map(|e| deliverable(e, &entry.filter))
+                    .collect();
+                if parts.is_empty() {
+                    continue;
+                }
+                let n = parts.len() as u64;
+                let frame = encode_changes_frame(entry.sub, parts.into_iter(), &cursor);
+                if entry.out.try_push(Bytes::from(frame)) {
+                    delivered += n;
+                } else {
+                    slow_consumer(&entry.out, &self.metrics);
+                }
+            }
+        }
+        *published = to;
+        self.published_tx.send_replace(to);
+        self.metrics.published_seq.set(to as i64);
+        self.metrics.deliveries.inc_by(delivered);
+        true
+    }
+}
+
+/// Disconnects a subscriber whose queue overflowed; it resumes by cursor.
+pub fn slow_consumer(out: &Outbound, metrics: &Metrics) {
+    let code = ErrorCode::SlowConsumer;
+    metrics.errors.with_label_values(&[code.name()]).inc();
+    let err = ErrorFrame::new(
+        code,
+        "outbound buffer full; reconnect and resume from your cursor",
+        true,
+    );
+    out.close(
+        Some(Bytes::from(encode(&Frame::Error(err)))),
+        close_code(code),
+        code.name(),
+    );
+}
+
+/// The WebSocket close code for an error code: 4000 + the numeric code.
+pub fn close_code(code: ErrorCode) -> u16 {
+    4000 + code.code()
+}
+
+/// What a subscriber with `filter` receives for `e`: the change itself if the document matches
+/// after the change, a delete if it matched only before (it left the filter), nothing otherwise.
+pub fn deliverable<'a>(e: &'a LogEntry, filter: &Filter) -> Option<&'a [u8]> {
+    if filter.is_empty() {
+        return Some(&e.encoded);
+    }
+    if e.change.body.as_ref().is_some_and(|b| filter.matches(b)) {
+        return Some(&e.encoded);
+    }
+    if e.prev_body.as_ref().is_some_and(|b| filter.matches(b)) {
+        Some(e.leave_encoded())
+    } else {
+        None
+    }
+}
+
+/// Publishes to live subscribers in strict seq order; see the module docs.
+pub async fn run_follower(
+    hub: Arc<Hub>,
+    store: Store,
+    mut events: mpsc::Receiver<HubEvent>,
+    poll: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let res = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = events.recv() => match ev {
+                None => return,
+                Some(HubEvent::Committed(c)) => publish_committed(&hub, &store, c).await,
+                Some(HubEvent::Wake) => catch_up(&hub, &store, None).await,
+            },
+            _ = tick.tick() => catch_up(&hub, &store, None).await,
+        };
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "log follower could not read the log; retrying");
+        }
+    }
+}
+
+async fn publish_committed(
+    hub: &Hub,
+    store: &Store,
+    c: Committed,
+) -> Result<(), crate::storage::StoreError> {
+    if c.to <= hub.published() {
+        return Ok(());
+    }
+    if c.from > hub.published() {
+        catch_up(hub, store, Some(c.from)).await?;
+    }
+    if !hub.publish(c.from, c.to, &c.entries) {
+        catch_up(hub, store, Some(c.to)).await?;
+    }
+    Ok(())
+}
+
+/// Publishes from the log up to `target` (or the committed head).
+async fn catch_up(
+    hub: &Hub,
+    store: &Store,
+    target: Option<u64>,
+) -> Result<(), crate::storage::StoreError> {
+    const PAGE: u64 = 1000;
+    let target = match target {
+        Some(t) => t,
+        None => store.head().await?,
+    };
+    loop {
+        let from = hub.published();
+        if from >= target {
+            return Ok(());
+        }
+        let page = store.read_log(from, target, PAGE).await?;
+        let to = if (page.len() as u64) < PAGE {
+            target
+        } else {
+            page.last().map_or(target, |e| e.change.seq)
+        };
+        let entries: Vec<Arc<LogEntry>> = page.into_iter().map(Arc::new).collect();
+        hub.publish(from, to, &entries);
+    }
+}

@@ -1,0 +1,134 @@
+//! Prometheus metrics behind one small type. Labels are bounded: error code names and mutation
+//! statuses, never connection or client ids.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the gateway exports.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry served on `/metrics`.
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// Active subscriptions.
+    pub subscriptions: IntGauge,
+    /// Frames received from clients.
+    pub frames_in: IntCounter,
+    /// Frames sent to clients.
+    pub frames_out: IntCounter,
+    /// Payload bytes received.
+    pub bytes_in: IntCounter,
+    /// Payload bytes sent.
+    pub bytes_out: IntCounter,
+    /// Errors sent to clients, by code name.
+    pub errors: IntCounterVec,
+    /// Mutations by outcome (`applied`, `rejected`, `replayed`).
+    pub mutations: IntCounterVec,
+    /// Changes delivered to live subscribers (one per subscriber per change).
+    pub deliveries: IntCounter,
+    /// Seconds from a push's arrival to its acknowledgement being queued.
+    pub push_seconds: Histogram,
+    /// Seconds one group-commit transaction took.
+    pub commit_seconds: Histogram,
+    /// Mutations per group-commit transaction.
+    pub group_size: Histogram,
+    /// The last seq published to subscribers on this node.
+    pub published_seq: IntGauge,
+    /// Bytes queued in outbound buffers, summed over connections.
+    pub outbound_bytes: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |n: &str, h: &str| {
+            let g = IntGauge::new(n, h).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter = |n: &str, h: &str| {
+            let c = IntCounter::new(n, h).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |n: &str, h: &str, l: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(n, h), l).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |n: &str, h: &str, buckets: Vec<f64>| {
+            let m = Histogram::with_opts(HistogramOpts::new(n, h).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
+            m
+        };
+        let secs = vec![
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        Metrics {
+            connections: gauge("syncgate_connections", "Open WebSocket connections"),
+            subscriptions: gauge("syncgate_subscriptions", "Active subscriptions"),
+            frames_in: counter("syncgate_frames_in_total", "Frames received from clients"),
+            frames_out: counter("syncgate_frames_out_total", "Frames sent to clients"),
+            bytes_in: counter("syncgate_bytes_in_total", "Payload bytes received"),
+            bytes_out: counter("syncgate_bytes_out_total", "Payload bytes sent"),
+            errors: counter_vec(
+                "syncgate_errors_total",
+                "Errors sent to clients by code",
+                &["code"],
+            ),
+            mutations: counter_vec(
+                "syncgate_mutations_total",
+                "Mutations by outcome",
+                &["status"],
+            ),
+            deliveries: counter(
+                "syncgate_deliveries_total",
+                "Changes delivered to live subscribers",
+            ),
+            push_seconds: histogram("syncgate_push_seconds", "Push arrival to ack", secs.clone()),
+            commit_seconds: histogram(
+                "syncgate_commit_seconds",
+                "Group-commit transaction time",
+                secs,
+            ),
+            group_size: histogram(
+                "syncgate_group_commit_mutations",
+                "Mutations per group-commit transaction",
+                vec![1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0],
+            ),
+            published_seq: gauge(
+                "syncgate_published_seq",
+                "Last seq published to subscribers",
+            ),
+            outbound_bytes: gauge("syncgate_outbound_queue_bytes", "Bytes queued for clients"),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which `new` rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

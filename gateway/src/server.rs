@@ -1,0 +1,270 @@
+//! Wiring: opens storage, starts the follower, ingest, PostgreSQL listener, the WebSocket
+//! accept loop and the HTTP endpoint, and shuts them down in order.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Authenticator, load_or_create_secret};
+use crate::config::Config;
+use crate::hub::{Hub, HubEvent, run_follower};
+use crate::ingest::{IngestRequest, run_ingest};
+use crate::metrics::Metrics;
+use crate::storage::{NOTIFY_CHANNEL, Rules, Store};
+
+/// Everything a connection needs, shared by all connections of the node.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: Store,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) ingest: mpsc::Sender<IngestRequest>,
+    pub(crate) auth: Authenticator,
+    pub(crate) metrics: Metrics,
+    /// Cancelled when the node starts draining.
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// The bound WebSocket address.
+    pub ws_addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// The store (for admin commands and tests).
+    pub store: Store,
+    /// Metrics of this node.
+    pub metrics: Metrics,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    background: TaskTracker,
+    grace: Duration,
+}
+
+impl Gateway {
+    /// Validates the configuration, opens the database (running migrations), binds both
+    /// listeners and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        config.validate()?;
+        let url = config.database_url();
+        if url.starts_with("sqlite:") {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!("creating data directory {}", config.data_dir.display())
+            })?;
+        }
+        let secret = load_or_create_secret(&config.auth.jwt_secret, &config.data_dir)?;
+        let store = Store::open(&url, config.database_pool_size)
+            .await
+            .with_context(|| format!("opening database {}", redact(&url)))?;
+        let ws = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding WebSocket listener {}", config.listen))?;
+        let http = TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("binding HTTP listener {}", config.http_listen))?;
+        let ws_addr = ws.local_addr()?;
+        let http_addr = http.local_addr()?;
+
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let background = TaskTracker::new();
+        let connections = TaskTracker::new();
+        let head = store.head().await?;
+        let hub = Arc::new(Hub::new(head, store.epoch().to_owned(), metrics.clone()));
+        let (hub_tx, hub_rx) = mpsc::channel::<HubEvent>(1024);
+        background.spawn(run_follower(
+            hub.clone(),
+            store.clone(),
+            hub_rx,
+            Duration::from_secs(1),
+            shutdown.clone(),
+        ));
+        if let Some(pool) = store.postgres_pool() {
+            background.spawn(run_pg_listener(pool, hub_tx.clone(), shutdown.clone()));
+        }
+        let (ingest_tx, ingest_rx) = mpsc::channel::<IngestRequest>(4096);
+        let rules = Rules {
+            collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
+            limits: config.limits,
+        };
+        background.spawn(run_ingest(
+            store.clone(),
+            rules,
+            ingest_rx,
+            hub_tx,
+            config.group_commit_max_mutations,
+            metrics.clone(),
+        ));
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        let shared = Arc::new(Shared {
+            auth: Authenticator::new(&secret),
+            store: store.clone(),
+            hub,
+            ingest: ingest_tx,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            config,
+        });
+        background.spawn(accept_loop(ws, shared.clone(), connections.clone()));
+        background.spawn(serve_http(http, shared, shutdown.clone()));
+        tracing::info!(%ws_addr, %http_addr, "syncgate serving");
+        Ok(Gateway {
+            ws_addr,
+            http_addr,
+            store,
+            metrics,
+            shutdown,
+            connections,
+            background,
+            grace,
+        })
+    }
+
+    /// Resolves when shutdown has been requested.
+    pub async fn cancelled(&self) {
+        self.shutdown.cancelled().await
+    }
+
+    /// Drains: stops accepting, sends every client `GoAway` and a close frame, waits up to the
+    /// grace period for connections to finish, lets ingest commit what it holds, closes the
+    /// database.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.connections.close();
+        if tokio::time::timeout(self.grace, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections did not drain within the grace period");
+        }
+        self.background.close();
+        if tokio::time::timeout(self.grace, self.background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within the grace period");
+        }
+        self.store.close().await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, _peer)) => {
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    crate::connection::serve(shared, tcp).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_http(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    if shared.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    match shared.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n"),
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> String {
+    shared.metrics.render()
+}
+
+/// Wakes the follower whenever any node commits (PostgreSQL LISTEN/NOTIFY). The follower also
+/// polls, so a lost notification only delays delivery.
+async fn run_pg_listener(
+    pool: sea_orm::sqlx::PgPool,
+    hub: mpsc::Sender<HubEvent>,
+    shutdown: CancellationToken,
+) {
+    use sea_orm::sqlx::postgres::PgListener;
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(NOTIFY_CHANNEL).await?;
+            Ok::<_, sea_orm::sqlx::Error>(l)
+        };
+        let mut l = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            l = listener => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        // A fresh listener may have missed notifications: poll once.
+        let _ = hub.send(HubEvent::Wake).await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = l.recv() => match n {
+                    Ok(_) => { let _ = hub.try_send(HubEvent::Wake); }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Hides a password in a database URL for logs.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,492 @@
+//! The group-commit write path: many clients' push batches applied in one transaction.
+//!
+//! Every mutation either writes exactly one change (and gets `applied(seq)`) or is rejected and
+//! stored in `sg_sync_errors` with its whole body and the reason. Either way the client's
+//! `last_mutation` advances in the same transaction, so a replay finds the earlier outcome
+//! (from `sg_changes` by origin, or from `sg_sync_errors`) and gets the identical result.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use sea_orm::{ConnectionTrait, DbBackend, Value as DbValue};
+use syncgate_protocol::codec::to_msgpack;
+use syncgate_protocol::limits::is_valid_id;
+use syncgate_protocol::{
+    Body, Change, ChangeOp, ErrorCode, Limits, Mutation, MutationOp, MutationResult, MutationStatus,
+};
+
+use super::{
+    Committed, LogEntry, NOTIFY_CHANNEL, Store, StoreError, Txn, decode_body, now_ms, stmt,
+};
+
+/// One client's push batch, already checked for shape (size, increasing ids).
+#[derive(Debug, Clone)]
+pub struct PushJob {
+    /// The pushing client.
+    pub client_id: String,
+    /// The authenticated user, recorded with the client.
+    pub user: String,
+    /// The client's batch id, recorded with rejections.
+    pub batch: u64,
+    /// The mutations, in strictly increasing `mutation_id`.
+    pub mutations: Vec<Mutation>,
+}
+
+/// The acknowledgement of one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// One result per mutation.
+    pub results: Vec<MutationResult>,
+    /// The highest seq the batch wrote (0 if it wrote nothing).
+    pub visible_at: u64,
+}
+
+/// What a mutation is checked against.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Declared collections.
+    pub collections: HashSet<String>,
+    /// Size limits.
+    pub limits: Limits,
+}
+
+/// The state of a document inside a group.
+#[derive(Debug, Clone)]
+struct DocState {
+    body: Option<Body>,
+    deleted: bool,
+    version: u64,
+}
+
+/// Rows of one group, written at the end of the transaction.
+struct Pending {
+    changes: Vec<(Arc<LogEntry>, String, u64)>,
+    docs: HashMap<(String, String), DocState>,
+    dirty_docs: Vec<(String, String)>,
+    errors: Vec<(String, u64, u64, ErrorCode, String, Vec<u8>)>,
+    clients: HashMap<String, (u64, String)>,
+}
+
+const INSERT_CHUNK: usize = 200;
+
+impl Store {
+    /// Applies every job in one transaction and returns one outcome per job plus the committed
+    /// changes, in seq order, for fan-out.
+    pub async fn apply_group(
+        &self,
+        jobs: &[PushJob],
+        rules: &Rules,
+    ) -> Result<(Vec<PushOutcome>, Committed), StoreError> {
+        let backend = self.backend();
+        let txn = self.begin().await?;
+        let head = txn
+            .query_one_raw(stmt(
+                backend,
+                "UPDATE sg_head SET seq = seq WHERE id = 1 RETURNING seq",
+                [],
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("sg_head has no row".into()))?
+            .try_get::<i64>("", "seq")? as u64;
+        let mut next = head;
+        let mut pending = Pending {
+            changes: Vec::new(),
+            docs: HashMap::new(),
+            dirty_docs: Vec::new(),
+            errors: Vec::new(),
+            clients: HashMap::new(),
+        };
+        // Outcomes of mutations applied earlier in this same group, for replays within it.
+        let mut in_group: HashMap<(String, u64), MutationResult> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let mut last = match pending.clients.get(&job.client_id) {
+                Some((l, _)) => *l,
+                None => load_last(&txn, backend, &job.client_id).await?,
+            };
+            let mut results = Vec::with_capacity(job.mutations.len());
+            for m in &job.mutations {
+                let result = if m.mutation_id <= last {
+                    match in_group.get(&(job.client_id.clone(), m.mutation_id)) {
+                        Some(r) => r.clone(),
+                        None => {
+                            earlier_result(&txn, backend, &job.client_id, m.mutation_id).await?
+                        }
+                    }
+                } else {
+                    let r = match check_and_apply(&txn, backend, &mut pending, rules, m).await? {
+                        Ok((body, op, prev)) => {
+                            next += 1;
+                            let key = (m.collection.clone(), m.id.clone());
+                            let deleted = op == ChangeOp::Delete;
+                            pending.docs.insert(
+                                key.clone(),
+                                DocState {
+                                    body: body.clone(),
+                                    deleted,
+                                    version: next,
+                                },
+                            );
+                            pending.dirty_docs.push(key);
+                            let entry = LogEntry::new(
+                                Change {
+                                    seq: next,
+                                    collection: m.collection.clone(),
+                                    id: m.id.clone(),
+                                    op,
+                                    body,
+                                },
+                                prev,
+                            );
+                            pending.changes.push((
+                                Arc::new(entry),
+                                job.client_id.clone(),
+                                m.mutation_id,
+                            ));
+                            MutationResult::applied(m.mutation_id, next)
+                        }
+                        Err((code, reason)) => {
+                            pending.errors.push((
+                                job.client_id.clone(),
+                                m.mutation_id,
+                                job.batch,
+                                code,
+                                reason.clone(),
+                                to_msgpack(m),
+                            ));
+                            MutationResult::rejected(m.mutation_id, code, reason)
+                        }
+                    };
+                    last = m.mutation_id;
+                    in_group.insert((job.client_id.clone(), m.mutation_id), r.clone());
+                    r
+                };
+                results.push(result);
+            }
+            pending
+                .clients
+                .insert(job.client_id.clone(), (last, job.user.clone()));
+            let visible_at = results
+                .iter()
+                .filter(|r| r.status == MutationStatus::Applied)
+                .filter_map(|r| r.version)
+                .max()
+                .unwrap_or(0);
+            outcomes.push(PushOutcome {
+                results,
+                visible_at,
+            });
+        }
+        write_pending(&txn, backend, &pending).await?;
+        if next != head {
+            txn.execute_raw(stmt(
+                backend,
+                "UPDATE sg_head SET seq = ? WHERE id = 1",
+                [(next as i64).into()],
+            ))
+            .await?;
+            if backend == DbBackend::Postgres {
+                txn.execute_raw(stmt(
+                    backend,
+                    "SELECT pg_notify(?, ?)",
+                    [NOTIFY_CHANNEL.into(), next.to_string().into()],
+                ))
+                .await?;
+            }
+        }
+        txn.commit().await?;
+        let entries = pending.changes.into_iter().map(|(e, _, _)| e).collect();
+        Ok((
+            outcomes,
+            Committed {
+                from: head,
+                to: next,
+                entries,
+            },
+        ))
+    }
+}
+
+async fn load_last(txn: &Txn, backend: DbBackend, client_id: &str) -> Result<u64, StoreError> {
+    let row = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT last_mutation FROM sg_clients WHERE client_id = ?",
+            [client_id.into()],
+        ))
+        .await?;
+    Ok(match row {
+        Some(r) => r.try_get::<i64>("", "last_mutation")? as u64,
+        None => 0,
+    })
+}
+
+/// The stored outcome of a mutation applied in an earlier transaction.
+async fn earlier_result(
+    txn: &Txn,
+    backend: DbBackend,
+    client_id: &str,
+    mutation_id: u64,
+) -> Result<MutationResult, StoreError> {
+    let applied = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT seq FROM sg_changes WHERE origin_client = ? AND origin_mutation = ?",
+            [client_id.into(), (mutation_id as i64).into()],
+        ))
+        .await?;
+    if let Some(r) = applied {
+        return Ok(MutationResult::applied(
+            mutation_id,
+            r.try_get::<i64>("", "seq")? as u64,
+        ));
+    }
+    let rejected = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT code, reason FROM sg_sync_errors WHERE client_id = ? AND mutation_id = ?",
+            [client_id.into(), (mutation_id as i64).into()],
+        ))
+        .await?;
+    if let Some(r) = rejected {
+        let code = r.try_get::<i64>("", "code")? as u16;
+        return Ok(MutationResult {
+            mutation_id,
+            status: MutationStatus::Rejected,
+            version: None,
+            code: Some(code),
+            reason: Some(r.try_get("", "reason")?),
+        });
+    }
+    // Below the client's horizon but with no record: the client skipped this id (ids may have
+    // gaps). Nothing was applied for it and nothing ever will be.
+    Ok(MutationResult::rejected(
+        mutation_id,
+        ErrorCode::InvalidMutation,
+        "mutation id is below the client's last applied mutation and was never seen",
+    ))
+}
+
+type Applied = (Option<Body>, ChangeOp, Option<Body>);
+
+/// Checks one mutation and computes its effect: `(new body, op, previous body)` or a rejection.
+async fn check_and_apply(
+    txn: &Txn,
+    backend: DbBackend,
+    pending: &mut Pending,
+    rules: &Rules,
+    m: &Mutation,
+) -> Result<Result<Applied, (ErrorCode, String)>, StoreError> {
+    if !rules.collections.contains(&m.collection) {
+        return Ok(Err((
+            ErrorCode::UnknownCollection,
+            format!("collection {:?} is not declared", m.collection),
+        )));
+    }
+    if !is_valid_id(&m.id, rules.limits.max_id_bytes) {
+        return Ok(Err((
+            ErrorCode::InvalidDocumentId,
+            format!(
+                "document id must be 1..={} bytes without control characters",
+                rules.limits.max_id_bytes
+            ),
+        )));
+    }
+    match (m.op, &m.body) {
+        (MutationOp::Put, None) => {
+            return Ok(Err((ErrorCode::InvalidMutation, "put needs a body".into())));
+        }
+        (MutationOp::Patch, None) => {
+            return Ok(Err((
+                ErrorCode::InvalidMutation,
+                "patch needs a body".into(),
+            )));
+        }
+        (MutationOp::Patch, Some(b)) if b.is_empty() => {
+            return Ok(Err((
+                ErrorCode::InvalidMutation,
+                "patch with no fields".into(),
+            )));
+        }
+        (MutationOp::Delete, Some(_)) => {
+            return Ok(Err((
+                ErrorCode::InvalidMutation,
+                "delete takes no body".into(),
+            )));
+        }
+        _ => {}
+    }
+    let key = (m.collection.clone(), m.id.clone());
+    let current = match pending.docs.get(&key) {
+        Some(d) => Some(d.clone()),
+        None => {
+            let d = load_doc(txn, backend, &m.collection, &m.id).await?;
+            if let Some(d) = &d {
+                pending.docs.insert(key.clone(), d.clone());
+            }
+            d
+        }
+    };
+    let prev = current
+        .as_ref()
+        .filter(|d| !d.deleted)
+        .and_then(|d| d.body.clone());
+    let new_body = match m.op {
+        MutationOp::Put => {
+            let mut b = m.body.clone().unwrap_or_default();
+            b.retain(|_, v| !v.is_nil());
+            Some(b)
+        }
+        MutationOp::Patch => {
+            let Some(mut b) = prev.clone() else {
+                return Ok(Err((
+                    ErrorCode::DocumentNotFound,
+                    format!("{}/{} does not exist", m.collection, m.id),
+                )));
+            };
+            for (k, v) in m.body.iter().flatten() {
+                if v.is_nil() {
+                    b.remove(k);
+                } else {
+                    b.insert(k.clone(), v.clone());
+                }
+            }
+            Some(b)
+        }
+        MutationOp::Delete => None,
+    };
+    if let Some(b) = &new_body {
+        let size = to_msgpack(b).len();
+        if size > rules.limits.max_document_bytes as usize {
+            return Ok(Err((
+                ErrorCode::DocumentTooLarge,
+                format!(
+                    "document is {size} bytes, the limit is {}",
+                    rules.limits.max_document_bytes
+                ),
+            )));
+        }
+    }
+    let op = if new_body.is_some() {
+        ChangeOp::Upsert
+    } else {
+        ChangeOp::Delete
+    };
+    Ok(Ok((new_body, op, prev)))
+}
+
+async fn load_doc(
+    txn: &Txn,
+    backend: DbBackend,
+    collection: &str,
+    id: &str,
+) -> Result<Option<DocState>, StoreError> {
+    let row = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT body, version, deleted FROM sg_documents WHERE collection = ? AND doc_id = ?",
+            [collection.into(), id.into()],
+        ))
+        .await?;
+    row.map(|r| {
+        let body: Option<Vec<u8>> = r.try_get("", "body")?;
+        Ok(DocState {
+            body: decode_body(body.as_deref())?,
+            version: r.try_get::<i64>("", "version")? as u64,
+            deleted: r.try_get::<i64>("", "deleted")? != 0,
+        })
+    })
+    .transpose()
+}
+
+async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(), StoreError> {
+    let now = now_ms();
+    for chunk in p.changes.chunks(INSERT_CHUNK) {
+        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 9);
+        for (e, client, mid) in chunk {
+            let c = &e.change;
+            values.push((c.seq as i64).into());
+            values.push(c.collection.clone().into());
+            values.push(c.id.clone().into());
+            values.push(i64::from(c.op == ChangeOp::Delete).into());
+            values.push(c.body.as_ref().map(to_msgpack).into());
+            values.push(e.prev_body.as_ref().map(to_msgpack).into());
+            values.push(client.clone().into());
+            values.push((*mid as i64).into());
+            values.push(now.into());
+        }
+        let sql = format!(
+            "INSERT INTO sg_changes (seq, collection, doc_id, op, body, prev_body, origin_client, \
+             origin_mutation, committed_at) VALUES {}",
+            placeholders(chunk.len(), 9)
+        );
+        txn.execute_raw(stmt(backend, &sql, values)).await?;
+    }
+    // Only the final state of each touched document is written.
+    let mut seen = HashSet::new();
+    let dirty: Vec<&(String, String)> = p
+        .dirty_docs
+        .iter()
+        .rev()
+        .filter(|k| seen.insert(*k))
+        .collect();
+    for chunk in dirty.chunks(INSERT_CHUNK) {
+        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 5);
+        for key in chunk {
+            let d = &p.docs[*key];
+            values.push(key.0.clone().into());
+            values.push(key.1.clone().into());
+            values.push(d.body.as_ref().map(to_msgpack).into());
+            values.push((d.version as i64).into());
+            values.push(i64::from(d.deleted).into());
+        }
+        let sql = format!(
+            "INSERT INTO sg_documents (collection, doc_id, body, version, deleted) VALUES {} \
+             ON CONFLICT (collection, doc_id) DO UPDATE SET body = excluded.body, \
+             version = excluded.version, deleted = excluded.deleted",
+            placeholders(chunk.len(), 5)
+        );
+        txn.execute_raw(stmt(backend, &sql, values)).await?;
+    }
+    for chunk in p.errors.chunks(INSERT_CHUNK) {
+        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 7);
+        for (client, mid, batch, code, reason, body) in chunk {
+            values.push(client.clone().into());
+            values.push((*mid as i64).into());
+            values.push((*batch as i64).into());
+            values.push(i64::from(code.code()).into());
+            values.push(reason.clone().into());
+            values.push(body.clone().into());
+            values.push(now.into());
+        }
+        let sql = format!(
+            "INSERT INTO sg_sync_errors (client_id, mutation_id, batch, code, reason, mutation, \
+             created_at) VALUES {}",
+            placeholders(chunk.len(), 7)
+        );
+        txn.execute_raw(stmt(backend, &sql, values)).await?;
+    }
+    let clients: Vec<_> = p.clients.iter().collect();
+    for chunk in clients.chunks(INSERT_CHUNK) {
+        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 4);
+        for (client, (last, user)) in chunk {
+            values.push((*client).clone().into());
+            values.push((*last as i64).into());
+            values.push(user.clone().into());
+            values.push(now.into());
+        }
+        let sql = format!(
+            "INSERT INTO sg_clients (client_id, last_mutation, user_id, updated_at) VALUES {} \
+             ON CONFLICT (client_id) DO UPDATE SET last_mutation = excluded.last_mutation, \
+             user_id = excluded.user_id, updated_at = excluded.updated_at",
+            placeholders(chunk.len(), 4)
+        );
+        txn.execute_raw(stmt(backend, &sql, values)).await?;
+    }
+    Ok(())
+}
+
+fn placeholders(rows: usize, cols: usize) -> String {
+    let row = format!("({})", vec!["?"; cols].join(", "));
+    vec![row; rows].join(", ")
+}

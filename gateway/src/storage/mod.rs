@@ -1,0 +1,386 @@
+//! Storage: the only module that knows sea-orm. It owns the schema, the change log, the
+//! document table, the per-client exactly-once record, and the group-commit write path.
+//!
+//! # The log head lock (why a subscriber never skips a change)
+//! Every write transaction starts by locking the single row of `sg_head`
+//! (`UPDATE sg_head SET seq = seq WHERE id = 1 RETURNING seq`) and assigns its changes the
+//! sequence numbers after the head it read; it stores the new head before it commits. The row
+//! lock is held until commit, so write transactions are serialised across every process sharing
+//! the database: seq ranges are handed out in commit order and without gaps. A reader that has
+//! seen seq n committed therefore knows every seq below n is committed too (invariant 2), on
+//! PostgreSQL with several gateway nodes as on SQLite. Group commit keeps the cost of this
+//! serialisation to one lock per group, not one per mutation.
+
+mod ingest;
+mod schema;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, QueryResult,
+    Statement, TransactionTrait, Value as DbValue,
+};
+use syncgate_protocol::codec::{encode_change, from_msgpack};
+use syncgate_protocol::{Body, Change, ChangeOp, Doc};
+
+pub use ingest::{PushJob, PushOutcome, Rules};
+
+/// The PostgreSQL NOTIFY channel on which committed heads are announced.
+pub const NOTIFY_CHANNEL: &str = "syncgate_log";
+
+/// A handle on the database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    /// The sea-orm connection pool.
+    db: DatabaseConnection,
+    /// Which SQL dialect to speak.
+    backend: DbBackend,
+    /// The database's epoch, read once at start.
+    epoch: Arc<str>,
+    /// The URL, for the PostgreSQL listener connection.
+    url: Arc<str>,
+}
+
+/// One committed change, with its wire encoding made once for every subscriber.
+#[derive(Debug)]
+pub struct LogEntry {
+    /// The change as sent to clients.
+    pub change: Change,
+    /// The body before the change (for filter membership of deletes and of documents that
+    /// moved out of a filter).
+    pub prev_body: Option<Body>,
+    /// `encode_change(&change)`, made once.
+    pub encoded: Bytes,
+    /// The "left the filter" form (a delete), made at most once, on first use.
+    leave: OnceLock<Bytes>,
+}
+
+impl LogEntry {
+    /// Builds an entry and encodes it.
+    pub fn new(change: Change, prev_body: Option<Body>) -> LogEntry {
+        let encoded = Bytes::from(encode_change(&change));
+        LogEntry {
+            change,
+            prev_body,
+            encoded,
+            leave: OnceLock::new(),
+        }
+    }
+
+    /// The encoding sent to a filtered subscriber for whom the document left the filter: a
+    /// delete of the same id at the same seq. Encoded once, on first use.
+    pub fn leave_encoded(&self) -> &[u8] {
+        self.leave.get_or_init(|| {
+            Bytes::from(encode_change(&Change {
+                seq: self.change.seq,
+                collection: self.change.collection.clone(),
+                id: self.change.id.clone(),
+                op: ChangeOp::Delete,
+                body: None,
+            }))
+        })
+    }
+}
+
+/// A committed group: the seq range it covers and its entries in seq order.
+#[derive(Debug)]
+pub struct Committed {
+    /// The head before the group (the group covers `from+1..=to`).
+    pub from: u64,
+    /// The head after the group.
+    pub to: u64,
+    /// The changes, in seq order.
+    pub entries: Vec<Arc<LogEntry>>,
+}
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    /// A stored value could not be decoded.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+impl Store {
+    /// Connects, configures SQLite for WAL and durable commits, and runs migrations.
+    pub async fn open(url: &str, pool_size: u32) -> Result<Store, StoreError> {
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.max_connections(pool_size.max(2))
+            .min_connections(1)
+            .connect_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(30))
+            .sqlx_logging(false);
+        opts.map_sqlx_sqlite_opts(|o| {
+            o.create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+        });
+        let db = Database::connect(opts).await?;
+        let backend = db.get_database_backend();
+        let epoch = schema::migrate(&db, backend).await?;
+        Ok(Store {
+            db,
+            backend,
+            epoch: epoch.into(),
+            url: url.into(),
+        })
+    }
+
+    /// The database's epoch.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// Whether this is PostgreSQL (several nodes may share it).
+    pub fn is_postgres(&self) -> bool {
+        self.backend == DbBackend::Postgres
+    }
+
+    /// The database URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The sqlx pool, for the PostgreSQL LISTEN connection.
+    pub fn postgres_pool(&self) -> Option<sea_orm::sqlx::PgPool> {
+        self.is_postgres()
+            .then(|| self.db.get_postgres_connection_pool().clone())
+    }
+
+    /// Closes the pool.
+    pub async fn close(self) {
+        let _ = self.db.close().await;
+    }
+
+    /// A cheap query that proves the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.ping().await?;
+        Ok(())
+    }
+
+    /// The committed head of the log.
+    pub async fn head(&self) -> Result<u64, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                self.backend,
+                "SELECT seq FROM sg_head WHERE id = 1",
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("sg_head has no row".into()))?;
+        Ok(row.try_get::<i64>("", "seq")? as u64)
+    }
+
+    /// The last mutation id applied for a client (0 if none).
+    pub async fn last_applied(&self, client_id: &str) -> Result<u64, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(
+                "SELECT last_mutation FROM sg_clients WHERE client_id = ?",
+                [client_id.into()],
+            ))
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<i64>("", "last_mutation")? as u64,
+            None => 0,
+        })
+    }
+
+    /// Changes of one collection with `after < seq <= upto`, in seq order, at most `limit`.
+    pub async fn read_changes(
+        &self,
+        collection: &str,
+        after: u64,
+        upto: u64,
+        limit: u64,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(self.stmt(
+                "SELECT seq, collection, doc_id, op, body, prev_body FROM sg_changes \
+                 WHERE collection = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                [
+                    collection.into(),
+                    (after as i64).into(),
+                    (upto as i64).into(),
+                    (limit as i64).into(),
+                ],
+            ))
+            .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Changes of every collection with `after < seq <= upto`, in seq order, at most `limit`.
+    pub async fn read_log(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: u64,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(self.stmt(
+                "SELECT seq, collection, doc_id, op, body, prev_body FROM sg_changes \
+                 WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                [
+                    (after as i64).into(),
+                    (upto as i64).into(),
+                    (limit as i64).into(),
+                ],
+            ))
+            .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Live documents of a collection with id greater than `after_id`, in id order.
+    pub async fn documents_page(
+        &self,
+        collection: &str,
+        after_id: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<Doc>, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(self.stmt(
+                "SELECT doc_id, body, version FROM sg_documents \
+                 WHERE collection = ? AND doc_id > ? AND deleted = 0 ORDER BY doc_id LIMIT ?",
+                [
+                    collection.into(),
+                    after_id.unwrap_or("").into(),
+                    (limit as i64).into(),
+                ],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let body: Option<Vec<u8>> = r.try_get("", "body")?;
+                Ok(Doc {
+                    id: r.try_get("", "doc_id")?,
+                    body: decode_body(body.as_deref())?.unwrap_or_default(),
+                    version: r.try_get::<i64>("", "version")? as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// One document (deleted ones included), for tests and admin tools.
+    pub async fn document(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<(Option<Body>, u64, bool)>, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(
+                "SELECT body, version, deleted FROM sg_documents WHERE collection = ? AND doc_id = ?",
+                [collection.into(), id.into()],
+            ))
+            .await?;
+        row.map(|r| {
+            let body: Option<Vec<u8>> = r.try_get("", "body")?;
+            Ok((
+                decode_body(body.as_deref())?,
+                r.try_get::<i64>("", "version")? as u64,
+                r.try_get::<i64>("", "deleted")? != 0,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Counts stored sync errors (rejected mutations) of a client.
+    pub async fn sync_error_count(&self, client_id: &str) -> Result<u64, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(
+                "SELECT COUNT(*) AS n FROM sg_sync_errors WHERE client_id = ?",
+                [client_id.into()],
+            ))
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<i64>("", "n")? as u64,
+            None => 0,
+        })
+    }
+
+    /// Builds a statement from SQL written with `?` placeholders, renumbered for PostgreSQL.
+    fn stmt(&self, sql: &str, values: impl IntoIterator<Item = DbValue>) -> Statement {
+        stmt(self.backend, sql, values)
+    }
+}
+
+pub(crate) fn stmt(
+    backend: DbBackend,
+    sql: &str,
+    values: impl IntoIterator<Item = DbValue>,
+) -> Statement {
+    let sql = if backend == DbBackend::Postgres {
+        let mut out = String::with_capacity(sql.len() + 16);
+        let mut n = 0;
+        for ch in sql.chars() {
+            if ch == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(ch);
+            }
+        }
+        out
+    } else {
+        sql.to_owned()
+    };
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+fn decode_body(bytes: Option<&[u8]>) -> Result<Option<Body>, StoreError> {
+    bytes
+        .map(|b| from_msgpack::<Body>(b).map_err(|e| StoreError::Corrupt(format!("body: {e}"))))
+        .transpose()
+}
+
+fn entry_from_row(r: &QueryResult) -> Result<LogEntry, StoreError> {
+    let body: Option<Vec<u8>> = r.try_get("", "body")?;
+    let prev: Option<Vec<u8>> = r.try_get("", "prev_body")?;
+    let op = match r.try_get::<i64>("", "op")? {
+        0 => ChangeOp::Upsert,
+        1 => ChangeOp::Delete,
+        other => return Err(StoreError::Corrupt(format!("op {other}"))),
+    };
+    Ok(LogEntry::new(
+        Change {
+            seq: r.try_get::<i64>("", "seq")? as u64,
+            collection: r.try_get("", "collection")?,
+            id: r.try_get("", "doc_id")?,
+            op,
+            body: decode_body(body.as_deref())?,
+        },
+        decode_body(prev.as_deref())?,
+    ))
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Transactions are used by the submodules through this alias.
+pub(crate) use sea_orm::DatabaseTransaction as Txn;
+
+impl Store {
+    pub(crate) async fn begin(&self) -> Result<Txn, DbErr> {
+        self.db.begin().await
+    }
+
+    pub(crate) fn backend(&self) -> DbBackend {
+        self.backend
+    }
+}

@@ -1,0 +1,118 @@
+//! The schema and its migrations. Migrations are idempotent and run on every start; on
+//! PostgreSQL they hold an advisory lock so that several nodes starting together do not race.
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, TransactionTrait};
+
+use super::stmt;
+
+/// Current schema version, recorded in `sg_meta`.
+const SCHEMA_VERSION: i64 = 1;
+
+const TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS sg_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sg_head (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sg_changes (
+        seq BIGINT PRIMARY KEY,
+        collection TEXT NOT NULL,
+        doc_id TEXT NOT NULL,
+        op BIGINT NOT NULL,
+        body {BLOB},
+        prev_body {BLOB},
+        origin_client TEXT,
+        origin_mutation BIGINT,
+        committed_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS sg_changes_collection ON sg_changes (collection, seq)",
+    "CREATE INDEX IF NOT EXISTS sg_changes_origin ON sg_changes (origin_client, origin_mutation)",
+    "CREATE TABLE IF NOT EXISTS sg_documents (
+        collection TEXT NOT NULL,
+        doc_id TEXT NOT NULL,
+        body {BLOB},
+        version BIGINT NOT NULL,
+        deleted BIGINT NOT NULL,
+        PRIMARY KEY (collection, doc_id))",
+    "CREATE TABLE IF NOT EXISTS sg_clients (
+        client_id TEXT PRIMARY KEY,
+        last_mutation BIGINT NOT NULL,
+        user_id TEXT NOT NULL,
+        updated_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sg_sync_errors (
+        client_id TEXT NOT NULL,
+        mutation_id BIGINT NOT NULL,
+        batch BIGINT NOT NULL,
+        code BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        mutation {BLOB} NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (client_id, mutation_id))",
+    "INSERT INTO sg_head (id, seq) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+];
+
+/// Creates or upgrades the schema and returns the database's epoch.
+pub(super) async fn migrate(db: &DatabaseConnection, backend: DbBackend) -> Result<String, DbErr> {
+    let blob = if backend == DbBackend::Postgres {
+        "BYTEA"
+    } else {
+        "BLOB"
+    };
+    let txn = db.begin().await?;
+    if backend == DbBackend::Postgres {
+        // An arbitrary constant: "syncgate" in ASCII.
+        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7310594436045332069)")
+            .await?;
+    }
+    for ddl in TABLES {
+        txn.execute_unprepared(&ddl.replace("{BLOB}", blob)).await?;
+    }
+    let version = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT value FROM sg_meta WHERE key = ?",
+            ["schema_version".into()],
+        ))
+        .await?
+        .map(|r| r.try_get::<String>("", "value"))
+        .transpose()?;
+    match version.as_deref().map(str::parse::<i64>) {
+        None => {
+            txn.execute_raw(stmt(
+                backend,
+                "INSERT INTO sg_meta (key, value) VALUES (?, ?)",
+                ["schema_version".into(), SCHEMA_VERSION.to_string().into()],
+            ))
+            .await?;
+        }
+        Some(Ok(v)) if v == SCHEMA_VERSION => {}
+        Some(Ok(v)) if v > SCHEMA_VERSION => {
+            return Err(DbErr::Custom(format!(
+                "database schema version {v} is newer than this gateway ({SCHEMA_VERSION}); upgrade the gateway"
+            )));
+        }
+        Some(other) => {
+            return Err(DbErr::Custom(format!(
+                "unreadable schema version in sg_meta: {other:?}"
+            )));
+        }
+    }
+    let epoch = hex_random();
+    txn.execute_raw(stmt(
+        backend,
+        "INSERT INTO sg_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+        ["epoch".into(), epoch.into()],
+    ))
+    .await?;
+    let epoch = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT value FROM sg_meta WHERE key = ?",
+            ["epoch".into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("epoch missing after insert".into()))?
+        .try_get::<String>("", "value")?;
+    txn.commit().await?;
+    Ok(epoch)
+}
+
+fn hex_random() -> String {
+    hex::encode(rand::random::<[u8; 8]>())
+}

@@ -1,0 +1,143 @@
+//! Starting a subscription: resume from a cursor or send a snapshot, catch up from the log,
+//! then hand over to live fan-out with [`Hub::try_go_live`].
+//!
+//! The snapshot is taken at position `S = hub.published()` *before* the documents are read, so
+//! a document read later may already be newer than `S`; the catch-up from `S` then re-sends
+//! those changes in order. A client applying changes in order therefore converges, and no
+//! change can fall between snapshot and stream.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use syncgate_protocol::codec::{encode, encode_changes_frame};
+use syncgate_protocol::{Cursor, ErrorCode, Frame, Resync, Snapshot};
+
+use crate::hub::{SubEntry, close_code, deliverable};
+use crate::server::Shared;
+use crate::storage::StoreError;
+
+/// Documents per snapshot chunk.
+const SNAPSHOT_PAGE: u64 = 500;
+/// Changes read per catch-up page.
+const CATCH_UP_PAGE: u64 = 1000;
+
+/// Runs until the subscription is live (or the connection goes away and this task is aborted).
+pub(crate) async fn start(shared: Arc<Shared>, entry: Arc<SubEntry>, cursor: Option<Cursor>) {
+    if let Err(e) = run(&shared, &entry, cursor).await {
+        tracing::error!(error = %e, sub = entry.sub, "subscription start failed");
+        let code = ErrorCode::StorageUnavailable;
+        shared
+            .metrics
+            .errors
+            .with_label_values(&[code.name()])
+            .inc();
+        let mut err = syncgate_protocol::ErrorFrame::new(
+            code,
+            "database unavailable; reconnect and resume",
+            true,
+        );
+        err.sub = Some(entry.sub);
+        entry.out.close(
+            Some(Bytes::from(encode(&Frame::Error(err)))),
+            close_code(code),
+            code.name(),
+        );
+    }
+}
+
+async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Result<(), StoreError> {
+    let hub = &shared.hub;
+    let mut position = match cursor {
+        Some(c) if c.epoch != hub.epoch() => {
+            resync(entry, "epoch_changed");
+            snapshot(shared, entry).await?
+        }
+        Some(c) if c.seq > shared.store.head().await? => {
+            resync(entry, "cursor_ahead");
+            snapshot(shared, entry).await?
+        }
+        Some(c) => c.seq,
+        None => snapshot(shared, entry).await?,
+    };
+    let mut published = hub.watch_published();
+    loop {
+        let target = *published.borrow_and_update();
+        if position > target {
+            // The cursor is ahead of what this node has published (committed elsewhere, or
+            // publication in progress): wait for the hub to get there.
+            if published.changed().await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        if position == target {
+            if hub.try_go_live(entry, position) {
+                return Ok(());
+            }
+            continue;
+        }
+        let page = shared
+            .store
+            .read_changes(&entry.collection, position, target, CATCH_UP_PAGE)
+            .await?;
+        let upto = if (page.len() as u64) < CATCH_UP_PAGE {
+            target
+        } else {
+            page.last().map_or(target, |e| e.change.seq)
+        };
+        let parts: Vec<&[u8]> = page
+            .iter()
+            .filter_map(|e| deliverable(e, &entry.filter))
+            .collect();
+        if !parts.is_empty() {
+            entry.out.wait_for_space().await;
+            let cursor = Cursor {
+                epoch: hub.epoch().to_owned(),
+                seq: upto,
+            };
+            entry.out.push(Bytes::from(encode_changes_frame(
+                entry.sub,
+                parts.into_iter(),
+                &cursor,
+            )));
+        }
+        position = upto;
+    }
+}
+
+fn resync(entry: &SubEntry, reason: &str) {
+    entry.out.push(Bytes::from(encode(&Frame::Resync(Resync {
+        sub: entry.sub,
+        reason: reason.to_owned(),
+    }))));
+}
+
+/// Sends the snapshot in chunks (at least one, possibly empty) and returns its position.
+async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> {
+    let position = shared.hub.published();
+    let mut after: Option<String> = None;
+    loop {
+        let page = shared
+            .store
+            .documents_page(&entry.collection, after.as_deref(), SNAPSHOT_PAGE)
+            .await?;
+        let full = page.len() as u64 == SNAPSHOT_PAGE;
+        after = page.last().map(|d| d.id.clone());
+        let docs: Vec<_> = page
+            .into_iter()
+            .filter(|d| entry.filter.matches(&d.body))
+            .collect();
+        if !docs.is_empty() || !full {
+            entry.out.wait_for_space().await;
+            entry
+                .out
+                .push(Bytes::from(encode(&Frame::Snapshot(Snapshot {
+                    sub: entry.sub,
+                    docs,
+                }))));
+        }
+        if !full {
+            return Ok(position);
+        }
+    }
+}
