@@ -1,0 +1,116 @@
+//! A single protocol connection.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use syncgate_protocol::codec::{decode_with_limits, encode};
+use syncgate_protocol::{DecodeError, ErrorFrame, Frame, Hello, Limits, SUPPORTED_VERSIONS, Welcome};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Why a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The WebSocket layer failed (connect, read or write).
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The server sent bytes that are not a valid frame.
+    #[error("undecodable frame from server: {0}")]
+    Decode(#[from] DecodeError),
+    /// The server answered with an error frame.
+    #[error("server error {} {}: {}", .0.code, .0.name, .0.message)]
+    Server(ErrorFrame),
+    /// The server closed the connection.
+    #[error("connection closed by server{}", .0.as_ref().map(|c| format!(" (code {c})")).unwrap_or_default())]
+    Closed(Option<u16>),
+    /// Nothing arrived in time.
+    #[error("timed out waiting for the server")]
+    Timeout,
+    /// The server broke the protocol (for example no `Welcome` after `Hello`).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// One connection to a gateway.
+pub struct Connection {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Limits the server announced (defaults until `Welcome`).
+    limits: Limits,
+}
+
+impl Connection {
+    /// Opens the WebSocket without sending anything.
+    pub async fn open(url: &str) -> Result<Connection, ConnError> {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+        Ok(Connection {
+            ws,
+            limits: Limits {
+                max_frame_bytes: 64 << 20,
+                ..Limits::default()
+            },
+        })
+    }
+
+    /// Opens the WebSocket and completes the handshake.
+    pub async fn connect(url: &str, client_id: &str, token: &str) -> Result<(Connection, Welcome), ConnError> {
+        let mut c = Connection::open(url).await?;
+        c.send(&Frame::Hello(Hello {
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            client_id: client_id.to_owned(),
+            token: token.to_owned(),
+            agent: concat!("syncgate-client/", env!("CARGO_PKG_VERSION")).to_owned(),
+        }))
+        .await?;
+        match c.recv_timeout(Duration::from_secs(10)).await? {
+            Frame::Welcome(w) => Ok((c, w)),
+            Frame::Error(e) => Err(ConnError::Server(e)),
+            other => Err(ConnError::Protocol(format!("expected welcome, got {}", other.type_name()))),
+        }
+    }
+
+    /// Sends a frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
+        self.send_raw(encode(frame)).await
+    }
+
+    /// Sends arbitrary bytes as one binary message (tests use it for malformed frames).
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), ConnError> {
+        self.ws.send(Message::Binary(bytes.into())).await?;
+        Ok(())
+    }
+
+    /// Receives the next frame. Server `Error` frames are returned as frames, not errors.
+    pub async fn recv(&mut self) -> Result<Frame, ConnError> {
+        loop {
+            match self.ws.next().await {
+                None => return Err(ConnError::Closed(None)),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Binary(b))) => return Ok(decode_with_limits(&b, &self.limits)?),
+                Some(Ok(Message::Close(c))) => return Err(ConnError::Closed(c.map(|c| c.code.into()))),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Receives the next frame or fails after `timeout`.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Frame, ConnError> {
+        tokio::time::timeout(timeout, self.recv())
+            .await
+            .map_err(|_| ConnError::Timeout)?
+    }
+
+    /// Sends a close frame and waits briefly for the server's.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
