@@ -1,0 +1,277 @@
+//! Test harness: real gateways on 127.0.0.1:0 over a real SQLite file or a real PostgreSQL
+//! database, real WebSocket clients, waits bounded by deadlines (never sleeps).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait, Database};
+use syncgate_client::Connection;
+use syncgate_gateway::auth::Authenticator;
+use syncgate_gateway::{Config, Gateway};
+use syncgate_protocol::*;
+
+pub const SECRET: &str = "integration-test-secret";
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Where a test's data lives.
+pub struct TestDb {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    /// For PostgreSQL: (admin url, database name) to drop at the end.
+    pg: Option<(String, String)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL URL for tests, or None (with a note on how to enable them).
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("SYNCGATE_TEST_POSTGRES_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            eprintln!(
+                "SKIPPED: PostgreSQL test (set SYNCGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it)"
+            );
+            None
+        }
+    }
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        match backend {
+            Backend::Sqlite => TestDb {
+                url: format!("sqlite://{}/syncgate.db", dir.path().display()),
+                dir,
+                pg: None,
+            },
+            Backend::Postgres => {
+                let admin = std::env::var("SYNCGATE_TEST_POSTGRES_URL")
+                    .expect("SYNCGATE_TEST_POSTGRES_URL is set for PostgreSQL tests");
+                let name = format!("sg_it_{:016x}", rand::random::<u64>());
+                let db = Database::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
+                db.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create test database");
+                db.close().await.ok();
+                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+                TestDb {
+                    url: format!("{base}/{name}"),
+                    dir,
+                    pg: Some((admin, name)),
+                }
+            }
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: self.dir.path().to_owned(),
+            database: self.url.clone(),
+            auth: syncgate_gateway::config::AuthConfig {
+                jwt_secret: SECRET.into(),
+            },
+            ..Config::default()
+        }
+    }
+
+    pub async fn cleanup(self) {
+        if let Some((admin, name)) = self.pg {
+            if let Ok(db) = Database::connect(&admin).await {
+                let _ = db
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+                db.close().await.ok();
+            }
+        }
+    }
+}
+
+pub fn token(user: &str) -> String {
+    Authenticator::new(SECRET.as_bytes()).mint(user, 3600).unwrap()
+}
+
+pub fn ws_url(gw: &Gateway) -> String {
+    format!("ws://{}", gw.ws_addr)
+}
+
+pub async fn connect(gw: &Gateway, client_id: &str) -> (Connection, Welcome) {
+    Connection::connect(&ws_url(gw), client_id, &token("tester"))
+        .await
+        .expect("handshake")
+}
+
+pub fn body(pairs: &[(&str, Value)]) -> Body {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+}
+
+pub fn put(mid: u64, collection: &str, id: &str, b: Body) -> Mutation {
+    Mutation {
+        mutation_id: mid,
+        collection: collection.into(),
+        id: id.into(),
+        op: MutationOp::Put,
+        body: Some(b),
+        base_version: None,
+    }
+}
+
+pub fn patch(mid: u64, collection: &str, id: &str, b: Body) -> Mutation {
+    Mutation {
+        op: MutationOp::Patch,
+        ..put(mid, collection, id, b)
+    }
+}
+
+pub fn delete(mid: u64, collection: &str, id: &str) -> Mutation {
+    Mutation {
+        mutation_id: mid,
+        collection: collection.into(),
+        id: id.into(),
+        op: MutationOp::Delete,
+        body: None,
+        base_version: None,
+    }
+}
+
+/// Pushes a batch and waits for its ack (other frames are ignored).
+pub async fn push(conn: &mut Connection, batch: u64, mutations: Vec<Mutation>) -> PushAck {
+    conn.send(&Frame::Push(Push { batch, mutations })).await.unwrap();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match conn.recv_timeout(end - Instant::now()).await.expect("push ack") {
+            Frame::PushAck(a) if a.batch == batch => return a,
+            Frame::Error(e) => panic!("push {batch} failed: {e:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// A subscriber's replica: documents, every change seq seen, cursor.
+pub struct Replica {
+    pub conn: Connection,
+    pub sub: u32,
+    pub docs: BTreeMap<String, (Body, u64)>,
+    pub seqs: Vec<u64>,
+    pub cursor: Option<Cursor>,
+    pub synced: bool,
+    pub snapshot_frames: usize,
+    pub resyncs: Vec<String>,
+}
+
+impl Replica {
+    pub async fn subscribe(
+        gw: &Gateway,
+        client_id: &str,
+        collection: &str,
+        filter: Body,
+        cursor: Option<Cursor>,
+    ) -> Replica {
+        let (mut conn, _) = connect(gw, client_id).await;
+        conn.send(&Frame::Subscribe(Subscribe {
+            sub: 7,
+            collection: collection.into(),
+            filter,
+            cursor: cursor.clone(),
+        }))
+        .await
+        .unwrap();
+        Replica {
+            conn,
+            sub: 7,
+            docs: BTreeMap::new(),
+            seqs: Vec::new(),
+            cursor,
+            synced: false,
+            snapshot_frames: 0,
+            resyncs: Vec::new(),
+        }
+    }
+
+    /// Receives one frame and applies it.
+    pub async fn step(&mut self, end: Instant) {
+        let f = self
+            .conn
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .await
+            .expect("frame before the deadline");
+        match f {
+            Frame::Snapshot(s) => {
+                assert_eq!(s.sub, self.sub);
+                self.snapshot_frames += 1;
+                for d in s.docs {
+                    self.docs.insert(d.id, (d.body, d.version));
+                }
+            }
+            Frame::Changes(c) => {
+                assert_eq!(c.sub, self.sub);
+                for ch in c.changes {
+                    self.seqs.push(ch.seq);
+                    match ch.op {
+                        ChangeOp::Upsert => {
+                            self.docs.insert(ch.id, (ch.body.expect("upsert has a body"), ch.seq));
+                        }
+                        ChangeOp::Delete => {
+                            assert!(ch.body.is_none());
+                            self.docs.remove(&ch.id);
+                        }
+                    }
+                }
+                self.cursor = Some(c.cursor);
+            }
+            Frame::Synced(s) => {
+                self.synced = true;
+                self.cursor = Some(s.cursor);
+            }
+            Frame::Resync(r) => {
+                self.docs.clear();
+                self.resyncs.push(r.reason);
+            }
+            Frame::Error(e) => panic!("subscriber got error {e:?}"),
+            _ => {}
+        }
+    }
+
+    /// Applies frames until the cursor reaches `seq` (and the subscription is live).
+    pub async fn until_seq(&mut self, seq: u64) {
+        let end = Instant::now() + DEADLINE;
+        while !(self.synced && self.cursor.as_ref().is_some_and(|c| c.seq >= seq)) {
+            self.step(end).await;
+        }
+    }
+
+    /// Asserts the seqs seen are strictly increasing (no duplicates, in order).
+    pub fn assert_in_order_once(&self) {
+        for w in self.seqs.windows(2) {
+            assert!(w[0] < w[1], "seq {} followed by {}", w[0], w[1]);
+        }
+    }
+}
+
+/// Every live document of a collection as the server holds it.
+pub async fn server_docs(gw: &Gateway, collection: &str) -> BTreeMap<String, (Body, u64)> {
+    let mut out = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = gw
+            .store
+            .documents_page(collection, after.as_deref(), 1000)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            return out;
+        }
+        after = page.last().map(|d| d.id.clone());
+        for d in page {
+            out.insert(d.id, (d.body, d.version));
+        }
+    }
+}
