@@ -234,8 +234,10 @@ mod tests {
         c.collections
             .insert("Bad-Name".into(), CollectionConfig::default());
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.database = "mysql://x".into();
+        let c = Config {
+            database: "mysql://x".into(),
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
     }
 }

@@ -84,13 +84,13 @@ impl TestDb {
     }
 
     pub async fn cleanup(self) {
-        if let Some((admin, name)) = self.pg {
-            if let Ok(db) = Database::connect(&admin).await {
-                let _ = db
-                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-                db.close().await.ok();
-            }
+        if let Some((admin, name)) = self.pg
+            && let Ok(db) = Database::connect(&admin).await
+        {
+            let _ = db
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+            db.close().await.ok();
         }
     }
 }
