@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use syncgate_protocol::codec::{decode_with_limits, encode};
-use syncgate_protocol::{DecodeError, ErrorFrame, Frame, Hello, Limits, SUPPORTED_VERSIONS, Welcome};
+use syncgate_protocol::{
+    DecodeError, ErrorFrame, Frame, Hello, Limits, SUPPORTED_VERSIONS, Welcome,
+};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -58,7 +60,11 @@ impl Connection {
     }
 
     /// Opens the WebSocket and completes the handshake.
-    pub async fn connect(url: &str, client_id: &str, token: &str) -> Result<(Connection, Welcome), ConnError> {
+    pub async fn connect(
+        url: &str,
+        client_id: &str,
+        token: &str,
+    ) -> Result<(Connection, Welcome), ConnError> {
         let mut c = Connection::open(url).await?;
         c.send(&Frame::Hello(Hello {
             versions: SUPPORTED_VERSIONS.to_vec(),
@@ -70,7 +76,10 @@ impl Connection {
         match c.recv_timeout(Duration::from_secs(10)).await? {
             Frame::Welcome(w) => Ok((c, w)),
             Frame::Error(e) => Err(ConnError::Server(e)),
-            other => Err(ConnError::Protocol(format!("expected welcome, got {}", other.type_name()))),
+            other => Err(ConnError::Protocol(format!(
+                "expected welcome, got {}",
+                other.type_name()
+            ))),
         }
     }
 
@@ -92,7 +101,9 @@ impl Connection {
                 None => return Err(ConnError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Binary(b))) => return Ok(decode_with_limits(&b, &self.limits)?),
-                Some(Ok(Message::Close(c))) => return Err(ConnError::Closed(c.map(|c| c.code.into()))),
+                Some(Ok(Message::Close(c))) => {
+                    return Err(ConnError::Closed(c.map(|c| c.code.into())));
+                }
                 Some(Ok(_)) => continue,
             }
         }

@@ -28,9 +28,12 @@ pub fn to_value(j: &serde_json::Value) -> Value {
 
 /// Parses a JSON object into a document body.
 pub fn parse_body(text: &str) -> Result<Body, String> {
-    let j: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let j: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     match j {
-        serde_json::Value::Object(o) => Ok(o.iter().map(|(k, v)| (k.clone(), to_value(v))).collect()),
+        serde_json::Value::Object(o) => {
+            Ok(o.iter().map(|(k, v)| (k.clone(), to_value(v))).collect())
+        }
         _ => Err("the body must be a JSON object".into()),
     }
 }
@@ -47,12 +50,22 @@ pub fn to_json(v: &Value) -> serde_json::Value {
             .unwrap_or(serde_json::Value::Null),
         Value::F32(f) => serde_json::Value::from(f64::from(*f)),
         Value::F64(f) => serde_json::Value::from(*f),
-        Value::String(s) => s.as_str().map(serde_json::Value::from).unwrap_or(serde_json::Value::Null),
+        Value::String(s) => s
+            .as_str()
+            .map(serde_json::Value::from)
+            .unwrap_or(serde_json::Value::Null),
         Value::Binary(b) => b.iter().map(|x| serde_json::Value::from(*x)).collect(),
         Value::Array(a) => a.iter().map(to_json).collect(),
         Value::Map(m) => serde_json::Value::Object(
             m.iter()
-                .map(|(k, v)| (k.as_str().map(str::to_owned).unwrap_or_else(|| k.to_string()), to_json(v)))
+                .map(|(k, v)| {
+                    (
+                        k.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| k.to_string()),
+                        to_json(v),
+                    )
+                })
                 .collect(),
         ),
         Value::Ext(_, _) => serde_json::Value::Null,
@@ -70,7 +83,8 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let b = parse_body(r#"{"plant":"p1","qty":5,"neg":-2,"f":1.5,"ok":true,"n":null,"a":[1]}"#).unwrap();
+        let b = parse_body(r#"{"plant":"p1","qty":5,"neg":-2,"f":1.5,"ok":true,"n":null,"a":[1]}"#)
+            .unwrap();
         assert_eq!(b["qty"], Value::from(5u64));
         assert_eq!(body_to_json(&b)["plant"], "p1");
         assert_eq!(body_to_json(&b)["neg"], -2);

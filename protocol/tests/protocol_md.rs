@@ -22,15 +22,27 @@ fn hex_blocks() -> Vec<Vec<u8>> {
 #[test]
 fn every_hex_example_round_trips_byte_for_byte() {
     let blocks = hex_blocks();
-    assert!(blocks.len() >= Frame::TYPE_NAMES.len(), "one example per message at least");
+    assert!(
+        blocks.len() >= Frame::TYPE_NAMES.len(),
+        "one example per message at least"
+    );
     let mut seen = std::collections::BTreeSet::new();
     for bytes in blocks {
-        let frame = decode(&bytes).unwrap_or_else(|e| panic!("example {} does not decode: {e}", hex::encode(&bytes)));
-        assert_eq!(encode(&frame), bytes, "example {} re-encodes differently", frame.type_name());
+        let frame = decode(&bytes)
+            .unwrap_or_else(|e| panic!("example {} does not decode: {e}", hex::encode(&bytes)));
+        assert_eq!(
+            encode(&frame),
+            bytes,
+            "example {} re-encodes differently",
+            frame.type_name()
+        );
         seen.insert(frame.type_name());
     }
     for name in Frame::TYPE_NAMES {
-        assert!(seen.contains(name), "PROTOCOL.md has no hex example of {name}");
+        assert!(
+            seen.contains(name),
+            "PROTOCOL.md has no hex example of {name}"
+        );
     }
 }
 

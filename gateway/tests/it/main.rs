@@ -56,17 +56,30 @@ async fn writer(gw: &Gateway, w: u64) -> u64 {
             .map(|i| {
                 mid += 1;
                 // Own documents plus one document all writers fight over.
-                let id = if i == 0 { "shared".to_owned() } else { format!("w{w}-{}", (b * PER_BATCH + i) % 37) };
-                put(mid, "work_orders", &id, body(&[
-                    ("plant", Value::from("p1")),
-                    ("writer", Value::from(w)),
-                    ("qty_done", Value::from(mid)),
-                ]))
+                let id = if i == 0 {
+                    "shared".to_owned()
+                } else {
+                    format!("w{w}-{}", (b * PER_BATCH + i) % 37)
+                };
+                put(
+                    mid,
+                    "work_orders",
+                    &id,
+                    body(&[
+                        ("plant", Value::from("p1")),
+                        ("writer", Value::from(w)),
+                        ("qty_done", Value::from(mid)),
+                    ]),
+                )
             })
             .collect();
         let ack = push(&mut conn, b, mutations).await;
         assert_eq!(ack.results.len() as u64, PER_BATCH);
-        assert!(ack.results.iter().all(|r| r.status == MutationStatus::Applied));
+        assert!(
+            ack.results
+                .iter()
+                .all(|r| r.status == MutationStatus::Applied)
+        );
         max_seq = max_seq.max(ack.visible_at);
     }
     conn.close().await;
@@ -90,21 +103,34 @@ async fn concurrent_writers_reach_every_subscriber_once_in_order(backend: Backen
     let late = async {
         let mut late = Vec::new();
         for i in 0..3 {
-            late.push(Replica::subscribe(&gw, &format!("late-{i}"), "work_orders", Body::new(), None).await);
+            late.push(
+                Replica::subscribe(&gw, &format!("late-{i}"), "work_orders", Body::new(), None)
+                    .await,
+            );
         }
         late
     };
     let (heads, mut late) = tokio::join!(futures_util::future::join_all(writers), late);
     let head = heads.into_iter().max().unwrap();
-    assert_eq!(head, total, "seqs are contiguous: {total} mutations end at seq {total}");
+    assert_eq!(
+        head, total,
+        "seqs are contiguous: {total} mutations end at seq {total}"
+    );
     early.until_seq(head).await;
-    assert_eq!(early.seqs, (1..=total).collect::<Vec<_>>(), "every change exactly once, in order");
+    assert_eq!(
+        early.seqs,
+        (1..=total).collect::<Vec<_>>(),
+        "every change exactly once, in order"
+    );
     let expected = server_docs(&gw, "work_orders").await;
     assert_eq!(early.docs, expected);
     for r in &mut late {
         r.until_seq(head).await;
         r.assert_in_order_once();
-        assert_eq!(r.docs, expected, "snapshot + changes converge on the server state");
+        assert_eq!(
+            r.docs, expected,
+            "snapshot + changes converge on the server state"
+        );
     }
     gw.shutdown().await;
     db.cleanup().await;
@@ -115,17 +141,52 @@ async fn resume_from_cursor_after_disconnect(backend: Backend) {
     let gw = Gateway::start(db.config()).await.unwrap();
     let (mut w, _) = connect(&gw, "writer").await;
     let mut sub = Replica::subscribe(&gw, "reader", "machines", Body::new(), None).await;
-    let ack = push(&mut w, 1, (1..=10).map(|i| put(i, "machines", &format!("m{i}"), body(&[("state", Value::from("idle"))]))).collect()).await;
+    let ack = push(
+        &mut w,
+        1,
+        (1..=10)
+            .map(|i| {
+                put(
+                    i,
+                    "machines",
+                    &format!("m{i}"),
+                    body(&[("state", Value::from("idle"))]),
+                )
+            })
+            .collect(),
+    )
+    .await;
     sub.until_seq(ack.visible_at).await;
     let cursor = sub.cursor.clone().unwrap();
     let seen_before = sub.seqs.clone();
     sub.conn.close().await;
     // Missed while offline.
-    let ack2 = push(&mut w, 2, (11..=20).map(|i| put(i, "machines", &format!("m{i}"), body(&[("state", Value::from("running"))]))).collect()).await;
-    let mut again = Replica::subscribe(&gw, "reader", "machines", Body::new(), Some(cursor.clone())).await;
+    let ack2 = push(
+        &mut w,
+        2,
+        (11..=20)
+            .map(|i| {
+                put(
+                    i,
+                    "machines",
+                    &format!("m{i}"),
+                    body(&[("state", Value::from("running"))]),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let mut again =
+        Replica::subscribe(&gw, "reader", "machines", Body::new(), Some(cursor.clone())).await;
     again.until_seq(ack2.visible_at).await;
-    assert_eq!(again.snapshot_frames, 0, "a usable cursor needs no snapshot");
-    assert_eq!(again.seqs, ((cursor.seq + 1)..=ack2.visible_at).collect::<Vec<_>>());
+    assert_eq!(
+        again.snapshot_frames, 0,
+        "a usable cursor needs no snapshot"
+    );
+    assert_eq!(
+        again.seqs,
+        ((cursor.seq + 1)..=ack2.visible_at).collect::<Vec<_>>()
+    );
     assert!(seen_before.iter().all(|s| *s <= cursor.seq));
     // And live after the resume.
     let ack3 = push(&mut w, 3, vec![delete(21, "machines", "m1")]).await;
@@ -139,10 +200,33 @@ async fn replayed_batch_applies_once_with_identical_acks(backend: Backend) {
     let db = TestDb::new(backend).await;
     let gw = Gateway::start(db.config()).await.unwrap();
     let batch = vec![
-        put(1, "work_orders", "wo-1", body(&[("status", Value::from("open")), ("qty_done", Value::from(0))])),
-        patch(2, "work_orders", "wo-1", body(&[("qty_done", Value::from(5))])),
-        patch(3, "work_orders", "missing", body(&[("qty_done", Value::from(1))])),
-        put(4, "work_orders", "wo-2", body(&[("status", Value::from("open"))])),
+        put(
+            1,
+            "work_orders",
+            "wo-1",
+            body(&[
+                ("status", Value::from("open")),
+                ("qty_done", Value::from(0)),
+            ]),
+        ),
+        patch(
+            2,
+            "work_orders",
+            "wo-1",
+            body(&[("qty_done", Value::from(5))]),
+        ),
+        patch(
+            3,
+            "work_orders",
+            "missing",
+            body(&[("qty_done", Value::from(1))]),
+        ),
+        put(
+            4,
+            "work_orders",
+            "wo-2",
+            body(&[("status", Value::from("open"))]),
+        ),
         delete(5, "work_orders", "wo-2"),
         put(6, "nope", "x", body(&[])),
     ];
@@ -150,7 +234,10 @@ async fn replayed_batch_applies_once_with_identical_acks(backend: Backend) {
     for attempt in 0..3 {
         // Each attempt on a fresh connection, as after a lost ack.
         let (mut c, welcome) = connect(&gw, "terminal-7").await;
-        assert_eq!(welcome.last_applied_mutation, if attempt == 0 { 0 } else { 6 });
+        assert_eq!(
+            welcome.last_applied_mutation,
+            if attempt == 0 { 0 } else { 6 }
+        );
         acks.push(push(&mut c, 42, batch.clone()).await);
         c.close().await;
     }
@@ -162,10 +249,22 @@ async fn replayed_batch_applies_once_with_identical_acks(backend: Backend) {
     assert_eq!(r[2].status, MutationStatus::Rejected);
     assert_eq!(r[2].code, Some(ErrorCode::DocumentNotFound.code()));
     assert_eq!(r[5].code, Some(ErrorCode::UnknownCollection.code()));
-    assert_eq!(acks[0].visible_at, 4, "three writes plus the delete: seqs 1..=4");
+    assert_eq!(
+        acks[0].visible_at, 4,
+        "three writes plus the delete: seqs 1..=4"
+    );
     assert_eq!(gw.store.head().await.unwrap(), 4, "nothing applied twice");
-    assert_eq!(gw.store.sync_error_count("terminal-7").await.unwrap(), 2, "rejections are stored");
-    let (body, version, deleted) = gw.store.document("work_orders", "wo-1").await.unwrap().unwrap();
+    assert_eq!(
+        gw.store.sync_error_count("terminal-7").await.unwrap(),
+        2,
+        "rejections are stored"
+    );
+    let (body, version, deleted) = gw
+        .store
+        .document("work_orders", "wo-1")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(body.unwrap()["qty_done"], Value::from(5));
     assert_eq!((version, deleted), (2, false));
     gw.shutdown().await;
@@ -177,7 +276,21 @@ async fn restart_keeps_changes_and_mutation_horizon(backend: Backend) {
     let gw = Gateway::start(db.config()).await.unwrap();
     let epoch = gw.store.epoch().to_owned();
     let (mut c, _) = connect(&gw, "t1").await;
-    let ack = push(&mut c, 1, (1..=50).map(|i| put(i * 2, "stock", &format!("s{i}"), body(&[("qty", Value::from(i))]))).collect()).await;
+    let ack = push(
+        &mut c,
+        1,
+        (1..=50)
+            .map(|i| {
+                put(
+                    i * 2,
+                    "stock",
+                    &format!("s{i}"),
+                    body(&[("qty", Value::from(i))]),
+                )
+            })
+            .collect(),
+    )
+    .await;
     c.close().await;
     gw.shutdown().await;
 
@@ -185,7 +298,14 @@ async fn restart_keeps_changes_and_mutation_horizon(backend: Backend) {
     assert_eq!(gw.store.epoch(), epoch, "the epoch survives restarts");
     let (_c, welcome) = connect(&gw, "t1").await;
     assert_eq!(welcome.last_applied_mutation, 100);
-    let mut r = Replica::subscribe(&gw, "r", "stock", Body::new(), Some(Cursor { epoch, seq: 0 })).await;
+    let mut r = Replica::subscribe(
+        &gw,
+        "r",
+        "stock",
+        Body::new(),
+        Some(Cursor { epoch, seq: 0 }),
+    )
+    .await;
     r.until_seq(ack.visible_at).await;
     assert_eq!(r.seqs, (1..=50).collect::<Vec<_>>());
     assert_eq!(r.docs.len(), 50);
@@ -197,7 +317,17 @@ async fn tombstones_reach_subscribers(backend: Backend) {
     let db = TestDb::new(backend).await;
     let gw = Gateway::start(db.config()).await.unwrap();
     let (mut w, _) = connect(&gw, "w").await;
-    push(&mut w, 1, vec![put(1, "machines", "m1", body(&[("state", Value::from("fault"))]))]).await;
+    push(
+        &mut w,
+        1,
+        vec![put(
+            1,
+            "machines",
+            "m1",
+            body(&[("state", Value::from("fault"))]),
+        )],
+    )
+    .await;
     let mut r = Replica::subscribe(&gw, "r", "machines", Body::new(), None).await;
     r.until_seq(1).await;
     assert!(r.docs.contains_key("m1"));
@@ -218,23 +348,37 @@ async fn filters_exclude_what_does_not_match(backend: Backend) {
     let db = TestDb::new(backend).await;
     let gw = Gateway::start(db.config()).await.unwrap();
     let (mut w, _) = connect(&gw, "w").await;
-    push(&mut w, 1, vec![
-        put(1, "work_orders", "a", body(&[("plant", Value::from("p1"))])),
-        put(2, "work_orders", "b", body(&[("plant", Value::from("p2"))])),
-    ]).await;
+    push(
+        &mut w,
+        1,
+        vec![
+            put(1, "work_orders", "a", body(&[("plant", Value::from("p1"))])),
+            put(2, "work_orders", "b", body(&[("plant", Value::from("p2"))])),
+        ],
+    )
+    .await;
     let filter = body(&[("plant", Value::from("p1"))]);
     let mut r = Replica::subscribe(&gw, "r", "work_orders", filter, None).await;
     r.until_seq(2).await;
     assert_eq!(r.docs.keys().collect::<Vec<_>>(), vec!["a"]);
-    let ack = push(&mut w, 2, vec![
-        put(3, "work_orders", "c", body(&[("plant", Value::from("p2"))])),
-        put(4, "work_orders", "d", body(&[("plant", Value::from("p1"))])),
-        // "a" moves to plant p2: the p1 subscriber must see it leave.
-        patch(5, "work_orders", "a", body(&[("plant", Value::from("p2"))])),
-    ]).await;
+    let ack = push(
+        &mut w,
+        2,
+        vec![
+            put(3, "work_orders", "c", body(&[("plant", Value::from("p2"))])),
+            put(4, "work_orders", "d", body(&[("plant", Value::from("p1"))])),
+            // "a" moves to plant p2: the p1 subscriber must see it leave.
+            patch(5, "work_orders", "a", body(&[("plant", Value::from("p2"))])),
+        ],
+    )
+    .await;
     r.until_seq(ack.visible_at).await;
     assert_eq!(r.docs.keys().collect::<Vec<_>>(), vec!["d"]);
-    assert_eq!(r.seqs, vec![4, 5], "p2 documents never reach a p1 subscriber");
+    assert_eq!(
+        r.seqs,
+        vec![4, 5],
+        "p2 documents never reach a p1 subscriber"
+    );
     gw.shutdown().await;
     db.cleanup().await;
 }
@@ -243,7 +387,12 @@ async fn filters_exclude_what_does_not_match(backend: Backend) {
 fn malformed(rng: &mut rand::rngs::StdRng) -> Vec<u8> {
     let valid = encode(&Frame::Push(Push {
         batch: rng.random(),
-        mutations: vec![put(1, "work_orders", "x", body(&[("k", Value::from(rng.random::<u32>()))]))],
+        mutations: vec![put(
+            1,
+            "work_orders",
+            "x",
+            body(&[("k", Value::from(rng.random::<u32>()))]),
+        )],
     }));
     match rng.random_range(0..6) {
         // Random bytes that do not start with the 2-array marker every frame starts with.
@@ -266,7 +415,13 @@ fn malformed(rng: &mut rand::rngs::StdRng) -> Vec<u8> {
         // An unknown message type.
         3 => [0x92, 0xa3, b'z', b'z', b'z', 0x80].to_vec(),
         // A server-to-client message.
-        4 => encode(&Frame::Synced(Synced { sub: 1, cursor: Cursor { epoch: "e".into(), seq: 1 } })),
+        4 => encode(&Frame::Synced(Synced {
+            sub: 1,
+            cursor: Cursor {
+                epoch: "e".into(),
+                seq: 1,
+            },
+        })),
         // Deep nesting.
         _ => {
             let mut b = vec![0x92, 0xa4, b'p', b'u', b's', b'h'];
@@ -297,14 +452,28 @@ async fn malformed_frames_get_errors_while_others_sync(backend: Backend) {
         }
         // Still usable afterwards.
         bad.send(&Frame::Ping(Ping { nonce: 9 })).await.unwrap();
-        assert_eq!(bad.recv_timeout(DEADLINE).await.unwrap(), Frame::Ping(Ping { nonce: 9 }).pong());
+        assert_eq!(
+            bad.recv_timeout(DEADLINE).await.unwrap(),
+            Frame::Ping(Ping { nonce: 9 }).pong()
+        );
         codes
     };
     let honest = async {
         let (mut w, _) = connect(&gw, "honest").await;
         let mut last = 0;
         for b in 1..=20 {
-            last = push(&mut w, b, vec![put(b, "stock", &format!("s{b}"), body(&[("qty", Value::from(b))]))]).await.visible_at;
+            last = push(
+                &mut w,
+                b,
+                vec![put(
+                    b,
+                    "stock",
+                    &format!("s{b}"),
+                    body(&[("qty", Value::from(b))]),
+                )],
+            )
+            .await
+            .visible_at;
         }
         last
     };
@@ -348,11 +517,22 @@ async fn bad_handshakes_get_fatal_errors(backend: Backend) {
     let gw = Gateway::start(db.config()).await.unwrap();
     let url = ws_url(&gw);
     let hello = |versions: Vec<u32>, client_id: &str, token: String| {
-        Frame::Hello(Hello { versions, client_id: client_id.into(), token, agent: "it".into() })
+        Frame::Hello(Hello {
+            versions,
+            client_id: client_id.into(),
+            token,
+            agent: "it".into(),
+        })
     };
     let cases = [
-        (hello(vec![99], "c", token("u")), ErrorCode::UnsupportedVersion),
-        (hello(vec![1], "c", "not-a-jwt".into()), ErrorCode::Unauthorized),
+        (
+            hello(vec![99], "c", token("u")),
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            hello(vec![1], "c", "not-a-jwt".into()),
+            ErrorCode::Unauthorized,
+        ),
         (hello(vec![1], "", token("u")), ErrorCode::InvalidClientId),
         (Frame::Ping(Ping { nonce: 1 }), ErrorCode::HandshakeRequired),
     ];
@@ -380,13 +560,24 @@ async fn foreign_cursor_gets_resync(backend: Backend) {
     let db = TestDb::new(backend).await;
     let gw = Gateway::start(db.config()).await.unwrap();
     let (mut w, _) = connect(&gw, "w").await;
-    let ack = push(&mut w, 1, vec![put(1, "stock", "s1", body(&[("qty", Value::from(1))]))]).await;
-    let foreign = Cursor { epoch: "0000000000000000".into(), seq: 1 };
+    let ack = push(
+        &mut w,
+        1,
+        vec![put(1, "stock", "s1", body(&[("qty", Value::from(1))]))],
+    )
+    .await;
+    let foreign = Cursor {
+        epoch: "0000000000000000".into(),
+        seq: 1,
+    };
     let mut r = Replica::subscribe(&gw, "r", "stock", Body::new(), Some(foreign)).await;
     r.until_seq(ack.visible_at).await;
     assert_eq!(r.resyncs, vec!["epoch_changed".to_owned()]);
     assert_eq!(r.docs.len(), 1, "the resync is followed by a full snapshot");
-    let ahead = Cursor { epoch: gw.store.epoch().to_owned(), seq: 1_000_000 };
+    let ahead = Cursor {
+        epoch: gw.store.epoch().to_owned(),
+        seq: 1_000_000,
+    };
     let mut r = Replica::subscribe(&gw, "r2", "stock", Body::new(), Some(ahead)).await;
     r.until_seq(ack.visible_at).await;
     assert_eq!(r.resyncs, vec!["cursor_ahead".to_owned()]);
@@ -410,13 +601,23 @@ async fn postgres_two_gateways_one_database() {
     subs_a.until_seq(0).await;
     subs_b.until_seq(0).await;
     let started = Instant::now();
-    let heads = futures_util::future::join_all([writer(&a, 0), writer(&b, 1), writer(&a, 2), writer(&b, 3)]).await;
+    let heads = futures_util::future::join_all([
+        writer(&a, 0),
+        writer(&b, 1),
+        writer(&a, 2),
+        writer(&b, 3),
+    ])
+    .await;
     let head = heads.into_iter().max().unwrap();
     let total = WRITERS * BATCHES * PER_BATCH;
     assert_eq!(head, total);
     for r in [&mut subs_a, &mut subs_b] {
         r.until_seq(head).await;
-        assert_eq!(r.seqs, (1..=total).collect::<Vec<_>>(), "every change once, in order");
+        assert_eq!(
+            r.seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "every change once, in order"
+        );
     }
     assert_eq!(subs_a.docs, subs_b.docs);
     eprintln!("two-node run took {:?}", started.elapsed());

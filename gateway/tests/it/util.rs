@@ -96,7 +96,9 @@ impl TestDb {
 }
 
 pub fn token(user: &str) -> String {
-    Authenticator::new(SECRET.as_bytes()).mint(user, 3600).unwrap()
+    Authenticator::new(SECRET.as_bytes())
+        .mint(user, 3600)
+        .unwrap()
 }
 
 pub fn ws_url(gw: &Gateway) -> String {
@@ -110,7 +112,10 @@ pub async fn connect(gw: &Gateway, client_id: &str) -> (Connection, Welcome) {
 }
 
 pub fn body(pairs: &[(&str, Value)]) -> Body {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
 }
 
 pub fn put(mid: u64, collection: &str, id: &str, b: Body) -> Mutation {
@@ -144,10 +149,16 @@ pub fn delete(mid: u64, collection: &str, id: &str) -> Mutation {
 
 /// Pushes a batch and waits for its ack (other frames are ignored).
 pub async fn push(conn: &mut Connection, batch: u64, mutations: Vec<Mutation>) -> PushAck {
-    conn.send(&Frame::Push(Push { batch, mutations })).await.unwrap();
+    conn.send(&Frame::Push(Push { batch, mutations }))
+        .await
+        .unwrap();
     let end = Instant::now() + DEADLINE;
     loop {
-        match conn.recv_timeout(end - Instant::now()).await.expect("push ack") {
+        match conn
+            .recv_timeout(end - Instant::now())
+            .await
+            .expect("push ack")
+        {
             Frame::PushAck(a) if a.batch == batch => return a,
             Frame::Error(e) => panic!("push {batch} failed: {e:?}"),
             _ => {}
@@ -217,7 +228,8 @@ impl Replica {
                     self.seqs.push(ch.seq);
                     match ch.op {
                         ChangeOp::Upsert => {
-                            self.docs.insert(ch.id, (ch.body.expect("upsert has a body"), ch.seq));
+                            self.docs
+                                .insert(ch.id, (ch.body.expect("upsert has a body"), ch.seq));
                         }
                         ChangeOp::Delete => {
                             assert!(ch.body.is_none());
