@@ -41,6 +41,7 @@ on_both_backends!(
     malformed_frames_get_errors_while_others_sync,
     bad_handshakes_get_fatal_errors,
     foreign_cursor_gets_resync,
+    slow_consumer_is_disconnected_others_keep_syncing,
 );
 
 const WRITERS: u64 = 4;
@@ -623,5 +624,71 @@ async fn postgres_two_gateways_one_database() {
     eprintln!("two-node run took {:?}", started.elapsed());
     a.shutdown().await;
     b.shutdown().await;
+    db.cleanup().await;
+}
+
+/// A subscriber that never reads: its outbound queue hits the byte cap, it is disconnected
+/// (`slow_consumer`), and a reading subscriber still receives everything.
+async fn slow_consumer_is_disconnected_others_keep_syncing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut cfg = db.config();
+    cfg.limits.max_frame_bytes = 64 * 1024;
+    cfg.limits.max_document_bytes = 8 * 1024;
+    cfg.outbound_buffer_bytes = 64 * 1024;
+    let gw = Gateway::start(cfg).await.unwrap();
+    let mut stalled = Replica::subscribe(&gw, "stalled", "stock", Body::new(), None).await;
+    stalled.until_seq(0).await;
+    let mut reader = Replica::subscribe(&gw, "reader", "stock", Body::new(), None).await;
+    reader.until_seq(0).await;
+    // About 24 MiB of changes: more than loopback socket buffers can absorb.
+    let (mut w, _) = connect(&gw, "w").await;
+    let pad = Value::from("x".repeat(4000));
+    let writes = async {
+        let mut last = 0;
+        for b in 0..400u64 {
+            let ms = (0..15)
+                .map(|i| {
+                    put(
+                        b * 15 + i + 1,
+                        "stock",
+                        &format!("s{i}"),
+                        body(&[("pad", pad.clone()), ("b", Value::from(b))]),
+                    )
+                })
+                .collect();
+            last = push(&mut w, b, ms).await.visible_at;
+        }
+        last
+    };
+    let (last, ()) = tokio::join!(writes, async {
+        reader.until_seq(6000).await;
+    });
+    assert_eq!(last, 6000);
+    reader.assert_in_order_once();
+    assert_eq!(reader.seqs.len(), 6000);
+    // The stalled client now reads: whatever was buffered, then the end of the connection.
+    let end = Instant::now() + DEADLINE;
+    let closed = loop {
+        match stalled.conn.recv_timeout(end - Instant::now()).await {
+            Ok(Frame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::SlowConsumer.code());
+                assert!(e.fatal);
+            }
+            Ok(_) => {}
+            Err(syncgate_client::ConnError::Timeout) => {
+                panic!("the stalled client was never disconnected")
+            }
+            Err(e) => break e,
+        }
+    };
+    eprintln!("stalled client ended with: {closed}");
+    assert!(
+        gw.metrics
+            .errors
+            .with_label_values(&["slow_consumer"])
+            .get()
+            >= 1
+    );
+    gw.shutdown().await;
     db.cleanup().await;
 }
