@@ -1,7 +1,7 @@
 //! Starting a subscription: resume from a cursor or send a snapshot, catch up from the log,
 //! then hand over to live fan-out with [`Hub::try_go_live`].
 //!
-//! The snapshot is taken at position `S = hub.published()` *before* the documents are read, so
+//! The snapshot is taken at position `S` = the committed head, read *before* the documents, so
 //! a document read later may already be newer than `S`; the catch-up from `S` then re-sends
 //! those changes in order. A client applying changes in order therefore converges, and no
 //! change can fall between snapshot and stream.
@@ -112,9 +112,11 @@ fn resync(entry: &SubEntry, reason: &str) {
     }))));
 }
 
-/// Sends the snapshot in chunks (at least one, possibly empty) and returns its position.
+/// Sends the snapshot in chunks (at least one, possibly empty) and returns its position: the
+/// committed head read before the documents, so everything committed before the subscription
+/// is in the snapshot and is not sent again by the catch-up.
 async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> {
-    let position = shared.hub.published();
+    let position = shared.store.head().await?;
     let mut after: Option<String> = None;
     loop {
         let page = shared
