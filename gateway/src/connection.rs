@@ -287,7 +287,15 @@ impl Connection {
                 ),
             },
             Frame::Push(p) => return self.push(p),
-            Frame::Ping(p) => self.send(Frame::Pong(Pong { nonce: p.nonce })),
+            Frame::Ping(p) => {
+                // `published()` is raised only after every live subscriber's frames up to it
+                // were queued, and this pong goes into the same FIFO queue after them.
+                let head = Some(self.shared.hub.published());
+                self.send(Frame::Pong(Pong {
+                    nonce: p.nonce,
+                    head,
+                }))
+            }
             Frame::Pong(_) => {}
             other => {
                 self.error(

@@ -14,7 +14,10 @@
 //! - [`error`]: stable numeric error codes with names.
 //! - [`limits`]: the size limits a gateway announces in `Welcome` and enforces.
 //! - [`filter`]: equality filters on top-level document fields.
+//! - [`apply`]: what a put, patch or delete does to a document body (shared by the gateway and
+//!   the client SDK's optimistic replica).
 
+pub mod apply;
 pub mod codec;
 pub mod error;
 pub mod filter;

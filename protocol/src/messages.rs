@@ -265,6 +265,12 @@ pub struct Ping {
 pub struct Pong {
     /// The nonce of the `Ping` answered.
     pub nonce: u64,
+    /// Server → client only: the log position the server had published when it answered. Every
+    /// change at or below it that matches a subscription which was live (had sent `synced`)
+    /// when the `ping` was read has been sent before this `pong`, so such a subscription may
+    /// advance its cursor to `head`. Nil when a client answers a ping.
+    #[serde(default)]
+    pub head: Option<u64>,
 }
 
 /// Server → client: something went wrong.

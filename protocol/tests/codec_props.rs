@@ -187,7 +187,8 @@ fn frame() -> impl Strategy<Value = Frame> {
                 visible_at
             })),
         any::<u64>().prop_map(|nonce| Frame::Ping(Ping { nonce })),
-        any::<u64>().prop_map(|nonce| Frame::Pong(Pong { nonce })),
+        (any::<u64>(), proptest::option::of(any::<u64>()))
+            .prop_map(|(nonce, head)| Frame::Pong(Pong { nonce, head })),
         (
             0..ErrorCode::ALL.len(),
             ".{0,30}",

@@ -9,10 +9,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DbBackend, Value as DbValue};
+use syncgate_protocol::apply::{apply, check_shape};
 use syncgate_protocol::codec::to_msgpack;
 use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::{
-    Body, Change, ChangeOp, ErrorCode, Limits, Mutation, MutationOp, MutationResult, MutationStatus,
+    Body, Change, ChangeOp, ErrorCode, Limits, Mutation, MutationResult, MutationStatus,
 };
 
 use super::{
@@ -292,29 +293,8 @@ async fn check_and_apply(
             ),
         )));
     }
-    match (m.op, &m.body) {
-        (MutationOp::Put, None) => {
-            return Ok(Err((ErrorCode::InvalidMutation, "put needs a body".into())));
-        }
-        (MutationOp::Patch, None) => {
-            return Ok(Err((
-                ErrorCode::InvalidMutation,
-                "patch needs a body".into(),
-            )));
-        }
-        (MutationOp::Patch, Some(b)) if b.is_empty() => {
-            return Ok(Err((
-                ErrorCode::InvalidMutation,
-                "patch with no fields".into(),
-            )));
-        }
-        (MutationOp::Delete, Some(_)) => {
-            return Ok(Err((
-                ErrorCode::InvalidMutation,
-                "delete takes no body".into(),
-            )));
-        }
-        _ => {}
+    if let Err(refusal) = check_shape(m.op, m.body.as_ref()) {
+        return Ok(Err(refusal));
     }
     let key = (m.collection.clone(), m.id.clone());
     let current = match pending.docs.get(&key) {
@@ -331,29 +311,15 @@ async fn check_and_apply(
         .as_ref()
         .filter(|d| !d.deleted)
         .and_then(|d| d.body.clone());
-    let new_body = match m.op {
-        MutationOp::Put => {
-            let mut b = m.body.clone().unwrap_or_default();
-            b.retain(|_, v| !v.is_nil());
-            Some(b)
+    let new_body = match apply(prev.as_ref(), m.op, m.body.as_ref()) {
+        Ok(b) => b,
+        Err((ErrorCode::DocumentNotFound, _)) => {
+            return Ok(Err((
+                ErrorCode::DocumentNotFound,
+                format!("{}/{} does not exist", m.collection, m.id),
+            )));
         }
-        MutationOp::Patch => {
-            let Some(mut b) = prev.clone() else {
-                return Ok(Err((
-                    ErrorCode::DocumentNotFound,
-                    format!("{}/{} does not exist", m.collection, m.id),
-                )));
-            };
-            for (k, v) in m.body.iter().flatten() {
-                if v.is_nil() {
-                    b.remove(k);
-                } else {
-                    b.insert(k.clone(), v.clone());
-                }
-            }
-            Some(b)
-        }
-        MutationOp::Delete => None,
+        Err(refusal) => return Ok(Err(refusal)),
     };
     if let Some(b) = &new_body {
         let size = to_msgpack(b).len();

@@ -492,7 +492,10 @@ trait PongOf {
 impl PongOf for Frame {
     fn pong(self) -> Frame {
         match self {
-            Frame::Ping(p) => Frame::Pong(Pong { nonce: p.nonce }),
+            Frame::Ping(p) => Frame::Pong(Pong {
+                nonce: p.nonce,
+                head: None,
+            }),
             other => other,
         }
     }
