@@ -9,5 +9,6 @@
 
 pub mod conn;
 pub mod json;
+pub mod store;
 
 pub use conn::{ConnError, Connection};
