@@ -1,22 +1,34 @@
-//! `syncgate-client`: a small command line for the quickstart and scripts.
+//! `syncgate-client`: the SDK's command line. Every command works on a data directory (the
+//! local replica, the outbox and the client id); commands that need the gateway connect to it.
+//!
+//! Exit status: 0 success; 1 failure (offline, timeout, not found, local error); 2 usage
+//! error; 3 synced, but the server rejected some mutations (listed on stderr).
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
-use syncgate_client::Connection;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 use syncgate_client::json::{body_to_json, parse_body, to_value};
-use syncgate_protocol::{
-    ChangeOp, Frame, Mutation, MutationOp, MutationStatus, Ping, Push, Subscribe,
-};
+use syncgate_client::{Client, ClientBuilder, ClientError, Event, OutboxState, SyncReport};
+use syncgate_protocol::{Body, MutationOp};
 
 #[derive(Parser)]
 #[command(
     name = "syncgate-client",
     version,
-    about = "Talk to a syncgate gateway"
+    about = "Offline-first syncgate client: local replica, durable outbox, sync"
 )]
 struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Common {
     /// Gateway WebSocket URL.
     #[arg(
         long,
@@ -28,21 +40,40 @@ struct Cli {
     /// Client token (mint one with `syncgate token --user NAME`).
     #[arg(long, global = true, env = "SYNCGATE_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Client id. Default: a fresh random id per invocation.
-    #[arg(long, global = true, env = "SYNCGATE_CLIENT_ID")]
-    client_id: Option<String>,
-    #[command(subcommand)]
-    command: Command,
+    /// The data directory: replica, outbox and client id (one client per directory).
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCGATE_CLIENT_DATA",
+        default_value = "syncgate-client-data"
+    )]
+    data_dir: PathBuf,
+    /// Follow a collection, optionally filtered: `work_orders` or `work_orders:plant=p1,line=2`
+    /// (repeatable). When given, the list replaces the stored subscriptions.
+    #[arg(long = "sub", global = true, value_parser = parse_sub)]
+    subs: Vec<(String, Body)>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a collection's documents, then every change as it arrives (one JSON line each).
+    /// Upload the outbox and download every subscription, once or periodically.
+    Sync {
+        /// Sync once; the exit status says whether everything was uploaded and downloaded.
+        #[arg(long, conflicts_with = "every", required_unless_present = "every")]
+        once: bool,
+        /// Sync periodically (`15m`, `30s`, `1h`), disconnected in between.
+        #[arg(long, value_parser = parse_duration)]
+        every: Option<Duration>,
+        /// Give up a round after this long.
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        timeout: Duration,
+    },
+    /// Stay connected: print the replica, then every event as a JSON line.
     Subscribe {
-        /// The collection.
-        collection: String,
-        /// Equality filter, repeatable: --filter plant=p1 (the value is parsed as JSON if it can be).
-        #[arg(long = "filter", value_parser = parse_term)]
+        /// Add (or re-filter) this collection's subscription.
+        collection: Option<String>,
+        /// Equality filter for COLLECTION, repeatable: --filter plant=p1 (JSON value if it parses).
+        #[arg(long = "filter", value_parser = parse_term, requires = "collection")]
         filters: Vec<(String, serde_json::Value)>,
     },
     /// Create or replace a document: put COLLECTION ID '{"field": "value"}'.
@@ -50,15 +81,46 @@ enum Command {
         collection: String,
         id: String,
         body: String,
+        #[command(flatten)]
+        upload: Upload,
     },
-    /// Set some fields of a document: patch COLLECTION ID '{"field": "value"}'.
+    /// Set some fields of a document (null removes a field): patch COLLECTION ID '{"f": 1}'.
     Patch {
         collection: String,
         id: String,
         body: String,
+        #[command(flatten)]
+        upload: Upload,
     },
     /// Delete a document.
-    Delete { collection: String, id: String },
+    Delete {
+        collection: String,
+        id: String,
+        #[command(flatten)]
+        upload: Upload,
+    },
+    /// Print a document from the local replica (with local edits applied).
+    Get { collection: String, id: String },
+    /// Print the documents of a collection from the local replica, optionally filtered.
+    Query {
+        collection: String,
+        #[arg(long = "filter", value_parser = parse_term)]
+        filters: Vec<(String, serde_json::Value)>,
+    },
+    /// Print the outbox: mutations waiting for the server.
+    Outbox,
+    /// Print the client id, subscriptions and cursors, pending and rejected counts.
+    Status,
+}
+
+#[derive(Args)]
+struct Upload {
+    /// Only queue the edit; upload on the next sync.
+    #[arg(long)]
+    no_upload: bool,
+    /// How long to try uploading before leaving the edit queued.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    timeout: Duration,
 }
 
 fn parse_term(s: &str) -> Result<(String, serde_json::Value), String> {
@@ -67,132 +129,454 @@ fn parse_term(s: &str) -> Result<(String, serde_json::Value), String> {
     Ok((k.to_owned(), v))
 }
 
+fn terms_to_body(terms: &[(String, serde_json::Value)]) -> Body {
+    terms
+        .iter()
+        .map(|(k, v)| (k.clone(), to_value(v)))
+        .collect()
+}
+
+fn parse_sub(s: &str) -> Result<(String, Body), String> {
+    let (collection, filter) = match s.split_once(':') {
+        Some((c, f)) => (c, f),
+        None => (s, ""),
+    };
+    let terms = filter
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(parse_term)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((collection.to_owned(), terms_to_body(&terms)))
+}
+
+/// Parses `500ms`, `30s`, `15m`, `2h` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit (500ms, 30s, 15m, 2h)"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
+    })
+}
+
+fn builder(common: &Common, subs: Option<Vec<(String, Body)>>) -> ClientBuilder {
+    let mut b = Client::builder(&common.url).data_dir(&common.data_dir);
+    if let Some(t) = &common.token {
+        b = b.token(t.clone());
+    }
+    let subs = subs.unwrap_or_else(|| common.subs.clone());
+    for (c, f) in subs {
+        b = b.subscribe(c, f);
+    }
+    b
+}
+
+fn need_token(common: &Common) -> anyhow::Result<()> {
+    if common.token.is_none() {
+        anyhow::bail!(
+            "no token: pass --token or set SYNCGATE_TOKEN (mint one with `syncgate token --user NAME`)"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let token = cli.token.clone().context(
-        "no token: pass --token or set SYNCGATE_TOKEN (mint one with `syncgate token --user NAME`)",
-    )?;
-    let client_id = cli
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("cli-{:016x}", rand::random::<u64>()));
-    let (mut conn, welcome) = Connection::connect(&cli.url, &client_id, &token)
-        .await
-        .with_context(|| format!("connecting to {}", cli.url))?;
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("syncgate-client: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let common = &cli.common;
     match cli.command {
+        Command::Sync {
+            once,
+            every,
+            timeout,
+        } => {
+            need_token(common)?;
+            if once {
+                return sync_round(common, timeout).await;
+            }
+            let every = every.context("--every needs a duration")?;
+            loop {
+                // A failed round is reported and retried next period; the outbox keeps its work.
+                let _ = sync_round(common, timeout).await;
+                tokio::time::sleep(every).await;
+            }
+        }
         Command::Subscribe {
             collection,
             filters,
         } => {
-            let filter = filters
-                .iter()
-                .map(|(k, v)| (k.clone(), to_value(v)))
-                .collect();
-            conn.send(&Frame::Subscribe(Subscribe {
-                sub: 1,
-                collection,
-                filter,
-                cursor: None,
-            }))
-            .await?;
-            let mut ping =
-                tokio::time::interval(Duration::from_millis(u64::from(welcome.heartbeat_ms)));
-            loop {
-                let frame = tokio::select! {
-                    f = conn.recv() => f?,
-                    _ = ping.tick() => { conn.send(&Frame::Ping(Ping { nonce: 0 })).await?; continue; }
-                };
-                match frame {
-                    Frame::Snapshot(s) => {
-                        for d in s.docs {
-                            println!(
-                                "{}",
-                                serde_json::json!({"snapshot": d.id, "version": d.version, "body": body_to_json(&d.body)})
-                            );
-                        }
-                    }
-                    Frame::Synced(s) => {
-                        eprintln!("synced at seq {} (live from here)", s.cursor.seq)
-                    }
-                    Frame::Changes(c) => {
-                        for ch in c.changes {
-                            let body = ch.body.as_ref().map(body_to_json);
-                            let op = match ch.op {
-                                ChangeOp::Upsert => "upsert",
-                                ChangeOp::Delete => "delete",
-                            };
-                            println!(
-                                "{}",
-                                serde_json::json!({"seq": ch.seq, "op": op, "id": ch.id, "body": body})
-                            );
-                        }
-                    }
-                    Frame::Resync(r) => eprintln!("resync: {}", r.reason),
-                    Frame::Error(e) => eprintln!("error {} {}: {}", e.code, e.name, e.message),
-                    Frame::GoAway(g) => bail!("server going away: {}", g.reason),
-                    _ => {}
-                }
+            need_token(common)?;
+            let mut subs = common.subs.clone();
+            if subs.is_empty() {
+                let local = builder(common, Some(Vec::new())).open_local().await?;
+                subs = local
+                    .status()
+                    .await?
+                    .subscriptions
+                    .into_iter()
+                    .map(|s| (s.collection, s.filter))
+                    .collect();
+                local.close().await;
             }
+            if let Some(c) = collection {
+                subs.retain(|(sc, _)| *sc != c);
+                subs.push((c, terms_to_body(&filters)));
+            }
+            if subs.is_empty() {
+                anyhow::bail!("nothing to subscribe: name a COLLECTION or pass --sub");
+            }
+            subscribe(common, subs).await
         }
         Command::Put {
             collection,
             id,
             body,
+            upload,
         } => {
             let body = parse_body(&body).map_err(anyhow::Error::msg)?;
-            write(&mut conn, collection, id, MutationOp::Put, Some(body)).await
+            write(common, &upload, collection, id, MutationOp::Put, Some(body)).await
         }
         Command::Patch {
             collection,
             id,
             body,
+            upload,
         } => {
             let body = parse_body(&body).map_err(anyhow::Error::msg)?;
-            write(&mut conn, collection, id, MutationOp::Patch, Some(body)).await
+            write(
+                common,
+                &upload,
+                collection,
+                id,
+                MutationOp::Patch,
+                Some(body),
+            )
+            .await
         }
-        Command::Delete { collection, id } => {
-            write(&mut conn, collection, id, MutationOp::Delete, None).await
+        Command::Delete {
+            collection,
+            id,
+            upload,
+        } => write(common, &upload, collection, id, MutationOp::Delete, None).await,
+        Command::Get { collection, id } => {
+            let client = builder(common, None).open_local().await?;
+            let doc = client.get(&collection, &id).await?;
+            client.close().await;
+            match doc {
+                Some(d) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"collection": d.collection, "id": d.id,
+                            "version": d.version, "pending": d.pending, "body": body_to_json(&d.body)})
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("{collection}/{id}: not in the local replica");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Query {
+            collection,
+            filters,
+        } => {
+            let client = builder(common, None).open_local().await?;
+            let docs = client.query(&collection, &terms_to_body(&filters)).await?;
+            client.close().await;
+            for d in docs {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": d.id, "version": d.version, "pending": d.pending,
+                        "body": body_to_json(&d.body)})
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Outbox => {
+            let client = builder(common, None).open_local().await?;
+            let entries = client.outbox().await?;
+            client.close().await;
+            for e in &entries {
+                let m = &e.mutation;
+                let (state, version) = match e.state {
+                    OutboxState::Pending => ("pending", None),
+                    OutboxState::Acked { version } => ("acked", Some(version)),
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({"mutation_id": m.mutation_id, "state": state,
+                        "version": version, "collection": m.collection, "id": m.id,
+                        "op": op_name(m.op), "body": m.body.as_ref().map(body_to_json),
+                        "created_ms": e.created_ms})
+                );
+            }
+            eprintln!(
+                "{} entr{}",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let client = builder(common, None).open_local().await?;
+            let st = client.status().await?;
+            let rejected = client.rejected().await?;
+            client.close().await;
+            let subs: Vec<_> = st
+                .subscriptions
+                .iter()
+                .map(|s| {
+                    serde_json::json!({"collection": s.collection, "filter": body_to_json(&s.filter),
+                        "cursor": s.cursor.as_ref().map(|c| serde_json::json!({"epoch": c.epoch, "seq": c.seq}))})
+                })
+                .collect();
+            let rej: Vec<_> = rejected
+                .iter()
+                .map(|r| serde_json::json!({"mutation_id": r.mutation.mutation_id, "collection": r.mutation.collection,
+                    "id": r.mutation.id, "code": r.code, "reason": r.reason}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "client_id": st.client_id,
+                    "data_dir": st.data_dir,
+                    "pending": st.pending,
+                    "last_mutation_id": st.last_mutation_id,
+                    "subscriptions": subs,
+                    "rejected": rej,
+                }))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn op_name(op: MutationOp) -> &'static str {
+    match op {
+        MutationOp::Put => "put",
+        MutationOp::Patch => "patch",
+        MutationOp::Delete => "delete",
+    }
+}
+
+/// One `sync --once` round: exit 0 when everything was uploaded and downloaded.
+async fn sync_round(common: &Common, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let client = builder(common, None).open().await?;
+    let mut events = client.events();
+    let result = client.sync_now(timeout).await;
+    let rejected = drain_rejections(&mut events);
+    client.close().await;
+    report(result, rejected)
+}
+
+fn drain_rejections(events: &mut tokio::sync::broadcast::Receiver<Event>) -> u64 {
+    let mut n = 0;
+    while let Ok(e) = events.try_recv() {
+        if let Event::Rejected {
+            mutation,
+            code,
+            reason,
+        } = e
+        {
+            n += 1;
+            eprintln!(
+                "rejected: mutation {} ({} {}/{}): {code} {reason}",
+                mutation.mutation_id,
+                op_name(mutation.op),
+                mutation.collection,
+                mutation.id
+            );
+        }
+    }
+    n
+}
+
+fn report(result: Result<SyncReport, ClientError>, rejected: u64) -> anyhow::Result<ExitCode> {
+    match result {
+        Ok(r) => {
+            println!(
+                "{}",
+                serde_json::json!({"synced": true, "head": r.head, "pending": r.pending, "rejected": rejected})
+            );
+            Ok(if rejected > 0 {
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Err(e) => {
+            eprintln!("syncgate-client: sync failed: {e}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }
 
 async fn write(
-    conn: &mut Connection,
+    common: &Common,
+    upload: &Upload,
     collection: String,
     id: String,
     op: MutationOp,
-    body: Option<syncgate_protocol::Body>,
-) -> anyhow::Result<()> {
-    let m = Mutation {
-        mutation_id: 1,
-        collection,
-        id,
-        op,
-        body,
-        base_version: None,
+    body: Option<Body>,
+) -> anyhow::Result<ExitCode> {
+    let upload_now = !upload.no_upload && common.token.is_some();
+    let b = builder(common, None);
+    let client = if upload_now {
+        b.open().await?
+    } else {
+        b.open_local().await?
     };
-    conn.send(&Frame::Push(Push {
-        batch: 1,
-        mutations: vec![m],
-    }))
-    .await?;
-    loop {
-        match conn.recv_timeout(Duration::from_secs(30)).await? {
-            Frame::PushAck(ack) => {
-                let r = ack.results.first().context("empty ack")?;
-                if r.status == MutationStatus::Applied {
-                    println!("applied at version {}", r.version.unwrap_or_default());
-                    return Ok(());
-                }
-                bail!(
-                    "rejected: {} ({})",
-                    r.reason.clone().unwrap_or_default(),
-                    r.code.unwrap_or_default()
-                );
-            }
-            Frame::Error(e) => bail!("error {} {}: {}", e.code, e.name, e.message),
-            _ => {}
+    let mut events = client.events();
+    let result = match op {
+        MutationOp::Put => client.put(&collection, &id, body.unwrap_or_default()).await,
+        MutationOp::Patch => {
+            client
+                .patch(&collection, &id, body.unwrap_or_default())
+                .await
         }
+        MutationOp::Delete => client.delete(&collection, &id).await,
+    };
+    let mutation_id = match result {
+        Ok(m) => m,
+        Err(e) => {
+            client.close().await;
+            return Err(e.into());
+        }
+    };
+    eprintln!("queued as mutation {mutation_id}");
+    if !upload_now {
+        if common.token.is_none() && !upload.no_upload {
+            eprintln!("no token: not uploaded; `syncgate-client sync --once` uploads it");
+        }
+        client.close().await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let result = client.sync_now(upload.timeout).await;
+    let rejected = drain_rejections(&mut events);
+    client.close().await;
+    match result {
+        Ok(r) => report(Ok(r), rejected),
+        Err(e) => {
+            // The edit is durable in the outbox: the command did its job.
+            eprintln!("not uploaded yet ({e}); it stays in the outbox for the next sync");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Live mode: prints the replica, then every event, as JSON lines, until interrupted.
+async fn subscribe(common: &Common, subs: Vec<(String, Body)>) -> anyhow::Result<ExitCode> {
+    let collections: Vec<String> = subs.iter().map(|(c, _)| c.clone()).collect();
+    let client = builder(common, Some(subs)).open().await?;
+    let mut events = client.events();
+    for c in &collections {
+        for d in client.query(c, &Body::new()).await? {
+            println!(
+                "{}",
+                serde_json::json!({"event": "doc", "collection": c, "id": d.id,
+                    "version": d.version, "pending": d.pending, "body": body_to_json(&d.body)})
+            );
+        }
+    }
+    loop {
+        let e = tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            e = events.recv() => e,
+        };
+        let line = match e {
+            Ok(Event::RemoteChange {
+                collection,
+                id,
+                version,
+                body,
+            }) => serde_json::json!({"event": "change", "collection": collection, "id": id,
+                "version": version, "op": if body.is_some() { "upsert" } else { "delete" },
+                "body": body.as_ref().map(body_to_json)}),
+            Ok(Event::Synced { collection, cursor }) => {
+                serde_json::json!({"event": "synced", "collection": collection, "seq": cursor.seq})
+            }
+            Ok(Event::Connection(state)) => {
+                serde_json::json!({"event": "connection", "state": format!("{state:?}")})
+            }
+            Ok(Event::Conflict {
+                collection,
+                id,
+                server_version,
+                pending_mutations,
+            }) => serde_json::json!({"event": "conflict", "collection": collection, "id": id,
+                "server_version": server_version, "pending_mutations": pending_mutations}),
+            Ok(Event::Uploaded {
+                mutation_id,
+                version,
+            }) => {
+                serde_json::json!({"event": "uploaded", "mutation_id": mutation_id, "version": version})
+            }
+            Ok(Event::Rejected {
+                mutation,
+                code,
+                reason,
+            }) => serde_json::json!({"event": "rejected", "mutation_id": mutation.mutation_id,
+                "collection": mutation.collection, "id": mutation.id, "code": code, "reason": reason}),
+            Ok(Event::Resync { collection, reason }) => {
+                serde_json::json!({"event": "resync", "collection": collection, "reason": reason})
+            }
+            Ok(Event::ServerError {
+                code,
+                name,
+                message,
+            }) => {
+                serde_json::json!({"event": "server_error", "code": code, "name": name, "message": message})
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                serde_json::json!({"event": "lagged", "missed_events": n})
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        };
+        println!("{line}");
+    }
+    client.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn sub_specs() {
+        let (c, f) = parse_sub("work_orders:plant=p1,line=2").unwrap();
+        assert_eq!(c, "work_orders");
+        assert_eq!(f.len(), 2);
+        assert_eq!(f["line"], syncgate_protocol::Value::from(2u64));
+        assert!(parse_sub("machines").unwrap().1.is_empty());
+        assert!(parse_sub("x:novalue").is_err());
     }
 }

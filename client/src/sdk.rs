@@ -1,0 +1,598 @@
+//! The offline-first client: [`Client`] and its [`ClientBuilder`].
+//!
+//! Writes go to the local store (the optimistic replica and the durable outbox, one local
+//! transaction) and return at once; a background task ([`crate::session`]) does everything that
+//! needs the network. The two share:
+//! - the [`LocalStore`] (SQLite; every step is one local transaction);
+//! - a `Notify` by which a write wakes the task to upload;
+//! - a `watch` of the connection state and a `broadcast` of [`Event`]s;
+//! - an `mpsc` of [`Client::sync_now`] requests, answered by the task through oneshots.
+//!
+//! Dropping the client stops the task (every step it takes is already durable);
+//! [`Client::close`] also waits for it to finish.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use syncgate_protocol::apply::check_shape;
+use syncgate_protocol::codec::to_msgpack;
+use syncgate_protocol::limits::{is_valid_collection_name, is_valid_id};
+use syncgate_protocol::{Body, Cursor, ErrorCode, Filter, Limits, Mutation, MutationOp};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::backoff::Backoff;
+use crate::store::{LocalDoc, LocalStore, OutboxEntry, Rejection, StoreError, StoredSubscription};
+
+/// What a token provider returns: a token, or why none could be had.
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
+/// Asked for a token before every connection attempt (so an expired token is replaced).
+pub type TokenProvider = Arc<dyn Fn() -> TokenFuture + Send + Sync>;
+
+/// Errors of the client API. Input errors carry the same stable codes the gateway uses.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The call's input can never be accepted.
+    #[error("{} ({}): {message}", code.name(), code.code())]
+    Invalid {
+        /// The stable code.
+        code: ErrorCode,
+        /// What is wrong.
+        message: String,
+    },
+    /// `sync_now` could not reach the gateway before its timeout. Nothing is lost: the outbox
+    /// keeps every pending mutation.
+    #[error("offline: could not reach the gateway ({reason}); {pending} mutation(s) stay queued")]
+    Offline {
+        /// The last connection error.
+        reason: String,
+        /// Mutations waiting in the outbox.
+        pending: u64,
+    },
+    /// `sync_now` was connected but did not finish before its timeout.
+    #[error("sync did not finish in time; {pending} mutation(s) still queued")]
+    Timeout {
+        /// Mutations waiting in the outbox.
+        pending: u64,
+    },
+    /// The client has no background task (opened with [`ClientBuilder::open_local`]) or is
+    /// closing.
+    #[error("the client is not syncing (opened locally, or closed)")]
+    NotSyncing,
+    /// The builder lacks something it needs.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// The connection as the background task sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Trying to connect (`attempt` counts failures since the last good session).
+    Connecting {
+        /// Failed attempts so far.
+        attempt: u32,
+    },
+    /// Handshake done; subscriptions resume and the outbox uploads.
+    Connected {
+        /// The server's session id.
+        session: String,
+    },
+    /// Not connected; the next attempt is in `retry_in`.
+    Disconnected {
+        /// Why the last attempt or session ended.
+        reason: String,
+        /// The wait before the next attempt.
+        retry_in: Duration,
+    },
+    /// The client was closed.
+    Closed,
+}
+
+/// Something that happened, for the application. Delivered on a bounded broadcast channel
+/// ([`Client::events`]): a receiver that falls more than 4,096 events behind loses the oldest
+/// (it sees `RecvError::Lagged`); the replica itself never loses anything.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The connection state changed.
+    Connection(ConnectionState),
+    /// A subscription finished its snapshot or catch-up; live changes follow.
+    Synced {
+        /// The collection.
+        collection: String,
+        /// Its cursor.
+        cursor: Cursor,
+    },
+    /// A server change was applied to the replica.
+    RemoteChange {
+        /// The collection.
+        collection: String,
+        /// The document.
+        id: String,
+        /// The server version now held.
+        version: u64,
+        /// The server's body; `None` for a delete (or the document left the filter).
+        body: Option<Body>,
+    },
+    /// A server change arrived for a document with local edits still waiting for their ack.
+    /// The server orders writes (last writer wins): the local edits are re-applied on top of
+    /// the server's version for now, and the server's answer to them decides.
+    Conflict {
+        /// The collection.
+        collection: String,
+        /// The document.
+        id: String,
+        /// The server version that arrived.
+        server_version: u64,
+        /// Local mutations of the document not acknowledged yet.
+        pending_mutations: u64,
+    },
+    /// The server applied a local mutation.
+    Uploaded {
+        /// The mutation.
+        mutation_id: u64,
+        /// The version it wrote.
+        version: u64,
+    },
+    /// The server refused a local mutation; it is kept in the local `rejected` table and the
+    /// server's sync-error table, and its optimistic effect is undone.
+    Rejected {
+        /// The whole mutation.
+        mutation: Mutation,
+        /// The stable code.
+        code: u16,
+        /// The server's reason.
+        reason: String,
+    },
+    /// The server reset a subscription (`epoch_changed`, `cursor_ahead`, `cursor_too_old`): it
+    /// is downloaded again; local edits stay in the outbox.
+    Resync {
+        /// The collection.
+        collection: String,
+        /// The server's reason.
+        reason: String,
+    },
+    /// The server reported an error (a fatal one ends the session and the client reconnects).
+    ServerError {
+        /// The stable code.
+        code: u16,
+        /// Its name.
+        name: String,
+        /// The server's message.
+        message: String,
+    },
+}
+
+/// What [`Client::sync_now`] achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The server's log position the replica has caught up with.
+    pub head: u64,
+    /// Mutations still in the outbox that were written after the call began.
+    pub pending: u64,
+    /// Mutations the server refused during this session.
+    pub rejected: u64,
+}
+
+/// The client's state, for `status` displays.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The client id.
+    pub client_id: String,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The connection (`None` for a client opened with [`ClientBuilder::open_local`]).
+    pub connection: Option<ConnectionState>,
+    /// Mutations not acknowledged yet.
+    pub pending: u64,
+    /// The last mutation id handed out.
+    pub last_mutation_id: u64,
+    /// Rejected mutations kept locally.
+    pub rejected: u64,
+    /// The subscriptions with their cursors.
+    pub subscriptions: Vec<StoredSubscription>,
+}
+
+/// Settings of the background task.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) url: String,
+    pub(crate) token: TokenProvider,
+    pub(crate) heartbeat: Duration,
+    pub(crate) dead_after: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff: Backoff,
+    pub(crate) batch_size: u32,
+}
+
+/// A `sync_now` request: answered once every mutation up to `upto` has its outcome and the
+/// replica has caught up with the server's head.
+pub(crate) struct SyncRequest {
+    pub(crate) upto: u64,
+    pub(crate) reply: oneshot::Sender<SyncReport>,
+}
+
+/// What the client and its task share.
+pub(crate) struct Shared {
+    pub(crate) store: LocalStore,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) state: watch::Sender<ConnectionState>,
+    pub(crate) wake: Notify,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, e: Event) {
+        // No receiver is fine: events are a convenience, the store is the truth.
+        let _ = self.events.send(e);
+    }
+
+    pub(crate) fn set_state(&self, s: ConnectionState) {
+        self.state.send_replace(s.clone());
+        self.emit(Event::Connection(s));
+    }
+}
+
+/// Builds a [`Client`].
+pub struct ClientBuilder {
+    url: String,
+    token: Option<TokenProvider>,
+    data_dir: PathBuf,
+    subscriptions: Option<Vec<(String, Body)>>,
+    heartbeat: Duration,
+    dead_after: Option<Duration>,
+    connect_timeout: Duration,
+    backoff: Backoff,
+    batch_size: u32,
+}
+
+impl ClientBuilder {
+    /// A client of the gateway at `url` (`ws://host:port`), storing its data in
+    /// `./syncgate-client-data` unless [`data_dir`](Self::data_dir) says otherwise.
+    pub fn new(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            url: url.into(),
+            token: None,
+            data_dir: PathBuf::from("syncgate-client-data"),
+            subscriptions: None,
+            heartbeat: Duration::from_secs(10),
+            dead_after: None,
+            connect_timeout: Duration::from_secs(10),
+            backoff: Backoff::default(),
+            batch_size: 500,
+        }
+    }
+
+    /// A fixed token.
+    pub fn token(self, token: impl Into<String>) -> ClientBuilder {
+        let token: Arc<str> = token.into().into();
+        self.token_provider(move || {
+            let t = token.to_string();
+            async move { Ok(t) }
+        })
+    }
+
+    /// A token provider, asked before every connection attempt (and so again after the server
+    /// said the token expired).
+    pub fn token_provider<F, Fut>(mut self, f: F) -> ClientBuilder
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        self.token = Some(Arc::new(move || Box::pin(f()) as TokenFuture));
+        self
+    }
+
+    /// Where the local store lives (one client per directory; it is locked while open).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> ClientBuilder {
+        self.data_dir = dir.into();
+        self
+    }
+
+    /// Follows a collection, with an equality filter (empty = every document). Once any
+    /// subscription is given, the set given replaces the stored one; with none, the stored set
+    /// is used (so a command line can read what a long-running client downloaded).
+    pub fn subscribe(mut self, collection: impl Into<String>, filter: Body) -> ClientBuilder {
+        let collection = collection.into();
+        let subs = self.subscriptions.get_or_insert_with(Vec::new);
+        subs.retain(|(c, _)| *c != collection);
+        subs.push((collection, filter));
+        self
+    }
+
+    /// Heartbeat interval (the server's, if shorter, wins) and the silence after which the
+    /// connection is presumed dead and replaced (default: three intervals).
+    pub fn heartbeat(mut self, interval: Duration, dead_after: Option<Duration>) -> ClientBuilder {
+        self.heartbeat = interval.max(Duration::from_millis(10));
+        self.dead_after = dead_after;
+        self
+    }
+
+    /// Reconnect backoff.
+    pub fn backoff(mut self, backoff: Backoff) -> ClientBuilder {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Time allowed for TCP + WebSocket + handshake.
+    pub fn connect_timeout(mut self, t: Duration) -> ClientBuilder {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Most mutations per uploaded batch (the server's limit, if lower, wins).
+    pub fn batch_size(mut self, n: u32) -> ClientBuilder {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    async fn open_store(&self) -> Result<LocalStore, ClientError> {
+        if let Some(subs) = &self.subscriptions {
+            for (c, f) in subs {
+                if !is_valid_collection_name(c) {
+                    return Err(invalid(
+                        ErrorCode::UnknownCollection,
+                        format!("{c:?} is not a collection name ([a-z][a-z0-9_]{{0,63}})"),
+                    ));
+                }
+                Filter::new(f).map_err(|m| invalid(ErrorCode::InvalidFilter, m))?;
+            }
+        }
+        let store = LocalStore::open(&self.data_dir).await?;
+        if let Some(subs) = &self.subscriptions {
+            store.set_subscriptions(subs).await?;
+        }
+        Ok(store)
+    }
+
+    /// Opens the local store and starts the background task.
+    pub async fn open(self) -> Result<Client, ClientError> {
+        let token = self.token.clone().ok_or_else(|| {
+            ClientError::Config("no token or token provider: the gateway needs one".into())
+        })?;
+        let store = self.open_store().await?;
+        let settings = Settings {
+            url: self.url.clone(),
+            token,
+            heartbeat: self.heartbeat,
+            dead_after: self.dead_after.unwrap_or(self.heartbeat * 3),
+            connect_timeout: self.connect_timeout,
+            backoff: self.backoff,
+            batch_size: self.batch_size,
+        };
+        let shared = shared(store);
+        let (sync_tx, sync_rx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(crate::session::run(
+            shared.clone(),
+            settings,
+            sync_rx,
+            cancel.clone(),
+        ));
+        Ok(Client {
+            shared,
+            sync_tx: Some(sync_tx),
+            task: Some(task),
+            cancel: Some(cancel.clone().drop_guard()),
+        })
+    }
+
+    /// Opens the local store only: reads, writes to the outbox and status work; nothing is
+    /// sent. For command-line tools that inspect or queue without connecting.
+    pub async fn open_local(self) -> Result<Client, ClientError> {
+        let store = self.open_store().await?;
+        Ok(Client {
+            shared: shared(store),
+            sync_tx: None,
+            task: None,
+            cancel: None,
+        })
+    }
+}
+
+fn shared(store: LocalStore) -> Arc<Shared> {
+    Arc::new(Shared {
+        store,
+        events: broadcast::channel(4096).0,
+        state: watch::channel(ConnectionState::Connecting { attempt: 0 }).0,
+        wake: Notify::new(),
+    })
+}
+
+fn invalid(code: ErrorCode, message: impl Into<String>) -> ClientError {
+    ClientError::Invalid {
+        code,
+        message: message.into(),
+    }
+}
+
+/// An offline-first syncgate client. See the crate documentation for a tour.
+pub struct Client {
+    shared: Arc<Shared>,
+    sync_tx: Option<mpsc::Sender<SyncRequest>>,
+    task: Option<JoinHandle<()>>,
+    cancel: Option<DropGuard>,
+}
+
+impl Client {
+    /// A builder for the gateway at `url`.
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(url)
+    }
+
+    /// The client id (created once per data directory).
+    pub fn client_id(&self) -> &str {
+        self.shared.store.client_id()
+    }
+
+    /// Creates or replaces a document. Returns the mutation id once it is durably queued.
+    pub async fn put(&self, collection: &str, id: &str, body: Body) -> Result<u64, ClientError> {
+        self.write(collection, id, MutationOp::Put, Some(body))
+            .await
+    }
+
+    /// Sets some fields of a document (a nil value removes the field).
+    pub async fn patch(
+        &self,
+        collection: &str,
+        id: &str,
+        fields: Body,
+    ) -> Result<u64, ClientError> {
+        self.write(collection, id, MutationOp::Patch, Some(fields))
+            .await
+    }
+
+    /// Deletes a document.
+    pub async fn delete(&self, collection: &str, id: &str) -> Result<u64, ClientError> {
+        self.write(collection, id, MutationOp::Delete, None).await
+    }
+
+    async fn write(
+        &self,
+        collection: &str,
+        id: &str,
+        op: MutationOp,
+        body: Option<Body>,
+    ) -> Result<u64, ClientError> {
+        let limits = Limits::default();
+        if !is_valid_collection_name(collection) {
+            return Err(invalid(
+                ErrorCode::UnknownCollection,
+                format!("{collection:?} is not a collection name ([a-z][a-z0-9_]{{0,63}})"),
+            ));
+        }
+        if !is_valid_id(id, limits.max_id_bytes) {
+            return Err(invalid(
+                ErrorCode::InvalidDocumentId,
+                format!(
+                    "document id must be 1..={} bytes without control characters",
+                    limits.max_id_bytes
+                ),
+            ));
+        }
+        check_shape(op, body.as_ref()).map_err(|(code, m)| invalid(code, m))?;
+        if let Some(b) = &body {
+            let size = to_msgpack(b).len();
+            let max = self
+                .shared
+                .store
+                .meta("max_document_bytes")
+                .await?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(limits.max_document_bytes as usize);
+            if size > max {
+                return Err(invalid(
+                    ErrorCode::DocumentTooLarge,
+                    format!("document is {size} bytes, the limit is {max}"),
+                ));
+            }
+        }
+        let mutation_id = self.shared.store.write(collection, id, op, body).await?;
+        self.shared.wake.notify_one();
+        Ok(mutation_id)
+    }
+
+    /// The optimistic state of a document (`None` if absent or deleted).
+    pub async fn get(&self, collection: &str, id: &str) -> Result<Option<LocalDoc>, ClientError> {
+        Ok(self.shared.store.get(collection, id).await?)
+    }
+
+    /// Every document of a collection whose fields equal `filter`'s (empty = all), by id.
+    pub async fn query(
+        &self,
+        collection: &str,
+        filter: &Body,
+    ) -> Result<Vec<LocalDoc>, ClientError> {
+        let f = Filter::new(filter).map_err(|m| invalid(ErrorCode::InvalidFilter, m))?;
+        Ok(self.shared.store.query(collection, &f).await?)
+    }
+
+    /// The outbox: mutations waiting for the server, oldest first.
+    pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, ClientError> {
+        Ok(self.shared.store.outbox().await?)
+    }
+
+    /// Mutations the server rejected.
+    pub async fn rejected(&self) -> Result<Vec<Rejection>, ClientError> {
+        Ok(self.shared.store.rejected().await?)
+    }
+
+    /// The events stream.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// The connection state (`None` for a local-only client).
+    pub fn connection(&self) -> Option<ConnectionState> {
+        self.task
+            .as_ref()
+            .map(|_| self.shared.state.borrow().clone())
+    }
+
+    /// Watches the connection state.
+    pub fn watch_connection(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.state.subscribe()
+    }
+
+    /// A summary for status displays.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        let store = &self.shared.store;
+        Ok(Status {
+            client_id: store.client_id().to_owned(),
+            data_dir: store.dir().to_owned(),
+            connection: self.connection(),
+            pending: store.pending_count().await?,
+            last_mutation_id: store.last_mutation_id().await?,
+            rejected: store.rejected().await?.len() as u64,
+            subscriptions: store.subscriptions().await?,
+        })
+    }
+
+    /// Uploads every mutation written before the call, then downloads until every subscription
+    /// has caught up with the server's head, then returns. Fails with [`ClientError::Offline`]
+    /// if the gateway cannot be reached within `timeout` (a connection attempt is made at once,
+    /// cutting any backoff wait short), or [`ClientError::Timeout`] if it was reached but the
+    /// work did not finish. Nothing is lost on failure: the outbox keeps what is pending.
+    pub async fn sync_now(&self, timeout: Duration) -> Result<SyncReport, ClientError> {
+        let tx = self.sync_tx.as_ref().ok_or(ClientError::NotSyncing)?;
+        let upto = self.shared.store.last_mutation_id().await?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(SyncRequest { upto, reply })
+            .await
+            .map_err(|_| ClientError::NotSyncing)?;
+        self.shared.wake.notify_one();
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(report)) => Ok(report),
+            Ok(Err(_)) => Err(ClientError::NotSyncing),
+            Err(_) => {
+                let pending = self.shared.store.pending_count().await?;
+                match self.shared.state.borrow().clone() {
+                    ConnectionState::Connected { .. } => Err(ClientError::Timeout { pending }),
+                    ConnectionState::Disconnected { reason, .. } => {
+                        Err(ClientError::Offline { reason, pending })
+                    }
+                    other => Err(ClientError::Offline {
+                        reason: format!("{other:?}"),
+                        pending,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Stops the background task, waits for it, and closes the store (releasing the data
+    /// directory).
+    pub async fn close(mut self) {
+        drop(self.cancel.take());
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.shared.store.clone().close().await;
+    }
+}
