@@ -92,13 +92,14 @@ pub(crate) async fn run(
     let mut token_retried = false;
     loop {
         shared.set_state(ConnectionState::Connecting { attempt });
-        let started = Instant::now();
+        let mut connected_at = None;
         let end = tokio::select! {
             _ = cancel.cancelled() => End::Shutdown,
-            end = session(&shared, &settings, &mut sync_rx, &mut waiting, &cancel) => end,
+            end = session(&shared, &settings, &mut sync_rx, &mut waiting, &cancel, &mut connected_at) => end,
         };
-        // A session that lasted a while was a success: start the backoff over.
-        if started.elapsed() >= settings.dead_after {
+        // A session that stayed up a while was a success: start the backoff over. (One that
+        // failed right after the handshake keeps backing off.)
+        if connected_at.is_some_and(|t: Instant| t.elapsed() >= settings.dead_after) {
             attempt = 0;
         }
         let (reason, delay) = match end {
@@ -157,6 +158,7 @@ async fn session(
     sync_rx: &mut mpsc::Receiver<SyncRequest>,
     waiting: &mut Vec<SyncRequest>,
     cancel: &CancellationToken,
+    connected_at: &mut Option<Instant>,
 ) -> End {
     let token = match (settings.token)().await {
         Ok(t) => t,
@@ -187,6 +189,7 @@ async fn session(
         Ok(Err(e)) => return e.into(),
         Ok(Ok(c)) => c,
     };
+    *connected_at = Some(Instant::now());
     let mut s = Session {
         shared,
         settings,
