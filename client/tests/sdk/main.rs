@@ -612,3 +612,65 @@ async fn sync_once_exit_status_says_whether_everything_synced() {
     assert!(stdout.contains(r#""id":"wo-2""#) && stdout.contains(r#""state":"pending""#));
     other.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_redownloads_and_keeps_the_outbox() {
+    let old_dir = tempfile::tempdir().unwrap();
+    let new_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let old = start_gateway(old_dir.path()).await;
+    let proxy = Proxy::start().await;
+    proxy.set_target(Some(old.ws_addr));
+    let client = builder(&proxy.url(), client_dir.path())
+        .open()
+        .await
+        .unwrap();
+    let mut events = client.events();
+    client
+        .put(COLL, "old-only", body(&[("a", Value::from(1))]))
+        .await
+        .unwrap();
+    client.sync_now(DEADLINE).await.unwrap();
+    // The server's database is replaced (a restore, a new deployment): a new epoch. Someone
+    // already wrote there; the client has an edit it has not uploaded.
+    proxy.set_target(None);
+    proxy.cut_all();
+    let new = start_gateway(new_dir.path()).await;
+    let seed_dir = tempfile::tempdir().unwrap();
+    let seed = builder(&format!("ws://{}", new.ws_addr), seed_dir.path())
+        .open()
+        .await
+        .unwrap();
+    seed.put(COLL, "new-doc", body(&[("b", Value::from(2))]))
+        .await
+        .unwrap();
+    seed.sync_now(DEADLINE).await.unwrap();
+    seed.close().await;
+    client
+        .put(COLL, "offline-edit", body(&[("c", Value::from(3))]))
+        .await
+        .unwrap();
+    proxy.set_target(Some(new.ws_addr));
+    client.sync_now(DEADLINE).await.unwrap();
+    wait_event(
+        &mut events,
+        "the resync",
+        |e| matches!(e, Event::Resync { reason, .. } if reason == "epoch_changed"),
+    )
+    .await;
+    let mut server = Observer::open(&format!("ws://{}", new.ws_addr), None).await;
+    server.barrier().await;
+    assert_eq!(
+        server.docs.keys().collect::<Vec<_>>(),
+        ["new-doc", "offline-edit"],
+        "the offline edit reached the new database"
+    );
+    assert_eq!(
+        replica(&client).await,
+        server.docs,
+        "the old epoch's data is gone"
+    );
+    client.close().await;
+    old.shutdown().await;
+    new.shutdown().await;
+}
