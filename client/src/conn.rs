@@ -1,5 +1,6 @@
 //! A single protocol connection.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -7,7 +8,7 @@ use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::{
     DecodeError, ErrorFrame, Frame, Hello, Limits, SUPPORTED_VERSIONS, Welcome,
 };
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -35,6 +36,10 @@ pub enum ConnError {
     Protocol(String),
 }
 
+fn io_err(e: std::io::Error) -> ConnError {
+    ConnError::Ws(tokio_tungstenite::tungstenite::Error::Io(e))
+}
+
 /// One connection to a gateway.
 pub struct Connection {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -45,11 +50,51 @@ pub struct Connection {
 impl Connection {
     /// Opens the WebSocket without sending anything.
     pub async fn open(url: &str) -> Result<Connection, ConnError> {
+        Connection::open_from(url, None).await
+    }
+
+    /// Opens the WebSocket from a chosen local address (`ws://` URLs with an IP host only when
+    /// `local` is given): load tests spread connections over 127.0.0.x source addresses to get
+    /// past the ~28,000 ephemeral ports of one address pair.
+    pub async fn open_from(url: &str, local: Option<IpAddr>) -> Result<Connection, ConnError> {
         let config = WebSocketConfig::default()
             .read_buffer_size(16 * 1024)
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+        let ws = match local {
+            None => {
+                tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+                    .await?
+                    .0
+            }
+            Some(ip) => {
+                let addr: SocketAddr = url
+                    .strip_prefix("ws://")
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|hostport| hostport.parse().ok())
+                    .ok_or_else(|| {
+                        ConnError::Protocol(format!(
+                            "{url}: a source address needs a ws://IP:PORT URL"
+                        ))
+                    })?;
+                let socket = if ip.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .map_err(io_err)?;
+                socket.bind(SocketAddr::new(ip, 0)).map_err(io_err)?;
+                let stream = socket.connect(addr).await.map_err(io_err)?;
+                stream.set_nodelay(true).map_err(io_err)?;
+                tokio_tungstenite::client_async_with_config(
+                    url,
+                    MaybeTlsStream::Plain(stream),
+                    Some(config),
+                )
+                .await?
+                .0
+            }
+        };
         Ok(Connection {
             ws,
             limits: Limits {
@@ -65,7 +110,17 @@ impl Connection {
         client_id: &str,
         token: &str,
     ) -> Result<(Connection, Welcome), ConnError> {
-        let mut c = Connection::open(url).await?;
+        Connection::connect_from(url, None, client_id, token).await
+    }
+
+    /// [`Connection::connect`] from a chosen local address (see [`Connection::open_from`]).
+    pub async fn connect_from(
+        url: &str,
+        local: Option<IpAddr>,
+        client_id: &str,
+        token: &str,
+    ) -> Result<(Connection, Welcome), ConnError> {
+        let mut c = Connection::open_from(url, local).await?;
         c.send(&Frame::Hello(Hello {
             versions: SUPPORTED_VERSIONS.to_vec(),
             client_id: client_id.to_owned(),

@@ -15,7 +15,7 @@ use syncgate_protocol::{
     Body, Frame, Mutation, MutationOp, MutationStatus, Ping, Push, Subscribe, Value,
 };
 
-use crate::stats::Summary;
+use crate::stats::{Recorder, Summary};
 
 /// Scenario parameters.
 #[derive(Debug, Clone)]
@@ -105,12 +105,12 @@ pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<FanoutReport> {
         committed += t.await.context("writer task")??;
     }
     let mut failures = Vec::new();
-    let mut latencies = Vec::new();
+    let mut latencies = Recorder::default();
     let mut deliveries = 0u64;
     for (i, t) in sub_tasks.into_iter().enumerate() {
         let (seen, lat) = t.await.context("subscriber task")??;
-        deliveries += lat.len() as u64;
-        latencies.extend(lat);
+        deliveries += lat.count();
+        latencies.merge(&lat);
         for w in 0..writers {
             let got = seen.get(&w).cloned().unwrap_or_default();
             if got != (0..expected).collect::<Vec<_>>() {
@@ -128,7 +128,7 @@ pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<FanoutReport> {
         committed,
         deliveries,
         deliveries_per_sec: deliveries as f64 / elapsed.max(1e-9),
-        latency: Summary::of(&mut latencies),
+        latency: latencies.summary(),
         failures,
     })
 }
@@ -187,7 +187,7 @@ async fn write(cfg: FanoutConfig, run_id: String, w: usize, end: Instant) -> any
     Ok(applied)
 }
 
-type Seen = (BTreeMap<usize, Vec<u64>>, Vec<Duration>);
+type Seen = (BTreeMap<usize, Vec<u64>>, Recorder);
 
 async fn receive(
     mut c: Connection,
@@ -196,7 +196,7 @@ async fn receive(
     end: Instant,
 ) -> anyhow::Result<Seen> {
     let mut seen: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
-    let mut latencies = Vec::new();
+    let mut latencies = Recorder::default();
     let total = writers as u64 * expected;
     let mut got = 0u64;
     let mut ping = tokio::time::interval(Duration::from_secs(5));
@@ -213,7 +213,7 @@ async fn receive(
                     let w = b.get("writer").and_then(Value::as_u64).unwrap_or(u64::MAX) as usize;
                     let n = b.get("n").and_then(Value::as_u64).unwrap_or(u64::MAX);
                     let t = b.get("t").and_then(Value::as_u64).unwrap_or(now);
-                    latencies.push(Duration::from_nanos(now.saturating_sub(t)));
+                    latencies.record(Duration::from_nanos(now.saturating_sub(t)));
                     seen.entry(w).or_default().push(n);
                     got += 1;
                 }

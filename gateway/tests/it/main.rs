@@ -453,10 +453,10 @@ async fn malformed_frames_get_errors_while_others_sync(backend: Backend) {
         }
         // Still usable afterwards.
         bad.send(&Frame::Ping(Ping { nonce: 9 })).await.unwrap();
-        assert_eq!(
-            bad.recv_timeout(DEADLINE).await.unwrap(),
-            Frame::Ping(Ping { nonce: 9 }).pong()
-        );
+        match bad.recv_timeout(DEADLINE).await.unwrap() {
+            Frame::Pong(p) => assert!(p.nonce == 9 && p.head.is_some(), "{p:?}"),
+            other => panic!("expected a pong, got {other:?}"),
+        }
         codes
     };
     let honest = async {
@@ -484,21 +484,6 @@ async fn malformed_frames_get_errors_while_others_sync(backend: Backend) {
     assert_eq!(r.seqs, (1..=20).collect::<Vec<_>>());
     gw.shutdown().await;
     db.cleanup().await;
-}
-
-trait PongOf {
-    fn pong(self) -> Frame;
-}
-impl PongOf for Frame {
-    fn pong(self) -> Frame {
-        match self {
-            Frame::Ping(p) => Frame::Pong(Pong {
-                nonce: p.nonce,
-                head: None,
-            }),
-            other => other,
-        }
-    }
 }
 
 async fn expect_fatal(conn: &mut syncgate_client::Connection, code: ErrorCode) {

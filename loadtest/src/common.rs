@@ -1,0 +1,170 @@
+//! Pieces the scenarios share: run ids and filters, subscribing until `synced`, pushing a
+//! batch and checking its ack, and the JSON report.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use syncgate_client::Connection;
+use syncgate_protocol::{
+    Body, Cursor, Frame, Mutation, MutationOp, MutationStatus, Push, Subscribe, Value,
+};
+
+use crate::procfs::ProcStats;
+use crate::stats::Summary;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Gateway WebSocket URL.
+    pub url: String,
+    /// Client token.
+    pub token: String,
+    /// Local source addresses to spread connections over (empty = the OS's choice).
+    pub sources: Vec<IpAddr>,
+}
+
+impl Target {
+    /// Connects connection number `i` (its source address rotates over `sources`).
+    pub async fn connect(
+        &self,
+        i: usize,
+        client_id: &str,
+    ) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
+        let local = (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()]);
+        Connection::connect_from(&self.url, local, client_id, &self.token)
+            .await
+            .with_context(|| format!("connecting {client_id} to {}", self.url))
+    }
+}
+
+/// A random id naming one run; every document of the run carries it in `run`.
+pub fn run_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// The filter that selects one run's documents.
+pub fn run_filter(run: &str) -> Body {
+    [("run".to_owned(), Value::from(run))].into()
+}
+
+/// Wall-clock nanoseconds (write→delivery latency crosses tasks, so it is measured on the
+/// shared clock, stamped into the document).
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Time left until `end`.
+pub fn left(end: Instant) -> Duration {
+    end.saturating_duration_since(Instant::now())
+}
+
+/// Subscribes and reads until `synced`; returns its cursor and the changes of the catch-up.
+pub async fn subscribe(
+    c: &mut Connection,
+    collection: &str,
+    filter: &Body,
+    cursor: Option<Cursor>,
+    end: Instant,
+) -> anyhow::Result<(Cursor, Vec<syncgate_protocol::Change>, usize)> {
+    c.send(&Frame::Subscribe(Subscribe {
+        sub: 1,
+        collection: collection.to_owned(),
+        filter: filter.clone(),
+        cursor,
+    }))
+    .await?;
+    let mut changes = Vec::new();
+    let mut snapshot_docs = 0;
+    loop {
+        match c.recv_timeout(left(end)).await? {
+            Frame::Synced(s) => return Ok((s.cursor, changes, snapshot_docs)),
+            Frame::Changes(ch) => changes.extend(ch.changes),
+            Frame::Snapshot(s) => snapshot_docs += s.docs.len(),
+            Frame::Error(e) => bail!("subscribe failed: {} {}", e.name, e.message),
+            _ => {}
+        }
+    }
+}
+
+/// A put of `{run, writer, n, t}` as document `"{run}-{writer}-{n}"`.
+pub fn put(run: &str, writer: usize, n: u64, mutation_id: u64, collection: &str) -> Mutation {
+    let body: Body = [
+        ("run".to_owned(), Value::from(run)),
+        ("writer".to_owned(), Value::from(writer as u64)),
+        ("n".to_owned(), Value::from(n)),
+        ("t".to_owned(), Value::from(now_ns())),
+    ]
+    .into();
+    Mutation {
+        mutation_id,
+        collection: collection.to_owned(),
+        id: format!("{run}-{writer}-{n}"),
+        op: MutationOp::Put,
+        body: Some(body),
+        base_version: None,
+    }
+}
+
+/// Pushes one batch and waits for its ack; fails unless every mutation was applied.
+pub async fn push_and_check(
+    c: &mut Connection,
+    batch: u64,
+    mutations: Vec<Mutation>,
+    end: Instant,
+) -> anyhow::Result<u64> {
+    let ids: Vec<u64> = mutations.iter().map(|m| m.mutation_id).collect();
+    c.send(&Frame::Push(Push { batch, mutations })).await?;
+    loop {
+        match c.recv_timeout(left(end)).await? {
+            Frame::PushAck(a) if a.batch == batch => {
+                check_ack(&ids, &a)?;
+                return Ok(a.visible_at);
+            }
+            Frame::Error(e) => bail!("push: {} {}", e.name, e.message),
+            _ => {}
+        }
+    }
+}
+
+/// Every mutation of the batch answered once, in order, as applied.
+pub fn check_ack(ids: &[u64], a: &syncgate_protocol::PushAck) -> anyhow::Result<()> {
+    let got: Vec<u64> = a.results.iter().map(|r| r.mutation_id).collect();
+    if got != ids {
+        bail!("batch {}: ack covers {got:?}, expected {ids:?}", a.batch);
+    }
+    if let Some(r) = a
+        .results
+        .iter()
+        .find(|r| r.status != MutationStatus::Applied)
+    {
+        bail!(
+            "batch {}: mutation {} not applied: {:?}",
+            a.batch,
+            r.mutation_id,
+            r.reason
+        );
+    }
+    Ok(())
+}
+
+/// The JSON report every scenario prints.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The scenario's name.
+    pub scenario: &'static str,
+    /// Its parameters.
+    pub params: serde_json::Value,
+    /// Its figures (throughputs, counts, times).
+    pub figures: serde_json::Value,
+    /// The main latency distribution, if the scenario measures one.
+    pub latency_ms: Option<Summary>,
+    /// The gateway's CPU and memory over the run, when its pid is known.
+    pub gateway: Option<ProcStats>,
+    /// Correctness failures; empty = nothing lost, doubled or reordered.
+    pub failures: Vec<String>,
+}

@@ -1,0 +1,128 @@
+//! Samples a process's CPU time and resident memory from `/proc` (Linux), for the gateway the
+//! harness spawned or was pointed at with `--gateway-pid`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// One reading.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading {
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+    /// User + system CPU time, clock ticks.
+    pub cpu_ticks: u64,
+    /// When it was taken.
+    pub at: Instant,
+}
+
+/// Reads `/proc/<pid>` once (`None` if the process is gone or this is not Linux).
+pub fn read(pid: u32) -> Option<Reading> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Reading {
+        rss_kib,
+        cpu_ticks: utime + stime,
+        at: Instant::now(),
+    })
+}
+
+/// What the sampler saw over a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcStats {
+    /// The process.
+    pub pid: u32,
+    /// RSS at the start, KiB.
+    pub rss_start_kib: u64,
+    /// Highest RSS seen, KiB.
+    pub rss_max_kib: u64,
+    /// RSS at the end, KiB.
+    pub rss_end_kib: u64,
+    /// Average CPU use over the run, in percent of one core.
+    pub cpu_percent: f64,
+    /// Samples taken.
+    pub samples: u64,
+}
+
+/// Samples a process every `every` on a thread until [`Sampler::finish`].
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<ProcStats>,
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`); 100 on every Linux this runs on.
+const TICKS_PER_SEC: f64 = 100.0;
+
+impl Sampler {
+    /// Starts sampling `pid`.
+    pub fn start(pid: u32, every: Duration) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let first = read(pid);
+            let mut stats = ProcStats {
+                pid,
+                ..ProcStats::default()
+            };
+            let Some(first) = first else { return stats };
+            stats.rss_start_kib = first.rss_kib;
+            stats.rss_max_kib = first.rss_kib;
+            let mut last = first;
+            while !s.load(Ordering::Relaxed) {
+                // Sampling cadence, not synchronisation.
+                std::thread::sleep(every);
+                let Some(r) = read(pid) else { break };
+                stats.rss_max_kib = stats.rss_max_kib.max(r.rss_kib);
+                stats.samples += 1;
+                last = r;
+            }
+            stats.rss_end_kib = last.rss_kib;
+            let secs = last.at.duration_since(first.at).as_secs_f64();
+            if secs > 0.0 {
+                stats.cpu_percent =
+                    (last.cpu_ticks - first.cpu_ticks) as f64 / TICKS_PER_SEC / secs * 100.0;
+            }
+            stats
+        });
+        Sampler { stop, thread }
+    }
+
+    /// Stops and returns what was seen.
+    pub fn finish(self) -> ProcStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let r = read(std::process::id()).expect("/proc is readable");
+        assert!(r.rss_kib > 100);
+        let s = Sampler::start(std::process::id(), Duration::from_millis(5));
+        // Burn some CPU so the sampler has something to see.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        let stats = s.finish();
+        assert!(stats.rss_max_kib >= stats.rss_start_kib);
+        assert!(stats.samples > 0);
+    }
+}
