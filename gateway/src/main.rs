@@ -93,6 +93,11 @@ async fn main() -> anyhow::Result<()> {
     let config = cli.effective_config()?;
     match cli.command.as_ref().unwrap_or(&Command::Serve) {
         Command::Serve => {
+            // Every client is one file descriptor: lift the soft limit to the hard one.
+            match rlimit::increase_nofile_limit(u64::MAX) {
+                Ok(n) => tracing::info!(nofile = n, "open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+            }
             let gw = Gateway::start(config).await?;
             println!(
                 "syncgate listening: ws://{} (WebSocket), http://{} (/healthz /readyz /metrics)",
