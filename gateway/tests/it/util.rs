@@ -176,6 +176,9 @@ pub struct Replica {
     pub synced: bool,
     pub snapshot_frames: usize,
     pub resyncs: Vec<String>,
+    /// Set when the server dropped this subscriber as a slow consumer (only tolerated by
+    /// `until_seq_resuming`, which then resumes from the cursor as a client must).
+    pub dropped_slow: bool,
 }
 
 impl Replica {
@@ -204,6 +207,25 @@ impl Replica {
             synced: false,
             snapshot_frames: 0,
             resyncs: Vec::new(),
+            dropped_slow: false,
+        }
+    }
+
+    /// Like `until_seq`, but when the server drops this subscriber with `slow_consumer` (a
+    /// loaded CI machine can make even a reading client fall behind), it reconnects and
+    /// resumes from its cursor, keeping what it received: exactly what a client must do.
+    pub async fn until_seq_resuming(&mut self, gw: &Gateway, client_id: &str, seq: u64) {
+        let end = Instant::now() + DEADLINE;
+        while !(self.synced && self.cursor.as_ref().is_some_and(|c| c.seq >= seq)) {
+            self.step(end).await;
+            if self.dropped_slow {
+                let mut fresh =
+                    Replica::subscribe(gw, client_id, "stock", Body::new(), self.cursor.clone())
+                        .await;
+                fresh.docs = std::mem::take(&mut self.docs);
+                fresh.seqs = std::mem::take(&mut self.seqs);
+                *self = fresh;
+            }
         }
     }
 
@@ -246,6 +268,10 @@ impl Replica {
             Frame::Resync(r) => {
                 self.docs.clear();
                 self.resyncs.push(r.reason);
+            }
+            Frame::Error(e) if e.code == ErrorCode::SlowConsumer.code() => {
+                self.dropped_slow = true;
+                self.synced = false;
             }
             Frame::Error(e) => panic!("subscriber got error {e:?}"),
             _ => {}
