@@ -523,6 +523,12 @@ impl LocalStore {
     pub async fn on_ack(&self, results: &[MutationResult]) -> Result<AckOutcome, StoreError> {
         let txn = self.db.begin().await?;
         let mut out = AckOutcome::default();
+        let followed: std::collections::HashSet<String> = txn
+            .query_all_raw(st("SELECT collection FROM sgc_subscriptions", []))
+            .await?
+            .iter()
+            .map(|r| r.try_get("", "collection"))
+            .collect::<Result<_, _>>()?;
         for r in results {
             let Some(row) = txn
                 .query_one_raw(st(
@@ -544,14 +550,7 @@ impl LocalStore {
                         [(version as i64).into(), (r.mutation_id as i64).into()],
                     ))
                     .await?;
-                    let followed = txn
-                        .query_one_raw(st(
-                            "SELECT 1 AS x FROM sgc_subscriptions WHERE collection = ?",
-                            [m.collection.as_str().into()],
-                        ))
-                        .await?
-                        .is_some();
-                    if !followed {
+                    if !followed.contains(&m.collection) {
                         // No change will ever come back for it: the ack is the last word.
                         txn.execute_raw(st(
                             "DELETE FROM sgc_outbox WHERE mutation_id = ?",

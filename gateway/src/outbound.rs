@@ -28,6 +28,16 @@ pub struct Close {
     pub reason: String,
 }
 
+impl Close {
+    /// A close with the reason cut to 100 characters (WebSocket reasons are short).
+    fn new(code: u16, reason: &str) -> Close {
+        Close {
+            code,
+            reason: reason.chars().take(100).collect(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     queue: VecDeque<Bytes>,
@@ -137,26 +147,23 @@ impl Outbound {
         if let Some(f) = last {
             s.queue.push_back(f);
         }
-        s.close = Some(Close {
-            code,
-            reason: reason.chars().take(100).collect(),
-        });
+        s.close = Some(Close::new(code, reason));
         drop(s);
-        self.closed.cancel();
-        self.wake_writer.notify_one();
-        self.space.notify_waiters();
+        self.signal_closed();
     }
 
     /// Asks the writer to flush everything queued and then close (graceful).
     pub fn close_after_flush(&self, code: u16, reason: &str) {
         let mut s = self.lock();
         if s.close.is_none() {
-            s.close = Some(Close {
-                code,
-                reason: reason.chars().take(100).collect(),
-            });
+            s.close = Some(Close::new(code, reason));
         }
         drop(s);
+        self.signal_closed();
+    }
+
+    /// Wakes everyone who waits on this queue after a close was recorded.
+    fn signal_closed(&self) {
         self.closed.cancel();
         self.wake_writer.notify_one();
         self.space.notify_waiters();

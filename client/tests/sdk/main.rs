@@ -40,6 +40,14 @@ async fn start_gateway(dir: &Path) -> Gateway {
     .expect("gateway starts")
 }
 
+/// A gateway, and a fault proxy in front of it.
+async fn proxied_gateway(dir: &Path) -> (Gateway, Proxy) {
+    let gw = start_gateway(dir).await;
+    let proxy = Proxy::start().await;
+    proxy.set_target(Some(gw.ws_addr));
+    (gw, proxy)
+}
+
 fn token() -> String {
     Authenticator::new(SECRET.as_bytes())
         .mint("operator", 3600)
@@ -296,9 +304,7 @@ async fn offline_edits_survive_a_restart_and_arrive_once_in_order() {
 async fn a_lost_ack_is_replayed_without_applying_anything_twice() {
     let gw_dir = tempfile::tempdir().unwrap();
     let client_dir = tempfile::tempdir().unwrap();
-    let gw = start_gateway(gw_dir.path()).await;
-    let proxy = Proxy::start().await;
-    proxy.set_target(Some(gw.ws_addr));
+    let (gw, proxy) = proxied_gateway(gw_dir.path()).await;
     let client = builder(&proxy.url(), client_dir.path())
         .open()
         .await
@@ -358,9 +364,7 @@ async fn a_lost_ack_is_replayed_without_applying_anything_twice() {
 async fn three_clients_on_a_flaky_network_converge() {
     const PER_CLIENT: i64 = 100;
     let gw_dir = tempfile::tempdir().unwrap();
-    let gw = start_gateway(gw_dir.path()).await;
-    let proxy = Proxy::start().await;
-    proxy.set_target(Some(gw.ws_addr));
+    let (gw, proxy) = proxied_gateway(gw_dir.path()).await;
     proxy.set_chaos(Some(Chaos {
         lifetime_ms: (30, 400),
         delay_ms: (0, 4),
@@ -488,9 +492,7 @@ async fn token_provider_is_asked_again_after_expiry() {
 async fn a_silent_connection_is_noticed_and_replaced() {
     let gw_dir = tempfile::tempdir().unwrap();
     let client_dir = tempfile::tempdir().unwrap();
-    let gw = start_gateway(gw_dir.path()).await;
-    let proxy = Proxy::start().await;
-    proxy.set_target(Some(gw.ws_addr));
+    let (gw, proxy) = proxied_gateway(gw_dir.path()).await;
     let client = builder(&proxy.url(), client_dir.path())
         .heartbeat(Duration::from_millis(100), Some(Duration::from_millis(600)))
         .open()

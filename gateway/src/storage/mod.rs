@@ -201,20 +201,7 @@ impl Store {
         upto: u64,
         limit: u64,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        let rows = self
-            .db
-            .query_all_raw(self.stmt(
-                "SELECT seq, collection, doc_id, op, body, prev_body FROM sg_changes \
-                 WHERE collection = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                [
-                    collection.into(),
-                    (after as i64).into(),
-                    (upto as i64).into(),
-                    (limit as i64).into(),
-                ],
-            ))
-            .await?;
-        rows.iter().map(entry_from_row).collect()
+        self.read_range(Some(collection), after, upto, limit).await
     }
 
     /// Changes of every collection with `after < seq <= upto`, in seq order, at most `limit`.
@@ -224,18 +211,36 @@ impl Store {
         upto: u64,
         limit: u64,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        let rows = self
-            .db
-            .query_all_raw(self.stmt(
-                "SELECT seq, collection, doc_id, op, body, prev_body FROM sg_changes \
-                 WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                [
-                    (after as i64).into(),
-                    (upto as i64).into(),
-                    (limit as i64).into(),
-                ],
-            ))
-            .await?;
+        self.read_range(None, after, upto, limit).await
+    }
+
+    /// Changes with `after < seq <= upto` (of one collection, or all), in seq order.
+    async fn read_range(
+        &self,
+        collection: Option<&str>,
+        after: u64,
+        upto: u64,
+        limit: u64,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let mut values: Vec<DbValue> = Vec::with_capacity(4);
+        if let Some(c) = collection {
+            values.push(c.into());
+        }
+        values.extend([
+            (after as i64).into(),
+            (upto as i64).into(),
+            (limit as i64).into(),
+        ]);
+        let sql = format!(
+            "SELECT seq, collection, doc_id, op, body, prev_body FROM sg_changes \
+             WHERE {}seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            if collection.is_some() {
+                "collection = ? AND "
+            } else {
+                ""
+            }
+        );
+        let rows = self.db.query_all_raw(self.stmt(&sql, values)).await?;
         rows.iter().map(entry_from_row).collect()
     }
 
