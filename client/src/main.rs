@@ -379,8 +379,9 @@ fn op_name(op: MutationOp) -> &'static str {
 
 /// One `sync --once` round: exit 0 when everything was uploaded and downloaded.
 async fn sync_round(common: &Common, timeout: Duration) -> anyhow::Result<ExitCode> {
-    let client = builder(common, None).open().await?;
-    let mut events = client.events();
+    let b = builder(common, None);
+    let mut events = b.events();
+    let client = b.open().await?;
     let result = client.sync_now(timeout).await;
     let rejected = drain_rejections(&mut events);
     client.close().await;
@@ -439,12 +440,12 @@ async fn write(
 ) -> anyhow::Result<ExitCode> {
     let upload_now = !upload.no_upload && common.token.is_some();
     let b = builder(common, None);
+    let mut events = b.events();
     let client = if upload_now {
         b.open().await?
     } else {
         b.open_local().await?
     };
-    let mut events = client.events();
     let result = match op {
         MutationOp::Put => client.put(&collection, &id, body.unwrap_or_default()).await,
         MutationOp::Patch => {
@@ -485,8 +486,9 @@ async fn write(
 /// Live mode: prints the replica, then every event, as JSON lines, until interrupted.
 async fn subscribe(common: &Common, subs: Vec<(String, Body)>) -> anyhow::Result<ExitCode> {
     let collections: Vec<String> = subs.iter().map(|(c, _)| c.clone()).collect();
-    let client = builder(common, Some(subs)).open().await?;
-    let mut events = client.events();
+    let b = builder(common, Some(subs));
+    let mut events = b.events();
+    let client = b.open().await?;
     for c in &collections {
         for d in client.query(c, &Body::new()).await? {
             println!(

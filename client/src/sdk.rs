@@ -250,6 +250,7 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     backoff: Backoff,
     batch_size: u32,
+    events: broadcast::Sender<Event>,
 }
 
 impl ClientBuilder {
@@ -266,7 +267,14 @@ impl ClientBuilder {
             connect_timeout: Duration::from_secs(10),
             backoff: Backoff::default(),
             batch_size: 500,
+            events: broadcast::channel(4096).0,
         }
+    }
+
+    /// The events stream, before the client opens: unlike [`Client::events`], it also sees
+    /// the first connection attempt's events.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
     }
 
     /// A fixed token.
@@ -366,7 +374,7 @@ impl ClientBuilder {
             backoff: self.backoff,
             batch_size: self.batch_size,
         };
-        let shared = shared(store);
+        let shared = shared(store, self.events.clone());
         let (sync_tx, sync_rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(crate::session::run(
@@ -388,7 +396,7 @@ impl ClientBuilder {
     pub async fn open_local(self) -> Result<Client, ClientError> {
         let store = self.open_store().await?;
         Ok(Client {
-            shared: shared(store),
+            shared: shared(store, self.events.clone()),
             sync_tx: None,
             task: None,
             cancel: None,
@@ -396,10 +404,10 @@ impl ClientBuilder {
     }
 }
 
-fn shared(store: LocalStore) -> Arc<Shared> {
+fn shared(store: LocalStore, events: broadcast::Sender<Event>) -> Arc<Shared> {
     Arc::new(Shared {
         store,
-        events: broadcast::channel(4096).0,
+        events,
         state: watch::channel(ConnectionState::Connecting { attempt: 0 }).0,
         wake: Notify::new(),
     })

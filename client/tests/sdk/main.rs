@@ -448,8 +448,8 @@ async fn token_provider_is_asked_again_after_expiry() {
     let gw = start_gateway(gw_dir.path()).await;
     let calls = Arc::new(AtomicU32::new(0));
     let c2 = calls.clone();
-    let client = builder(&format!("ws://{}", gw.ws_addr), client_dir.path())
-        .token_provider(move || {
+    let builder =
+        builder(&format!("ws://{}", gw.ws_addr), client_dir.path()).token_provider(move || {
             let n = c2.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n == 0 {
@@ -468,11 +468,10 @@ async fn token_provider_is_asked_again_after_expiry() {
                     Ok(token())
                 }
             }
-        })
-        .open()
-        .await
-        .unwrap();
-    let mut events = client.events();
+        });
+    // Subscribed before the client opens: the first attempt's events are seen too.
+    let mut events = builder.events();
+    let client = builder.open().await.unwrap();
     client
         .put(COLL, "wo-1", body(&[("a", Value::from(1))]))
         .await
