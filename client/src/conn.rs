@@ -57,33 +57,49 @@ impl Connection {
     /// `local` is given): load tests spread connections over 127.0.0.x source addresses to get
     /// past the ~28,000 ephemeral ports of one address pair.
     pub async fn open_from(url: &str, local: Option<IpAddr>) -> Result<Connection, ConnError> {
+        Connection::open_with(url, local, None).await
+    }
+
+    /// [`Connection::open_from`] with a chosen kernel receive buffer (`SO_RCVBUF`, set before
+    /// connecting): load tests use a small one to make a client that stops reading back up
+    /// into the server quickly.
+    pub async fn open_with(
+        url: &str,
+        local: Option<IpAddr>,
+        recv_buffer: Option<u32>,
+    ) -> Result<Connection, ConnError> {
         let config = WebSocketConfig::default()
             .read_buffer_size(16 * 1024)
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
-        let ws = match local {
-            None => {
+        let ws = match (local, recv_buffer) {
+            (None, None) => {
                 tokio_tungstenite::connect_async_with_config(url, Some(config), true)
                     .await?
                     .0
             }
-            Some(ip) => {
+            (local, recv_buffer) => {
                 let addr: SocketAddr = url
                     .strip_prefix("ws://")
                     .and_then(|rest| rest.split('/').next())
                     .and_then(|hostport| hostport.parse().ok())
                     .ok_or_else(|| {
                         ConnError::Protocol(format!(
-                            "{url}: a source address needs a ws://IP:PORT URL"
+                            "{url}: a source address or receive buffer needs a ws://IP:PORT URL"
                         ))
                     })?;
-                let socket = if ip.is_ipv4() {
+                let socket = if addr.is_ipv4() {
                     TcpSocket::new_v4()
                 } else {
                     TcpSocket::new_v6()
                 }
                 .map_err(io_err)?;
-                socket.bind(SocketAddr::new(ip, 0)).map_err(io_err)?;
+                if let Some(ip) = local {
+                    socket.bind(SocketAddr::new(ip, 0)).map_err(io_err)?;
+                }
+                if let Some(size) = recv_buffer {
+                    socket.set_recv_buffer_size(size).map_err(io_err)?;
+                }
                 let stream = socket.connect(addr).await.map_err(io_err)?;
                 stream.set_nodelay(true).map_err(io_err)?;
                 tokio_tungstenite::client_async_with_config(
@@ -120,7 +136,17 @@ impl Connection {
         client_id: &str,
         token: &str,
     ) -> Result<(Connection, Welcome), ConnError> {
-        let mut c = Connection::open_from(url, local).await?;
+        let c = Connection::open_from(url, local).await?;
+        c.handshake(client_id, token).await
+    }
+
+    /// Sends `Hello` on an open connection and waits for `Welcome`.
+    pub async fn handshake(
+        mut self,
+        client_id: &str,
+        token: &str,
+    ) -> Result<(Connection, Welcome), ConnError> {
+        let c = &mut self;
         c.send(&Frame::Hello(Hello {
             versions: SUPPORTED_VERSIONS.to_vec(),
             client_id: client_id.to_owned(),
@@ -129,7 +155,7 @@ impl Connection {
         }))
         .await?;
         match c.recv_timeout(Duration::from_secs(10)).await? {
-            Frame::Welcome(w) => Ok((c, w)),
+            Frame::Welcome(w) => Ok((self, w)),
             Frame::Error(e) => Err(ConnError::Server(e)),
             other => Err(ConnError::Protocol(format!(
                 "expected welcome, got {}",

@@ -79,11 +79,60 @@ pub struct Hub {
     epoch: String,
     /// Metrics.
     metrics: Metrics,
+    /// Bytes of changes per `Changes` frame (see [`frame_budget`]).
+    frame_budget: usize,
+}
+
+/// How many bytes of changes one `Changes` (or `Snapshot`) frame carries at most: a quarter of
+/// the smaller of the frame limit and the outbound cap, so a frame always fits both and a
+/// backlog is cut into many frames rather than one huge one. A single change larger than this
+/// still goes, alone in its frame (documents are capped below the frame limit).
+pub fn frame_budget(max_frame_bytes: usize, outbound_cap: usize) -> usize {
+    (max_frame_bytes.min(outbound_cap) / 4).max(1024)
+}
+
+/// Builds the `Changes` frames that carry `parts` (`(seq, encoded change)`, in seq order) with
+/// at most `budget` bytes of changes each. Every frame but the last carries the seq of its last
+/// change as its cursor; the last carries `upto` (the position the whole range covers).
+pub fn changes_frames(
+    sub: u32,
+    parts: &[(u64, &[u8])],
+    epoch: &str,
+    upto: u64,
+    budget: usize,
+) -> Vec<Bytes> {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    while start < parts.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < parts.len() && (end == start || bytes + parts[end].1.len() <= budget) {
+            bytes += parts[end].1.len();
+            end += 1;
+        }
+        let seq = if end == parts.len() {
+            upto
+        } else {
+            parts[end - 1].0
+        };
+        let cursor = Cursor {
+            epoch: epoch.to_owned(),
+            seq,
+        };
+        frames.push(Bytes::from(encode_changes_frame(
+            sub,
+            parts[start..end].iter().map(|p| p.1),
+            &cursor,
+        )));
+        start = end;
+    }
+    frames
 }
 
 impl Hub {
-    /// A hub whose log is already published up to `head`.
-    pub fn new(head: u64, epoch: String, metrics: Metrics) -> Hub {
+    /// A hub whose log is already published up to `head`; frames carry at most
+    /// `frame_budget` bytes of changes.
+    pub fn new(head: u64, epoch: String, metrics: Metrics, frame_budget: usize) -> Hub {
         metrics.published_seq.set(head as i64);
         Hub {
             subs: DashMap::new(),
@@ -91,7 +140,13 @@ impl Hub {
             published_tx: watch::channel(head).0,
             epoch,
             metrics,
+            frame_budget,
         }
+    }
+
+    /// Bytes of changes per frame.
+    pub fn frame_budget(&self) -> usize {
+        self.frame_budget
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
@@ -170,10 +225,6 @@ impl Hub {
                 .or_default()
                 .push(e);
         }
-        let cursor = Cursor {
-            epoch: self.epoch.clone(),
-            seq: to,
-        };
         let mut delivered = 0u64;
         for (collection, changes) in by_collection {
             let Some(list) = self.subs.get(collection) else {
@@ -183,16 +234,16 @@ impl Hub {
                 if !entry.live.load(Ordering::Acquire) {
                     continue;
                 }
-                let parts: Vec<&[u8]> = changes
+                let parts: Vec<(u64, &[u8])> = changes
                     .iter()
-                    .filter_map(|e| deliverable(e, &entry.filter))
+                    .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.filter)?)))
                     .collect();
                 if parts.is_empty() {
                     continue;
                 }
                 let n = parts.len() as u64;
-                let frame = encode_changes_frame(entry.sub, parts.into_iter(), &cursor);
-                if entry.out.try_push(Bytes::from(frame)) {
+                let frames = changes_frames(entry.sub, &parts, &self.epoch, to, self.frame_budget);
+                if frames.into_iter().all(|f| entry.out.try_push(f)) {
                     delivered += n;
                 } else {
                     slow_consumer(&entry.out, &self.metrics);
@@ -311,5 +362,41 @@ async fn catch_up(
         };
         let entries: Vec<Arc<LogEntry>> = page.into_iter().map(Arc::new).collect();
         hub.publish(from, to, &entries);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use syncgate_protocol::codec::{decode, encode_change};
+    use syncgate_protocol::{Change, ChangeOp, Value};
+
+    fn change(seq: u64, pad: usize) -> Vec<u8> {
+        encode_change(&Change {
+            seq,
+            collection: "c".into(),
+            id: format!("d{seq}"),
+            op: ChangeOp::Upsert,
+            body: Some([("x".to_owned(), Value::from("y".repeat(pad)))].into()),
+        })
+    }
+
+    #[test]
+    fn changes_frames_respect_the_budget_and_carry_exact_cursors() {
+        let (a, b, c) = (change(3, 20), change(5, 20), change(9, 200));
+        let parts: Vec<(u64, &[u8])> = vec![(3, &a), (5, &b), (9, &c)];
+        let budget = a.len() + b.len();
+        let frames = changes_frames(7, &parts, "e", 12, budget);
+        // a and b fit the budget together; c goes alone; the last cursor is `upto`.
+        let got: Vec<(Vec<u64>, u64)> = frames
+            .iter()
+            .map(|f| match decode(f).unwrap() {
+                Frame::Changes(ch) => (ch.changes.iter().map(|c| c.seq).collect(), ch.cursor.seq),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, vec![(vec![3, 5], 5), (vec![9], 12)]);
+        assert_eq!(changes_frames(7, &parts, "e", 12, 1 << 20).len(), 1);
+        assert!(changes_frames(7, &[], "e", 12, 90).is_empty());
     }
 }

@@ -80,7 +80,16 @@ impl Gateway {
         let background = TaskTracker::new();
         let connections = TaskTracker::new();
         let head = store.head().await?;
-        let hub = Arc::new(Hub::new(head, store.epoch().to_owned(), metrics.clone()));
+        let budget = crate::hub::frame_budget(
+            config.limits.max_frame_bytes as usize,
+            config.outbound_buffer_bytes,
+        );
+        let hub = Arc::new(Hub::new(
+            head,
+            store.epoch().to_owned(),
+            metrics.clone(),
+            budget,
+        ));
         let (hub_tx, hub_rx) = mpsc::channel::<HubEvent>(1024);
         background.spawn(run_follower(
             hub.clone(),

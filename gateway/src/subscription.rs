@@ -9,10 +9,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use syncgate_protocol::codec::{encode, encode_changes_frame};
+use syncgate_protocol::codec::{encode, to_msgpack};
 use syncgate_protocol::{Cursor, ErrorCode, Frame, Resync, Snapshot};
 
-use crate::hub::{SubEntry, close_code, deliverable};
+use crate::hub::{SubEntry, changes_frames, close_code, deliverable};
 use crate::server::Shared;
 use crate::storage::StoreError;
 
@@ -85,21 +85,13 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
         } else {
             page.last().map_or(target, |e| e.change.seq)
         };
-        let parts: Vec<&[u8]> = page
+        let parts: Vec<(u64, &[u8])> = page
             .iter()
-            .filter_map(|e| deliverable(e, &entry.filter))
+            .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.filter)?)))
             .collect();
-        if !parts.is_empty() {
+        for frame in changes_frames(entry.sub, &parts, hub.epoch(), upto, hub.frame_budget()) {
             entry.out.wait_for_space().await;
-            let cursor = Cursor {
-                epoch: hub.epoch().to_owned(),
-                seq: upto,
-            };
-            entry.out.push(Bytes::from(encode_changes_frame(
-                entry.sub,
-                parts.into_iter(),
-                &cursor,
-            )));
+            entry.out.push(frame);
         }
         position = upto;
     }
@@ -129,7 +121,25 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
             .into_iter()
             .filter(|d| entry.filter.matches(&d.body))
             .collect();
-        if !docs.is_empty() || !full {
+        // Chunks of at most the frame budget (a single larger document goes alone).
+        let mut chunks: Vec<Vec<_>> = Vec::new();
+        let mut bytes = usize::MAX;
+        for d in docs {
+            let size = to_msgpack(&d.body).len() + d.id.len() + 16;
+            if bytes.saturating_add(size) > shared.hub.frame_budget() {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            if let Some(c) = chunks.last_mut() {
+                c.push(d);
+            }
+        }
+        if chunks.is_empty() && !full {
+            // The last page always sends a chunk, even an empty one.
+            chunks.push(Vec::new());
+        }
+        for docs in chunks {
             entry.out.wait_for_space().await;
             entry
                 .out

@@ -5,14 +5,12 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
 use syncgate_client::Connection;
 use syncgate_protocol::{
-    Body, Cursor, Frame, Mutation, MutationOp, MutationStatus, Push, Subscribe, Value,
+    Body, Change, Cursor, Frame, Mutation, MutationOp, MutationStatus, Push, Subscribe, Value,
 };
 
-use crate::procfs::ProcStats;
-use crate::stats::Summary;
+pub use crate::report::Report;
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -36,6 +34,22 @@ impl Target {
         Connection::connect_from(&self.url, local, client_id, &self.token)
             .await
             .with_context(|| format!("connecting {client_id} to {}", self.url))
+    }
+
+    /// [`Target::connect`] with a small kernel receive buffer: a client that stops reading
+    /// backs up into the server after a few KiB instead of megabytes.
+    pub async fn connect_small_buffer(
+        &self,
+        i: usize,
+        client_id: &str,
+    ) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
+        let local = (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()]);
+        let c = Connection::open_with(&self.url, local, Some(4096))
+            .await
+            .with_context(|| format!("connecting {client_id} to {}", self.url))?;
+        c.handshake(client_id, &self.token)
+            .await
+            .with_context(|| format!("handshake of {client_id}"))
     }
 }
 
@@ -93,13 +107,29 @@ pub async fn subscribe(
 
 /// A put of `{run, writer, n, t}` as document `"{run}-{writer}-{n}"`.
 pub fn put(run: &str, writer: usize, n: u64, mutation_id: u64, collection: &str) -> Mutation {
-    let body: Body = [
+    put_padded(run, writer, n, mutation_id, collection, 0)
+}
+
+/// [`put`] with a `pad` field of `pad` bytes (to size changes, e.g. to fill a slow consumer's
+/// buffer sooner).
+pub fn put_padded(
+    run: &str,
+    writer: usize,
+    n: u64,
+    mutation_id: u64,
+    collection: &str,
+    pad: usize,
+) -> Mutation {
+    let mut body: Body = [
         ("run".to_owned(), Value::from(run)),
         ("writer".to_owned(), Value::from(writer as u64)),
         ("n".to_owned(), Value::from(n)),
         ("t".to_owned(), Value::from(now_ns())),
     ]
     .into();
+    if pad > 0 {
+        body.insert("pad".to_owned(), Value::from("x".repeat(pad)));
+    }
     Mutation {
         mutation_id,
         collection: collection.to_owned(),
@@ -108,6 +138,49 @@ pub fn put(run: &str, writer: usize, n: u64, mutation_id: u64, collection: &str)
         body: Some(body),
         base_version: None,
     }
+}
+
+/// `(writer, n, stamped send time)` of a change written by [`put`], if it is one.
+pub fn stamp(change: &Change) -> Option<(usize, u64, u64)> {
+    let b = change.body.as_ref()?;
+    Some((
+        b.get("writer")?.as_u64()? as usize,
+        b.get("n")?.as_u64()?,
+        b.get("t")?.as_u64()?,
+    ))
+}
+
+/// Opens `n` connections (numbered from `first`), each subscribed with `filter` and synced,
+/// a few hundred handshakes at a time.
+pub async fn open_subscribers(
+    target: &Target,
+    collection: &str,
+    filter: &Body,
+    name: &str,
+    first: usize,
+    n: usize,
+    end: Instant,
+) -> anyhow::Result<Vec<(Connection, Cursor)>> {
+    let mut out = Vec::with_capacity(n);
+    let mut pending = Vec::new();
+    for i in first..first + n {
+        let (target, collection, filter) = (target.clone(), collection.to_owned(), filter.clone());
+        let id = format!("{name}-{i}");
+        pending.push(tokio::spawn(async move {
+            let (mut c, _) = target.connect(i, &id).await?;
+            let (cursor, _, _) = subscribe(&mut c, &collection, &filter, None, end).await?;
+            anyhow::Ok((c, cursor))
+        }));
+        if pending.len() >= 256 {
+            for t in pending.drain(..) {
+                out.push(t.await.context("subscriber setup")??);
+            }
+        }
+    }
+    for t in pending {
+        out.push(t.await.context("subscriber setup")??);
+    }
+    Ok(out)
 }
 
 /// Pushes one batch and waits for its ack; fails unless every mutation was applied.
@@ -150,21 +223,4 @@ pub fn check_ack(ids: &[u64], a: &syncgate_protocol::PushAck) -> anyhow::Result<
         );
     }
     Ok(())
-}
-
-/// The JSON report every scenario prints.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    /// The scenario's name.
-    pub scenario: &'static str,
-    /// Its parameters.
-    pub params: serde_json::Value,
-    /// Its figures (throughputs, counts, times).
-    pub figures: serde_json::Value,
-    /// The main latency distribution, if the scenario measures one.
-    pub latency_ms: Option<Summary>,
-    /// The gateway's CPU and memory over the run, when its pid is known.
-    pub gateway: Option<ProcStats>,
-    /// Correctness failures; empty = nothing lost, doubled or reordered.
-    pub failures: Vec<String>,
 }

@@ -30,6 +30,9 @@ pub struct ConnectConfig {
     pub gateway_pid: Option<u32>,
     /// Give up (and fail) after this long.
     pub deadline: Duration,
+    /// Run as one worker of several processes (`--workers`): instead of holding, print `READY`
+    /// on stdout once every connection is open and wait for a line on stdin before the probe.
+    pub worker: bool,
 }
 
 async fn barrier(c: &mut syncgate_client::Connection, end: Instant) -> anyhow::Result<usize> {
@@ -128,8 +131,18 @@ pub async fn run(cfg: &ConnectConfig) -> anyhow::Result<Report> {
     }
     let ramp = started.elapsed();
     let rss_open = cfg.gateway_pid.and_then(procfs::read).map(|r| r.rss_kib);
-    // Hold them idle (the point of the scenario: what idle connections cost).
-    tokio::time::sleep(cfg.hold).await;
+    if cfg.worker {
+        // The parent holds (and reads the gateway's RSS) while every worker is open.
+        use tokio::io::AsyncBufReadExt;
+        println!("READY");
+        let mut line = String::new();
+        tokio::io::BufReader::new(tokio::io::stdin())
+            .read_line(&mut line)
+            .await?;
+    } else {
+        // Hold them idle (the point of the scenario: what idle connections cost).
+        tokio::time::sleep(cfg.hold).await;
+    }
     let rss_held = cfg.gateway_pid.and_then(procfs::read).map(|r| r.rss_kib);
     // The probe: every open connection must receive it exactly once.
     probe_tx.send_replace(true);
@@ -178,16 +191,15 @@ pub async fn run(cfg: &ConnectConfig) -> anyhow::Result<Report> {
         }
         _ => None,
     };
-    Ok(Report {
-        scenario: "connect",
-        params: serde_json::json!({"connections": cfg.connections, "rate": cfg.rate,
+    Ok(Report::new(
+        "connect",
+        serde_json::json!({"connections": cfg.connections, "rate": cfg.rate,
             "hold_sec": cfg.hold.as_secs_f64(), "sources": cfg.target.sources.len()}),
-        figures: serde_json::json!({"opened": opened, "alive_at_end": alive,
+        serde_json::json!({"opened": opened, "alive_at_end": alive,
             "ramp_sec": ramp.as_secs_f64(), "connects_per_sec": opened as f64 / ramp.as_secs_f64().max(1e-9),
             "gateway_rss_kib": {"before": rss_before, "all_open": rss_open, "after_hold": rss_held},
             "gateway_rss_bytes_per_connection": per_conn}),
-        latency_ms: Some(connect_time.summary()),
-        gateway: None,
+        &connect_time,
         failures,
-    })
+    ))
 }

@@ -1,29 +1,34 @@
 //! The `fanout` scenario.
 //!
 //! Every writer puts documents `"{run}-{writer}-{n}"` carrying `run`, `writer`, `n` and the send
-//! time; every subscriber subscribes with the filter `run = <this run>` (so other traffic on the
-//! gateway does not disturb the check) and records, per writer, the `n`s it receives. At the end
-//! each subscriber must hold exactly `0..changes_per_writer` for every writer, in increasing
+//! time; every subscriber subscribes with the filter `run = <this run>` (so other traffic on
+//! the gateway does not disturb the check) and records, per writer, the `n`s it receives. At the
+//! end each subscriber must hold exactly `0..changes_per_writer` for every writer, in increasing
 //! order: anything missing, repeated or reordered fails the run.
+//!
+//! Besides write→delivery latency of every delivery, it reports the latency of the *last*
+//! delivery of each change (the sweep: how long until every subscriber had it), which is P3's
+//! figure when one change goes to many subscribers.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use syncgate_client::Connection;
-use syncgate_protocol::{
-    Body, Frame, Mutation, MutationOp, MutationStatus, Ping, Push, Subscribe, Value,
-};
+use syncgate_client::{ConnError, Connection};
+use syncgate_protocol::{Cursor, Frame, MutationStatus, Ping, Push};
 
-use crate::stats::{Recorder, Summary};
+use crate::common::open_subscribers;
+use crate::common::{Report, Target, left, now_ns, put_padded, run_filter, run_id, stamp};
+use crate::progress::Progress;
+use crate::stats::Recorder;
 
 /// Scenario parameters.
 #[derive(Debug, Clone)]
 pub struct FanoutConfig {
-    /// Gateway WebSocket URL.
-    pub url: String,
-    /// Client token.
-    pub token: String,
+    /// Where to connect.
+    pub target: Target,
     /// The collection written and followed.
     pub collection: String,
     /// Number of subscribers.
@@ -34,196 +39,302 @@ pub struct FanoutConfig {
     pub changes_per_writer: u64,
     /// Target changes per second per writer.
     pub rate_per_writer: u64,
+    /// Extra bytes of padding in each document.
+    pub pad: usize,
     /// Give up (and fail) after this long.
     pub deadline: Duration,
 }
 
-/// What a run measured and found.
-#[derive(Debug, Clone)]
-pub struct FanoutReport {
-    /// Changes committed (acknowledged as applied).
-    pub committed: u64,
-    /// Deliveries received across subscribers.
-    pub deliveries: u64,
-    /// Deliveries per second over the run.
-    pub deliveries_per_sec: f64,
-    /// Write (send) to delivery latency.
-    pub latency: Summary,
-    /// Human-readable correctness failures (empty = every change exactly once, in order).
-    pub failures: Vec<String>,
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 /// Runs the scenario.
-pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<FanoutReport> {
-    let run_id = format!("{:08x}", rand::random::<u32>());
+pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<Report> {
+    let run = run_id();
     let end = Instant::now() + cfg.deadline;
-    let filter: Body = [("run".to_owned(), Value::from(run_id.as_str()))].into();
-    // Subscribe everyone first and wait until each is live.
-    let mut subs = Vec::with_capacity(cfg.subscribers);
-    for i in 0..cfg.subscribers {
-        let (mut c, _) = Connection::connect(&cfg.url, &format!("lt-sub-{run_id}-{i}"), &cfg.token)
-            .await
-            .context("subscriber connect")?;
-        c.send(&Frame::Subscribe(Subscribe {
-            sub: 1,
-            collection: cfg.collection.clone(),
-            filter: filter.clone(),
-            cursor: None,
-        }))
-        .await?;
-        loop {
-            match c
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-                .await?
-            {
-                Frame::Synced(_) => break,
-                Frame::Error(e) => bail!("subscribe failed: {} {}", e.name, e.message),
-                _ => {}
-            }
-        }
-        subs.push(c);
-    }
+    let filter = run_filter(&run);
+    let setup = Progress::new("subscribing", cfg.subscribers as u64);
+    let subs = open_subscribers(
+        &cfg.target,
+        &cfg.collection,
+        &filter,
+        &format!("lt-sub-{run}"),
+        0,
+        cfg.subscribers,
+        end,
+    )
+    .await?;
+    setup.finish();
     let expected = cfg.changes_per_writer;
-    let writers = cfg.writers;
+    let total = cfg.writers as u64 * expected;
+    let sweep = Arc::new(Sweep::new(cfg.writers, expected));
+    let progress = Progress::new("deliveries", total * cfg.subscribers as u64);
     let started = Instant::now();
     let sub_tasks: Vec<_> = subs
         .into_iter()
-        .map(|c| tokio::spawn(receive(c, writers, expected, end)))
+        .map(|(c, _)| {
+            let (sweep, progress) = (sweep.clone(), progress.clone());
+            tokio::spawn(async move {
+                let mut c = c;
+                let mut got = Received::default();
+                let err = receive(&mut c, &mut got, total, end, Some(&sweep), &progress).await;
+                c.close().await;
+                (got, err)
+            })
+        })
         .collect();
     let writer_tasks: Vec<_> = (0..cfg.writers)
-        .map(|w| tokio::spawn(write(cfg.clone(), run_id.clone(), w, end)))
+        .map(|w| {
+            let pace = Pace {
+                target: cfg.target.clone(),
+                collection: cfg.collection.clone(),
+                run: run.clone(),
+                writer: w,
+                count: expected,
+                rate: cfg.rate_per_writer,
+                pad: cfg.pad,
+                end,
+            };
+            tokio::spawn(async move { pace.write().await })
+        })
         .collect();
     let mut committed = 0;
-    for t in writer_tasks {
-        committed += t.await.context("writer task")??;
-    }
     let mut failures = Vec::new();
+    for (w, t) in writer_tasks.into_iter().enumerate() {
+        match t.await.context("writer task")? {
+            Ok(n) => committed += n,
+            Err(e) => failures.push(format!("writer {w}: {e:#}")),
+        }
+    }
     let mut latencies = Recorder::default();
     let mut deliveries = 0u64;
     for (i, t) in sub_tasks.into_iter().enumerate() {
-        let (seen, lat) = t.await.context("subscriber task")??;
-        deliveries += lat.count();
-        latencies.merge(&lat);
-        for w in 0..writers {
-            let got = seen.get(&w).cloned().unwrap_or_default();
-            if got != (0..expected).collect::<Vec<_>>() {
-                let missing = (0..expected).filter(|n| !got.contains(n)).count();
-                failures.push(format!(
-                    "subscriber {i}, writer {w}: received {} changes ({missing} missing, {} extra or out of order)",
-                    got.len(),
-                    got.len() + missing - expected as usize,
-                ));
-            }
+        let (got, err) = t.await.context("subscriber task")?;
+        deliveries += got.latency.count();
+        latencies.merge(&got.latency);
+        failures.extend(check_sequences(
+            &format!("subscriber {i}"),
+            &got.seen,
+            cfg.writers,
+            expected,
+        ));
+        if let Some(e) = err {
+            failures.push(format!("subscriber {i}: {e}"));
         }
     }
+    progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
-    Ok(FanoutReport {
-        committed,
-        deliveries,
-        deliveries_per_sec: deliveries as f64 / elapsed.max(1e-9),
-        latency: latencies.summary(),
+    let last_delivery = sweep.recorder();
+    Ok(Report::new(
+        "fanout",
+        serde_json::json!({"subscribers": cfg.subscribers, "writers": cfg.writers,
+            "changes_per_writer": cfg.changes_per_writer, "rate_per_writer": cfg.rate_per_writer,
+            "pad": cfg.pad}),
+        serde_json::json!({"committed": committed, "deliveries": deliveries,
+            "seconds": elapsed,
+            "deliveries_per_sec": deliveries as f64 / elapsed.max(1e-9),
+            "last_delivery_ms": last_delivery.summary()}),
+        &latencies,
         failures,
-    })
+    ))
 }
 
-async fn write(cfg: FanoutConfig, run_id: String, w: usize, end: Instant) -> anyhow::Result<u64> {
-    let (mut c, welcome) =
-        Connection::connect(&cfg.url, &format!("lt-writer-{run_id}-{w}"), &cfg.token).await?;
-    let first_mid = welcome.last_applied_mutation + 1;
-    let interval = Duration::from_secs_f64(1.0 / cfg.rate_per_writer.max(1) as f64);
-    let mut tick = tokio::time::interval(interval);
-    let mut applied = 0;
-    for n in 0..cfg.changes_per_writer {
-        tick.tick().await;
-        let mid = first_mid + n;
-        let body: Body = [
-            ("run".to_owned(), Value::from(run_id.as_str())),
-            ("writer".to_owned(), Value::from(w as u64)),
-            ("n".to_owned(), Value::from(n)),
-            ("t".to_owned(), Value::from(now_ns())),
-        ]
-        .into();
-        let m = Mutation {
-            mutation_id: mid,
-            collection: cfg.collection.clone(),
-            id: format!("{run_id}-{w}-{n}"),
-            op: MutationOp::Put,
-            body: Some(body),
-            base_version: None,
-        };
-        c.send(&Frame::Push(Push {
-            batch: n,
-            mutations: vec![m],
-        }))
-        .await?;
-        loop {
-            match c
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-                .await?
-            {
-                Frame::PushAck(a) if a.batch == n => {
-                    if a.results
-                        .iter()
-                        .any(|r| r.status != MutationStatus::Applied)
-                    {
-                        bail!("writer {w}: mutation {n} rejected: {:?}", a.results);
-                    }
-                    applied += 1;
-                    break;
-                }
-                Frame::Error(e) => bail!("writer {w}: {} {}", e.name, e.message),
-                _ => {}
-            }
+/// The slowest delivery of each change, across subscribers (µs).
+pub(crate) struct Sweep {
+    per_change: Vec<AtomicU64>,
+    changes_per_writer: u64,
+}
+
+impl Sweep {
+    pub(crate) fn new(writers: usize, changes_per_writer: u64) -> Sweep {
+        Sweep {
+            per_change: (0..writers as u64 * changes_per_writer)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            changes_per_writer,
         }
     }
-    c.close().await;
-    Ok(applied)
+
+    fn note(&self, writer: usize, n: u64, latency_us: u64) {
+        let i = writer as u64 * self.changes_per_writer + n;
+        if let Some(slot) = self.per_change.get(i as usize) {
+            slot.fetch_max(latency_us, Ordering::Relaxed);
+        }
+    }
+
+    /// One sample per change that was delivered at all: its last delivery's latency.
+    pub(crate) fn recorder(&self) -> Recorder {
+        let mut r = Recorder::default();
+        for slot in &self.per_change {
+            let us = slot.load(Ordering::Relaxed);
+            if us > 0 {
+                r.record(Duration::from_micros(us));
+            }
+        }
+        r
+    }
 }
 
-type Seen = (BTreeMap<usize, Vec<u64>>, Recorder);
+/// What one subscriber received.
+#[derive(Default)]
+pub(crate) struct Received {
+    /// Per writer, the `n`s in arrival order.
+    pub(crate) seen: BTreeMap<usize, Vec<u64>>,
+    /// Write→delivery latency of each change.
+    pub(crate) latency: Recorder,
+    /// The cursor of the last `changes` frame, to resume from.
+    pub(crate) cursor: Option<Cursor>,
+    /// Changes received.
+    pub(crate) count: u64,
+    /// Changes with `n` at or past this go to `latency_late` instead of `latency` (to compare
+    /// two phases of a run).
+    pub(crate) split_at: Option<u64>,
+    /// Latency of the changes past `split_at`.
+    pub(crate) latency_late: Recorder,
+    /// If set, the seq of every change received, keyed by `(writer, n)` (repeats kept).
+    pub(crate) seqs: Option<Vec<(usize, u64, u64)>>,
+}
 
-async fn receive(
-    mut c: Connection,
-    writers: usize,
-    expected: u64,
+impl Received {
+    /// Records the changes of one frame (or of a catch-up).
+    pub(crate) fn absorb(&mut self, changes: &[syncgate_protocol::Change], sweep: Option<&Sweep>) {
+        let now = now_ns();
+        for change in changes {
+            let Some((w, n, t)) = stamp(change) else {
+                continue;
+            };
+            let us = now.saturating_sub(t) / 1000;
+            if self.split_at.is_some_and(|s| n >= s) {
+                self.latency_late.record(Duration::from_micros(us));
+            } else {
+                self.latency.record(Duration::from_micros(us));
+            }
+            if let Some(s) = sweep {
+                s.note(w, n, us.max(1));
+            }
+            self.seen.entry(w).or_default().push(n);
+            if let Some(seqs) = &mut self.seqs {
+                seqs.push((w, n, change.seq));
+            }
+            self.count += 1;
+        }
+    }
+}
+
+/// Reads `changes` until `total` changes have arrived in `got`, the deadline passes or the
+/// connection fails (returned as the error: the caller decides whether that is a failure).
+pub(crate) async fn receive(
+    c: &mut Connection,
+    got: &mut Received,
+    total: u64,
     end: Instant,
-) -> anyhow::Result<Seen> {
-    let mut seen: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
-    let mut latencies = Recorder::default();
-    let total = writers as u64 * expected;
-    let mut got = 0u64;
+    sweep: Option<&Sweep>,
+    progress: &Progress,
+) -> Option<ConnError> {
     let mut ping = tokio::time::interval(Duration::from_secs(5));
-    while got < total {
+    ping.tick().await;
+    let mut err = None;
+    while got.count < total {
         let frame = tokio::select! {
-            f = c.recv_timeout(end.saturating_duration_since(Instant::now())) => f,
-            _ = ping.tick() => { c.send(&Frame::Ping(Ping { nonce: 0 })).await?; continue; }
+            f = c.recv_timeout(left(end)) => f,
+            _ = ping.tick() => match c.send(&Frame::Ping(Ping { nonce: 0 })).await {
+                Ok(()) => continue,
+                Err(e) => Err(e),
+            },
         };
         match frame {
             Ok(Frame::Changes(ch)) => {
-                let now = now_ns();
-                for change in ch.changes {
-                    let Some(b) = change.body else { continue };
-                    let w = b.get("writer").and_then(Value::as_u64).unwrap_or(u64::MAX) as usize;
-                    let n = b.get("n").and_then(Value::as_u64).unwrap_or(u64::MAX);
-                    let t = b.get("t").and_then(Value::as_u64).unwrap_or(now);
-                    latencies.record(Duration::from_nanos(now.saturating_sub(t)));
-                    seen.entry(w).or_default().push(n);
-                    got += 1;
-                }
+                got.absorb(&ch.changes, sweep);
+                progress.inc(ch.changes.len() as u64);
+                got.cursor = Some(ch.cursor);
             }
-            Ok(Frame::Error(e)) => bail!("subscriber: {} {}", e.name, e.message),
+            Ok(Frame::Error(e)) => {
+                err = Some(ConnError::Server(e));
+                break;
+            }
             Ok(_) => {}
-            // Out of time: report what arrived; the caller lists what is missing.
-            Err(_) => break,
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
         }
     }
-    c.close().await;
-    Ok((seen, latencies))
+    err
+}
+
+/// Each writer's `n`s must be exactly `0..expected` in order.
+pub(crate) fn check_sequences(
+    who: &str,
+    seen: &BTreeMap<usize, Vec<u64>>,
+    writers: usize,
+    expected: u64,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for w in 0..writers {
+        let got = seen.get(&w).map(Vec::as_slice).unwrap_or_default();
+        if !got.iter().copied().eq(0..expected) {
+            let distinct: std::collections::BTreeSet<_> = got.iter().collect();
+            let missing = (0..expected).filter(|n| !distinct.contains(n)).count();
+            let duplicates = got.len() - distinct.len();
+            failures.push(format!(
+                "{who}, writer {w}: received {} changes: {missing} missing, {duplicates} duplicated{}",
+                got.len(),
+                if missing == 0 && duplicates == 0 { ", out of order" } else { "" },
+            ));
+        }
+    }
+    failures
+}
+
+/// A writer that puts `count` documents at `rate` per second, one push each, each checked.
+pub(crate) struct Pace {
+    pub(crate) target: Target,
+    pub(crate) collection: String,
+    pub(crate) run: String,
+    pub(crate) writer: usize,
+    pub(crate) count: u64,
+    pub(crate) rate: u64,
+    pub(crate) pad: usize,
+    pub(crate) end: Instant,
+}
+
+impl Pace {
+    /// Writes; returns the number of changes acknowledged as applied.
+    pub(crate) async fn write(self) -> anyhow::Result<u64> {
+        let w = self.writer;
+        let (mut c, welcome) = self
+            .target
+            .connect(w, &format!("lt-writer-{}-{w}", self.run))
+            .await?;
+        let first_mid = welcome.last_applied_mutation + 1;
+        let interval = Duration::from_secs_f64(1.0 / self.rate.max(1) as f64);
+        let mut tick = tokio::time::interval(interval);
+        // A writer that fell behind catches up at once rather than bursting later.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut applied = 0;
+        for n in 0..self.count {
+            tick.tick().await;
+            let m = put_padded(&self.run, w, n, first_mid + n, &self.collection, self.pad);
+            c.send(&Frame::Push(Push {
+                batch: n,
+                mutations: vec![m],
+            }))
+            .await?;
+            loop {
+                match c.recv_timeout(left(self.end)).await? {
+                    Frame::PushAck(a) if a.batch == n => {
+                        if a.results
+                            .iter()
+                            .any(|r| r.status != MutationStatus::Applied)
+                        {
+                            bail!("mutation {n} rejected: {:?}", a.results);
+                        }
+                        applied += 1;
+                        break;
+                    }
+                    Frame::Error(e) => bail!("{} {}", e.name, e.message),
+                    _ => {}
+                }
+            }
+        }
+        c.close().await;
+        Ok(applied)
+    }
 }

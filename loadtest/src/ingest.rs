@@ -62,16 +62,15 @@ pub async fn run(cfg: &IngestConfig) -> anyhow::Result<Report> {
             "{docs} documents visible after the run, expected {expected}"
         ));
     }
-    Ok(Report {
-        scenario: "ingest",
-        params: serde_json::json!({"writers": cfg.writers, "batch": cfg.batch,
+    Ok(Report::new(
+        "ingest",
+        serde_json::json!({"writers": cfg.writers, "batch": cfg.batch,
             "inflight": cfg.inflight, "mutations_per_writer": cfg.mutations_per_writer}),
-        figures: serde_json::json!({"acknowledged": acked, "seconds": elapsed,
+        serde_json::json!({"acknowledged": acked, "seconds": elapsed,
             "mutations_per_sec": acked as f64 / elapsed.max(1e-9), "visible": docs}),
-        latency_ms: Some(latency.summary()),
-        gateway: None,
+        &latency,
         failures,
-    })
+    ))
 }
 
 async fn writer(

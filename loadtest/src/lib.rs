@@ -11,13 +11,27 @@
 //! - [`connect`]: ramp and hold idle subscribed connections; connect rate, gateway RSS per
 //!   connection; every idle connection must receive a final probe exactly once.
 //! - [`storm`]: the reconnect storm; every client must receive exactly the changes it missed.
-//! - [`common`]: run ids and filters, subscribe-until-synced, push-and-check, the report.
-//! - [`stats`]: HDR histograms and their summaries. [`procfs`]: CPU/RSS sampling from /proc.
+//! - [`slow`]: one subscriber stops reading; the others' latency before and during, the
+//!   gateway's RSS, and the stalled one's recovery by cursor, everything exactly once.
+//! - [`chaos`]: kill -9 and restart a spawned gateway under write load; exactly-once ingest
+//!   with identical replayed acks, exactly-once in-order delivery across restarts.
+//! - [`mixed`]: an ERP shift: terminals per plant, backend writers, terminals offline a while;
+//!   per-plant completeness and convergence.
+//! - [`common`]: run ids and filters, subscribe-until-synced, push-and-check.
+//! - [`report`]: the JSON and HTML (SVG plots) report. [`progress`]: the progress bar.
+//! - [`spawn`]: a gateway process the harness starts, kills and restarts.
+//! - [`stats`]: HDR histograms, summaries, per-second timeline. [`procfs`]: CPU/RSS sampling.
 
+pub mod chaos;
 pub mod common;
 pub mod connect;
 pub mod fanout;
 pub mod ingest;
+pub mod mixed;
 pub mod procfs;
+pub mod progress;
+pub mod report;
+pub mod slow;
+pub mod spawn;
 pub mod stats;
 pub mod storm;

@@ -1,19 +1,25 @@
 //! `syncgate-loadtest`: run a scenario against a gateway, check correctness while it runs, and
-//! report figures as JSON (stdout, and `--report FILE`). Exits non-zero when anything was lost,
-//! doubled or reordered.
+//! report figures as JSON (stdout, and `--report FILE`) and HTML (`--html FILE`). Exits 2 when
+//! anything was lost, doubled or reordered, 1 when the run itself failed.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use syncgate_loadtest::chaos::ChaosConfig;
 use syncgate_loadtest::common::{Report, Target};
 use syncgate_loadtest::connect::ConnectConfig;
 use syncgate_loadtest::fanout::FanoutConfig;
 use syncgate_loadtest::ingest::IngestConfig;
-use syncgate_loadtest::procfs::Sampler;
+use syncgate_loadtest::mixed::MixedConfig;
+use syncgate_loadtest::procfs::{self, Sampler};
+use syncgate_loadtest::slow::SlowConfig;
+use syncgate_loadtest::spawn::{GatewaySpec, SpawnedGateway};
 use syncgate_loadtest::storm::StormConfig;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Parser)]
 #[command(
@@ -22,12 +28,23 @@ use syncgate_loadtest::storm::StormConfig;
     about = "Load and correctness harness for syncgate"
 )]
 struct Cli {
-    /// Gateway WebSocket URL.
+    /// Gateway WebSocket URL (ignored with --spawn-gateway).
     #[arg(long, global = true, default_value = "ws://127.0.0.1:7420")]
     url: String,
-    /// Client token (`syncgate token --user loadtest`).
+    /// Client token (`syncgate token --user loadtest`); minted by the harness with
+    /// --spawn-gateway.
     #[arg(long, global = true, env = "SYNCGATE_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
+    /// Start this `syncgate` binary, run against it, and stop it afterwards (required by
+    /// `chaos`). Its CPU and RSS are sampled.
+    #[arg(long, global = true)]
+    spawn_gateway: Option<PathBuf>,
+    /// An argument for the spawned gateway, repeatable (`--gateway-arg=--data-dir=/tmp/gw`).
+    #[arg(long = "gateway-arg", global = true, allow_hyphen_values = true)]
+    gateway_args: Vec<String>,
+    /// Append the spawned gateway's log (stderr) to this file instead of inheriting it.
+    #[arg(long, global = true)]
+    gateway_log: Option<PathBuf>,
     /// Local source addresses for connections, repeatable or as a range
     /// (`--source 127.0.0.2-127.0.0.9`): each address pair has ~28,000 ephemeral ports.
     #[arg(long = "source", global = true, value_parser = parse_sources)]
@@ -38,6 +55,12 @@ struct Cli {
     /// Also write the JSON report to this file.
     #[arg(long, global = true)]
     report: Option<PathBuf>,
+    /// Write an HTML report with SVG plots (latency over time, percentiles, gateway RSS/CPU).
+    #[arg(long, global = true)]
+    html: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     /// Seconds before the run gives up and fails.
     #[arg(long, global = true, default_value_t = 300)]
     deadline: u64,
@@ -50,7 +73,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// S subscribers, W writers at R changes/s each: write→delivery latency, deliveries/s.
+    /// S subscribers, W writers at R changes/s each: write→delivery latency, deliveries/s, and
+    /// the latency of each change's last delivery.
     Fanout {
         #[arg(long, default_value_t = 10)]
         subscribers: usize,
@@ -61,6 +85,9 @@ enum Scenario {
         /// Changes per second per writer.
         #[arg(long, default_value_t = 100)]
         rate: u64,
+        /// Padding bytes per document.
+        #[arg(long, default_value_t = 0)]
+        pad: usize,
     },
     /// W writers push batches as fast as acks come back: mutations/s acknowledged.
     Ingest {
@@ -82,6 +109,13 @@ enum Scenario {
         /// Seconds to hold them idle.
         #[arg(long, default_value_t = 5)]
         hold: u64,
+        /// Harness processes to spread the connections over (one process may open at most
+        /// ~19,000 here); source addresses are dealt out among them.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Internal: run as one worker of a `--workers` run.
+        #[arg(long, hide = true)]
+        worker: bool,
     },
     /// N clients drop, K changes are committed, all reconnect at once: time to catch up.
     ReconnectStorm {
@@ -89,6 +123,69 @@ enum Scenario {
         clients: usize,
         #[arg(long, default_value_t = 1000)]
         missed: u64,
+    },
+    /// One subscriber stops reading while others go on: their latency before and during,
+    /// the gateway's RSS, and how the stalled one recovers.
+    SlowConsumer {
+        #[arg(long, default_value_t = 20)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 2)]
+        writers: usize,
+        /// Changes per writer before the stall.
+        #[arg(long, default_value_t = 500)]
+        phase1: u64,
+        /// Changes per writer during the stall.
+        #[arg(long, default_value_t = 2000)]
+        phase2: u64,
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 1024)]
+        pad: usize,
+    },
+    /// Kill -9 and restart a spawned gateway during a write load (needs --spawn-gateway).
+    Chaos {
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        #[arg(long, default_value_t = 4)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 5000)]
+        mutations_per_writer: u64,
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        kills: u32,
+        /// Milliseconds between a start and the next kill.
+        #[arg(long, default_value_t = 2000)]
+        kill_every_ms: u64,
+        /// Milliseconds the gateway stays down.
+        #[arg(long, default_value_t = 500)]
+        downtime_ms: u64,
+    },
+    /// An ERP shift: terminals per plant, backend writers, some terminals offline a while.
+    Mixed {
+        #[arg(long, default_value_t = 4)]
+        plants: usize,
+        #[arg(long, default_value_t = 200)]
+        terminals: usize,
+        #[arg(long, default_value_t = 2)]
+        backends: usize,
+        /// Shift length, seconds.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Edits per second per terminal.
+        #[arg(long, default_value_t = 0.5)]
+        terminal_rate: f64,
+        /// Writes per second per backend.
+        #[arg(long, default_value_t = 50.0)]
+        backend_rate: f64,
+        /// Share of terminals that go offline once.
+        #[arg(long, default_value_t = 0.2)]
+        offline_share: f64,
+        /// Seconds an offline terminal stays away.
+        #[arg(long, default_value_t = 5)]
+        offline_for: u64,
     },
 }
 
@@ -112,9 +209,11 @@ fn parse_sources(s: &str) -> Result<Vec<IpAddr>, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    syncgate_loadtest::stats::start_clock();
     // One connection is one file descriptor: lift the soft limit to the hard one.
     let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     let cli = Cli::parse();
+    syncgate_loadtest::progress::set_quiet(cli.quiet);
     match run(cli, nofile).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
@@ -126,44 +225,102 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
+    let mut spawned = match &cli.spawn_gateway {
+        Some(bin) => Some(
+            SpawnedGateway::start(GatewaySpec {
+                bin: bin.clone(),
+                args: cli.gateway_args.clone(),
+                log: cli.gateway_log.clone(),
+            })
+            .await?,
+        ),
+        None => None,
+    };
+    let (url, token) = match &spawned {
+        Some(gw) => (gw.url(), gw.mint_token("loadtest").await?),
+        None => (
+            cli.url.clone(),
+            cli.token
+                .clone()
+                .context("a token is needed: --token or SYNCGATE_TOKEN")?,
+        ),
+    };
     let target = Target {
-        url: cli.url.clone(),
-        token: cli.token.clone(),
+        url,
+        token,
         sources: cli.sources.concat(),
     };
-    let deadline = Duration::from_secs(cli.deadline);
-    let sampler = cli
+    let gateway_pid = cli
         .gateway_pid
+        .or_else(|| spawned.as_ref().and_then(SpawnedGateway::pid));
+    let deadline = Duration::from_secs(cli.deadline);
+    let worker = matches!(cli.scenario, Scenario::Connect { worker: true, .. });
+    let sampler = (!worker)
+        .then_some(gateway_pid)
+        .flatten()
         .map(|pid| Sampler::start(pid, Duration::from_millis(200)));
     let collection = cli.collection.clone();
-    let mut report: Report = match cli.scenario {
+    let result = scenario(
+        &cli,
+        target,
+        collection,
+        gateway_pid,
+        deadline,
+        &mut spawned,
+    )
+    .await;
+    if let Some(gw) = spawned {
+        gw.stop().await;
+    }
+    let mut report = result?;
+    report.gateway = sampler.map(Sampler::finish);
+    let mut json = serde_json::to_value(&report)?;
+    json["harness"] = serde_json::json!({"nofile_limit": nofile, "pid": std::process::id()});
+    let text = serde_json::to_string_pretty(&json)?;
+    println!("{text}");
+    if let Some(path) = &cli.report {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &cli.html {
+        std::fs::write(path, report.to_html())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.failures.is_empty() {
+        eprintln!(
+            "syncgate-loadtest: correctness check FAILED: {} problem(s)",
+            report.failures.len()
+        );
+    }
+    Ok(report.failures.is_empty())
+}
+
+async fn scenario(
+    cli: &Cli,
+    target: Target,
+    collection: String,
+    gateway_pid: Option<u32>,
+    deadline: Duration,
+    spawned: &mut Option<SpawnedGateway>,
+) -> anyhow::Result<Report> {
+    Ok(match cli.scenario {
         Scenario::Fanout {
             subscribers,
             writers,
             changes_per_writer,
             rate,
+            pad,
         } => {
-            let cfg = FanoutConfig {
-                url: cli.url,
-                token: cli.token,
+            syncgate_loadtest::fanout::run(&FanoutConfig {
+                target,
                 collection,
                 subscribers,
                 writers,
                 changes_per_writer,
                 rate_per_writer: rate,
+                pad,
                 deadline,
-            };
-            let r = syncgate_loadtest::fanout::run(&cfg).await?;
-            Report {
-                scenario: "fanout",
-                params: serde_json::json!({"subscribers": subscribers, "writers": writers,
-                    "changes_per_writer": changes_per_writer, "rate_per_writer": rate}),
-                figures: serde_json::json!({"committed": r.committed, "deliveries": r.deliveries,
-                    "deliveries_per_sec": r.deliveries_per_sec}),
-                latency_ms: Some(r.latency),
-                gateway: None,
-                failures: r.failures,
-            }
+            })
+            .await?
         }
         Scenario::Ingest {
             writers,
@@ -186,15 +343,30 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
             connections,
             rate,
             hold,
+            workers,
+            worker,
         } => {
+            if workers > 1 {
+                return connect_workers(
+                    cli,
+                    &target,
+                    connections,
+                    rate,
+                    hold,
+                    workers,
+                    gateway_pid,
+                )
+                .await;
+            }
             syncgate_loadtest::connect::run(&ConnectConfig {
                 target,
                 collection,
                 connections,
                 rate,
                 hold: Duration::from_secs(hold),
-                gateway_pid: cli.gateway_pid,
+                gateway_pid,
                 deadline,
+                worker,
             })
             .await?
         }
@@ -208,20 +380,182 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
             })
             .await?
         }
+        Scenario::SlowConsumer {
+            subscribers,
+            writers,
+            phase1,
+            phase2,
+            rate,
+            pad,
+        } => {
+            syncgate_loadtest::slow::run(&SlowConfig {
+                target,
+                collection,
+                subscribers,
+                writers,
+                phase1,
+                phase2,
+                rate_per_writer: rate,
+                pad,
+                gateway_pid,
+                deadline,
+            })
+            .await?
+        }
+        Scenario::Chaos {
+            writers,
+            subscribers,
+            mutations_per_writer,
+            rate,
+            batch,
+            kills,
+            kill_every_ms,
+            downtime_ms,
+        } => {
+            let Some(gw) = spawned.as_mut() else {
+                bail!("chaos kills and restarts the gateway: it needs --spawn-gateway PATH");
+            };
+            let cfg = ChaosConfig {
+                collection,
+                writers,
+                subscribers,
+                mutations_per_writer,
+                rate_per_writer: rate,
+                batch,
+                kills,
+                kill_every: Duration::from_millis(kill_every_ms),
+                downtime: Duration::from_millis(downtime_ms),
+                deadline,
+            };
+            syncgate_loadtest::chaos::run(&cfg, gw, target.token).await?
+        }
+        Scenario::Mixed {
+            plants,
+            terminals,
+            backends,
+            duration,
+            terminal_rate,
+            backend_rate,
+            offline_share,
+            offline_for,
+        } => {
+            syncgate_loadtest::mixed::run(&MixedConfig {
+                target,
+                plants,
+                terminals,
+                backends,
+                duration: Duration::from_secs(duration),
+                terminal_rate,
+                backend_rate,
+                offline_share,
+                offline_for: Duration::from_secs(offline_for),
+                deadline,
+            })
+            .await?
+        }
+    })
+}
+
+/// `connect --workers N`: N child processes of this binary each open their share; the parent
+/// reads the gateway's RSS while all of them hold, then lets them run the probe.
+async fn connect_workers(
+    cli: &Cli,
+    target: &Target,
+    connections: usize,
+    rate: u64,
+    hold: u64,
+    workers: usize,
+    gateway_pid: Option<u32>,
+) -> anyhow::Result<Report> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let rss = || gateway_pid.and_then(procfs::read).map(|r| r.rss_kib);
+    let rss_before = rss();
+    let started = std::time::Instant::now();
+    let mut children = Vec::new();
+    for k in 0..workers {
+        let share = connections / workers + usize::from(k < connections % workers);
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["--url", &target.url, "--quiet", "--deadline"])
+            .arg(cli.deadline.to_string())
+            .args(["--collection", &cli.collection])
+            .env("SYNCGATE_TOKEN", &target.token);
+        for (i, s) in target.sources.iter().enumerate() {
+            if i % workers == k {
+                cmd.arg("--source").arg(s.to_string());
+            }
+        }
+        cmd.args(["connect", "--worker", "--connections"])
+            .arg(share.to_string())
+            .arg("--rate")
+            .arg((rate / workers as u64).max(1).to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("starting a worker")?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
+        children.push((child, stdin, stdout.lines()));
+    }
+    // Every worker prints READY once all its connections are open (or fails).
+    for (k, (_, _, lines)) in children.iter_mut().enumerate() {
+        match lines.next_line().await? {
+            Some(l) if l.trim() == "READY" => {}
+            other => bail!("worker {k} did not get ready: {other:?}"),
+        }
+    }
+    let ramp = started.elapsed();
+    let rss_open = rss();
+    tokio::time::sleep(Duration::from_secs(hold)).await; // the hold is the measurement
+    let rss_held = rss();
+    for (_, stdin, _) in children.iter_mut() {
+        stdin.write_all(b"GO\n").await?;
+        stdin.flush().await?;
+    }
+    let mut failures = Vec::new();
+    let (mut opened, mut alive) = (0u64, 0u64);
+    let mut per_worker = Vec::new();
+    for (k, (mut child, _, mut lines)) in children.into_iter().enumerate() {
+        let mut text = String::new();
+        while let Some(l) = lines.next_line().await? {
+            text.push_str(&l);
+            text.push('\n');
+        }
+        let status = child.wait().await?;
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(r) => {
+                opened += r["figures"]["opened"].as_u64().unwrap_or(0);
+                alive += r["figures"]["alive_at_end"].as_u64().unwrap_or(0);
+                for f in r["failures"].as_array().into_iter().flatten() {
+                    failures.push(format!("worker {k}: {}", f.as_str().unwrap_or_default()));
+                }
+                per_worker.push(serde_json::json!({"opened": r["figures"]["opened"],
+                    "alive_at_end": r["figures"]["alive_at_end"],
+                    "connect_ms": r["latency_ms"]}));
+            }
+            Err(_) => failures.push(format!("worker {k} ended with {status} and no report")),
+        }
+    }
+    if alive < connections as u64 {
+        failures.push(format!(
+            "{alive} of {connections} connections alive at the end"
+        ));
+    }
+    let per_conn = match (rss_before, rss_held) {
+        (Some(b), Some(h)) if opened > 0 => {
+            Some(h.saturating_sub(b) as f64 * 1024.0 / opened as f64)
+        }
+        _ => None,
     };
-    report.gateway = sampler.map(Sampler::finish);
-    let mut json = serde_json::to_value(&report)?;
-    json["harness"] = serde_json::json!({"nofile_limit": nofile, "pid": std::process::id()});
-    let text = serde_json::to_string_pretty(&json)?;
-    println!("{text}");
-    if let Some(path) = &cli.report {
-        std::fs::write(path, &text)?;
-    }
-    if !report.failures.is_empty() {
-        eprintln!(
-            "syncgate-loadtest: correctness check FAILED: {} problem(s)",
-            report.failures.len()
-        );
-    }
-    Ok(report.failures.is_empty())
+    Ok(Report {
+        scenario: "connect",
+        params: serde_json::json!({"connections": connections, "rate": rate, "hold_sec": hold,
+            "workers": workers, "sources": target.sources.len()}),
+        figures: serde_json::json!({"opened": opened, "alive_at_end": alive,
+            "ramp_sec": ramp.as_secs_f64(),
+            "connects_per_sec": opened as f64 / ramp.as_secs_f64().max(1e-9),
+            "gateway_rss_kib": {"before": rss_before, "all_open": rss_open, "after_hold": rss_held},
+            "gateway_rss_bytes_per_connection": per_conn, "workers": per_worker}),
+        failures,
+        ..Report::default()
+    })
 }

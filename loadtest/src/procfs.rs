@@ -54,6 +54,9 @@ pub struct ProcStats {
     pub cpu_percent: f64,
     /// Samples taken.
     pub samples: u64,
+    /// The readings over time: `(seconds since the run's clock started, RSS KiB, CPU % of one
+    /// core since the previous reading)`, for the report's plot.
+    pub series: Vec<(f64, u64, f64)>,
 }
 
 /// Samples a process every `every` on a thread until [`Sampler::finish`].
@@ -84,6 +87,16 @@ impl Sampler {
                 // Sampling cadence, not synchronisation.
                 std::thread::sleep(every);
                 let Some(r) = read(pid) else { break };
+                let dt = r.at.duration_since(last.at).as_secs_f64();
+                let cpu = if dt > 0.0 {
+                    r.cpu_ticks.saturating_sub(last.cpu_ticks) as f64 / TICKS_PER_SEC / dt * 100.0
+                } else {
+                    0.0
+                };
+                let t =
+                    r.at.duration_since(crate::stats::start_clock())
+                        .as_secs_f64();
+                stats.series.push((t, r.rss_kib, cpu));
                 stats.rss_max_kib = stats.rss_max_kib.max(r.rss_kib);
                 stats.samples += 1;
                 last = r;

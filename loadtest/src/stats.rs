@@ -1,35 +1,132 @@
-//! Latency histograms (HDR: constant relative error, constant memory) and their summaries.
+//! Latency histograms (HDR: constant relative error, constant memory), their summaries, and a
+//! coarse per-second timeline for the latency-over-time plot.
 
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// Records latencies in microseconds, 1 µs to 10 minutes, 3 significant digits.
+/// The process-wide origin of timelines: every recorder buckets samples by whole seconds since
+/// this instant, so recorders of different tasks merge bucket by bucket.
+static ORIGIN: OnceLock<Instant> = OnceLock::new();
+
+/// Starts the timeline clock (idempotent); the first recorder use starts it otherwise.
+pub fn start_clock() -> Instant {
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Log-spaced buckets of a timeline second: bucket `i` holds samples of `[1.25^i, 1.25^(i+1))`
+/// µs, so per-second percentiles are within 25 % (enough for a plot; the run's own percentiles
+/// come from the HDR histogram).
+const TIMELINE_BUCKETS: usize = 96;
+
+fn timeline_bucket(us: u64) -> usize {
+    let b = ((us.max(1) as f64).ln() / 1.25f64.ln()) as usize;
+    b.min(TIMELINE_BUCKETS - 1)
+}
+
+fn timeline_bucket_upper_us(i: usize) -> f64 {
+    1.25f64.powi(i as i32 + 1)
+}
+
+/// Records latencies in microseconds, 1 µs to 10 minutes, 3 significant digits, plus a coarse
+/// per-second timeline.
 #[derive(Debug, Clone)]
 pub struct Recorder {
     hist: Histogram<u64>,
+    /// Per second since [`start_clock`]: bucket counts (384 bytes a second).
+    timeline: Vec<[u32; TIMELINE_BUCKETS]>,
 }
 
 impl Default for Recorder {
     fn default() -> Self {
         Recorder {
             hist: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+            timeline: Vec::new(),
         }
     }
 }
 
+/// One second of the latency timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimePoint {
+    /// Seconds since the run's clock started.
+    pub sec: u64,
+    /// Samples recorded in that second.
+    pub count: u64,
+    /// Median, milliseconds (within 25 %).
+    pub p50_ms: f64,
+    /// 99th percentile, milliseconds (within 25 %).
+    pub p99_ms: f64,
+    /// Largest sample's bucket, milliseconds (within 25 %).
+    pub max_ms: f64,
+}
+
 impl Recorder {
-    /// Records one sample (clamped to the histogram's range).
+    /// Records one sample (clamped to the histogram's range), timed now.
     pub fn record(&mut self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// Records `n` samples of the same latency (a frame of `n` changes), timed now.
+    pub fn record_n(&mut self, d: Duration, n: u64) {
+        if n == 0 {
+            return;
+        }
         let us = (d.as_micros() as u64).clamp(1, 600_000_000);
-        self.hist.saturating_record(us);
+        let _ = self.hist.record_n(us, n);
+        let sec = start_clock().elapsed().as_secs() as usize;
+        if self.timeline.len() <= sec {
+            self.timeline.resize(sec + 1, [0; TIMELINE_BUCKETS]);
+        }
+        let slot = &mut self.timeline[sec][timeline_bucket(us)];
+        *slot = slot.saturating_add(n.min(u64::from(u32::MAX)) as u32);
     }
 
     /// Adds another recorder's samples.
     pub fn merge(&mut self, other: &Recorder) {
         // Same bounds on both sides: adding cannot fail.
         let _ = self.hist.add(&other.hist);
+        if self.timeline.len() < other.timeline.len() {
+            self.timeline
+                .resize(other.timeline.len(), [0; TIMELINE_BUCKETS]);
+        }
+        for (mine, theirs) in self.timeline.iter_mut().zip(&other.timeline) {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a = a.saturating_add(*b);
+            }
+        }
+    }
+
+    /// The seconds in which samples were recorded, with their coarse percentiles.
+    pub fn timeline(&self) -> Vec<TimePoint> {
+        let mut out = Vec::new();
+        for (sec, buckets) in self.timeline.iter().enumerate() {
+            let count: u64 = buckets.iter().map(|c| u64::from(*c)).sum();
+            if count == 0 {
+                continue;
+            }
+            let at = |q: f64| {
+                let rank = ((count as f64) * q).ceil().max(1.0) as u64;
+                let mut seen = 0u64;
+                for (i, c) in buckets.iter().enumerate() {
+                    seen += u64::from(*c);
+                    if seen >= rank {
+                        return timeline_bucket_upper_us(i) / 1000.0;
+                    }
+                }
+                timeline_bucket_upper_us(TIMELINE_BUCKETS - 1) / 1000.0
+            };
+            out.push(TimePoint {
+                sec: sec as u64,
+                count,
+                p50_ms: at(0.5),
+                p99_ms: at(0.99),
+                max_ms: at(1.0),
+            });
+        }
+        out
     }
 
     /// Number of samples.
@@ -121,5 +218,24 @@ mod tests {
         assert_eq!(r.summary().count, 1001);
         assert!(close(r.summary().max, 5000.0));
         assert_eq!(Recorder::default().summary(), Summary::default());
+    }
+
+    #[test]
+    fn timeline_buckets_samples_by_second_within_a_quarter() {
+        let mut r = Recorder::default();
+        r.record_n(Duration::from_millis(10), 99);
+        r.record(Duration::from_millis(200));
+        let t = r.timeline();
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(t[0].count, 100);
+        let within = |got: f64, want: f64| got >= want && got <= want * 1.26;
+        assert!(within(t[0].p50_ms, 10.0), "{t:?}");
+        assert!(within(t[0].p99_ms, 10.0), "{t:?}");
+        assert!(within(t[0].max_ms, 200.0), "{t:?}");
+        let mut other = Recorder::default();
+        other.record(Duration::from_millis(1));
+        r.merge(&other);
+        assert_eq!(r.timeline()[0].count, 101);
+        assert_eq!(r.summary().count, 101);
     }
 }

@@ -114,14 +114,13 @@ pub async fn run(cfg: &StormConfig) -> anyhow::Result<Report> {
         }
     }
     let all = started.elapsed();
-    Ok(Report {
-        scenario: "reconnect-storm",
-        params: serde_json::json!({"clients": cfg.clients, "missed": cfg.missed}),
-        figures: serde_json::json!({"all_caught_up_sec": all.as_secs_f64(),
+    Ok(Report::new(
+        "reconnect-storm",
+        serde_json::json!({"clients": cfg.clients, "missed": cfg.missed}),
+        serde_json::json!({"all_caught_up_sec": all.as_secs_f64(),
             "changes_delivered": rec.count() * cfg.missed,
             "deliveries_per_sec": (rec.count() * cfg.missed) as f64 / all.as_secs_f64().max(1e-9)}),
-        latency_ms: Some(rec.summary()),
-        gateway: None,
+        &rec,
         failures,
-    })
+    ))
 }

@@ -9,11 +9,18 @@ use syncgate_loadtest::common::Target;
 use syncgate_loadtest::connect::ConnectConfig;
 use syncgate_loadtest::fanout::FanoutConfig;
 use syncgate_loadtest::ingest::IngestConfig;
+use syncgate_loadtest::mixed::MixedConfig;
+use syncgate_loadtest::slow::SlowConfig;
+use syncgate_loadtest::spawn::{GatewaySpec, SpawnedGateway};
 use syncgate_loadtest::storm::StormConfig;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn gateway(dir: &std::path::Path) -> (Gateway, Target) {
+    gateway_with(dir, Config::default()).await
+}
+
+async fn gateway_with(dir: &std::path::Path, base: Config) -> (Gateway, Target) {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
@@ -21,7 +28,7 @@ async fn gateway(dir: &std::path::Path) -> (Gateway, Target) {
         auth: syncgate_gateway::config::AuthConfig {
             jwt_secret: "lt".into(),
         },
-        ..Config::default()
+        ..base
     };
     let gw = Gateway::start(config).await.unwrap();
     let target = Target {
@@ -38,20 +45,25 @@ async fn fanout_short_run_delivers_everything_once() {
     let dir = tempfile::tempdir().unwrap();
     let (gw, target) = gateway(dir.path()).await;
     let cfg = FanoutConfig {
-        url: target.url,
-        token: target.token,
+        target,
         collection: "work_orders".into(),
         subscribers: 5,
         writers: 2,
         changes_per_writer: 40,
         rate_per_writer: 400,
+        pad: 16,
         deadline: DEADLINE,
     };
     let report = syncgate_loadtest::fanout::run(&cfg).await.unwrap();
     assert_eq!(report.failures, Vec::<String>::new());
-    assert_eq!(report.committed, 80);
-    assert_eq!(report.deliveries, 5 * 80);
-    assert_eq!(report.latency.count, 400);
+    assert_eq!(report.figures["committed"], 80);
+    assert_eq!(report.figures["deliveries"], 5 * 80);
+    assert_eq!(report.latency_ms.as_ref().unwrap().count, 400);
+    // One "last delivery" sample per change.
+    assert_eq!(report.figures["last_delivery_ms"]["count"], 80);
+    assert!(!report.latency_timeline.is_empty());
+    let html = report.to_html();
+    assert!(html.contains("nothing lost") && html.contains("<svg"));
     gw.shutdown().await;
 }
 
@@ -89,6 +101,7 @@ async fn connect_short_run_keeps_every_connection_alive() {
         hold: Duration::ZERO,
         gateway_pid: Some(std::process::id()),
         deadline: DEADLINE,
+        worker: false,
     })
     .await
     .unwrap();
@@ -121,4 +134,119 @@ async fn reconnect_storm_short_run_delivers_exactly_what_was_missed() {
     assert_eq!(report.latency_ms.unwrap().count, 40);
     assert_eq!(report.figures["changes_delivered"], 40 * 120);
     gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_short_run_recovers_the_stalled_client_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A small outbound cap so the stalled subscriber overflows within the run.
+    let mut base = Config {
+        outbound_buffer_bytes: 64 * 1024,
+        ..Config::default()
+    };
+    base.limits.max_frame_bytes = 64 * 1024;
+    base.limits.max_document_bytes = 32 * 1024;
+    let (gw, target) = gateway_with(dir.path(), base).await;
+    let report = syncgate_loadtest::slow::run(&SlowConfig {
+        target,
+        collection: "work_orders".into(),
+        subscribers: 3,
+        writers: 2,
+        phase1: 20,
+        phase2: 1500,
+        rate_per_writer: 2000,
+        pad: 4096,
+        gateway_pid: Some(std::process::id()),
+        deadline: DEADLINE,
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    let stalled = &report.figures["stalled"];
+    assert_eq!(stalled["received"], 2 * 1520, "{stalled}");
+    // 2 × 1500 changes of > 4 KiB (12 MiB) cannot fit a 64 KiB queue plus the kernel's socket
+    // buffers (at most 4 MiB + 4 KiB on this loopback): the
+    // gateway must have dropped the stalled subscriber, which resumed from its cursor.
+    assert_eq!(
+        stalled["disconnected_with_slow_consumer"], true,
+        "{stalled}"
+    );
+    assert!(stalled["reconnects"].as_u64().unwrap() >= 1, "{stalled}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_short_shift_converges_with_offline_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, target) = gateway(dir.path()).await;
+    let report = syncgate_loadtest::mixed::run(&MixedConfig {
+        target,
+        plants: 2,
+        terminals: 8,
+        backends: 2,
+        duration: Duration::from_secs(3),
+        terminal_rate: 10.0,
+        backend_rate: 40.0,
+        offline_share: 0.5,
+        offline_for: Duration::from_secs(1),
+        deadline: DEADLINE,
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    assert!(report.figures["terminal_edits"].as_u64().unwrap() > 0);
+    assert!(report.figures["deliveries_checked"].as_u64().unwrap() > 0);
+    gw.shutdown().await;
+}
+
+/// The `syncgate` binary of this build (built by `cargo test --workspace`, which builds every
+/// target before running tests).
+fn syncgate_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join(format!("syncgate{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p syncgate-gateway)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short_run_survives_kill_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = SpawnedGateway::start(GatewaySpec {
+        bin: syncgate_bin(),
+        args: vec!["--data-dir".into(), dir.path().display().to_string()],
+        log: Some(dir.path().join("gateway.log")),
+    })
+    .await
+    .unwrap();
+    let token = gw.mint_token("loadtest").await.unwrap();
+    let report = syncgate_loadtest::chaos::run(
+        &syncgate_loadtest::chaos::ChaosConfig {
+            collection: "work_orders".into(),
+            writers: 3,
+            subscribers: 2,
+            mutations_per_writer: 600,
+            rate_per_writer: 400,
+            batch: 20,
+            kills: 2,
+            kill_every: Duration::from_millis(500),
+            downtime: Duration::from_millis(200),
+            deadline: DEADLINE,
+        },
+        &mut gw,
+        token,
+    )
+    .await
+    .unwrap();
+    gw.stop().await;
+    assert_eq!(report.failures, Vec::<String>::new());
+    assert_eq!(report.figures["acknowledged"], 3 * 600);
+    assert_eq!(report.figures["gateway_starts"], 3);
+    // Each writer re-sends one already acknowledged batch per reconnect: those acks were
+    // compared with the first ones.
+    assert!(report.figures["replayed_acks_checked"].as_u64().unwrap() > 0);
 }

@@ -1,0 +1,371 @@
+//! The `chaos` scenario: the harness kills the gateway it spawned (SIGKILL: no drain, no
+//! flush) and starts it again, several times, while writers push and subscribers follow.
+//!
+//! Writers keep a local outbox, as a real client does: edits are produced at R per second
+//! whether the gateway is up or not; on every (re)connection the writer re-sends everything not
+//! yet acknowledged, in order, with the same mutation ids. Subscribers reconnect and resume
+//! from the cursor of the last frame they processed.
+//!
+//! Checks (invariants 1, 3, 4, 5, 11 under faults): every mutation is acknowledged as applied,
+//! and an ack seen twice (a replay) carries the same version; every subscriber receives every
+//! change exactly once, in order; the seq a subscriber sees for a change equals the version
+//! its writer was told.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use syncgate_client::Connection;
+use syncgate_protocol::{Frame, Mutation, MutationStatus, Push};
+
+use crate::common::{Report, Target, left, put, run_filter, run_id, subscribe};
+use crate::fanout::{Received, check_sequences, receive};
+use crate::progress::Progress;
+use crate::spawn::SpawnedGateway;
+use crate::stats::Recorder;
+
+/// Scenario parameters.
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    /// The collection.
+    pub collection: String,
+    /// Writers.
+    pub writers: usize,
+    /// Subscribers.
+    pub subscribers: usize,
+    /// Mutations each writer produces.
+    pub mutations_per_writer: u64,
+    /// Mutations produced per second per writer.
+    pub rate_per_writer: u64,
+    /// Largest batch a writer pushes.
+    pub batch: usize,
+    /// How many times the gateway is killed.
+    pub kills: u32,
+    /// Time between a (re)start and the next kill.
+    pub kill_every: Duration,
+    /// How long the gateway stays down after each kill.
+    pub downtime: Duration,
+    /// Give up (and fail) after this long.
+    pub deadline: Duration,
+}
+
+/// Runs the scenario against a gateway the harness spawned.
+pub async fn run(
+    cfg: &ChaosConfig,
+    gw: &mut SpawnedGateway,
+    token: String,
+) -> anyhow::Result<Report> {
+    let run = run_id();
+    let end = Instant::now() + cfg.deadline;
+    let target = Target {
+        url: gw.url(),
+        token,
+        sources: Vec::new(),
+    };
+    let total = cfg.writers as u64 * cfg.mutations_per_writer;
+    let progress = Progress::new("deliveries", total * cfg.subscribers as u64);
+    let subscribers: Vec<_> = (0..cfg.subscribers)
+        .map(|i| {
+            let (target, collection, run, progress) = (
+                target.clone(),
+                cfg.collection.clone(),
+                run.clone(),
+                progress.clone(),
+            );
+            tokio::spawn(async move {
+                follow(&target, i, &collection, &run, total, end, &progress).await
+            })
+        })
+        .collect();
+    let writers: Vec<_> = (0..cfg.writers)
+        .map(|w| {
+            let writer = ChaosWriter {
+                target: target.clone(),
+                collection: cfg.collection.clone(),
+                run: run.clone(),
+                w,
+                total: cfg.mutations_per_writer,
+                rate: cfg.rate_per_writer,
+                batch: cfg.batch.max(1),
+                end,
+            };
+            tokio::spawn(writer.run())
+        })
+        .collect();
+    // The chaos: kill, stay down, restart.
+    let mut downtime = Recorder::default();
+    for _ in 0..cfg.kills {
+        tokio::time::sleep(cfg.kill_every).await; // the fault schedule, not synchronisation
+        let t0 = Instant::now();
+        gw.kill().await?;
+        tokio::time::sleep(cfg.downtime).await; // the fault schedule, not synchronisation
+        gw.restart().await?;
+        downtime.record(t0.elapsed());
+    }
+    let mut failures = Vec::new();
+    let mut versions: HashMap<(usize, u64), u64> = HashMap::new();
+    let mut acked = 0u64;
+    let mut replayed = 0u64;
+    let mut ack_latency = Recorder::default();
+    for (w, t) in writers.into_iter().enumerate() {
+        match t.await.context("writer task")? {
+            Ok(log) => {
+                acked += log.versions.iter().filter(|v| v.is_some()).count() as u64;
+                replayed += log.replayed_acks;
+                ack_latency.merge(&log.latency);
+                failures.extend(log.failures.iter().map(|f| format!("writer {w}: {f}")));
+                for (n, v) in log.versions.iter().enumerate() {
+                    match v {
+                        Some(v) => {
+                            versions.insert((w, n as u64), *v);
+                        }
+                        None => {
+                            failures.push(format!("writer {w}: mutation {n} never acknowledged"))
+                        }
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("writer {w}: {e:#}")),
+        }
+    }
+    let mut reconnects = 0u64;
+    for (i, t) in subscribers.into_iter().enumerate() {
+        match t.await.context("subscriber task")? {
+            Ok((got, n_reconnects)) => {
+                reconnects += n_reconnects;
+                failures.extend(check_sequences(
+                    &format!("subscriber {i}"),
+                    &got.seen,
+                    cfg.writers,
+                    cfg.mutations_per_writer,
+                ));
+                let mut mismatched = 0;
+                for (w, n, seq) in got.seqs.iter().flatten() {
+                    if versions.get(&(*w, *n)).is_some_and(|v| v != seq) {
+                        mismatched += 1;
+                    }
+                }
+                if mismatched > 0 {
+                    failures.push(format!(
+                        "subscriber {i}: {mismatched} changes arrived at a seq other than the version their writer was told"
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("subscriber {i}: {e:#}")),
+        }
+    }
+    progress.finish();
+    Ok(Report::new(
+        "chaos",
+        serde_json::json!({"writers": cfg.writers, "subscribers": cfg.subscribers,
+            "mutations_per_writer": cfg.mutations_per_writer, "rate_per_writer": cfg.rate_per_writer,
+            "batch": cfg.batch, "kills": cfg.kills, "kill_every_ms": cfg.kill_every.as_millis() as u64,
+            "downtime_ms": cfg.downtime.as_millis() as u64}),
+        serde_json::json!({"acknowledged": acked, "replayed_acks_checked": replayed,
+            "gateway_starts": gw.starts, "subscriber_reconnects": reconnects,
+            "restart_ms": downtime.summary()}),
+        &ack_latency,
+        failures,
+    ))
+}
+
+/// Connects, retrying while the gateway is down, until `end`.
+async fn connect_retrying(
+    target: &Target,
+    i: usize,
+    client_id: &str,
+    end: Instant,
+) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
+    let mut wait = Duration::from_millis(20);
+    loop {
+        match target.connect(i, client_id).await {
+            Ok(x) => return Ok(x),
+            Err(e) if Instant::now() + wait >= end => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(wait).await; // reconnect backoff, as a client does
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// A subscriber that resumes from its cursor after every disconnect.
+async fn follow(
+    target: &Target,
+    i: usize,
+    collection: &str,
+    run: &str,
+    total: u64,
+    end: Instant,
+    progress: &Progress,
+) -> anyhow::Result<(Received, u64)> {
+    let filter = run_filter(run);
+    let name = format!("lt-chaos-sub-{run}-{i}");
+    let mut got = Received {
+        seqs: Some(Vec::new()),
+        ..Received::default()
+    };
+    let mut connections = 0u64;
+    while got.count < total {
+        if Instant::now() >= end {
+            bail!("deadline passed with {} of {total} changes", got.count);
+        }
+        let Ok((mut c, _)) = connect_retrying(target, i, &name, end).await else {
+            continue;
+        };
+        connections += 1;
+        let Ok((cursor, catch_up, docs)) =
+            subscribe(&mut c, collection, &filter, got.cursor.clone(), end).await
+        else {
+            continue;
+        };
+        if docs > 0 {
+            bail!("resumed with a cursor but got a snapshot of {docs} documents");
+        }
+        got.absorb(&catch_up, None);
+        progress.inc(catch_up.len() as u64);
+        got.cursor = Some(cursor);
+        if receive(&mut c, &mut got, total, end, None, progress)
+            .await
+            .is_none()
+        {
+            c.close().await;
+        }
+    }
+    Ok((got, connections.saturating_sub(1)))
+}
+
+/// What a writer saw.
+struct WriterLog {
+    /// The version each mutation was acknowledged with.
+    versions: Vec<Option<u64>>,
+    /// Acks received again for an already acknowledged mutation (each checked equal).
+    replayed_acks: u64,
+    /// Push→ack latency of answered batches.
+    latency: Recorder,
+    failures: Vec<String>,
+}
+
+struct ChaosWriter {
+    target: Target,
+    collection: String,
+    run: String,
+    w: usize,
+    total: u64,
+    rate: u64,
+    batch: usize,
+    end: Instant,
+}
+
+impl ChaosWriter {
+    async fn run(self) -> anyhow::Result<WriterLog> {
+        let name = format!("lt-chaos-writer-{}-{}", self.run, self.w);
+        let started = Instant::now();
+        // The outbox: every edit, made once (same id, same body on every replay).
+        let mut outbox: Vec<Mutation> = Vec::with_capacity(self.total as usize);
+        let mut log = WriterLog {
+            versions: vec![None; self.total as usize],
+            replayed_acks: 0,
+            latency: Recorder::default(),
+            failures: Vec::new(),
+        };
+        let mut acked = 0usize; // contiguous prefix of acknowledged mutations
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while acked < self.total as usize {
+            if Instant::now() >= self.end {
+                bail!(
+                    "deadline passed with {acked} of {} acknowledged",
+                    self.total
+                );
+            }
+            let (mut c, _) = match connect_retrying(&self.target, self.w, &name, self.end).await {
+                Ok(x) => x,
+                Err(_) => continue,
+            };
+            // Everything not acknowledged is sent again, in order, starting one batch early:
+            // mutations already acknowledged must be answered again with the same version.
+            let mut next = acked.saturating_sub(self.batch);
+            let mut batch_id = 0u64;
+            let mut inflight: VecDeque<(u64, usize, usize, Instant)> = VecDeque::new();
+            loop {
+                let due = ((started.elapsed().as_secs_f64() * self.rate as f64) as u64)
+                    .min(self.total) as usize;
+                while outbox.len() < due {
+                    let n = outbox.len() as u64;
+                    outbox.push(put(&self.run, self.w, n, n + 1, &self.collection));
+                }
+                while inflight.len() < 2 && next < outbox.len() {
+                    let upto = (next + self.batch).min(outbox.len());
+                    batch_id += 1;
+                    let push = Frame::Push(Push {
+                        batch: batch_id,
+                        mutations: outbox[next..upto].to_vec(),
+                    });
+                    if c.send(&push).await.is_err() {
+                        break;
+                    }
+                    inflight.push_back((batch_id, next, upto, Instant::now()));
+                    next = upto;
+                }
+                if acked >= self.total as usize {
+                    break;
+                }
+                let frame = tokio::select! {
+                    f = c.recv_timeout(left(self.end)) => f,
+                    _ = tick.tick() => continue,
+                };
+                match frame {
+                    Ok(Frame::PushAck(a)) => {
+                        let Some((id, from, upto, sent)) = inflight.pop_front() else {
+                            log.failures
+                                .push(format!("ack {} with nothing in flight", a.batch));
+                            break;
+                        };
+                        if a.batch != id || a.results.len() != upto - from {
+                            log.failures.push(format!(
+                                "ack {} ({} results) does not match batch {id} ({} mutations)",
+                                a.batch,
+                                a.results.len(),
+                                upto - from
+                            ));
+                            break;
+                        }
+                        log.latency.record(sent.elapsed());
+                        for (k, r) in a.results.iter().enumerate() {
+                            let n = from + k;
+                            if r.mutation_id != n as u64 + 1 {
+                                log.failures
+                                    .push(format!("ack order: {} at {n}", r.mutation_id));
+                            }
+                            match (r.status, r.version, log.versions[n]) {
+                                (MutationStatus::Applied, Some(v), None) => {
+                                    log.versions[n] = Some(v)
+                                }
+                                (MutationStatus::Applied, Some(v), Some(old)) => {
+                                    log.replayed_acks += 1;
+                                    if v != old {
+                                        log.failures.push(format!(
+                                            "mutation {n} acknowledged with version {old}, then {v}"
+                                        ));
+                                    }
+                                }
+                                _ => log
+                                    .failures
+                                    .push(format!("mutation {n} not applied: {r:?}")),
+                            }
+                        }
+                        acked = acked.max(upto);
+                    }
+                    Ok(Frame::Error(e)) if !e.fatal => {
+                        // e.g. storage_unavailable while the database recovers: resend.
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            c.close().await;
+        }
+        Ok(log)
+    }
+}
