@@ -66,6 +66,8 @@ struct Pending {
     dirty_docs: Vec<(String, String)>,
     errors: Vec<(String, u64, u64, ErrorCode, String, Vec<u8>)>,
     clients: HashMap<String, (u64, String)>,
+    /// Documents whose stored state was read up front (present in `docs`, or absent).
+    prefetched: HashSet<(String, String)>,
 }
 
 const INSERT_CHUNK: usize = 200;
@@ -96,14 +98,19 @@ impl Store {
             dirty_docs: Vec::new(),
             errors: Vec::new(),
             clients: HashMap::new(),
+            prefetched: HashSet::new(),
         };
+        // Two queries per chunk instead of one per client and one per document: on PostgreSQL
+        // every statement is a round trip made while the log head is locked.
+        let lasts = load_lasts(&txn, backend, jobs).await?;
+        prefetch_docs(&txn, backend, jobs, &lasts, &mut pending).await?;
         // Outcomes of mutations applied earlier in this same group, for replays within it.
         let mut in_group: HashMap<(String, u64), MutationResult> = HashMap::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         for job in jobs {
             let mut last = match pending.clients.get(&job.client_id) {
                 Some((l, _)) => *l,
-                None => load_last(&txn, backend, &job.client_id).await?,
+                None => lasts.get(&job.client_id).copied().unwrap_or(0),
             };
             let mut results = Vec::with_capacity(job.mutations.len());
             for m in &job.mutations {
@@ -208,18 +215,82 @@ impl Store {
     }
 }
 
-async fn load_last(txn: &Txn, backend: DbBackend, client_id: &str) -> Result<u64, StoreError> {
-    let row = txn
-        .query_one_raw(stmt(
-            backend,
-            "SELECT last_mutation FROM sg_clients WHERE client_id = ?",
-            [client_id.into()],
-        ))
-        .await?;
-    Ok(match row {
-        Some(r) => r.try_get::<i64>("", "last_mutation")? as u64,
-        None => 0,
-    })
+/// Every pushing client's last handled mutation (absent = 0), in one query per chunk.
+async fn load_lasts(
+    txn: &Txn,
+    backend: DbBackend,
+    jobs: &[PushJob],
+) -> Result<HashMap<String, u64>, StoreError> {
+    let clients: Vec<&str> = jobs
+        .iter()
+        .map(|j| j.client_id.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut lasts = HashMap::new();
+    for chunk in clients.chunks(INSERT_CHUNK) {
+        let sql = format!(
+            "SELECT client_id, last_mutation FROM sg_clients WHERE client_id IN ({})",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let values: Vec<DbValue> = chunk.iter().map(|c| (*c).into()).collect();
+        for r in txn.query_all_raw(stmt(backend, &sql, values)).await? {
+            lasts.insert(
+                r.try_get::<String>("", "client_id")?,
+                r.try_get::<i64>("", "last_mutation")? as u64,
+            );
+        }
+    }
+    Ok(lasts)
+}
+
+/// Reads the stored state of every document the group's new mutations touch, in one query per
+/// chunk, into `pending.docs`; every key asked for goes into `pending.prefetched`.
+async fn prefetch_docs(
+    txn: &Txn,
+    backend: DbBackend,
+    jobs: &[PushJob],
+    lasts: &HashMap<String, u64>,
+    pending: &mut Pending,
+) -> Result<(), StoreError> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for job in jobs {
+        let last = lasts.get(&job.client_id).copied().unwrap_or(0);
+        for m in job.mutations.iter().filter(|m| m.mutation_id > last) {
+            let key = (m.collection.clone(), m.id.clone());
+            if pending.prefetched.insert(key.clone()) {
+                keys.push(key);
+            }
+        }
+    }
+    for chunk in keys.chunks(INSERT_CHUNK) {
+        let sql = format!(
+            "SELECT collection, doc_id, body, version, deleted FROM sg_documents \
+             WHERE (collection, doc_id) IN ({})",
+            vec!["(?, ?)"; chunk.len()].join(", ")
+        );
+        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 2);
+        for (c, id) in chunk {
+            values.push(c.clone().into());
+            values.push(id.clone().into());
+        }
+        for r in txn.query_all_raw(stmt(backend, &sql, values)).await? {
+            let body: Option<Vec<u8>> = r.try_get("", "body")?;
+            let key = (
+                r.try_get::<String>("", "collection")?,
+                r.try_get::<String>("", "doc_id")?,
+            );
+            pending.docs.insert(
+                key,
+                DocState {
+                    body: decode_body(body.as_deref())?,
+                    version: r.try_get::<i64>("", "version")? as u64,
+                    deleted: r.try_get::<i64>("", "deleted")? != 0,
+                },
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The stored outcome of a mutation applied in an earlier transaction.
@@ -299,6 +370,7 @@ async fn check_and_apply(
     let key = (m.collection.clone(), m.id.clone());
     let current = match pending.docs.get(&key) {
         Some(d) => Some(d.clone()),
+        None if pending.prefetched.contains(&key) => None,
         None => {
             let d = load_doc(txn, backend, &m.collection, &m.id).await?;
             if let Some(d) = &d {
