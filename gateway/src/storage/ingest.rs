@@ -91,6 +91,19 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt("sg_head has no row".into()))?
             .try_get::<i64>("", "seq")? as u64;
+        if backend == DbBackend::Postgres {
+            // Every read in this transaction is a primary-key lookup. With statistics that lag
+            // a fast-growing table, PostgreSQL plans `collection = ? AND doc_id IN (...)` as a
+            // scan of the whole collection filtered by id (measured: most of the group's time
+            // at 100,000 documents). Point lookups are always right here, so say so.
+            txn.query_one_raw(stmt(
+                backend,
+                "SELECT set_config('enable_seqscan', 'off', true), \
+                 set_config('enable_bitmapscan', 'off', true)",
+                [],
+            ))
+            .await?;
+        }
         let mut next = head;
         let mut pending = Pending {
             changes: Vec::new(),
@@ -263,31 +276,39 @@ async fn prefetch_docs(
             }
         }
     }
-    for chunk in keys.chunks(INSERT_CHUNK) {
-        let sql = format!(
-            "SELECT collection, doc_id, body, version, deleted FROM sg_documents \
-             WHERE (collection, doc_id) IN ({})",
-            vec!["(?, ?)"; chunk.len()].join(", ")
-        );
-        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 2);
-        for (c, id) in chunk {
-            values.push(c.clone().into());
-            values.push(id.clone().into());
-        }
-        for r in txn.query_all_raw(stmt(backend, &sql, values)).await? {
-            let body: Option<Vec<u8>> = r.try_get("", "body")?;
-            let key = (
-                r.try_get::<String>("", "collection")?,
-                r.try_get::<String>("", "doc_id")?,
+    // Grouped by collection: `collection = ? AND doc_id IN (...)` is one index range scan on
+    // both backends (a row-value `IN` list is planned as one OR branch per key).
+    let mut by_collection: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (c, id) in &keys {
+        by_collection
+            .entry(c.as_str())
+            .or_default()
+            .push(id.as_str());
+    }
+    for (collection, ids) in by_collection {
+        // 100 keys keep PostgreSQL on an index scan of the primary key (with 500 it prefers a
+        // sequential scan of the collection once the table has a few 10,000 rows).
+        for chunk in ids.chunks(100) {
+            let sql = format!(
+                "SELECT doc_id, body, version, deleted FROM sg_documents \
+                 WHERE collection = ? AND doc_id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
             );
-            pending.docs.insert(
-                key,
-                DocState {
-                    body: decode_body(body.as_deref())?,
-                    version: r.try_get::<i64>("", "version")? as u64,
-                    deleted: r.try_get::<i64>("", "deleted")? != 0,
-                },
-            );
+            let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() + 1);
+            values.push(collection.into());
+            values.extend(chunk.iter().map(|id| DbValue::from(*id)));
+            for r in txn.query_all_raw(stmt(backend, &sql, values)).await? {
+                let body: Option<Vec<u8>> = r.try_get("", "body")?;
+                let key = (collection.to_owned(), r.try_get::<String>("", "doc_id")?);
+                pending.docs.insert(
+                    key,
+                    DocState {
+                        body: decode_body(body.as_deref())?,
+                        version: r.try_get::<i64>("", "version")? as u64,
+                        deleted: r.try_get::<i64>("", "deleted")? != 0,
+                    },
+                );
+            }
         }
     }
     Ok(())
@@ -439,7 +460,9 @@ async fn load_doc(
 
 async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(), StoreError> {
     let now = now_ms();
-    for chunk in p.changes.chunks(INSERT_CHUNK) {
+    let change_size =
+        |(e, client, _): &(Arc<LogEntry>, String, u64)| e.encoded.len() * 2 + client.len() + 64;
+    for chunk in byte_chunks(&p.changes, change_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 9);
         for (e, client, mid) in chunk {
             let c = &e.change;
@@ -468,13 +491,23 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
         .rev()
         .filter(|k| seen.insert(*k))
         .collect();
-    for chunk in dirty.chunks(INSERT_CHUNK) {
+    // Bodies are encoded once, up front, so chunks are cut by their real size.
+    let rows: Vec<(&(String, String), Option<Vec<u8>>, &DocState)> = dirty
+        .iter()
+        .map(|k| {
+            let d = &p.docs[*k];
+            (*k, d.body.as_ref().map(to_msgpack), d)
+        })
+        .collect();
+    let doc_size = |(k, body, _): &(&(String, String), Option<Vec<u8>>, &DocState)| {
+        k.0.len() + k.1.len() + body.as_ref().map_or(0, Vec::len) + 32
+    };
+    for chunk in byte_chunks(&rows, doc_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 5);
-        for key in chunk {
-            let d = &p.docs[*key];
+        for (key, body, d) in chunk {
             values.push(key.0.clone().into());
             values.push(key.1.clone().into());
-            values.push(d.body.as_ref().map(to_msgpack).into());
+            values.push(body.clone().into());
             values.push((d.version as i64).into());
             values.push(i64::from(d.deleted).into());
         }
@@ -486,7 +519,9 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
         );
         txn.execute_raw(stmt(backend, &sql, values)).await?;
     }
-    for chunk in p.errors.chunks(INSERT_CHUNK) {
+    let error_size =
+        |e: &(String, u64, u64, ErrorCode, String, Vec<u8>)| e.0.len() + e.4.len() + e.5.len() + 48;
+    for chunk in byte_chunks(&p.errors, error_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 7);
         for (client, mid, batch, code, reason, body) in chunk {
             values.push(client.clone().into());
@@ -524,7 +559,56 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
     Ok(())
 }
 
+/// Bytes of parameters per multi-row statement. sqlx 0.9.0 leaves Nagle's algorithm on
+/// (launchbadge/sqlx#4335): a statement that spans more than one TCP segment waits for the
+/// server's delayed ACK, ~40 ms, on every round trip. Statements below one loopback segment
+/// (64 KiB) avoid it; on a real network the same bound keeps each statement to a few segments.
+const STATEMENT_BYTES: usize = 48 * 1024;
+
+/// Splits `items` into runs of at most [`INSERT_CHUNK`] rows and about [`STATEMENT_BYTES`]
+/// bytes (`size` estimates one row); a row larger than the budget goes alone.
+fn byte_chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < items.len() && end - start < INSERT_CHUNK {
+            let s = size(&items[end]);
+            if end > start && bytes + s > STATEMENT_BYTES {
+                break;
+            }
+            bytes += s;
+            end += 1;
+        }
+        out.push(&items[start..end]);
+        start = end;
+    }
+    out
+}
+
 fn placeholders(rows: usize, cols: usize) -> String {
     let row = format!("({})", vec!["?"; cols].join(", "));
     vec![row; rows].join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_chunks_bound_rows_and_bytes() {
+        let items: Vec<usize> = vec![10; 450];
+        let sizes: Vec<usize> = byte_chunks(&items, |x| *x)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(sizes, vec![INSERT_CHUNK, INSERT_CHUNK, 50]);
+        let big = vec![STATEMENT_BYTES / 2 + 1; 5];
+        let sizes: Vec<usize> = byte_chunks(&big, |x| *x).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![1, 1, 1, 1, 1]);
+        let huge = vec![STATEMENT_BYTES * 3];
+        assert_eq!(byte_chunks(&huge, |x| *x).len(), 1);
+        assert!(byte_chunks(&Vec::<usize>::new(), |x| *x).is_empty());
+    }
 }
