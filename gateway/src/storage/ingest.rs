@@ -458,6 +458,9 @@ async fn load_doc(
     .transpose()
 }
 
+/// A document row to write: its key, its encoded body, its state.
+type DocRow<'a> = (&'a (String, String), Option<Vec<u8>>, &'a DocState);
+
 async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(), StoreError> {
     let now = now_ms();
     let change_size =
@@ -492,16 +495,15 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
         .filter(|k| seen.insert(*k))
         .collect();
     // Bodies are encoded once, up front, so chunks are cut by their real size.
-    let rows: Vec<(&(String, String), Option<Vec<u8>>, &DocState)> = dirty
+    let rows: Vec<DocRow<'_>> = dirty
         .iter()
         .map(|k| {
             let d = &p.docs[*k];
             (*k, d.body.as_ref().map(to_msgpack), d)
         })
         .collect();
-    let doc_size = |(k, body, _): &(&(String, String), Option<Vec<u8>>, &DocState)| {
-        k.0.len() + k.1.len() + body.as_ref().map_or(0, Vec::len) + 32
-    };
+    let doc_size =
+        |(k, body, _): &DocRow<'_>| k.0.len() + k.1.len() + body.as_ref().map_or(0, Vec::len) + 32;
     for chunk in byte_chunks(&rows, doc_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 5);
         for (key, body, d) in chunk {
