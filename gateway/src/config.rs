@@ -30,6 +30,11 @@ pub struct Config {
     pub database: String,
     /// Maximum pooled database connections.
     pub database_pool_size: u32,
+    /// SQLite durability: `full` (the default) syncs the WAL on every commit, so an
+    /// acknowledged push survives a power loss; `normal` syncs at checkpoints only, so an
+    /// acknowledged push survives a crash of the process but the last commits before a power
+    /// loss or kernel crash can be lost. PostgreSQL ignores this (use its `synchronous_commit`).
+    pub sqlite_synchronous: SqliteSynchronous,
     /// Authentication settings.
     pub auth: AuthConfig,
     /// Limits announced in `Welcome` and enforced on every connection.
@@ -39,6 +44,9 @@ pub struct Config {
     /// Byte cap of each connection's outbound queue. A subscriber whose queue would exceed it is
     /// disconnected with `slow_consumer` and resumes by cursor.
     pub outbound_buffer_bytes: usize,
+    /// Memory (estimated) for the most recently published changes, from which resuming
+    /// subscriptions catch up without reading the database; 0 turns it off.
+    pub catch_up_cache_bytes: usize,
     /// Maximum concurrent WebSocket connections; further connections wait in the kernel backlog.
     pub max_connections: usize,
     /// Pushes a connection may have in flight before the gateway stops reading its frames.
@@ -49,6 +57,18 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Declared collections. A client may only use collections named here.
     pub collections: BTreeMap<String, CollectionConfig>,
+}
+
+/// When SQLite makes a commit durable (see [`Config::sqlite_synchronous`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// Every commit is on disk before it is acknowledged or delivered (`synchronous=FULL`).
+    #[default]
+    Full,
+    /// Commits are durable against process crashes; the WAL is synced at checkpoints
+    /// (`synchronous=NORMAL`).
+    Normal,
 }
 
 /// Authentication settings.
@@ -89,10 +109,12 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             database: String::new(),
             database_pool_size: 8,
+            sqlite_synchronous: SqliteSynchronous::Full,
             auth: AuthConfig::default(),
             limits: Limits::default(),
             heartbeat_ms: 15_000,
             outbound_buffer_bytes: 1024 * 1024,
+            catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
             max_inflight_pushes: 16,
             group_commit_max_mutations: 5_000,

@@ -81,6 +81,84 @@ pub struct Hub {
     metrics: Metrics,
     /// Bytes of changes per `Changes` frame (see [`frame_budget`]).
     frame_budget: usize,
+    /// The most recently published changes, so catch-ups read memory, not the database.
+    tail: Mutex<Tail>,
+}
+
+/// Recently published changes: contiguous in seq (every seq is one change), oldest first,
+/// bounded by an estimate of their memory. Appended only by [`Hub::publish`], under the publish
+/// lock, so its last entry is always the published head (or it is empty).
+struct Tail {
+    entries: std::collections::VecDeque<Arc<LogEntry>>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl Tail {
+    /// Memory an entry holds: its encoding, its decoded change and previous body (~2× the
+    /// encoding again), plus fixed overhead.
+    fn cost(e: &LogEntry) -> usize {
+        e.encoded.len() * 3 + 160
+    }
+
+    fn append(&mut self, from: u64, entries: &[Arc<LogEntry>]) {
+        if self.cap == 0 {
+            return;
+        }
+        let contiguous = match self.entries.back() {
+            Some(last) => last.change.seq == from,
+            None => true,
+        };
+        let complete = entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.change.seq == from + 1 + i as u64);
+        if !contiguous || !complete {
+            // Never serve a range with a hole: start again from here.
+            self.entries.clear();
+            self.bytes = 0;
+            if !complete {
+                return;
+            }
+        }
+        for e in entries {
+            self.bytes += Tail::cost(e);
+            self.entries.push_back(e.clone());
+        }
+        while self.bytes > self.cap {
+            match self.entries.pop_front() {
+                Some(e) => self.bytes -= Tail::cost(&e),
+                None => break,
+            }
+        }
+    }
+
+    /// Changes of `collection` with `after < seq <= upto`, at most `limit`, if the tail holds
+    /// the whole range.
+    fn read(
+        &self,
+        collection: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Option<Vec<Arc<LogEntry>>> {
+        let first = self.entries.front()?.change.seq;
+        let last = self.entries.back()?.change.seq;
+        if after + 1 < first || upto > last {
+            return None;
+        }
+        let start = (after + 1 - first) as usize;
+        let mut out = Vec::new();
+        for e in self.entries.range(start..) {
+            if e.change.seq > upto || out.len() >= limit {
+                break;
+            }
+            if e.change.collection == collection {
+                out.push(e.clone());
+            }
+        }
+        Some(out)
+    }
 }
 
 /// How many bytes of changes one `Changes` (or `Snapshot`) frame carries at most: a quarter of
@@ -131,8 +209,15 @@ pub fn changes_frames(
 
 impl Hub {
     /// A hub whose log is already published up to `head`; frames carry at most
-    /// `frame_budget` bytes of changes.
-    pub fn new(head: u64, epoch: String, metrics: Metrics, frame_budget: usize) -> Hub {
+    /// `frame_budget` bytes of changes; about `tail_bytes` of recent changes are kept for
+    /// catch-ups.
+    pub fn new(
+        head: u64,
+        epoch: String,
+        metrics: Metrics,
+        frame_budget: usize,
+        tail_bytes: usize,
+    ) -> Hub {
         metrics.published_seq.set(head as i64);
         Hub {
             subs: DashMap::new(),
@@ -141,7 +226,25 @@ impl Hub {
             epoch,
             metrics,
             frame_budget,
+            tail: Mutex::new(Tail {
+                entries: std::collections::VecDeque::new(),
+                bytes: 0,
+                cap: tail_bytes,
+            }),
         }
+    }
+
+    /// Catch-up from memory: changes of `collection` with `after < seq <= upto` (at most
+    /// `limit`), or `None` when the recent tail does not reach back to `after`.
+    pub fn read_tail(
+        &self,
+        collection: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Option<Vec<Arc<LogEntry>>> {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.read(collection, after, upto, limit)
     }
 
     /// Bytes of changes per frame.
@@ -250,6 +353,10 @@ impl Hub {
                 }
             }
         }
+        self.tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(from, entries);
         *published = to;
         self.published_tx.send_replace(to);
         self.metrics.published_seq.set(to as i64);
@@ -379,6 +486,47 @@ mod tests {
             op: ChangeOp::Upsert,
             body: Some([("x".to_owned(), Value::from("y".repeat(pad)))].into()),
         })
+    }
+
+    fn entry(seq: u64, collection: &str) -> Arc<LogEntry> {
+        Arc::new(LogEntry::new(
+            Change {
+                seq,
+                collection: collection.into(),
+                id: format!("d{seq}"),
+                op: ChangeOp::Upsert,
+                body: None,
+            },
+            None,
+        ))
+    }
+
+    #[test]
+    fn the_tail_serves_only_ranges_it_holds_whole() {
+        let one = Tail::cost(&entry(1, "a"));
+        let mut t = Tail {
+            entries: Default::default(),
+            bytes: 0,
+            cap: one * 5,
+        };
+        let batch: Vec<_> = (1..=4)
+            .map(|s| entry(s, if s % 2 == 0 { "b" } else { "a" }))
+            .collect();
+        t.append(0, &batch);
+        let seqs = |v: Option<Vec<Arc<LogEntry>>>| {
+            v.map(|v| v.iter().map(|e| e.change.seq).collect::<Vec<_>>())
+        };
+        assert_eq!(seqs(t.read("a", 0, 4, 100)), Some(vec![1, 3]));
+        assert_eq!(seqs(t.read("b", 1, 4, 1)), Some(vec![2]));
+        assert_eq!(seqs(t.read("a", 0, 5, 100)), None, "beyond the head");
+        // Capacity 5: appending 5..=6 evicts 1, so a catch-up from 0 must go to the database.
+        t.append(4, &[entry(5, "a"), entry(6, "a")]);
+        assert_eq!(seqs(t.read("a", 0, 6, 100)), None);
+        assert_eq!(seqs(t.read("a", 1, 6, 100)), Some(vec![3, 5, 6]));
+        // A hole (a chunk that does not follow the tail) resets it.
+        t.append(7, &[entry(8, "a")]);
+        assert_eq!(seqs(t.read("a", 6, 8, 100)), None);
+        assert_eq!(seqs(t.read("a", 7, 8, 100)), Some(vec![8]));
     }
 
     #[test]

@@ -114,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
             if config.database_url().starts_with("sqlite:") {
                 std::fs::create_dir_all(&config.data_dir)?;
             }
-            let store = Store::open(&config.database_url(), 2).await?;
+            let store = Store::open(&config.database_url(), 2, config.sqlite_synchronous).await?;
             println!("migrations applied; epoch {}", store.epoch());
             store.close().await;
         }

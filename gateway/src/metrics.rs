@@ -39,6 +39,8 @@ pub struct Metrics {
     pub published_seq: IntGauge,
     /// Bytes queued in outbound buffers, summed over connections.
     pub outbound_bytes: IntGauge,
+    /// Catch-up pages read, by source (`memory`: the hub's recent log tail; `database`).
+    pub catch_up_pages: IntCounterVec,
 }
 
 impl Metrics {
@@ -114,6 +116,11 @@ impl Metrics {
                 "Last seq published to subscribers",
             ),
             outbound_bytes: gauge("syncgate_outbound_queue_bytes", "Bytes queued for clients"),
+            catch_up_pages: counter_vec(
+                "syncgate_catch_up_pages_total",
+                "Catch-up pages read, by source (memory or database)",
+                &["source"],
+            ),
             registry,
         }
     }

@@ -63,7 +63,7 @@ impl Gateway {
             })?;
         }
         let secret = load_or_create_secret(&config.auth.jwt_secret, &config.data_dir)?;
-        let store = Store::open(&url, config.database_pool_size)
+        let store = Store::open(&url, config.database_pool_size, config.sqlite_synchronous)
             .await
             .with_context(|| format!("opening database {}", redact(&url)))?;
         let ws = TcpListener::bind(config.listen)
@@ -89,6 +89,7 @@ impl Gateway {
             store.epoch().to_owned(),
             metrics.clone(),
             budget,
+            config.catch_up_cache_bytes,
         ));
         let (hub_tx, hub_rx) = mpsc::channel::<HubEvent>(1024);
         background.spawn(run_follower(

@@ -76,10 +76,31 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
             }
             continue;
         }
-        let page = shared
-            .store
-            .read_changes(&entry.collection, position, target, CATCH_UP_PAGE)
-            .await?;
+        let page = match hub.read_tail(&entry.collection, position, target, CATCH_UP_PAGE as usize)
+        {
+            Some(page) => {
+                shared
+                    .metrics
+                    .catch_up_pages
+                    .with_label_values(&["memory"])
+                    .inc();
+                page
+            }
+            None => {
+                shared
+                    .metrics
+                    .catch_up_pages
+                    .with_label_values(&["database"])
+                    .inc();
+                shared
+                    .store
+                    .read_changes(&entry.collection, position, target, CATCH_UP_PAGE)
+                    .await?
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect()
+            }
+        };
         let upto = if (page.len() as u64) < CATCH_UP_PAGE {
             target
         } else {

@@ -64,19 +64,29 @@ pub async fn run(
     };
     let total = cfg.writers as u64 * cfg.mutations_per_writer;
     let progress = Progress::new("deliveries", total * cfg.subscribers as u64);
+    // Subscribers are live before anything is written: every change must reach them as a
+    // change, not inside a snapshot.
+    let (live_tx, mut live_rx) = tokio::sync::mpsc::channel::<()>(cfg.subscribers.max(1));
     let subscribers: Vec<_> = (0..cfg.subscribers)
         .map(|i| {
-            let (target, collection, run, progress) = (
+            let (target, collection, run, progress, live) = (
                 target.clone(),
                 cfg.collection.clone(),
                 run.clone(),
                 progress.clone(),
+                live_tx.clone(),
             );
             tokio::spawn(async move {
-                follow(&target, i, &collection, &run, total, end, &progress).await
+                follow(&target, i, &collection, &run, total, end, &progress, live).await
             })
         })
         .collect();
+    drop(live_tx);
+    for _ in 0..cfg.subscribers {
+        if live_rx.recv().await.is_none() {
+            break; // a subscriber failed; its task reports why
+        }
+    }
     let writers: Vec<_> = (0..cfg.writers)
         .map(|w| {
             let writer = ChaosWriter {
@@ -189,7 +199,9 @@ async fn connect_retrying(
     }
 }
 
-/// A subscriber that resumes from its cursor after every disconnect.
+/// A subscriber that resumes from its cursor after every disconnect; says `live` once first
+/// synced.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     target: &Target,
     i: usize,
@@ -198,7 +210,9 @@ async fn follow(
     total: u64,
     end: Instant,
     progress: &Progress,
+    live: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<(Received, u64)> {
+    let mut live = Some(live);
     let filter = run_filter(run);
     let name = format!("lt-chaos-sub-{run}-{i}");
     let mut got = Received {
@@ -220,7 +234,10 @@ async fn follow(
             continue;
         };
         if docs > 0 {
-            bail!("resumed with a cursor but got a snapshot of {docs} documents");
+            bail!("got a snapshot of {docs} documents (a resync, or writes before it was live)");
+        }
+        if let Some(l) = live.take() {
+            let _ = l.send(()).await;
         }
         got.absorb(&catch_up, None);
         progress.inc(catch_up.len() as u64);

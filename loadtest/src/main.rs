@@ -260,6 +260,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
         .flatten()
         .map(|pid| Sampler::start(pid, Duration::from_millis(200)));
     let collection = cli.collection.clone();
+    let harness_start = procfs::read(std::process::id());
     let result = scenario(
         &cli,
         target,
@@ -275,7 +276,13 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
     let mut report = result?;
     report.gateway = sampler.map(Sampler::finish);
     let mut json = serde_json::to_value(&report)?;
-    json["harness"] = serde_json::json!({"nofile_limit": nofile, "pid": std::process::id()});
+    // The harness's own CPU: at high fan-out it decodes every frame on the other core, and a
+    // harness at 100 % bounds what the run can show of the gateway.
+    let harness_cpu = harness_start
+        .zip(procfs::read(std::process::id()))
+        .map(|(a, b)| procfs::cpu_percent(&a, &b));
+    json["harness"] = serde_json::json!({"nofile_limit": nofile, "pid": std::process::id(),
+        "cpu_percent": harness_cpu});
     let text = serde_json::to_string_pretty(&json)?;
     println!("{text}");
     if let Some(path) = &cli.report {

@@ -39,6 +39,15 @@ pub fn read(pid: u32) -> Option<Reading> {
     })
 }
 
+/// CPU use between two readings of one process, in percent of one core.
+pub fn cpu_percent(a: &Reading, b: &Reading) -> f64 {
+    let secs = b.at.duration_since(a.at).as_secs_f64();
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / TICKS_PER_SEC / secs * 100.0
+}
+
 /// What the sampler saw over a run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProcStats {

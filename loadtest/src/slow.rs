@@ -154,6 +154,9 @@ pub async fn run(cfg: &SlowConfig) -> anyhow::Result<Report> {
                     Some(ConnError::Closed(Some(code))) => {
                         outcome.close_codes.push(code);
                     }
+                    // The gateway gave up on the stuck socket (its close could not get past
+                    // the backlog): the connection ends without a close frame. Resume.
+                    Some(ConnError::Ws(e)) => outcome.dropped.push(e.to_string()),
                     Some(e) => outcome.errors.push(e.to_string()),
                 }
             }
@@ -216,7 +219,8 @@ pub async fn run(cfg: &SlowConfig) -> anyhow::Result<Report> {
             "others_p99_ratio_during_vs_before": ratio,
             "stalled": {"disconnected_with_slow_consumer": outcome.slow_consumer_error
                             || outcome.close_codes.contains(&(4000 + ErrorCode::SlowConsumer.code())),
-                        "close_codes": outcome.close_codes, "reconnects": outcome.reconnects,
+                        "close_codes": outcome.close_codes, "dropped": outcome.dropped,
+                        "reconnects": outcome.reconnects,
                         "received": stalled_got.count},
             "gateway_rss_kib": {"start": rss_start, "stall_start": rss_stall_start,
                                 "stall_end": rss_stall_end, "end": rss_end}}),
@@ -230,6 +234,7 @@ pub async fn run(cfg: &SlowConfig) -> anyhow::Result<Report> {
 struct StallOutcome {
     slow_consumer_error: bool,
     close_codes: Vec<u16>,
+    dropped: Vec<String>,
     reconnects: u32,
     errors: Vec<String>,
 }

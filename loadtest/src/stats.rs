@@ -30,22 +30,18 @@ fn timeline_bucket_upper_us(i: usize) -> f64 {
     1.25f64.powi(i as i32 + 1)
 }
 
-/// Records latencies in microseconds, 1 µs to 10 minutes, 3 significant digits, plus a coarse
-/// per-second timeline.
-#[derive(Debug, Clone)]
+/// Records latencies in microseconds, 1 µs to 10 minutes, 2 significant digits (values within
+/// 1 %), plus a coarse per-second timeline. The histogram is allocated on the first sample
+/// (~22 KiB): the harness keeps one recorder per simulated subscriber, 10,000 of them for P3.
+#[derive(Debug, Clone, Default)]
 pub struct Recorder {
-    hist: Histogram<u64>,
+    hist: Option<Histogram<u64>>,
     /// Per second since [`start_clock`]: bucket counts (384 bytes a second).
     timeline: Vec<[u32; TIMELINE_BUCKETS]>,
 }
 
-impl Default for Recorder {
-    fn default() -> Self {
-        Recorder {
-            hist: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
-            timeline: Vec::new(),
-        }
-    }
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds")
 }
 
 /// One second of the latency timeline.
@@ -75,7 +71,7 @@ impl Recorder {
             return;
         }
         let us = (d.as_micros() as u64).clamp(1, 600_000_000);
-        let _ = self.hist.record_n(us, n);
+        let _ = self.hist.get_or_insert_with(new_histogram).record_n(us, n);
         let sec = start_clock().elapsed().as_secs() as usize;
         if self.timeline.len() <= sec {
             self.timeline.resize(sec + 1, [0; TIMELINE_BUCKETS]);
@@ -86,8 +82,10 @@ impl Recorder {
 
     /// Adds another recorder's samples.
     pub fn merge(&mut self, other: &Recorder) {
-        // Same bounds on both sides: adding cannot fail.
-        let _ = self.hist.add(&other.hist);
+        if let Some(theirs) = &other.hist {
+            // Same bounds on both sides: adding cannot fail.
+            let _ = self.hist.get_or_insert_with(new_histogram).add(theirs);
+        }
         if self.timeline.len() < other.timeline.len() {
             self.timeline
                 .resize(other.timeline.len(), [0; TIMELINE_BUCKETS]);
@@ -131,36 +129,36 @@ impl Recorder {
 
     /// Number of samples.
     pub fn count(&self) -> u64 {
-        self.hist.len()
+        self.hist.as_ref().map_or(0, Histogram::len)
     }
 
     /// Percentiles of what was recorded.
     pub fn summary(&self) -> Summary {
-        if self.hist.is_empty() {
+        let Some(hist) = self.hist.as_ref().filter(|h| !h.is_empty()) else {
             return Summary::default();
-        }
-        let q = |q: f64| Duration::from_micros(self.hist.value_at_quantile(q));
+        };
+        let q = |q: f64| Duration::from_micros(hist.value_at_quantile(q));
         Summary {
-            count: self.hist.len(),
+            count: hist.len(),
             p50: q(0.50),
             p90: q(0.90),
             p99: q(0.99),
             p999: q(0.999),
-            max: Duration::from_micros(self.hist.max()),
-            mean: Duration::from_micros(self.hist.mean() as u64),
+            max: Duration::from_micros(hist.max()),
+            mean: Duration::from_micros(hist.mean() as u64),
         }
     }
 
     /// `(percentile, milliseconds)` points for a percentile plot.
     pub fn percentile_curve(&self) -> Vec<(f64, f64)> {
-        if self.hist.is_empty() {
+        let Some(hist) = self.hist.as_ref().filter(|h| !h.is_empty()) else {
             return Vec::new();
-        }
+        };
         [
             0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.99, 100.0,
         ]
         .iter()
-        .map(|p| (*p, self.hist.value_at_percentile(*p) as f64 / 1000.0))
+        .map(|p| (*p, hist.value_at_percentile(*p) as f64 / 1000.0))
         .collect()
     }
 }
@@ -207,7 +205,7 @@ mod tests {
         }
         let s = r.summary();
         assert_eq!(s.count, 1000);
-        let close = |d: Duration, ms: f64| (d.as_secs_f64() * 1e3 - ms).abs() / ms < 0.002;
+        let close = |d: Duration, ms: f64| (d.as_secs_f64() * 1e3 - ms).abs() / ms < 0.01;
         assert!(close(s.p50, 500.0), "{s:?}");
         assert!(close(s.p99, 990.0), "{s:?}");
         assert!(close(s.p999, 999.0), "{s:?}");

@@ -108,18 +108,25 @@ pub enum StoreError {
 }
 
 impl Store {
-    /// Connects, configures SQLite for WAL and durable commits, and runs migrations.
-    pub async fn open(url: &str, pool_size: u32) -> Result<Store, StoreError> {
+    /// Connects, configures SQLite for WAL and the chosen durability, and runs migrations.
+    pub async fn open(
+        url: &str,
+        pool_size: u32,
+        synchronous: crate::config::SqliteSynchronous,
+    ) -> Result<Store, StoreError> {
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.max_connections(pool_size.max(2))
             .min_connections(1)
             .connect_timeout(Duration::from_secs(10))
             .acquire_timeout(Duration::from_secs(30))
             .sqlx_logging(false);
-        opts.map_sqlx_sqlite_opts(|o| {
+        opts.map_sqlx_sqlite_opts(move |o| {
             o.create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
+                .synchronous(match synchronous {
+                    crate::config::SqliteSynchronous::Full => SqliteSynchronous::Full,
+                    crate::config::SqliteSynchronous::Normal => SqliteSynchronous::Normal,
+                })
                 .busy_timeout(Duration::from_secs(10))
         });
         // Statements are prepared once per connection and run with different key lists; a

@@ -189,6 +189,11 @@ async fn resume_from_cursor_after_disconnect(backend: Backend) {
         ((cursor.seq + 1)..=ack2.visible_at).collect::<Vec<_>>()
     );
     assert!(seen_before.iter().all(|s| *s <= cursor.seq));
+    // Everything missed was published by this node since it started: the catch-up came from
+    // the hub's recent tail, not from the database.
+    let pages = |source: &str| gw.metrics.catch_up_pages.with_label_values(&[source]).get();
+    assert!(pages("memory") >= 1);
+    assert_eq!(pages("database"), 0);
     // And live after the resume.
     let ack3 = push(&mut w, 3, vec![delete(21, "machines", "m1")]).await;
     again.until_seq(ack3.visible_at).await;
@@ -310,6 +315,14 @@ async fn restart_keeps_changes_and_mutation_horizon(backend: Backend) {
     r.until_seq(ack.visible_at).await;
     assert_eq!(r.seqs, (1..=50).collect::<Vec<_>>());
     assert_eq!(r.docs.len(), 50);
+    // A new process holds no recent tail: that catch-up was read from the database.
+    assert!(
+        gw.metrics
+            .catch_up_pages
+            .with_label_values(&["database"])
+            .get()
+            >= 1
+    );
     gw.shutdown().await;
     db.cleanup().await;
 }
