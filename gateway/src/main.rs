@@ -8,6 +8,12 @@ use syncgate_gateway::auth::{Authenticator, load_or_create_secret};
 use syncgate_gateway::storage::Store;
 use syncgate_gateway::{Config, Gateway};
 
+/// mimalloc instead of glibc's malloc: under ingest load glibc spent a third of the gateway's
+/// CPU in `_int_malloc`, `free` and `malloc_consolidate` once the catch-up tail kept recent
+/// changes alive (perf profile in BENCHMARKS.md, P5).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "syncgate", version, about = "WebSocket real-time sync gateway")]
 struct Cli {

@@ -11,7 +11,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,6 +51,25 @@ pub struct Gateway {
     grace: Duration,
 }
 
+/// Pending connections the kernel queues for the WebSocket listener (capped by
+/// `net.core.somaxconn`, 4096 on current Linux). With tokio's default of 1024, a reconnect
+/// storm of 10,000 clients overflowed the queue: dropped SYNs are retried by the clients'
+/// kernels after 1, 3, 7 ... seconds, which is what the storm's tail was made of.
+const WS_BACKLOG: u32 = 4096;
+
+/// Binds a listener with a chosen backlog (and `SO_REUSEADDR`, as tokio's `bind` sets it, so a
+/// restarted gateway gets its port back at once).
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 impl Gateway {
     /// Validates the configuration, opens the database (running migrations), binds both
     /// listeners and starts serving.
@@ -66,8 +85,7 @@ impl Gateway {
         let store = Store::open(&url, config.database_pool_size, config.sqlite_synchronous)
             .await
             .with_context(|| format!("opening database {}", redact(&url)))?;
-        let ws = TcpListener::bind(config.listen)
-            .await
+        let ws = bind(config.listen, WS_BACKLOG)
             .with_context(|| format!("binding WebSocket listener {}", config.listen))?;
         let http = TcpListener::bind(config.http_listen)
             .await

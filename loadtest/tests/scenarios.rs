@@ -250,3 +250,50 @@ async fn chaos_short_run_survives_kill_and_restart() {
     // compared with the first ones.
     assert!(report.figures["replayed_acks_checked"].as_u64().unwrap() > 0);
 }
+
+/// The command line end to end: `--spawn-gateway` (token minted by the gateway, CPU/RSS
+/// sampled), `connect --workers 2` (two child processes, merged report), JSON and HTML files.
+#[test]
+fn cli_connect_with_workers_against_a_spawned_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, html) = (dir.path().join("r.json"), dir.path().join("r.html"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncgate-loadtest"))
+        .args(["--quiet", "--deadline", "60", "--spawn-gateway"])
+        .arg(syncgate_bin())
+        .arg(format!("--gateway-arg=--data-dir={}", dir.path().display()))
+        .arg("--gateway-log")
+        .arg(dir.path().join("gw.log"))
+        .args(["--source", "127.0.0.1-127.0.0.2", "--report"])
+        .arg(&json)
+        .arg("--html")
+        .arg(&html)
+        .args([
+            "connect",
+            "--connections",
+            "41",
+            "--workers",
+            "2",
+            "--rate",
+            "500",
+            "--hold",
+            "0",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["failures"], serde_json::json!([]));
+    assert_eq!(report["figures"]["opened"], 41);
+    assert_eq!(report["figures"]["alive_at_end"], 41);
+    assert_eq!(report["figures"]["workers"].as_array().unwrap().len(), 2);
+    assert!(report["gateway"]["rss_max_kib"].as_u64().unwrap() > 0);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("nothing lost"));
+}
