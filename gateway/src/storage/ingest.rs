@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use sea_orm::sea_query::ArrayType;
 use sea_orm::{ConnectionTrait, DbBackend, Value as DbValue};
 use syncgate_protocol::apply::{apply, check_shape};
 use syncgate_protocol::codec::to_msgpack;
@@ -91,19 +92,6 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt("sg_head has no row".into()))?
             .try_get::<i64>("", "seq")? as u64;
-        if backend == DbBackend::Postgres {
-            // Every read in this transaction is a primary-key lookup. With statistics that lag
-            // a fast-growing table, PostgreSQL plans `collection = ? AND doc_id IN (...)` as a
-            // scan of the whole collection filtered by id (measured: most of the group's time
-            // at 100,000 documents). Point lookups are always right here, so say so.
-            txn.query_one_raw(stmt(
-                backend,
-                "SELECT set_config('enable_seqscan', 'off', true), \
-                 set_config('enable_bitmapscan', 'off', true)",
-                [],
-            ))
-            .await?;
-        }
         let mut next = head;
         let mut pending = Pending {
             changes: Vec::new(),
@@ -286,17 +274,43 @@ async fn prefetch_docs(
             .push(id.as_str());
     }
     for (collection, ids) in by_collection {
-        // 100 keys keep PostgreSQL on an index scan of the primary key (with 500 it prefers a
-        // sequential scan of the collection once the table has a few 10,000 rows).
-        for chunk in ids.chunks(100) {
-            let sql = format!(
-                "SELECT doc_id, body, version, deleted FROM sg_documents \
-                 WHERE collection = ? AND doc_id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
-            );
-            let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() + 1);
-            values.push(collection.into());
-            values.extend(chunk.iter().map(|id| DbValue::from(*id)));
+        // PostgreSQL takes the ids as one array parameter, each looked up through a LATERAL
+        // subquery on both key columns: that is an index lookup per id whatever the planner
+        // believes about the table. (`doc_id IN (...)` or `= ANY(...)` were planned, with the
+        // statistics of a fast-growing table, as a scan of the whole collection filtered by
+        // id: 54 ms instead of 2 ms for 1,000 ids at 200,000 documents.) SQLite gets an `IN`
+        // list, which it always answers from the primary key.
+        let per_statement = if backend == DbBackend::Postgres {
+            1000
+        } else {
+            100
+        };
+        for chunk in ids.chunks(per_statement) {
+            let (sql, values) = if backend == DbBackend::Postgres {
+                let ids = chunk.iter().map(|id| DbValue::from(*id)).collect();
+                (
+                    "SELECT d.doc_id, d.body, d.version, d.deleted FROM unnest(?::text[]) AS k(id) \
+                     CROSS JOIN LATERAL (SELECT doc_id, body, version, deleted FROM sg_documents \
+                     WHERE collection = ? AND doc_id = k.id OFFSET 0) AS d"
+                        .to_owned(),
+                    vec![
+                        DbValue::Array(ArrayType::String, Some(Box::new(ids))),
+                        DbValue::from(collection),
+                    ],
+                )
+            } else {
+                let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() + 1);
+                values.push(collection.into());
+                values.extend(chunk.iter().map(|id| DbValue::from(*id)));
+                (
+                    format!(
+                        "SELECT doc_id, body, version, deleted FROM sg_documents \
+                         WHERE collection = ? AND doc_id IN ({})",
+                        vec!["?"; chunk.len()].join(", ")
+                    ),
+                    values,
+                )
+            };
             for r in txn.query_all_raw(stmt(backend, &sql, values)).await? {
                 let body: Option<Vec<u8>> = r.try_get("", "body")?;
                 let key = (collection.to_owned(), r.try_get::<String>("", "doc_id")?);

@@ -129,10 +129,6 @@ impl Store {
                 })
                 .busy_timeout(Duration::from_secs(10))
         });
-        // Statements are prepared once per connection and run with different key lists; a
-        // generic plan for `collection = $1 AND doc_id IN (...)` cannot use the key and scans the
-        // whole collection (106 ms at 35,000 documents, measured). Custom plans use the index.
-        opts.map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]));
         let db = Database::connect(opts).await?;
         let backend = db.get_database_backend();
         let epoch = schema::migrate(&db, backend).await?;
