@@ -52,7 +52,11 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
             resync(entry, "epoch_changed");
             snapshot(shared, entry).await?
         }
-        Some(c) if c.seq > shared.store.head().await? => {
+        // A cursor at or below what this node has published is behind the committed head:
+        // no database read. Only a cursor beyond it (committed on another node and not yet
+        // seen here, or from a log that lost its tail) needs the head. A reconnect storm of
+        // 10,000 clients otherwise queued 10,000 head reads on the pool, and some timed out.
+        Some(c) if c.seq > hub.published() && c.seq > shared.store.head().await? => {
             resync(entry, "cursor_ahead");
             snapshot(shared, entry).await?
         }
