@@ -24,14 +24,19 @@ pub struct Target {
 }
 
 impl Target {
+    /// The source address of connection number `i` (rotating over `sources`; none = the OS's
+    /// choice).
+    fn source(&self, i: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
+    }
+
     /// Connects connection number `i` (its source address rotates over `sources`).
     pub async fn connect(
         &self,
         i: usize,
         client_id: &str,
     ) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
-        let local = (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()]);
-        Connection::connect_from(&self.url, local, client_id, &self.token)
+        Connection::connect_from(&self.url, self.source(i), client_id, &self.token)
             .await
             .with_context(|| format!("connecting {client_id} to {}", self.url))
     }
@@ -43,8 +48,7 @@ impl Target {
         i: usize,
         client_id: &str,
     ) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
-        let local = (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()]);
-        let c = Connection::open_with(&self.url, local, Some(4096))
+        let c = Connection::open_with(&self.url, self.source(i), Some(4096))
             .await
             .with_context(|| format!("connecting {client_id} to {}", self.url))?;
         c.handshake(client_id, &self.token)

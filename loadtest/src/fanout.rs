@@ -15,12 +15,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use syncgate_client::{ConnError, Connection};
-use syncgate_protocol::{Cursor, Frame, MutationStatus, Ping, Push};
+use syncgate_protocol::{Cursor, Frame, Ping};
 
 use crate::common::open_subscribers;
-use crate::common::{Report, Target, left, now_ns, put_padded, run_filter, run_id, stamp};
+use crate::common::{
+    Report, Target, left, now_ns, push_and_check, put_padded, run_filter, run_id, stamp,
+};
 use crate::progress::Progress;
 use crate::stats::Recorder;
 
@@ -109,15 +111,7 @@ pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<Report> {
         let (got, err) = t.await.context("subscriber task")?;
         deliveries += got.latency.count();
         latencies.merge(&got.latency);
-        failures.extend(check_sequences(
-            &format!("subscriber {i}"),
-            &got.seen,
-            cfg.writers,
-            expected,
-        ));
-        if let Some(e) = err {
-            failures.push(format!("subscriber {i}: {e}"));
-        }
+        failures.extend(got.verdict(&format!("subscriber {i}"), cfg.writers, expected, err));
     }
     progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
@@ -193,6 +187,20 @@ pub(crate) struct Received {
 }
 
 impl Received {
+    /// What is wrong with what `who` received: each writer's `n`s must be exactly
+    /// `0..expected` in order, and the connection must not have failed.
+    pub(crate) fn verdict(
+        &self,
+        who: &str,
+        writers: usize,
+        expected: u64,
+        err: Option<ConnError>,
+    ) -> Vec<String> {
+        let mut failures = check_sequences(who, &self.seen, writers, expected);
+        failures.extend(err.map(|e| format!("{who}: {e}")));
+        failures
+    }
+
     /// Records the changes of one frame (or of a catch-up).
     pub(crate) fn absorb(&mut self, changes: &[syncgate_protocol::Change], sweep: Option<&Sweep>) {
         let now = now_ns();
@@ -312,27 +320,10 @@ impl Pace {
         for n in 0..self.count {
             tick.tick().await;
             let m = put_padded(&self.run, w, n, first_mid + n, &self.collection, self.pad);
-            c.send(&Frame::Push(Push {
-                batch: n,
-                mutations: vec![m],
-            }))
-            .await?;
-            loop {
-                match c.recv_timeout(left(self.end)).await? {
-                    Frame::PushAck(a) if a.batch == n => {
-                        if a.results
-                            .iter()
-                            .any(|r| r.status != MutationStatus::Applied)
-                        {
-                            bail!("mutation {n} rejected: {:?}", a.results);
-                        }
-                        applied += 1;
-                        break;
-                    }
-                    Frame::Error(e) => bail!("{} {}", e.name, e.message),
-                    _ => {}
-                }
-            }
+            push_and_check(&mut c, n, vec![m], self.end)
+                .await
+                .with_context(|| format!("mutation {n}"))?;
+            applied += 1;
         }
         c.close().await;
         Ok(applied)

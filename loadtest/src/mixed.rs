@@ -24,7 +24,7 @@ use syncgate_protocol::{
 };
 use tokio::sync::watch;
 
-use crate::common::{Report, Target, left, run_id};
+use crate::common::{Report, Target, left, push_and_check, run_id};
 use crate::progress::Progress;
 use crate::stats::Recorder;
 
@@ -395,33 +395,16 @@ impl Backend {
     ) -> anyhow::Result<()> {
         let coll = m.collection.clone();
         self.batch += 1;
-        let batch = self.batch;
         self.next_mid += 1;
-        self.conn
-            .send(&Frame::Push(Push {
-                batch,
-                mutations: vec![m],
-            }))
-            .await?;
-        loop {
-            match self.conn.recv_timeout(left(self.end)).await? {
-                Frame::PushAck(a) if a.batch == batch => {
-                    let r = a.results.first().context("empty ack")?;
-                    match (r.status, r.version) {
-                        (MutationStatus::Applied, Some(v)) => {
-                            committed
-                                .entry((coll, plant.to_owned()))
-                                .or_default()
-                                .insert(v);
-                            return Ok(());
-                        }
-                        _ => bail!("backend write not applied: {r:?}"),
-                    }
-                }
-                Frame::Error(e) => bail!("backend: {} {}", e.name, e.message),
-                _ => {}
-            }
-        }
+        // One mutation, checked as applied: the batch's `visible_at` is its version.
+        let version = push_and_check(&mut self.conn, self.batch, vec![m], self.end)
+            .await
+            .context("backend write")?;
+        committed
+            .entry((coll, plant.to_owned()))
+            .or_default()
+            .insert(version);
+        Ok(())
     }
 
     async fn put(

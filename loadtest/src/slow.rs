@@ -180,15 +180,7 @@ pub async fn run(cfg: &SlowConfig) -> anyhow::Result<Report> {
         let (got, err) = t.await.context("reader task")?;
         before.merge(&got.latency);
         during.merge(&got.latency_late);
-        failures.extend(check_sequences(
-            &format!("subscriber {i}"),
-            &got.seen,
-            cfg.writers,
-            per_writer,
-        ));
-        if let Some(e) = err {
-            failures.push(format!("subscriber {i}: {e}"));
-        }
+        failures.extend(got.verdict(&format!("subscriber {i}"), cfg.writers, per_writer, err));
     }
     let (stalled_got, outcome) = stalled_task.await.context("stalled task")??;
     failures.extend(check_sequences(
