@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::hub::{SubEntry, close_code};
 use crate::ingest::IngestRequest;
+use crate::ingest::order::Refusal;
 use crate::outbound::Outbound;
 use crate::server::Shared;
 use crate::storage::{PushJob, PushOutcome};
@@ -42,7 +43,7 @@ type PushReply = Pin<
                 Output = (
                     u64,
                     Instant,
-                    Result<Result<PushOutcome, ErrorCode>, oneshot::error::RecvError>,
+                    Result<Result<PushOutcome, Refusal>, oneshot::error::RecvError>,
                 ),
             > + Send,
     >,
@@ -415,30 +416,9 @@ impl Connection {
         self.subs.insert(s.sub, ActiveSub { entry, task });
     }
 
+    /// Hands a batch to ingest, which also checks its shape: a refused batch must fence the
+    /// client's later batches there (see `ingest::order`).
     fn push(&mut self, p: Push) -> Option<PushReply> {
-        let limits = &self.shared.config.limits;
-        let batch = Some(p.batch);
-        if p.mutations.len() > limits.max_mutations_per_batch as usize {
-            let msg = format!(
-                "at most {} mutations per batch",
-                limits.max_mutations_per_batch
-            );
-            self.error(ErrorCode::BatchTooLarge, &msg, false, None, batch);
-            return None;
-        }
-        if p.mutations
-            .windows(2)
-            .any(|w| w[0].mutation_id >= w[1].mutation_id)
-        {
-            self.error(
-                ErrorCode::MutationIdsNotIncreasing,
-                "mutation ids must strictly increase",
-                false,
-                None,
-                batch,
-            );
-            return None;
-        }
         let session = self.session.as_ref()?;
         let (reply, rx) = oneshot::channel();
         let req = IngestRequest {
@@ -454,7 +434,14 @@ impl Connection {
         let ingest = self.shared.ingest.clone();
         Some(Box::pin(async move {
             if ingest.send(req).await.is_err() {
-                return (p.batch, started, Ok(Err(ErrorCode::ServerDraining)));
+                return (
+                    p.batch,
+                    started,
+                    Ok(Err(Refusal::new(
+                        ErrorCode::ServerDraining,
+                        "the gateway is shutting down; push the batch again after reconnecting",
+                    ))),
+                );
             }
             (p.batch, started, rx.await)
         }))
@@ -464,7 +451,7 @@ impl Connection {
         &mut self,
         batch: u64,
         started: Instant,
-        reply: Result<Result<PushOutcome, ErrorCode>, oneshot::error::RecvError>,
+        reply: Result<Result<PushOutcome, Refusal>, oneshot::error::RecvError>,
     ) {
         match reply {
             Ok(Ok(outcome)) => {
@@ -478,13 +465,9 @@ impl Connection {
                     visible_at: outcome.visible_at,
                 }));
             }
-            Ok(Err(code)) => self.error(
-                code,
-                "the batch was not committed; retry it",
-                false,
-                None,
-                Some(batch),
-            ),
+            Ok(Err(refusal)) => {
+                self.error(refusal.code, &refusal.message, false, None, Some(batch))
+            }
             Err(_) => self.error(
                 ErrorCode::InternalError,
                 "ingest stopped; retry the batch",

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub outbound_bytes: IntGauge,
     /// Catch-up pages read, by source (`memory`: the hub's recent log tail; `database`).
     pub catch_up_pages: IntCounterVec,
+    /// Clients whose later pushes are refused until they replay a batch that was not applied.
+    pub fenced_clients: IntGauge,
 }
 
 impl Metrics {
@@ -120,6 +122,10 @@ impl Metrics {
                 "syncgate_catch_up_pages_total",
                 "Catch-up pages read, by source (memory or database)",
                 &["source"],
+            ),
+            fenced_clients: gauge(
+                "syncgate_fenced_clients",
+                "Clients that must replay a batch that was not applied before later ones apply",
             ),
             registry,
         }

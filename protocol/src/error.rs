@@ -95,6 +95,9 @@ error_codes! {
     HeartbeatTimeout = 503, "heartbeat_timeout", true;
     /// The database is unreachable; retry with backoff.
     StorageUnavailable = 504, "storage_unavailable", true;
+    /// An earlier batch of this client was not committed, so this later one was not applied
+    /// either (it would overtake it): push again from the first unacknowledged mutation, in order.
+    ReplayRequired = 505, "replay_required", true;
 }
 
 impl fmt::Display for ErrorCode {

@@ -313,3 +313,116 @@ pub async fn server_docs(gw: &Gateway, collection: &str) -> BTreeMap<String, (Bo
         }
     }
 }
+
+/// Waits until the gateway has published everything up to `seq` to its subscribers: pings on
+/// `conn` until a pong's `head` covers it (a pong is queued after everything published before
+/// the ping was read). Tests that need a change to be in the hub's recent tail, not merely
+/// committed, wait on this instead of racing the publication.
+pub async fn wait_published(conn: &mut Connection, seq: u64) {
+    let end = Instant::now() + DEADLINE;
+    let mut nonce = 1_000_000;
+    loop {
+        nonce += 1;
+        conn.send(&Frame::Ping(Ping { nonce })).await.unwrap();
+        loop {
+            match conn
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+                .await
+                .expect("pong before the deadline")
+            {
+                Frame::Pong(p) if p.nonce == nonce => {
+                    if p.head.unwrap_or(0) >= seq {
+                        return;
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What a push was answered with: its ack, or the error sent with its batch id.
+#[derive(Debug)]
+pub enum Answer {
+    Ack(PushAck),
+    Refused(ErrorFrame),
+}
+
+/// Sends every batch without waiting, then collects one answer per batch (in push order).
+pub async fn push_pipelined(
+    conn: &mut Connection,
+    batches: &[(u64, Vec<Mutation>)],
+) -> BTreeMap<u64, Answer> {
+    for (batch, mutations) in batches {
+        conn.send(&Frame::Push(Push {
+            batch: *batch,
+            mutations: mutations.clone(),
+        }))
+        .await
+        .unwrap();
+    }
+    let end = Instant::now() + DEADLINE;
+    let mut answers = BTreeMap::new();
+    while answers.len() < batches.len() {
+        match conn
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .await
+            .expect("an answer to every push")
+        {
+            Frame::PushAck(a) => {
+                answers.insert(a.batch, Answer::Ack(a));
+            }
+            Frame::Error(e) if e.batch.is_some() => {
+                answers.insert(e.batch.unwrap(), Answer::Refused(e));
+            }
+            Frame::Error(e) => panic!("unexpected error {e:?}"),
+            _ => {}
+        }
+    }
+    answers
+}
+
+/// A fault injected into the database a gateway writes to: while armed, a transaction that
+/// writes a change of the document `poison` fails. On SQLite a trigger aborts the statement;
+/// on PostgreSQL a trigger terminates the gateway's own database session (as an operator's
+/// `pg_terminate_backend` or a failover would), so the group's connection dies mid-transaction.
+pub struct Fault {
+    db: sea_orm::DatabaseConnection,
+}
+
+impl Fault {
+    pub const POISON: &'static str = "poison";
+
+    pub async fn install(url: &str, backend: Backend) -> Fault {
+        let db = Database::connect(url).await.expect("fault connection");
+        let statements: &[&str] = match backend {
+            Backend::Sqlite => &[
+                "CREATE TABLE sg_test_fault (armed INTEGER NOT NULL)",
+                "INSERT INTO sg_test_fault VALUES (1)",
+                "CREATE TRIGGER sg_test_fault BEFORE INSERT ON sg_changes \
+                 WHEN NEW.doc_id = 'poison' AND (SELECT armed FROM sg_test_fault) = 1 \
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+            ],
+            Backend::Postgres => &[
+                "CREATE TABLE sg_test_fault (armed BOOLEAN NOT NULL)",
+                "INSERT INTO sg_test_fault VALUES (TRUE)",
+                "CREATE FUNCTION sg_test_fault() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN IF NEW.doc_id = 'poison' AND (SELECT armed FROM sg_test_fault) THEN \
+                 PERFORM pg_terminate_backend(pg_backend_pid()); END IF; RETURN NEW; END $$",
+                "CREATE TRIGGER sg_test_fault BEFORE INSERT ON sg_changes \
+                 FOR EACH ROW EXECUTE FUNCTION sg_test_fault()",
+            ],
+        };
+        for s in statements {
+            db.execute_unprepared(s).await.expect("install fault");
+        }
+        Fault { db }
+    }
+
+    pub async fn arm(&self, armed: bool) {
+        let v = if armed { "1" } else { "0" };
+        let sql = format!("UPDATE sg_test_fault SET armed = ({v} = 1)");
+        self.db.execute_unprepared(&sql).await.expect("arm fault");
+    }
+}

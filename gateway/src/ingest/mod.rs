@@ -1,0 +1,114 @@
+//! The group-commit task: one per node. Connections hand it push jobs; it takes everything
+//! queued (up to `group_commit_max_mutations`), commits it in one transaction, passes the
+//! committed changes to the hub and answers each job.
+//!
+//! # Layout
+//! - this module: the task (the I/O shell).
+//! - [`order`]: which batches may join a group, so that a client's later batch never commits
+//!   past an earlier one that failed (a pure decision).
+
+pub mod order;
+
+use std::time::Instant;
+
+use syncgate_protocol::{ErrorCode, MutationStatus};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hub::HubEvent;
+use crate::metrics::Metrics;
+use crate::storage::{PushJob, PushOutcome, Rules, Store};
+use order::{ClientOrder, Refusal};
+
+/// A job and where to send its outcome.
+pub struct IngestRequest {
+    /// The batch.
+    pub job: PushJob,
+    /// The outcome, or why the batch was not applied (the client pushes it again, or fixes it).
+    pub reply: oneshot::Sender<Result<PushOutcome, Refusal>>,
+}
+
+/// Runs until every sender is dropped.
+pub async fn run_ingest(
+    store: Store,
+    rules: Rules,
+    mut rx: mpsc::Receiver<IngestRequest>,
+    hub: mpsc::Sender<HubEvent>,
+    max_mutations: usize,
+    metrics: Metrics,
+) {
+    let mut order = ClientOrder::default();
+    while let Some(first) = rx.recv().await {
+        let mut jobs: Vec<PushJob> = Vec::new();
+        let mut replies: Vec<oneshot::Sender<Result<PushOutcome, Refusal>>> = Vec::new();
+        let mut n = 0;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match order.admit(&req.job.client_id, &req.job.mutations, &rules.limits) {
+                Ok(()) => {
+                    n += req.job.mutations.len();
+                    jobs.push(req.job);
+                    replies.push(req.reply);
+                }
+                Err(refusal) => {
+                    tracing::info!(
+                        client_id = %req.job.client_id,
+                        batch = req.job.batch,
+                        code = refusal.code.code(),
+                        reason = %refusal.message,
+                        "push refused before commit"
+                    );
+                    let _ = req.reply.send(Err(refusal));
+                }
+            }
+            if n < max_mutations {
+                next = rx.try_recv().ok();
+            }
+        }
+        metrics.fenced_clients.set(order.len() as i64);
+        if jobs.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let result = store.apply_group(&jobs, &rules).await;
+        metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.group_size.observe(n as f64);
+        match result {
+            Ok((outcomes, committed)) => {
+                // Fan-out first: the follower publishes in seq order, the acks go straight out.
+                let _ = hub.send(HubEvent::Committed(committed)).await;
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    for r in &outcome.results {
+                        let status = match r.status {
+                            MutationStatus::Applied => "applied",
+                            MutationStatus::Rejected => "rejected",
+                        };
+                        metrics.mutations.with_label_values(&[status]).inc();
+                    }
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = jobs.len(), "group commit failed; clients will retry");
+                // No later batch of these clients may commit before they replay this one.
+                order.group_failed(jobs.iter().map(|j| {
+                    (
+                        j.client_id.as_str(),
+                        j.mutations.first().map(|m| m.mutation_id),
+                    )
+                }));
+                metrics.fenced_clients.set(order.len() as i64);
+                // The hub may have missed nothing (rolled back) or a commit whose answer was
+                // lost; a poll settles it.
+                let _ = hub.send(HubEvent::Wake).await;
+                for reply in replies {
+                    let _ = reply.send(Err(Refusal::new(
+                        ErrorCode::StorageUnavailable,
+                        "the batch was not committed; push it again (with every later batch, in order)",
+                    )));
+                }
+            }
+        }
+    }
+}
