@@ -1,8 +1,11 @@
 //! `syncgate-client`: the SDK's command line. Every command works on a data directory (the
 //! local replica, the outbox and the client id); commands that need the gateway connect to it.
 //!
-//! Exit status: 0 success; 1 failure (offline, timeout, not found, local error); 2 usage
-//! error; 3 synced, but the server rejected some mutations (listed on stderr).
+//! Exit status (README "Exit status"): 0 done; 1 failed (not found, local error); 2 usage
+//! error (bad arguments, invalid JSON, no token, nothing to subscribe); 3 synced, but the
+//! server rejected some mutations (listed on stderr); 4 not synced: the gateway could not be
+//! reached or did not finish in time (edits stay queued in the outbox); 5 the gateway refused
+//! this client (bad token, wrong URL ...): retrying will not help until that is fixed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +14,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use syncgate_client::json::{body_to_json, parse_body, to_value};
-use syncgate_client::{Client, ClientBuilder, ClientError, Event, OutboxState, SyncReport};
+use syncgate_client::{
+    Client, ClientBuilder, ClientError, ConnectionState, Event, OutboxState, SyncReport,
+};
 use syncgate_protocol::{Body, MutationOp};
 
 #[derive(Parser)]
@@ -49,7 +54,8 @@ struct Common {
     )]
     data_dir: PathBuf,
     /// Follow a collection, optionally filtered: `work_orders` or `work_orders:plant=p1,line=2`
-    /// (repeatable). When given, the list replaces the stored subscriptions.
+    /// (repeatable). Added to the stored subscriptions (a collection already followed gets
+    /// the new filter); `unsubscribe` removes one.
     #[arg(long = "sub", global = true, value_parser = parse_sub)]
     subs: Vec<(String, Body)>,
 }
@@ -78,34 +84,60 @@ enum Command {
     },
     /// Create or replace a document: put COLLECTION ID '{"field": "value"}'.
     Put {
+        /// The collection (declared on the gateway), e.g. work_orders.
         collection: String,
+        /// The document id (1..=128 bytes, no control characters).
         id: String,
+        /// The whole document as a JSON object; `@FILE` reads it from a file, `-` from
+        /// standard input.
         body: String,
         #[command(flatten)]
         upload: Upload,
     },
     /// Set some fields of a document (null removes a field): patch COLLECTION ID '{"f": 1}'.
     Patch {
+        /// The collection.
         collection: String,
+        /// The document id.
         id: String,
+        /// The fields to set, as a JSON object (null removes a field); `@FILE` reads it from a
+        /// file, `-` from standard input.
         body: String,
         #[command(flatten)]
         upload: Upload,
     },
     /// Delete a document.
     Delete {
+        /// The collection.
         collection: String,
+        /// The document id.
         id: String,
         #[command(flatten)]
         upload: Upload,
     },
-    /// Print a document from the local replica (with local edits applied).
-    Get { collection: String, id: String },
+    /// Print a document from the local replica (with local edits applied). Documents of
+    /// followed collections are there, and so is everything this client wrote.
+    Get {
+        /// The collection.
+        collection: String,
+        /// The document id.
+        id: String,
+    },
     /// Print the documents of a collection from the local replica, optionally filtered.
     Query {
+        /// The collection.
         collection: String,
+        /// Equality filter, repeatable: --filter plant=p1 (the value is JSON if it parses as
+        /// JSON, a string otherwise).
         #[arg(long = "filter", value_parser = parse_term)]
         filters: Vec<(String, serde_json::Value)>,
+    },
+    /// Stop following collections: their downloaded documents are forgotten (local edits
+    /// still waiting for the server are kept). Says what it removed.
+    Unsubscribe {
+        /// The collections to stop following.
+        #[arg(required = true)]
+        collections: Vec<String>,
     },
     /// Print the outbox: mutations waiting for the server.
     Outbox,
@@ -118,9 +150,57 @@ struct Upload {
     /// Only queue the edit; upload on the next sync.
     #[arg(long)]
     no_upload: bool,
-    /// How long to try uploading before leaving the edit queued.
+    /// How long to wait for the upload once the gateway accepted the connection. An
+    /// unreachable gateway is not waited for: the edit stays queued and the command exits 4.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     timeout: Duration,
+}
+
+/// Exit statuses; the README's "Exit status" section lists them.
+mod status {
+    pub(crate) const FAILED: u8 = 1;
+    pub(crate) const USAGE: u8 = 2;
+    pub(crate) const REJECTED: u8 = 3;
+    pub(crate) const NOT_SYNCED: u8 = 4;
+    pub(crate) const REFUSED: u8 = 5;
+}
+
+/// An error in how the command was called (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Usage(msg.into()).into()
+}
+
+/// Reads a JSON body argument: inline text, `@FILE`, or `-` for standard input.
+fn read_body(arg: &str) -> anyhow::Result<Body> {
+    let text = if arg == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+            .map_err(|e| usage(format!("reading the body from standard input: {e}")))?;
+        t
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("reading the body from {path}: {e}")))?
+    } else {
+        arg.to_owned()
+    };
+    parse_body(&text).map_err(usage)
+}
+
+/// The exit status for an error.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<Usage>().is_some() || e.downcast_ref::<clap::Error>().is_some() {
+        return status::USAGE;
+    }
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Invalid { .. } | ClientError::Config(_)) => status::USAGE,
+        Some(ClientError::Refused { .. }) => status::REFUSED,
+        Some(ClientError::Offline { .. } | ClientError::Timeout { .. }) => status::NOT_SYNCED,
+        _ => status::FAILED,
+    }
 }
 
 fn parse_term(s: &str) -> Result<(String, serde_json::Value), String> {
@@ -166,23 +246,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
-fn builder(common: &Common, subs: Option<Vec<(String, Body)>>) -> ClientBuilder {
-    let mut b = Client::builder(&common.url).data_dir(&common.data_dir);
+/// A builder for the data directory: `--sub` subscriptions are added to the stored ones.
+fn builder(common: &Common) -> ClientBuilder {
+    let mut b = Client::builder(&common.url)
+        .data_dir(&common.data_dir)
+        .keep_subscriptions(true);
     if let Some(t) = &common.token {
         b = b.token(t.clone());
     }
-    let subs = subs.unwrap_or_else(|| common.subs.clone());
-    for (c, f) in subs {
-        b = b.subscribe(c, f);
+    for (c, f) in &common.subs {
+        b = b.subscribe(c.clone(), f.clone());
     }
     b
 }
 
 fn need_token(common: &Common) -> anyhow::Result<()> {
     if common.token.is_none() {
-        anyhow::bail!(
-            "no token: pass --token or set SYNCGATE_TOKEN (mint one with `syncgate token --user NAME`)"
-        );
+        return Err(usage(
+            "no token: pass --token or set SYNCGATE_TOKEN (mint one with `syncgate token --user NAME`)",
+        ));
     }
     Ok(())
 }
@@ -193,8 +275,9 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
+            // Each cause once, on one line: "what failed: why".
             eprintln!("syncgate-client: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&e))
         }
     }
 }
@@ -213,8 +296,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let every = every.context("--every needs a duration")?;
             loop {
-                // A failed round is reported and retried next period; the outbox keeps its work.
-                let _ = sync_round(common, timeout).await;
+                // A failed round is reported and retried next period; the outbox keeps its
+                // work. A refusal (bad token, wrong URL) ends the loop: waiting cannot fix it.
+                if let Err(e) = sync_round(common, timeout).await {
+                    eprintln!("syncgate-client: {e:#}");
+                    if exit_status(&e) == status::REFUSED {
+                        return Err(e);
+                    }
+                }
                 tokio::time::sleep(every).await;
             }
         }
@@ -223,26 +312,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             filters,
         } => {
             need_token(common)?;
-            let mut subs = common.subs.clone();
-            if subs.is_empty() {
-                let local = builder(common, Some(Vec::new())).open_local().await?;
-                subs = local
-                    .status()
-                    .await?
-                    .subscriptions
-                    .into_iter()
-                    .map(|s| (s.collection, s.filter))
-                    .collect();
-                local.close().await;
-            }
+            let mut b = builder(common);
             if let Some(c) = collection {
-                subs.retain(|(sc, _)| *sc != c);
-                subs.push((c, terms_to_body(&filters)));
+                b = b.subscribe(c, terms_to_body(&filters));
             }
-            if subs.is_empty() {
-                anyhow::bail!("nothing to subscribe: name a COLLECTION or pass --sub");
-            }
-            subscribe(common, subs).await
+            subscribe(b).await
         }
         Command::Put {
             collection,
@@ -250,7 +324,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             body,
             upload,
         } => {
-            let body = parse_body(&body).map_err(anyhow::Error::msg)?;
+            let body = read_body(&body)?;
             write(common, &upload, collection, id, MutationOp::Put, Some(body)).await
         }
         Command::Patch {
@@ -259,7 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             body,
             upload,
         } => {
-            let body = parse_body(&body).map_err(anyhow::Error::msg)?;
+            let body = read_body(&body)?;
             write(
                 common,
                 &upload,
@@ -276,7 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             upload,
         } => write(common, &upload, collection, id, MutationOp::Delete, None).await,
         Command::Get { collection, id } => {
-            let client = builder(common, None).open_local().await?;
+            let client = builder(common).open_local().await?;
             let doc = client.get(&collection, &id).await?;
             client.close().await;
             match doc {
@@ -298,7 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             collection,
             filters,
         } => {
-            let client = builder(common, None).open_local().await?;
+            let client = builder(common).open_local().await?;
             let docs = client.query(&collection, &terms_to_body(&filters)).await?;
             client.close().await;
             for d in docs {
@@ -310,8 +384,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Unsubscribe { collections } => {
+            let local = builder(common).open_local().await?;
+            let stored = local.status().await?.subscriptions;
+            let mut keep = Vec::new();
+            let mut removed = Vec::new();
+            for s in stored {
+                if collections.contains(&s.collection) {
+                    removed.push(s.collection);
+                } else {
+                    keep.push((s.collection, s.filter));
+                }
+            }
+            let mut counts = Vec::new();
+            for c in &removed {
+                let docs = local.query(c, &Body::new()).await?;
+                let pending = docs.iter().filter(|d| d.pending).count();
+                counts.push((c.clone(), docs.len(), pending));
+            }
+            local.close().await;
+            if let Some(unknown) = collections.iter().find(|c| !removed.contains(c)) {
+                return Err(usage(format!("{unknown} is not a followed collection")));
+            }
+            Client::builder(&common.url)
+                .data_dir(&common.data_dir)
+                .replace_subscriptions(keep)
+                .open_local()
+                .await?
+                .close()
+                .await;
+            for (c, docs, pending) in counts {
+                println!(
+                    "{}",
+                    serde_json::json!({"unsubscribed": c, "documents_forgotten": docs - pending,
+                        "documents_with_local_edits_kept": pending})
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Outbox => {
-            let client = builder(common, None).open_local().await?;
+            let client = builder(common).open_local().await?;
             let entries = client.outbox().await?;
             client.close().await;
             for e in &entries {
@@ -336,7 +448,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
-            let client = builder(common, None).open_local().await?;
+            let client = builder(common).open_local().await?;
             let st = client.status().await?;
             let rejected = client.rejected().await?;
             client.close().await;
@@ -379,7 +491,7 @@ fn op_name(op: MutationOp) -> &'static str {
 
 /// One `sync --once` round: exit 0 when everything was uploaded and downloaded.
 async fn sync_round(common: &Common, timeout: Duration) -> anyhow::Result<ExitCode> {
-    let b = builder(common, None);
+    let b = builder(common);
     let mut events = b.events();
     let client = b.open().await?;
     let result = client.sync_now(timeout).await;
@@ -418,15 +530,12 @@ fn report(result: Result<SyncReport, ClientError>, rejected: u64) -> anyhow::Res
                 serde_json::json!({"synced": true, "head": r.head, "pending": r.pending, "rejected": rejected})
             );
             Ok(if rejected > 0 {
-                ExitCode::from(3)
+                ExitCode::from(status::REJECTED)
             } else {
                 ExitCode::SUCCESS
             })
         }
-        Err(e) => {
-            eprintln!("syncgate-client: sync failed: {e}");
-            Ok(ExitCode::FAILURE)
-        }
+        Err(e) => Err(anyhow::Error::from(e).context("sync failed")),
     }
 }
 
@@ -439,7 +548,7 @@ async fn write(
     body: Option<Body>,
 ) -> anyhow::Result<ExitCode> {
     let upload_now = !upload.no_upload && common.token.is_some();
-    let b = builder(common, None);
+    let b = builder(common);
     let mut events = b.events();
     let client = if upload_now {
         b.open().await?
@@ -464,31 +573,54 @@ async fn write(
     };
     eprintln!("queued as mutation {mutation_id}");
     if !upload_now {
-        if common.token.is_none() && !upload.no_upload {
-            eprintln!("no token: not uploaded; `syncgate-client sync --once` uploads it");
-        }
         client.close().await;
-        return Ok(ExitCode::SUCCESS);
+        if upload.no_upload {
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!(
+            "no token: not uploaded; it stays in the outbox (`syncgate-client sync --once` with a token uploads it)"
+        );
+        return Ok(ExitCode::from(status::NOT_SYNCED));
     }
-    let result = client.sync_now(upload.timeout).await;
+    // An unreachable gateway is not waited for: offline-first means the edit is safe now.
+    let result = client.sync_now_if_reachable(upload.timeout).await;
     let rejected = drain_rejections(&mut events);
     client.close().await;
     match result {
         Ok(r) => report(Ok(r), rejected),
         Err(e) => {
-            // The edit is durable in the outbox: the command did its job.
-            eprintln!("not uploaded yet ({e}); it stays in the outbox for the next sync");
-            Ok(ExitCode::SUCCESS)
+            let code = match &e {
+                ClientError::Refused { .. } => status::REFUSED,
+                ClientError::Offline { .. } | ClientError::Timeout { .. } => status::NOT_SYNCED,
+                _ => status::FAILED,
+            };
+            // The edit is durable in the outbox whatever happened to the upload.
+            eprintln!(
+                "syncgate-client: not uploaded: {e}; mutation {mutation_id} stays in the outbox for the next sync"
+            );
+            Ok(ExitCode::from(code))
         }
     }
 }
 
-/// Live mode: prints the replica, then every event, as JSON lines, until interrupted.
-async fn subscribe(common: &Common, subs: Vec<(String, Body)>) -> anyhow::Result<ExitCode> {
-    let collections: Vec<String> = subs.iter().map(|(c, _)| c.clone()).collect();
-    let b = builder(common, Some(subs));
+/// Live mode: prints the replica, then every event, as JSON lines, until interrupted, or until
+/// the gateway refuses the client (exit status 5).
+async fn subscribe(b: ClientBuilder) -> anyhow::Result<ExitCode> {
     let mut events = b.events();
     let client = b.open().await?;
+    let collections: Vec<String> = client
+        .status()
+        .await?
+        .subscriptions
+        .into_iter()
+        .map(|s| s.collection)
+        .collect();
+    if collections.is_empty() {
+        client.close().await;
+        return Err(usage(
+            "nothing to subscribe: name a COLLECTION or pass --sub",
+        ));
+    }
     for c in &collections {
         for d in client.query(c, &Body::new()).await? {
             println!(
@@ -514,6 +646,14 @@ async fn subscribe(common: &Common, subs: Vec<(String, Body)>) -> anyhow::Result
                 "body": body.as_ref().map(body_to_json)}),
             Ok(Event::Synced { collection, cursor }) => {
                 serde_json::json!({"event": "synced", "collection": collection, "seq": cursor.seq})
+            }
+            Ok(Event::Connection(ConnectionState::Stopped { code, reason })) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "connection", "state": "stopped", "code": code, "reason": reason})
+                );
+                client.close().await;
+                return Err(anyhow::Error::from(ClientError::Refused { code, reason }));
             }
             Ok(Event::Connection(state)) => {
                 serde_json::json!({"event": "connection", "state": format!("{state:?}")})

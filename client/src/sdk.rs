@@ -63,6 +63,18 @@ pub enum ClientError {
         /// Mutations waiting in the outbox.
         pending: u64,
     },
+    /// The gateway refused this client for a reason that retrying cannot fix: a bad or
+    /// foreign token, an expired token the provider could not renew, an unsupported protocol
+    /// version, an invalid client id, or a URL that is not a syncgate WebSocket endpoint. The
+    /// client stops reconnecting (state [`ConnectionState::Stopped`]) until the next
+    /// `sync_now`, which tries once more (after the application changed what was wrong).
+    #[error("the gateway refused this client{}: {reason}", .code.map(|c| format!(" (error {c})")).unwrap_or_default())]
+    Refused {
+        /// The server's error code, when the refusal came as an `error` frame or close code.
+        code: Option<u16>,
+        /// What was refused and what to change.
+        reason: String,
+    },
     /// The client has no background task (opened with [`ClientBuilder::open_local`]) or is
     /// closing.
     #[error("the client is not syncing (opened locally, or closed)")]
@@ -91,6 +103,14 @@ pub enum ConnectionState {
         reason: String,
         /// The wait before the next attempt.
         retry_in: Duration,
+    },
+    /// The gateway refused this client for a reason that retrying cannot fix (see
+    /// [`ClientError::Refused`]): no more attempts until the next `sync_now`.
+    Stopped {
+        /// The server's error code, if it sent one.
+        code: Option<u16>,
+        /// What was refused and what to change.
+        reason: String,
     },
     /// The client was closed.
     Closed,
@@ -216,7 +236,19 @@ pub(crate) struct Settings {
 /// replica has caught up with the server's head.
 pub(crate) struct SyncRequest {
     pub(crate) upto: u64,
-    pub(crate) reply: oneshot::Sender<SyncReport>,
+    /// Fail with `Offline` as soon as a connection attempt fails, instead of retrying until
+    /// the caller's timeout.
+    pub(crate) fail_fast: bool,
+    pub(crate) reply: oneshot::Sender<Result<SyncReport, SyncFailure>>,
+}
+
+/// Why the background task gave up on a `sync_now` before its timeout.
+#[derive(Debug)]
+pub(crate) enum SyncFailure {
+    /// The gateway could not be reached (only for `fail_fast` requests).
+    Offline(String),
+    /// The gateway refused the client permanently.
+    Refused { code: Option<u16>, reason: String },
 }
 
 /// What the client and its task share.
@@ -245,6 +277,8 @@ pub struct ClientBuilder {
     token: Option<TokenProvider>,
     data_dir: PathBuf,
     subscriptions: Option<Vec<(String, Body)>>,
+    /// Add the builder's subscriptions to the stored ones instead of replacing them.
+    keep_subscriptions: bool,
     heartbeat: Duration,
     dead_after: Option<Duration>,
     connect_timeout: Duration,
@@ -262,6 +296,7 @@ impl ClientBuilder {
             token: None,
             data_dir: PathBuf::from("syncgate-client-data"),
             subscriptions: None,
+            keep_subscriptions: false,
             heartbeat: Duration::from_secs(10),
             dead_after: None,
             connect_timeout: Duration::from_secs(10),
@@ -304,13 +339,32 @@ impl ClientBuilder {
     }
 
     /// Follows a collection, with an equality filter (empty = every document). Once any
-    /// subscription is given, the set given replaces the stored one; with none, the stored set
-    /// is used (so a command line can read what a long-running client downloaded).
+    /// subscription is given, the set given replaces the stored one (collections no longer
+    /// named are unsubscribed and their downloaded documents forgotten; local edits are kept),
+    /// unless [`keep_subscriptions`](Self::keep_subscriptions) says to add to it; with none,
+    /// the stored set is used (so a command line can read what a long-running client
+    /// downloaded).
     pub fn subscribe(mut self, collection: impl Into<String>, filter: Body) -> ClientBuilder {
         let collection = collection.into();
         let subs = self.subscriptions.get_or_insert_with(Vec::new);
         subs.retain(|(c, _)| *c != collection);
         subs.push((collection, filter));
+        self
+    }
+
+    /// The data directory's subscriptions become exactly `subscriptions` (empty: none):
+    /// collections left out are unsubscribed and their downloaded documents forgotten (local
+    /// edits are kept).
+    pub fn replace_subscriptions(mut self, subscriptions: Vec<(String, Body)>) -> ClientBuilder {
+        self.subscriptions = Some(subscriptions);
+        self.keep_subscriptions = false;
+        self
+    }
+
+    /// With `true`, the subscriptions given to this builder are added to those stored in the
+    /// data directory (a collection already followed gets the new filter) and none is removed.
+    pub fn keep_subscriptions(mut self, keep: bool) -> ClientBuilder {
+        self.keep_subscriptions = keep;
         self
     }
 
@@ -354,7 +408,19 @@ impl ClientBuilder {
         }
         let store = LocalStore::open(&self.data_dir).await?;
         if let Some(subs) = &self.subscriptions {
-            store.set_subscriptions(subs).await?;
+            if self.keep_subscriptions {
+                let mut all: Vec<(String, Body)> = store
+                    .subscriptions()
+                    .await?
+                    .into_iter()
+                    .filter(|s| !subs.iter().any(|(c, _)| *c == s.collection))
+                    .map(|s| (s.collection, s.filter))
+                    .collect();
+                all.extend(subs.iter().cloned());
+                store.set_subscriptions(&all).await?;
+            } else {
+                store.set_subscriptions(subs).await?;
+            }
         }
         Ok(store)
     }
@@ -567,16 +633,46 @@ impl Client {
     /// if the gateway cannot be reached within `timeout` (a connection attempt is made at once,
     /// cutting any backoff wait short), or [`ClientError::Timeout`] if it was reached but the
     /// work did not finish. Nothing is lost on failure: the outbox keeps what is pending.
+    ///
+    /// A refusal that retrying cannot fix (bad token, wrong URL ...) fails at once with
+    /// [`ClientError::Refused`].
     pub async fn sync_now(&self, timeout: Duration) -> Result<SyncReport, ClientError> {
+        self.sync(timeout, false).await
+    }
+
+    /// Like [`sync_now`](Self::sync_now), but gives up at once with [`ClientError::Offline`]
+    /// when a connection attempt fails (refused, unreachable, no answer within the connect
+    /// timeout) instead of retrying until `timeout`: for a command that has queued an edit
+    /// and wants to upload it if the gateway is there, without making an offline user wait.
+    /// `timeout` then bounds only the work on an established connection.
+    pub async fn sync_now_if_reachable(
+        &self,
+        timeout: Duration,
+    ) -> Result<SyncReport, ClientError> {
+        self.sync(timeout, true).await
+    }
+
+    async fn sync(&self, timeout: Duration, fail_fast: bool) -> Result<SyncReport, ClientError> {
         let tx = self.sync_tx.as_ref().ok_or(ClientError::NotSyncing)?;
         let upto = self.shared.store.last_mutation_id().await?;
         let (reply, rx) = oneshot::channel();
-        tx.send(SyncRequest { upto, reply })
-            .await
-            .map_err(|_| ClientError::NotSyncing)?;
+        tx.send(SyncRequest {
+            upto,
+            fail_fast,
+            reply,
+        })
+        .await
+        .map_err(|_| ClientError::NotSyncing)?;
         self.shared.wake.notify_one();
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(report)) => Ok(report),
+            Ok(Ok(Ok(report))) => Ok(report),
+            Ok(Ok(Err(SyncFailure::Offline(reason)))) => Err(ClientError::Offline {
+                reason,
+                pending: self.shared.store.pending_count().await?,
+            }),
+            Ok(Ok(Err(SyncFailure::Refused { code, reason }))) => {
+                Err(ClientError::Refused { code, reason })
+            }
             Ok(Err(_)) => Err(ClientError::NotSyncing),
             Err(_) => {
                 let pending = self.shared.store.pending_count().await?;

@@ -32,11 +32,12 @@ use rand::rngs::StdRng;
 use syncgate_protocol::{Cursor, ErrorCode, Frame, Ping, Pong, Push, Subscribe, Welcome};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::conn::{ConnError, Connection};
-use crate::sdk::{ConnectionState, Event, Settings, Shared, SyncReport, SyncRequest};
+use crate::sdk::{ConnectionState, Event, Settings, Shared, SyncFailure, SyncReport, SyncRequest};
 use crate::store::{Applied, StoreError};
 
 /// Most unacknowledged push batches per connection.
@@ -55,6 +56,8 @@ enum End {
     TokenExpired,
     /// Anything else: back off and retry.
     Lost { reason: String },
+    /// Refused for a reason that retrying cannot fix: stop until the application asks again.
+    Refused { code: Option<u16>, reason: String },
 }
 
 impl From<StoreError> for End {
@@ -72,11 +75,44 @@ impl From<ConnError> for End {
                 End::TokenExpired
             }
             ConnError::Server(e) if e.code == ErrorCode::TokenExpired.code() => End::TokenExpired,
+            ConnError::Server(e) if permanent_code(e.code) => End::Refused {
+                code: Some(e.code),
+                reason: format!("{} ({}): {}", e.name, e.code, e.message),
+            },
+            ConnError::Closed(Some(close)) if close > 4000 && permanent_code(close - 4000) => {
+                End::Refused {
+                    code: Some(close - 4000),
+                    reason: format!("connection closed with code {close}"),
+                }
+            }
+            ConnError::Ws(WsError::Url(e)) => End::Refused {
+                code: None,
+                reason: format!("not a usable WebSocket URL ({e}): use ws://HOST:PORT"),
+            },
+            ConnError::Ws(WsError::Http(response))
+                if response.status().is_client_error()
+                    && !matches!(response.status().as_u16(), 408 | 429) =>
+            {
+                End::Refused {
+                    code: None,
+                    reason: format!(
+                        "the server answered the WebSocket upgrade with HTTP {}: is the URL \
+                         the gateway's WebSocket listener (ws://HOST:7420 by default, path /)?",
+                        response.status()
+                    ),
+                }
+            }
             other => End::Lost {
                 reason: other.to_string(),
             },
         }
     }
+}
+
+/// A server error code that says the request is wrong as sent: retrying cannot help. Codes
+/// this client does not know are treated as retryable (a newer server's transient error).
+fn permanent_code(code: u16) -> bool {
+    ErrorCode::from_code(code).is_some_and(|c| !c.retryable())
 }
 
 /// The task's main loop.
@@ -102,8 +138,30 @@ pub(crate) async fn run(
         if connected_at.is_some_and(|t: Instant| t.elapsed() >= settings.dead_after) {
             attempt = 0;
         }
+        let never_connected = connected_at.is_none();
         let (reason, delay) = match end {
             End::Shutdown => break,
+            End::Refused { code, reason } => {
+                tracing::warn!(%reason, "syncgate refused this client; not retrying");
+                for r in waiting.drain(..) {
+                    let _ = r.reply.send(Err(SyncFailure::Refused {
+                        code,
+                        reason: reason.clone(),
+                    }));
+                }
+                shared.set_state(ConnectionState::Stopped { code, reason });
+                // Stay down until the application asks again (after fixing what was wrong).
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = sync_rx.recv() => match r {
+                        Some(r) => waiting.push(r),
+                        None => break,
+                    },
+                }
+                attempt = 0;
+                token_retried = false;
+                continue;
+            }
             End::GoAway {
                 reason,
                 retry_after,
@@ -122,11 +180,38 @@ pub(crate) async fn run(
                 )
             }
             End::TokenExpired => {
-                let d = settings.backoff.delay(attempt, &mut rng);
-                attempt = attempt.saturating_add(1);
-                ("token expired again".into(), d)
+                // The provider was asked again and its token is expired too: it cannot renew.
+                let reason =
+                    "the token has expired and the token provider gave no fresh one".to_owned();
+                for r in waiting.drain(..) {
+                    let _ = r.reply.send(Err(SyncFailure::Refused {
+                        code: Some(ErrorCode::TokenExpired.code()),
+                        reason: reason.clone(),
+                    }));
+                }
+                shared.set_state(ConnectionState::Stopped {
+                    code: Some(ErrorCode::TokenExpired.code()),
+                    reason,
+                });
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = sync_rx.recv() => match r {
+                        Some(r) => waiting.push(r),
+                        None => break,
+                    },
+                }
+                attempt = 0;
+                token_retried = false;
+                continue;
             }
             End::Lost { reason } => {
+                if never_connected {
+                    // Callers that asked not to wait for an unreachable gateway get their
+                    // answer now.
+                    for r in waiting.extract_if(.., |r| r.fail_fast) {
+                        let _ = r.reply.send(Err(SyncFailure::Offline(reason.clone())));
+                    }
+                }
                 token_retried = false;
                 let d = settings.backoff.delay(attempt, &mut rng);
                 attempt = attempt.saturating_add(1);
@@ -476,6 +561,12 @@ impl Session<'_> {
                 if e.code == ErrorCode::TokenExpired.code() {
                     return Ok(Some(End::TokenExpired));
                 }
+                if e.fatal && permanent_code(e.code) {
+                    return Ok(Some(End::Refused {
+                        code: Some(e.code),
+                        reason: format!("{} ({}): {}", e.name, e.code, e.message),
+                    }));
+                }
                 if e.fatal {
                     return Ok(Some(End::Lost {
                         reason: format!("server error {} {}: {}", e.code, e.name, e.message),
@@ -528,11 +619,11 @@ impl Session<'_> {
         let pending = store.pending_count().await?;
         let done = |r: &SyncRequest| first_pending.is_none_or(|p| p > r.upto);
         for r in waiting.extract_if(.., |r| done(r)) {
-            let _ = r.reply.send(SyncReport {
+            let _ = r.reply.send(Ok(SyncReport {
                 head,
                 pending,
                 rejected: self.rejected,
-            });
+            }));
         }
         Ok(())
     }

@@ -551,7 +551,11 @@ impl LocalStore {
                     ))
                     .await?;
                     if !followed.contains(&m.collection) {
-                        // No change will ever come back for it: the ack is the last word.
+                        // No change will ever come back for it: the ack is the last word. What
+                        // the writer knows of the document at that version (its own writes,
+                        // in order) becomes the replica's server state, so it can read back
+                        // what it wrote without following the collection.
+                        keep_own_write(&txn, &m, version).await?;
                         txn.execute_raw(st(
                             "DELETE FROM sgc_outbox WHERE mutation_id = ?",
                             [(r.mutation_id as i64).into()],
@@ -886,6 +890,48 @@ async fn apply_server_version(
         body: body.cloned(),
         concurrent_pending,
     }))
+}
+
+/// Records an acknowledged write to a collection the replica does not follow as the
+/// document's server state at `version`: the previous known state with the mutation applied.
+/// (A patch of a document the replica never had leaves it unknown.)
+async fn keep_own_write(
+    txn: &DatabaseTransaction,
+    m: &Mutation,
+    version: u64,
+) -> Result<(), StoreError> {
+    let row = txn
+        .query_one_raw(st(
+            "SELECT server_body, server_version FROM sgc_docs WHERE collection = ? AND doc_id = ?",
+            [m.collection.as_str().into(), m.id.as_str().into()],
+        ))
+        .await?;
+    let (prev, prev_version) = match &row {
+        Some(r) => (
+            decode_body(r.try_get("", "server_body")?)?,
+            get_u64(r, "server_version")?,
+        ),
+        None => (None, 0),
+    };
+    if version <= prev_version {
+        return Ok(());
+    }
+    let Ok(body) = apply(prev.as_ref(), m.op, m.body.as_ref()) else {
+        return Ok(());
+    };
+    txn.execute_raw(st(
+        "INSERT INTO sgc_docs (collection, doc_id, server_body, server_version, stale) \
+         VALUES (?, ?, ?, ?, 0) ON CONFLICT (collection, doc_id) DO UPDATE SET \
+         server_body = excluded.server_body, server_version = excluded.server_version, stale = 0",
+        [
+            m.collection.as_str().into(),
+            m.id.as_str().into(),
+            encode_body(body.as_ref()),
+            (version as i64).into(),
+        ],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Deletes acknowledged entries of a document whose version the replica has reached.

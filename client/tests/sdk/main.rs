@@ -2,6 +2,7 @@
 //! loopback proxy in between where the network has to misbehave. No sleeps: every wait is on
 //! a condition with a deadline.
 
+mod cli;
 mod proxy;
 
 use std::collections::BTreeMap;
@@ -601,7 +602,7 @@ async fn sync_once_exit_status_says_whether_everything_synced() {
     .await;
     assert!(out.status.success());
     let out = cli(dir.path(), &url, &["sync", "--once", "--timeout", "2s"]).await;
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(4), "not synced: {out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("offline") && stderr.contains("1 mutation(s) stay queued"),
@@ -674,4 +675,62 @@ async fn resync_redownloads_and_keeps_the_outbox() {
     client.close().await;
     old.shutdown().await;
     new.shutdown().await;
+}
+
+/// A refusal that retrying cannot fix is an event and a final state, not a reconnect loop:
+/// `sync_now` fails at once with `Refused`, and the client tries again only when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_stops_the_client_until_asked_again() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(gw_dir.path()).await;
+    let b = builder(&format!("ws://{}", gw.ws_addr), client_dir.path()).token("not-a-jwt");
+    let mut events = b.events();
+    let client = b.open().await.unwrap();
+    client
+        .put(COLL, "wo-1", body(&[("a", Value::from(1))]))
+        .await
+        .unwrap();
+    let err = client.sync_now(Duration::from_secs(600)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            syncgate_client::ClientError::Refused {
+                code: Some(200),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(matches!(
+        client.connection(),
+        Some(ConnectionState::Stopped {
+            code: Some(200),
+            ..
+        })
+    ));
+    // Asked again, it makes exactly one more attempt and stops again.
+    let err = client.sync_now(Duration::from_secs(600)).await.unwrap_err();
+    assert!(matches!(err, syncgate_client::ClientError::Refused { .. }));
+    let mut attempts = 0;
+    let mut stops = 0;
+    while let Ok(e) = events.try_recv() {
+        match e {
+            Event::Connection(ConnectionState::Connecting { .. }) => attempts += 1,
+            Event::Connection(ConnectionState::Stopped { .. }) => stops += 1,
+            Event::Connection(ConnectionState::Disconnected { .. }) => {
+                panic!("a refusal is not a disconnect to retry")
+            }
+            _ => {}
+        }
+    }
+    // The attempt made at open, then one per `sync_now`; each ended stopped.
+    assert_eq!((attempts, stops), (3, 3));
+    assert_eq!(
+        client.status().await.unwrap().pending,
+        1,
+        "the edit is kept"
+    );
+    client.close().await;
+    gw.shutdown().await;
 }
