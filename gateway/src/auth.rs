@@ -80,22 +80,60 @@ fn unix_now() -> u64 {
 
 /// The configured secret, or the one generated once into `data_dir/jwt_secret`.
 pub fn load_or_create_secret(configured: &str, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    Ok(load_or_create_secret_reporting(configured, data_dir)?.0)
+}
+
+/// Where the token secret came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `auth.jwt_secret` (config file, `SYNCGATE_JWT_SECRET` or `--jwt-secret`).
+    Configured,
+    /// Read from this file in the data directory.
+    File(std::path::PathBuf),
+    /// Generated just now into this file.
+    Generated(std::path::PathBuf),
+}
+
+/// Like [`load_or_create_secret`], and says where the secret came from (for the startup log).
+pub fn load_or_create_secret_reporting(
+    configured: &str,
+    data_dir: &Path,
+) -> anyhow::Result<(Vec<u8>, SecretSource)> {
     use anyhow::Context;
-    if !configured.is_empty() {
-        return Ok(configured.as_bytes().to_vec());
+    if let Some(found) = load_secret(configured, data_dir)? {
+        return Ok(found);
     }
     let path = data_dir.join("jwt_secret");
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().as_bytes().to_vec()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
     write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
-    Ok(secret.into_bytes())
+    Ok((secret.into_bytes(), SecretSource::Generated(path)))
+}
+
+/// The configured secret, or the one stored in `<data_dir>/jwt_secret`; `None` if neither
+/// exists. Never creates one: only the gateway that will verify tokens may do that.
+pub fn load_secret(
+    configured: &str,
+    data_dir: &Path,
+) -> anyhow::Result<Option<(Vec<u8>, SecretSource)>> {
+    use anyhow::Context;
+    if !configured.is_empty() {
+        return Ok(Some((
+            configured.as_bytes().to_vec(),
+            SecretSource::Configured,
+        )));
+    }
+    let path = data_dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some((
+            s.trim().as_bytes().to_vec(),
+            SecretSource::File(path),
+        ))),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 #[cfg(unix)]

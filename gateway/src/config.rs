@@ -37,7 +37,9 @@ pub struct Config {
     pub sqlite_synchronous: SqliteSynchronous,
     /// Authentication settings.
     pub auth: AuthConfig,
-    /// Limits announced in `Welcome` and enforced on every connection.
+    /// Limits announced in `Welcome` and enforced on every connection. Each key of the
+    /// `[limits]` table defaults on its own.
+    #[serde(with = "limits_table")]
     pub limits: Limits,
     /// Interval at which clients should send a frame; silence for 3 intervals closes.
     pub heartbeat_ms: u32,
@@ -55,6 +57,11 @@ pub struct Config {
     pub group_commit_max_mutations: usize,
     /// Grace period for connections to drain on shutdown, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// How long `serve` and `migrate` keep retrying (with backoff) a database that cannot be
+    /// reached at startup (still starting, restarting, session ended) before giving up, in
+    /// milliseconds; 0 = one attempt. Errors that retrying cannot fix (wrong password,
+    /// missing database, bad URL) end the start at once.
+    pub database_startup_wait_ms: u64,
     /// Declared collections. A client may only use collections named here.
     pub collections: BTreeMap<String, CollectionConfig>,
 }
@@ -119,6 +126,7 @@ impl Default for Config {
             max_inflight_pushes: 16,
             group_commit_max_mutations: 5_000,
             shutdown_grace_ms: 5_000,
+            database_startup_wait_ms: 60_000,
             collections,
         }
     }
@@ -148,7 +156,71 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The `[limits]` table: like [`Limits`], but every key optional (defaulting on its own) and
+/// unknown keys refused, as everywhere else in the file.
+mod limits_table {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use syncgate_protocol::Limits;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Table {
+        max_frame_bytes: u32,
+        max_mutations_per_batch: u32,
+        max_document_bytes: u32,
+        max_id_bytes: u32,
+        max_subscriptions: u32,
+        max_depth: u32,
+    }
+
+    impl Default for Table {
+        fn default() -> Self {
+            Table::from(Limits::default())
+        }
+    }
+
+    impl From<Limits> for Table {
+        fn from(l: Limits) -> Self {
+            Table {
+                max_frame_bytes: l.max_frame_bytes,
+                max_mutations_per_batch: l.max_mutations_per_batch,
+                max_document_bytes: l.max_document_bytes,
+                max_id_bytes: l.max_id_bytes,
+                max_subscriptions: l.max_subscriptions,
+                max_depth: l.max_depth,
+            }
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(l: &Limits, s: S) -> Result<S::Ok, S::Error> {
+        Table::from(*l).serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
+        let t = Table::deserialize(d)?;
+        Ok(Limits {
+            max_frame_bytes: t.max_frame_bytes,
+            max_mutations_per_batch: t.max_mutations_per_batch,
+            max_document_bytes: t.max_document_bytes,
+            max_id_bytes: t.max_id_bytes,
+            max_subscriptions: t.max_subscriptions,
+            max_depth: t.max_depth,
+        })
+    }
+}
+
 impl Config {
+    /// The configuration as TOML with secrets hidden: `auth.jwt_secret` and the password of
+    /// the database URL (for `check-config` and logs).
+    pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut shown = self.clone();
+        if !shown.auth.jwt_secret.is_empty() {
+            shown.auth.jwt_secret = "<redacted>".into();
+        }
+        shown.database = redact_url(&shown.database);
+        toml::to_string_pretty(&shown)
+    }
+
     /// Reads a TOML file; absent fields take their defaults.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -225,9 +297,62 @@ impl Config {
     }
 }
 
+/// Hides the password of a database URL (`postgres://user:***@host/db`).
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_table_defaults_key_by_key() {
+        let c = Config::from_toml(
+            "heartbeat_ms = 5000\n[limits]\nmax_depth = 16\n[auth]\njwt_secret = \"s\"\n\
+             [collections.orders]\n",
+        )
+        .expect("partial tables parse");
+        assert_eq!(c.limits.max_depth, 16);
+        assert_eq!(
+            c.limits.max_mutations_per_batch,
+            Limits::default().max_mutations_per_batch
+        );
+        assert_eq!(c.heartbeat_ms, 5000);
+        assert_eq!(c.auth.jwt_secret, "s");
+        assert_eq!(c.collections["orders"], CollectionConfig::default());
+        assert!(
+            Config::from_toml("[limits]\nmax_dept = 3\n").is_err(),
+            "typos are caught"
+        );
+    }
+
+    #[test]
+    fn redacted_toml_hides_secrets() {
+        let c = Config {
+            database: "postgres://app:hunter2@db:5432/erp".into(),
+            auth: AuthConfig {
+                jwt_secret: "top-secret-value".into(),
+            },
+            ..Config::default()
+        };
+        let text = c.to_redacted_toml().unwrap();
+        assert!(
+            !text.contains("hunter2") && !text.contains("top-secret-value"),
+            "{text}"
+        );
+        assert!(text.contains("postgres://app:***@db:5432/erp"), "{text}");
+        assert_eq!(redact_url("sqlite://./data/x.db"), "sqlite://./data/x.db");
+    }
 
     #[test]
     fn sample_config_in_deploy_matches_defaults() {

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use syncgate_gateway::auth::{Authenticator, load_or_create_secret};
-use syncgate_gateway::storage::Store;
+use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
+use syncgate_gateway::config::redact_url;
+use syncgate_gateway::server::open_store;
 use syncgate_gateway::{Config, Gateway};
 
 /// mimalloc instead of glibc's malloc: under ingest load glibc spent a third of the gateway's
@@ -53,7 +54,9 @@ enum Command {
     Serve,
     /// Run database migrations and exit.
     Migrate,
-    /// Print a client token for a user, signed with the configured secret.
+    /// Print a client token for a user, signed with the secret of the gateway that will
+    /// verify it: `auth.jwt_secret` (--jwt-secret, SYNCGATE_JWT_SECRET, --config) or
+    /// `<data dir>/jwt_secret` (--data-dir). Never creates a secret.
     Token {
         /// The user the token names (its `sub` claim).
         #[arg(long)]
@@ -93,9 +96,20 @@ impl Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Each cause once, on one line: "what failed: why".
+            eprintln!("syncgate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.effective_config()?;
     match cli.command.as_ref().unwrap_or(&Command::Serve) {
         Command::Serve => {
@@ -104,10 +118,34 @@ async fn main() -> anyhow::Result<()> {
                 Ok(n) => tracing::info!(nofile = n, "open-file limit"),
                 Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
             }
+            let data_dir =
+                std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+            let database = redact_url(&config.database_url());
             let gw = Gateway::start(config).await?;
+            // The first line is machine-read (the load harness takes the addresses from it).
             println!(
                 "syncgate listening: ws://{} (WebSocket), http://{} (/healthz /readyz /metrics)",
                 gw.ws_addr, gw.http_addr
+            );
+            println!("  data directory: {}", data_dir.display());
+            println!("  database:       {database}");
+            let secret = match &gw.secret_source {
+                SecretSource::Configured => "configured (auth.jwt_secret)".to_owned(),
+                SecretSource::File(p) => format!("{}", p.display()),
+                SecretSource::Generated(p) => format!("{} (generated now)", p.display()),
+            };
+            println!("  token secret:   {secret}");
+            let dir_flag = match &gw.secret_source {
+                SecretSource::Configured => String::new(),
+                _ => format!(" --data-dir {}", data_dir.display()),
+            };
+            println!(
+                "  mint a token:   syncgate{dir_flag} token --user NAME{}",
+                if cli.config.is_some() {
+                    " --config FILE"
+                } else {
+                    ""
+                }
             );
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for ctrl-c")?; }
@@ -118,18 +156,30 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate => {
             if config.database_url().starts_with("sqlite:") {
-                std::fs::create_dir_all(&config.data_dir)?;
+                std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                    format!("creating data directory {}", config.data_dir.display())
+                })?;
             }
-            let store = Store::open(&config.database_url(), 2, config.sqlite_synchronous).await?;
+            let store = open_store(&config).await?;
             println!("migrations applied; epoch {}", store.epoch());
             store.close().await;
         }
         Command::Token { user, ttl } => {
-            let secret = load_or_create_secret(&config.auth.jwt_secret, &config.data_dir)?;
+            let Some((secret, _)) = load_secret(&config.auth.jwt_secret, &config.data_dir)? else {
+                let path = std::path::absolute(config.data_dir.join("jwt_secret"))
+                    .unwrap_or_else(|_| config.data_dir.join("jwt_secret"));
+                anyhow::bail!(
+                    "no token secret: auth.jwt_secret is not set and {} does not exist. A token \
+                     must be signed with the secret of the gateway that will verify it: pass \
+                     that gateway's --data-dir (or --config FILE, or SYNCGATE_JWT_SECRET). Only \
+                     `syncgate serve` creates a secret",
+                    path.display()
+                );
+            };
             println!("{}", Authenticator::new(&secret).mint(user, *ttl)?);
         }
         Command::CheckConfig => {
-            print!("{}", toml::to_string_pretty(&config)?);
+            print!("{}", config.to_redacted_toml()?);
         }
     }
     Ok(())

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Authenticator, load_or_create_secret};
+use crate::auth::{Authenticator, SecretSource, load_or_create_secret_reporting};
 use crate::config::Config;
 use crate::hub::{Hub, HubEvent, run_follower};
 use crate::ingest::{IngestRequest, run_ingest};
@@ -45,6 +45,8 @@ pub struct Gateway {
     pub store: Store,
     /// Metrics of this node.
     pub metrics: Metrics,
+    /// Where the token secret came from (configured, read, or generated at this start).
+    pub secret_source: SecretSource,
     shutdown: CancellationToken,
     connections: TaskTracker,
     background: TaskTracker,
@@ -81,10 +83,9 @@ impl Gateway {
                 format!("creating data directory {}", config.data_dir.display())
             })?;
         }
-        let secret = load_or_create_secret(&config.auth.jwt_secret, &config.data_dir)?;
-        let store = Store::open(&url, config.database_pool_size, config.sqlite_synchronous)
-            .await
-            .with_context(|| format!("opening database {}", redact(&url)))?;
+        let (secret, secret_source) =
+            load_or_create_secret_reporting(&config.auth.jwt_secret, &config.data_dir)?;
+        let store = open_store(&config).await?;
         let ws = bind(config.listen, WS_BACKLOG)
             .with_context(|| format!("binding WebSocket listener {}", config.listen))?;
         let http = TcpListener::bind(config.http_listen)
@@ -151,6 +152,7 @@ impl Gateway {
             http_addr,
             store,
             metrics,
+            secret_source,
             shutdown,
             connections,
             background,
@@ -283,16 +285,46 @@ async fn run_pg_listener(
     }
 }
 
-/// Hides a password in a database URL for logs.
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
-                None => url.to_owned(),
+/// Opens the configured database, retrying with capped exponential backoff for up to
+/// `database_startup_wait_ms` while the failure is transient (the server is starting or
+/// restarting, the session was ended); each failed attempt is logged with its cause. An error
+/// retrying cannot fix ends at once.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let url = config.database_url();
+    let deadline = Instant::now() + Duration::from_millis(config.database_startup_wait_ms);
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match Store::open(&url, config.database_pool_size, config.sqlite_synchronous).await {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
+                tracing::warn!(
+                    database = %redact(&url),
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "database not available yet; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                let hint = if e.is_transient() {
+                    format!(
+                        " (gave up after database_startup_wait_ms = {})",
+                        config.database_startup_wait_ms
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(anyhow::anyhow!(
+                    "opening database {}{hint}: {e}",
+                    redact(&url)
+                ));
             }
         }
-        _ => url.to_owned(),
     }
+}
+
+/// Hides a password in a database URL for logs.
+pub(crate) fn redact(url: &str) -> String {
+    crate::config::redact_url(url)
 }

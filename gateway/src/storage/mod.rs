@@ -105,6 +105,81 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// The database server could not be reached or refused the connection.
+    #[error("cannot connect to {url}: {cause}")]
+    Connect {
+        /// The URL, password hidden.
+        url: String,
+        /// What the driver said (connection refused, password authentication failed ...).
+        cause: String,
+        /// Whether trying again later can succeed (a server still starting, a dropped
+        /// session) as opposed to a wrong address, password or database name.
+        transient: bool,
+    },
+}
+
+impl StoreError {
+    /// Whether the same operation can succeed later without a configuration change: the
+    /// connection failed or was cut (I/O error, pool timeout, a session terminated by the
+    /// server, a server starting up or out of connection slots).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect { transient, .. } => *transient,
+            StoreError::Db(DbErr::ConnectionAcquire(_)) => true,
+            StoreError::Db(DbErr::Conn(e) | DbErr::Exec(e) | DbErr::Query(e)) => match e {
+                sea_orm::RuntimeErr::SqlxError(e) => sqlx_transient(e),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Whether an sqlx error is about the connection rather than the request.
+fn sqlx_transient(e: &sea_orm::sqlx::Error) -> bool {
+    use sea_orm::sqlx::Error;
+    match e {
+        Error::Io(_) | Error::PoolTimedOut | Error::PoolClosed | Error::WorkerCrashed => true,
+        Error::Protocol(_) => true,
+        Error::Database(db) => db.code().is_some_and(|c| transient_sqlstate(&c)),
+        _ => false,
+    }
+}
+
+/// PostgreSQL SQLSTATEs that mean "this session or server, not your request": connection
+/// exceptions (class 08), operator intervention (57P01 admin shutdown, 57P02 crash shutdown,
+/// 57P03 cannot connect now, 57P05 idle session timeout), too many connections (53300).
+/// SQLite's busy and locked codes (5, 6) also pass with time.
+pub fn transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57P05" | "53300" | "5" | "6"
+        )
+}
+
+/// One direct connection to a PostgreSQL server, to fail fast with the driver's own words
+/// (a pool only reports "timed out" after its whole acquire timeout).
+async fn probe_postgres(url: &str) -> Result<(), StoreError> {
+    use sea_orm::sqlx::Connection;
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+    let shown = crate::config::redact_url(url);
+    match tokio::time::timeout(PROBE_TIMEOUT, sea_orm::sqlx::PgConnection::connect(url)).await {
+        Err(_) => Err(StoreError::Connect {
+            url: shown,
+            cause: format!("no answer within {PROBE_TIMEOUT:?}"),
+            transient: true,
+        }),
+        Ok(Err(e)) => Err(StoreError::Connect {
+            url: shown,
+            transient: sqlx_transient(&e),
+            cause: e.to_string(),
+        }),
+        Ok(Ok(c)) => {
+            let _ = c.close().await;
+            Ok(())
+        }
+    }
 }
 
 impl Store {
@@ -114,6 +189,9 @@ impl Store {
         pool_size: u32,
         synchronous: crate::config::SqliteSynchronous,
     ) -> Result<Store, StoreError> {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            probe_postgres(url).await?;
+        }
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.max_connections(pool_size.max(2))
             .min_connections(1)

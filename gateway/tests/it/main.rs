@@ -1,6 +1,7 @@
 #![allow(unreachable_pub)]
 //! Integration tests: one binary, every test on SQLite and on PostgreSQL.
 
+mod cli;
 mod util;
 
 use std::collections::BTreeMap;

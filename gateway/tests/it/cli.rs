@@ -1,0 +1,217 @@
+//! The `syncgate` binary as a new operator meets it: where things are at startup, tokens only
+//! from an existing secret, partial config tables, no secrets in `check-config`, a database
+//! that cannot be reached named with its cause within seconds.
+
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::*;
+use syncgate_client::Connection;
+
+/// Longer than any of these commands may take; a command still running then has hung.
+const PROMPT: Duration = Duration::from_secs(45);
+
+async fn syncgate(args: &[&str]) -> Output {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .args(args)
+        .env_remove("SYNCGATE_CONFIG")
+        .env_remove("SYNCGATE_JWT_SECRET")
+        .env_remove("SYNCGATE_DATA_DIR")
+        .env_remove("SYNCGATE_DATABASE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(PROMPT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("`syncgate {}` did not finish in time", args.join(" ")))
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_never_creates_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap();
+    let out = syncgate(&["--data-dir", data_s, "token", "--user", "alice"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(err.contains("no token secret"), "{err}");
+    assert!(err.contains("jwt_secret"), "says where it looked: {err}");
+    assert!(err.contains("--data-dir"), "says how to point it: {err}");
+    assert_eq!(err.lines().count(), 1, "one line, each cause once: {err}");
+    assert!(!data.exists(), "token must not create the data directory");
+    // With the gateway's secret it signs, and the gateway accepts the token.
+    let out = syncgate(&["--jwt-secret", SECRET, "token", "--user", "alice"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let tok = text(&out.stdout).trim().to_owned();
+    Connection::connect(&ws_url(&gw), "cli-token", &tok)
+        .await
+        .expect("the minted token is accepted");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_tables_load_and_check_config_hides_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("syncgate.toml");
+    std::fs::write(
+        &file,
+        "database = \"postgres://erp:hunter2@db.example:5432/erp\"\n\
+         [auth]\njwt_secret = \"very-secret-signing-key\"\n\
+         [limits]\nmax_depth = 16\n\
+         [collections.orders]\n",
+    )
+    .unwrap();
+    let out = syncgate(&["--config", file.to_str().unwrap(), "check-config"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let shown = text(&out.stdout);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(!shown.contains("very-secret-signing-key"), "{shown}");
+    assert!(shown.contains("erp:***@db.example"), "{shown}");
+    assert!(shown.contains("max_depth = 16"), "{shown}");
+    assert!(
+        shown.contains("max_mutations_per_batch = 1000"),
+        "defaulted: {shown}"
+    );
+    // A typo inside a table is still an error that names it.
+    std::fs::write(&file, "[limits]\nmax_dept = 16\n").unwrap();
+    let out = syncgate(&["--config", file.to_str().unwrap(), "check-config"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("max_dept"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_named_with_its_cause() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("syncgate.toml");
+    std::fs::write(&file, "database_startup_wait_ms = 0\n").unwrap();
+    let url = format!("postgres://nobody:pw@127.0.0.1:{port}/x");
+    let out = syncgate(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--database",
+        &url,
+        "migrate",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr).to_lowercase();
+    assert!(err.contains("connection refused"), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(!err.contains(":pw@"), "password hidden: {err}");
+
+    // With the default wait the gateway keeps retrying, and says why at once.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .args(["--database", &url, "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let end = Instant::now() + PROMPT;
+    loop {
+        let line = tokio::time::timeout(end - Instant::now(), lines.next_line())
+            .await
+            .expect("a retry line naming the cause")
+            .unwrap()
+            .expect("the gateway keeps retrying");
+        if line.contains("retrying") {
+            assert!(line.to_lowercase().contains("connection refused"), "{line}");
+            break;
+        }
+    }
+    child.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_says_where_things_are_and_how_to_mint_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "serve",
+        ])
+        .env_remove("SYNCGATE_JWT_SECRET")
+        .env_remove("SYNCGATE_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let end = Instant::now() + PROMPT;
+    while !seen.iter().any(|l: &String| l.contains("mint a token")) {
+        let line = tokio::time::timeout(end - Instant::now(), lines.next_line())
+            .await
+            .expect("startup lines")
+            .unwrap()
+            .expect("more startup lines");
+        seen.push(line);
+    }
+    let all = seen.join("\n");
+    assert!(
+        seen[0].starts_with("syncgate listening: ws://127.0.0.1:"),
+        "{all}"
+    );
+    assert!(
+        all.contains("data directory:") && all.contains("syncgate.db"),
+        "{all}"
+    );
+    assert!(all.contains("(generated now)"), "{all}");
+    let ws = seen[0].split_whitespace().nth(2).unwrap().to_owned();
+    // The printed command works as printed.
+    let cmd = seen
+        .last()
+        .unwrap()
+        .split("mint a token:")
+        .nth(1)
+        .unwrap()
+        .trim();
+    let args: Vec<String> = cmd
+        .split_whitespace()
+        .skip(1)
+        .map(|a| {
+            if a == "NAME" {
+                "bob".into()
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = syncgate(&args).await;
+    assert_eq!(out.status.code(), Some(0), "{cmd}: {out:?}");
+    let tok = text(&out.stdout).trim().to_owned();
+    Connection::connect(&ws, "cli-serve", &tok)
+        .await
+        .expect("the token minted as printed is accepted");
+    child.kill().await.unwrap();
+}
