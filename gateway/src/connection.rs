@@ -179,7 +179,11 @@ impl Connection {
                         }
                         Ok(Message::Text(_)) => {
                             last_seen = Instant::now();
-                            self.error(ErrorCode::TextFrameNotSupported, "send binary frames", false, None, None);
+                            let fatal = self.session.is_none();
+                            self.error(ErrorCode::TextFrameNotSupported, "send binary frames", fatal, None, None);
+                            if fatal {
+                                return;
+                            }
                         }
                         Ok(Message::Ping(_) | Message::Pong(_)) => last_seen = Instant::now(),
                         Ok(Message::Close(_)) => return,
@@ -252,7 +256,11 @@ impl Connection {
         let frame = match decode_with_limits(bytes, &self.shared.config.limits) {
             Ok(f) => f,
             Err(e) => {
-                self.error(e.code(), &e.to_string(), false, None, None);
+                // Before the handshake nothing but a valid `hello` can follow: the error ends
+                // the connection (PROTOCOL.md §3.1). After it, one bad frame is answered and
+                // the session goes on.
+                let fatal = self.session.is_none();
+                self.error(e.code(), &e.to_string(), fatal, None, None);
                 return None;
             }
         };

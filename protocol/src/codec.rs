@@ -247,6 +247,61 @@ mod tests {
     use super::*;
     use crate::messages::*;
 
+    /// Encodes `[type, {k: v, ...}]` from rmpv values, whatever the field types.
+    fn raw_frame(kind: &str, fields: Vec<(&str, Value)>) -> Vec<u8> {
+        let map = Value::Map(
+            fields
+                .into_iter()
+                .map(|(k, v)| (Value::from(k), v))
+                .collect(),
+        );
+        let mut b = Vec::new();
+        rmpv::encode::write_value(&mut b, &Value::Array(vec![Value::from(kind), map])).unwrap();
+        b
+    }
+
+    #[test]
+    fn nil_means_not_given_for_every_optional_field() {
+        let hello = raw_frame(
+            "hello",
+            vec![
+                ("versions", Value::Array(vec![Value::from(1)])),
+                ("client_id", Value::from("c1")),
+                ("token", Value::from("t")),
+                ("agent", Value::Nil),
+            ],
+        );
+        match decode(&hello) {
+            Ok(Frame::Hello(h)) => assert_eq!(h.agent, ""),
+            other => panic!("{other:?}"),
+        }
+        let sub = raw_frame(
+            "subscribe",
+            vec![
+                ("sub", Value::from(3)),
+                ("collection", Value::from("machines")),
+                ("filter", Value::Nil),
+                ("cursor", Value::Nil),
+            ],
+        );
+        match decode(&sub) {
+            Ok(Frame::Subscribe(s)) => assert!(s.filter.is_empty() && s.cursor.is_none()),
+            other => panic!("{other:?}"),
+        }
+        // A hello without a token decodes; the gateway answers it with 200, not 100.
+        let no_token = raw_frame(
+            "hello",
+            vec![
+                ("versions", Value::Array(vec![Value::from(1)])),
+                ("client_id", Value::from("c1")),
+            ],
+        );
+        match decode(&no_token) {
+            Ok(Frame::Hello(h)) => assert_eq!(h.token, ""),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn rejects_trailing_bytes() {
         let mut b = encode(&Frame::Ping(Ping { nonce: 7 }));

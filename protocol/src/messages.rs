@@ -28,6 +28,16 @@ pub struct Cursor {
     pub seq: u64,
 }
 
+/// PROTOCOL.md §2: an optional field may be absent or nil, and both mean "not given". For a
+/// field whose "not given" is a default value rather than `None`, nil takes that default.
+fn nil_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// Client → server: opens the session. Must be the first frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -35,10 +45,12 @@ pub struct Hello {
     pub versions: Vec<u32>,
     /// A stable id for this client installation (its outbox); exactly-once ingest is keyed by it.
     pub client_id: String,
-    /// A JWT (HS256) naming the user in its `sub` claim.
+    /// A JWT (HS256) naming the user in its `sub` claim. Absent or nil decodes as empty, which
+    /// the gateway refuses with `unauthorized` (200), not as a malformed frame.
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub token: String,
     /// Free-form client description, for logs (for example `syncgate-client/0.1`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub agent: String,
 }
 
@@ -68,8 +80,9 @@ pub struct Subscribe {
     pub sub: u32,
     /// The collection to follow.
     pub collection: String,
-    /// Equality filter on top-level fields; an empty map matches every document.
-    #[serde(default)]
+    /// Equality filter on top-level fields; an empty map (or nil, or absent) matches every
+    /// document.
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub filter: Body,
     /// Resume point; nil asks for a snapshot first.
     #[serde(default)]

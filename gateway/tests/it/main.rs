@@ -550,6 +550,88 @@ async fn bad_handshakes_get_fatal_errors(backend: Backend) {
         c.send(&frame).await.unwrap();
         expect_fatal(&mut c, code).await;
     }
+    // PROTOCOL.md §3.1: before `welcome`, anything but a valid hello ends the connection; a
+    // hello without a token is refused as unauthorized (200), not as malformed.
+    let raw = |kind: &str, fields: Vec<(&str, Value)>| {
+        syncgate_protocol::codec::to_msgpack(&Value::Array(vec![
+            Value::from(kind),
+            Value::Map(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (Value::from(k), v))
+                    .collect(),
+            ),
+        ]))
+    };
+    let v1 = || Value::Array(vec![Value::from(1)]);
+    let raw_cases = [
+        (vec![0xc1, 0x00], ErrorCode::MalformedFrame),
+        (
+            raw(
+                "hello",
+                vec![("versions", v1()), ("client_id", Value::from("c"))],
+            ),
+            ErrorCode::Unauthorized,
+        ),
+        (
+            raw(
+                "hello",
+                vec![
+                    ("versions", v1()),
+                    ("client_id", Value::from("c")),
+                    ("token", Value::Nil),
+                ],
+            ),
+            ErrorCode::Unauthorized,
+        ),
+    ];
+    for (bytes, code) in raw_cases {
+        let mut c = syncgate_client::Connection::open(&url).await.unwrap();
+        c.send_raw(bytes).await.unwrap();
+        expect_fatal(&mut c, code).await;
+    }
+    // Optional fields sent as nil mean "not given" (§2): a hello without an agent and a
+    // subscription without a filter are served.
+    let mut c = syncgate_client::Connection::open(&url).await.unwrap();
+    c.send_raw(raw(
+        "hello",
+        vec![
+            ("versions", v1()),
+            ("client_id", Value::from("nil-fields")),
+            ("token", Value::from(token("u"))),
+            ("agent", Value::Nil),
+        ],
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.recv_timeout(DEADLINE).await.unwrap(),
+        Frame::Welcome(_)
+    ));
+    c.send_raw(raw(
+        "subscribe",
+        vec![
+            ("sub", Value::from(1)),
+            ("collection", Value::from("stock")),
+            ("filter", Value::Nil),
+            ("cursor", Value::Nil),
+        ],
+    ))
+    .await
+    .unwrap();
+    loop {
+        match c.recv_timeout(DEADLINE).await.unwrap() {
+            Frame::Synced(s) => {
+                assert_eq!(s.sub, 1);
+                break;
+            }
+            Frame::Snapshot(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // An empty batch is acknowledged with no results and applies nothing (§4.5).
+    let ack = push(&mut c, 1, Vec::new()).await;
+    assert!(ack.results.is_empty() && ack.visible_at == 0, "{ack:?}");
     // A frame over the size limit is refused before it is read.
     let mut cfg = db.config();
     cfg.limits.max_frame_bytes = 4096;
