@@ -143,13 +143,17 @@ pub(crate) async fn run(
             End::Shutdown => break,
             End::Refused { code, reason } => {
                 tracing::warn!(%reason, "syncgate refused this client; not retrying");
+                // The state first: a caller that learns of the refusal sees it stopped.
+                shared.set_state(ConnectionState::Stopped {
+                    code,
+                    reason: reason.clone(),
+                });
                 for r in waiting.drain(..) {
                     let _ = r.reply.send(Err(SyncFailure::Refused {
                         code,
                         reason: reason.clone(),
                     }));
                 }
-                shared.set_state(ConnectionState::Stopped { code, reason });
                 // Stay down until the application asks again (after fixing what was wrong).
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -183,16 +187,16 @@ pub(crate) async fn run(
                 // The provider was asked again and its token is expired too: it cannot renew.
                 let reason =
                     "the token has expired and the token provider gave no fresh one".to_owned();
+                shared.set_state(ConnectionState::Stopped {
+                    code: Some(ErrorCode::TokenExpired.code()),
+                    reason: reason.clone(),
+                });
                 for r in waiting.drain(..) {
                     let _ = r.reply.send(Err(SyncFailure::Refused {
                         code: Some(ErrorCode::TokenExpired.code()),
                         reason: reason.clone(),
                     }));
                 }
-                shared.set_state(ConnectionState::Stopped {
-                    code: Some(ErrorCode::TokenExpired.code()),
-                    reason,
-                });
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     r = sync_rx.recv() => match r {

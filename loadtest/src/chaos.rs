@@ -6,6 +6,13 @@
 //! yet acknowledged, in order, with the same mutation ids. Subscribers reconnect and resume
 //! from the cursor of the last frame they processed.
 //!
+//! With [`DbFaults`] (PostgreSQL only) the harness also ends the gateway's database sessions
+//! every few hundred milliseconds (`pg_terminate_backend`, as an operator, a failover or a
+//! pooler would): group commits fail mid-transaction while writers keep several batches in
+//! flight, so a later batch of a writer must never commit past an earlier one that failed
+//! (PROTOCOL.md §3.7); the writers replay from their first unacknowledged mutation, as a
+//! client must.
+//!
 //! Checks (invariants 1, 3, 4, 5, 11 under faults): every mutation is acknowledged as applied,
 //! and an ack seen twice (a replay) carries the same version; every subscriber receives every
 //! change exactly once, in order; the seq a subscriber sees for a change equals the version
@@ -39,6 +46,8 @@ pub struct ChaosConfig {
     pub rate_per_writer: u64,
     /// Largest batch a writer pushes.
     pub batch: usize,
+    /// Batches a writer keeps in flight (PROTOCOL.md §3.10 allows up to 16).
+    pub inflight: usize,
     /// How many times the gateway is killed.
     pub kills: u32,
     /// Time between a (re)start and the next kill.
@@ -47,6 +56,53 @@ pub struct ChaosConfig {
     pub downtime: Duration,
     /// Give up (and fail) after this long.
     pub deadline: Duration,
+    /// Also end the gateway's database sessions while writes run.
+    pub db_faults: Option<DbFaults>,
+}
+
+/// Database sessions ended on a schedule (PostgreSQL).
+#[derive(Debug, Clone)]
+pub struct DbFaults {
+    /// The gateway's database (the harness connects to it to end the other sessions).
+    pub url: String,
+    /// Shortest pause between two rounds.
+    pub min_every: Duration,
+    /// Longest pause between two rounds.
+    pub max_every: Duration,
+}
+
+/// Ends every other client session of the database once per round until `stop`; returns the
+/// number of sessions ended and of rounds.
+async fn kill_db_sessions(
+    f: DbFaults,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(u64, u64)> {
+    use rand::{Rng, SeedableRng};
+    use sea_orm::sqlx::{Connection, PgConnection};
+    let mut conn = PgConnection::connect(&f.url)
+        .await
+        .context("connecting to PostgreSQL to end the gateway's sessions")?;
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let (mut ended, mut rounds) = (0u64, 0u64);
+    loop {
+        let wait = rng.random_range(f.min_every..=f.max_every.max(f.min_every));
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(wait) => {} // the fault schedule, not synchronisation
+        }
+        let n: i64 = sea_orm::sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE ended) FROM (SELECT pg_terminate_backend(pid) AS ended \
+             FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND backend_type = 'client backend') s",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .context("ending the gateway's database sessions")?;
+        ended += n as u64;
+        rounds += 1;
+    }
+    let _ = conn.close().await;
+    Ok((ended, rounds))
 }
 
 /// Runs the scenario against a gateway the harness spawned.
@@ -97,11 +153,17 @@ pub async fn run(
                 total: cfg.mutations_per_writer,
                 rate: cfg.rate_per_writer,
                 batch: cfg.batch.max(1),
+                inflight: cfg.inflight.max(1),
                 end,
             };
             tokio::spawn(writer.run())
         })
         .collect();
+    let (stop_faults, stop_rx) = tokio::sync::watch::channel(false);
+    let faults = cfg
+        .db_faults
+        .clone()
+        .map(|f| tokio::spawn(kill_db_sessions(f, stop_rx)));
     // The chaos: kill, stay down, restart.
     let mut downtime = Recorder::default();
     for _ in 0..cfg.kills {
@@ -116,12 +178,14 @@ pub async fn run(
     let mut versions: HashMap<(usize, u64), u64> = HashMap::new();
     let mut acked = 0u64;
     let mut replayed = 0u64;
+    let mut batch_errors = 0u64;
     let mut ack_latency = Recorder::default();
     for (w, t) in writers.into_iter().enumerate() {
         match t.await.context("writer task")? {
             Ok(log) => {
                 acked += log.versions.iter().filter(|v| v.is_some()).count() as u64;
                 replayed += log.replayed_acks;
+                batch_errors += log.batch_errors;
                 ack_latency.merge(&log.latency);
                 failures.extend(log.failures.iter().map(|f| format!("writer {w}: {f}")));
                 for (n, v) in log.versions.iter().enumerate() {
@@ -136,6 +200,14 @@ pub async fn run(
                 }
             }
             Err(e) => failures.push(format!("writer {w}: {e:#}")),
+        }
+    }
+    let _ = stop_faults.send(true);
+    let (mut db_sessions_ended, mut db_fault_rounds) = (0, 0);
+    if let Some(t) = faults {
+        match t.await.context("database fault task")? {
+            Ok((ended, rounds)) => (db_sessions_ended, db_fault_rounds) = (ended, rounds),
+            Err(e) => failures.push(format!("database faults: {e:#}")),
         }
     }
     let mut reconnects = 0u64;
@@ -170,8 +242,13 @@ pub async fn run(
         serde_json::json!({"writers": cfg.writers, "subscribers": cfg.subscribers,
             "mutations_per_writer": cfg.mutations_per_writer, "rate_per_writer": cfg.rate_per_writer,
             "batch": cfg.batch, "kills": cfg.kills, "kill_every_ms": cfg.kill_every.as_millis() as u64,
-            "downtime_ms": cfg.downtime.as_millis() as u64}),
+            "downtime_ms": cfg.downtime.as_millis() as u64,
+            "db_faults": cfg.db_faults.as_ref().map(|f| serde_json::json!({
+                "min_every_ms": f.min_every.as_millis() as u64,
+                "max_every_ms": f.max_every.as_millis() as u64}))}),
         serde_json::json!({"acknowledged": acked, "replayed_acks_checked": replayed,
+            "db_sessions_ended": db_sessions_ended, "db_fault_rounds": db_fault_rounds,
+            "batch_errors": batch_errors, "inflight": cfg.inflight,
             "gateway_starts": gw.starts, "subscriber_reconnects": reconnects,
             "restart_ms": downtime.summary()}),
         &ack_latency,
@@ -260,6 +337,8 @@ struct WriterLog {
     replayed_acks: u64,
     /// Push→ack latency of answered batches.
     latency: Recorder,
+    /// Batches answered with an error (not committed) instead of an ack.
+    batch_errors: u64,
     failures: Vec<String>,
 }
 
@@ -271,6 +350,7 @@ struct ChaosWriter {
     total: u64,
     rate: u64,
     batch: usize,
+    inflight: usize,
     end: Instant,
 }
 
@@ -284,6 +364,7 @@ impl ChaosWriter {
             versions: vec![None; self.total as usize],
             replayed_acks: 0,
             latency: Recorder::default(),
+            batch_errors: 0,
             failures: Vec::new(),
         };
         let mut acked = 0usize; // contiguous prefix of acknowledged mutations
@@ -311,7 +392,7 @@ impl ChaosWriter {
                     let n = outbox.len() as u64;
                     outbox.push(put(&self.run, self.w, n, n + 1, &self.collection));
                 }
-                while inflight.len() < 2 && next < outbox.len() {
+                while inflight.len() < self.inflight && next < outbox.len() {
                     let upto = (next + self.batch).min(outbox.len());
                     batch_id += 1;
                     let push = Frame::Push(Push {
@@ -374,7 +455,12 @@ impl ChaosWriter {
                         acked = acked.max(upto);
                     }
                     Ok(Frame::Error(e)) if !e.fatal => {
-                        // e.g. storage_unavailable while the database recovers: resend.
+                        // e.g. storage_unavailable while the database recovers, or
+                        // replay_required for the batches behind it: reconnect and resend
+                        // from the first unacknowledged mutation.
+                        if e.batch.is_some() {
+                            log.batch_errors += 1;
+                        }
                         break;
                     }
                     Ok(_) => {}

@@ -154,6 +154,9 @@ enum Scenario {
         rate: u64,
         #[arg(long, default_value_t = 50)]
         batch: usize,
+        /// Batches each writer keeps in flight.
+        #[arg(long, default_value_t = 8)]
+        inflight: usize,
         #[arg(long, default_value_t = 3)]
         kills: u32,
         /// Milliseconds between a start and the next kill.
@@ -162,6 +165,17 @@ enum Scenario {
         /// Milliseconds the gateway stays down.
         #[arg(long, default_value_t = 500)]
         downtime_ms: u64,
+        /// Also end the gateway's PostgreSQL sessions (`pg_terminate_backend`) every
+        /// --db-fault-min-ms..--db-fault-max-ms while writes run; the URL of the gateway's
+        /// database. Use --kills 0 for database faults alone.
+        #[arg(long)]
+        kill_db_sessions: Option<String>,
+        /// Shortest pause between two rounds of ended sessions.
+        #[arg(long, default_value_t = 100)]
+        db_fault_min_ms: u64,
+        /// Longest pause between two rounds of ended sessions.
+        #[arg(long, default_value_t = 400)]
+        db_fault_max_ms: u64,
     },
     /// An ERP shift: terminals per plant, backend writers, some terminals offline a while.
     Mixed {
@@ -416,8 +430,12 @@ async fn scenario(
             rate,
             batch,
             kills,
+            inflight,
             kill_every_ms,
             downtime_ms,
+            ref kill_db_sessions,
+            db_fault_min_ms,
+            db_fault_max_ms,
         } => {
             let Some(gw) = spawned.as_mut() else {
                 bail!("chaos kills and restarts the gateway: it needs --spawn-gateway PATH");
@@ -429,10 +447,24 @@ async fn scenario(
                 mutations_per_writer,
                 rate_per_writer: rate,
                 batch,
+                inflight,
                 kills,
                 kill_every: Duration::from_millis(kill_every_ms),
                 downtime: Duration::from_millis(downtime_ms),
                 deadline,
+                db_faults: match kill_db_sessions.clone() {
+                    Some(url) if url.starts_with("postgres") => {
+                        Some(syncgate_loadtest::chaos::DbFaults {
+                            url,
+                            min_every: Duration::from_millis(db_fault_min_ms),
+                            max_every: Duration::from_millis(db_fault_max_ms),
+                        })
+                    }
+                    Some(url) => bail!(
+                        "--kill-db-sessions needs the gateway's PostgreSQL URL (postgres://...), got {url:?}"
+                    ),
+                    None => None,
+                },
             };
             syncgate_loadtest::chaos::run(&cfg, gw, target.token).await?
         }

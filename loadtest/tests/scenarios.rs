@@ -241,10 +241,12 @@ async fn chaos_short_run_survives_kill_and_restart() {
             mutations_per_writer: 600,
             rate_per_writer: 400,
             batch: 20,
+            inflight: 2,
             kills: 2,
             kill_every: Duration::from_millis(500),
             downtime: Duration::from_millis(200),
             deadline: DEADLINE,
+            db_faults: None,
         },
         &mut gw,
         token,
@@ -258,6 +260,80 @@ async fn chaos_short_run_survives_kill_and_restart() {
     // Each writer re-sends one already acknowledged batch per reconnect: those acks were
     // compared with the first ones.
     assert!(report.figures["replayed_acks_checked"].as_u64().unwrap() > 0);
+}
+
+/// The lost-write fault of PROTOCOL.md §3.7 under load: the gateway runs on PostgreSQL and the
+/// harness ends its database sessions every 100–400 ms while writers keep batches in flight.
+/// Every mutation must be acknowledged as applied exactly once, in order, and reach every
+/// subscriber once at the version its writer was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short_run_survives_database_session_kills() {
+    let Ok(admin) = std::env::var("SYNCGATE_TEST_POSTGRES_URL") else {
+        eprintln!(
+            "SKIPPED: PostgreSQL test (set SYNCGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it)"
+        );
+        return;
+    };
+    use sea_orm::ConnectionTrait;
+    let name = format!("sg_lt_{:016x}", rand::random::<u64>());
+    let conn = sea_orm::Database::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
+    conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    let url = format!("{base}/{name}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = SpawnedGateway::start(GatewaySpec {
+        bin: syncgate_bin(),
+        args: vec![
+            "--data-dir".into(),
+            dir.path().display().to_string(),
+            "--database".into(),
+            url.clone(),
+        ],
+        log: Some(dir.path().join("gateway.log")),
+    })
+    .await
+    .unwrap();
+    let token = gw.mint_token("loadtest").await.unwrap();
+    let report = syncgate_loadtest::chaos::run(
+        &syncgate_loadtest::chaos::ChaosConfig {
+            collection: "work_orders".into(),
+            writers: 3,
+            subscribers: 2,
+            mutations_per_writer: 4000,
+            rate_per_writer: 4000,
+            batch: 20,
+            inflight: 8,
+            kills: 0,
+            kill_every: Duration::from_millis(500),
+            downtime: Duration::from_millis(200),
+            deadline: DEADLINE,
+            db_faults: Some(syncgate_loadtest::chaos::DbFaults {
+                url: url.clone(),
+                min_every: Duration::from_millis(100),
+                max_every: Duration::from_millis(400),
+            }),
+        },
+        &mut gw,
+        token,
+    )
+    .await
+    .unwrap();
+    gw.stop().await;
+    let _ = conn
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await;
+    assert_eq!(report.failures, Vec::<String>::new());
+    assert_eq!(report.figures["acknowledged"], 3 * 4000);
+    assert!(
+        report.figures["db_sessions_ended"].as_u64().unwrap() > 0,
+        "{}",
+        report.figures
+    );
+    eprintln!("database faults: {}", report.figures);
 }
 
 /// The command line end to end: `--spawn-gateway` (token minted by the gateway, CPU/RSS
