@@ -53,6 +53,8 @@ type PushReply = Pin<
 struct Session {
     client_id: String,
     user: String,
+    /// The session id sent in `welcome`, for log lines.
+    id: String,
 }
 
 /// A subscription of this connection.
@@ -65,6 +67,10 @@ struct ActiveSub {
 /// Serves one accepted TCP connection to the end.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
+    let opened = Instant::now();
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let limits = shared.config.limits;
     // A 1 KiB read buffer (tungstenite zero-fills the whole buffer it reads into, and an idle
     // connection keeps it): 10.0 → 6.9 KiB of RSS per idle connection (BENCHMARKS.md, P1); a
@@ -88,7 +94,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "websocket upgrade failed");
+            tracing::debug!(%peer, error = %e, "websocket upgrade failed");
             return;
         }
         Err(_) => return,
@@ -106,12 +112,26 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     };
     let mut conn = Connection {
         shared: shared.clone(),
+        peer: peer.clone(),
         out: out.clone(),
         session: None,
         subs: HashMap::new(),
     };
-    conn.run(&mut stream).await;
+    let reason = conn.run(&mut stream).await;
     conn.teardown();
+    if let Some(suppressed) = shared.oplog.connections.allow() {
+        let duration_ms = opened.elapsed().as_millis() as u64;
+        match &conn.session {
+            Some(s) => tracing::info!(
+                %peer, client_id = %s.client_id, user = %crate::oplog::printable(&s.user), session = %s.id,
+                duration_ms, reason = %reason, suppressed, "connection closed"
+            ),
+            None => tracing::info!(
+                %peer, duration_ms, reason = %reason, suppressed,
+                "connection closed before the handshake"
+            ),
+        }
+    }
     if !out.is_closed() {
         out.close_after_flush(1000, "bye");
     }
@@ -128,13 +148,16 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
 
 struct Connection {
     shared: Arc<Shared>,
+    /// The client's address, for log lines.
+    peer: String,
     out: Arc<Outbound>,
     session: Option<Session>,
     subs: HashMap<u32, ActiveSub>,
 }
 
 impl Connection {
-    async fn run<S>(&mut self, stream: &mut S)
+    /// Serves frames until the connection ends; returns why (for the closing log line).
+    async fn run<S>(&mut self, stream: &mut S) -> String
     where
         S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
@@ -160,14 +183,14 @@ impl Connection {
                         retry_after_ms,
                     }));
                     self.out.close_after_flush(1012, "server shutting down");
-                    return;
+                    return "server shutting down".into();
                 }
                 Some((batch, started, reply)) = pushes.next(), if !pushes.is_empty() => {
                     self.finish_push(batch, started, reply);
                 }
                 _ = self.out.wait_for_space(), if !can_read && pushes.len() < max_inflight => {}
                 msg = stream.next(), if can_read => {
-                    let Some(msg) = msg else { return };
+                    let Some(msg) = msg else { return "connection ended by the client".into() };
                     match msg {
                         Ok(Message::Binary(b)) => {
                             last_seen = Instant::now();
@@ -182,19 +205,18 @@ impl Connection {
                             let fatal = self.session.is_none();
                             self.error(ErrorCode::TextFrameNotSupported, "send binary frames", fatal, None, None);
                             if fatal {
-                                return;
+                                return "text frame before hello".into();
                             }
                         }
                         Ok(Message::Ping(_) | Message::Pong(_)) => last_seen = Instant::now(),
-                        Ok(Message::Close(_)) => return,
+                        Ok(Message::Close(_)) => return "closed by the client".into(),
                         Ok(Message::Frame(_)) => {}
                         Err(WsError::Capacity(e)) => {
                             self.error(ErrorCode::FrameTooLarge, &e.to_string(), true, None, None);
-                            return;
+                            return "frame_too_large".into();
                         }
                         Err(e) => {
-                            tracing::debug!(error = %e, "connection read failed");
-                            return;
+                            return format!("read failed: {e}");
                         }
                     }
                 }
@@ -205,14 +227,21 @@ impl Connection {
                         ErrorCode::HeartbeatTimeout
                     };
                     self.error(code, "no frame within the timeout", true, None, None);
-                    return;
+                    return code.name().into();
                 }
-                _ = self.out.closed() => return,
+                _ = self.out.closed() => return self.close_reason(),
             }
             if self.out.is_closed() {
-                return;
+                return self.close_reason();
             }
         }
+    }
+
+    /// Why the server asked its writer to close (a fatal error's code name, `slow_consumer`).
+    fn close_reason(&self) -> String {
+        self.out
+            .close_request()
+            .map_or_else(|| "closed".to_owned(), |c| c.reason)
     }
 
     fn teardown(&mut self) {
@@ -334,6 +363,7 @@ impl Connection {
             return;
         };
         if !is_valid_id(&h.client_id, self.shared.config.limits.max_id_bytes) {
+            self.refused_handshake(ErrorCode::InvalidClientId, "invalid client id", &h.agent);
             self.error(
                 ErrorCode::InvalidClientId,
                 "client_id must be 1..=max_id_bytes bytes without control characters",
@@ -346,6 +376,8 @@ impl Connection {
         let user = match self.shared.auth.verify(&h.token) {
             Ok(u) => u,
             Err((code, msg)) => {
+                // The token itself is never logged.
+                self.refused_handshake(code, &msg, &h.agent);
                 self.error(code, &msg, true, None, None);
                 return;
             }
@@ -364,10 +396,17 @@ impl Connection {
                 return;
             }
         };
-        tracing::debug!(client_id = %h.client_id, user = %user, agent = %h.agent, "session established");
+        let session = hex::encode(rand::random::<[u8; 8]>());
+        if let Some(suppressed) = self.shared.oplog.connections.allow() {
+            tracing::info!(
+                peer = %self.peer, client_id = %h.client_id, user = %crate::oplog::printable(&user),
+                agent = %crate::oplog::printable(&h.agent), session = %session, last_applied_mutation,
+                suppressed, "session established"
+            );
+        }
         self.send(Frame::Welcome(Welcome {
             version,
-            session: hex::encode(rand::random::<[u8; 8]>()),
+            session: session.clone(),
             epoch: self.shared.hub.epoch().to_owned(),
             last_applied_mutation,
             limits: self.shared.config.limits,
@@ -376,7 +415,18 @@ impl Connection {
         self.session = Some(Session {
             client_id: h.client_id,
             user,
+            id: session,
         });
+    }
+
+    /// The log line of a refused handshake (rate-limited; never the token).
+    fn refused_handshake(&self, code: ErrorCode, reason: &str, agent: &str) {
+        if let Some(suppressed) = self.shared.oplog.auth.allow() {
+            tracing::info!(
+                peer = %self.peer, code = code.code(), name = code.name(), reason = %reason,
+                agent = %crate::oplog::printable(agent), suppressed, "handshake refused"
+            );
+        }
     }
 
     fn subscribe(&mut self, s: Subscribe) {

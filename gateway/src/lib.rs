@@ -12,6 +12,7 @@
 //! - [`outbound`]: the byte-bounded outbound queue and the writer task.
 //! - [`server`]: wiring, listeners, HTTP endpoints, graceful shutdown.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`oplog`]: rate limits of the operator's `info` lines (connections, refusals, rejections).
 
 pub mod auth;
 pub mod config;
@@ -19,6 +20,7 @@ mod connection;
 pub mod hub;
 pub mod ingest;
 pub mod metrics;
+pub mod oplog;
 pub mod outbound;
 pub mod server;
 pub mod storage;

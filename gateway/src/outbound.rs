@@ -169,6 +169,11 @@ impl Outbound {
         self.space.notify_waiters();
     }
 
+    /// The close requested, if any (for the connection's closing log line).
+    pub fn close_request(&self) -> Option<Close> {
+        self.lock().close.clone()
+    }
+
     /// Whether a close was requested.
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()

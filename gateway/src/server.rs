@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::hub::{Hub, HubEvent, run_follower};
 use crate::ingest::{IngestRequest, run_ingest};
 use crate::metrics::Metrics;
+use crate::oplog::OpLog;
 use crate::storage::{NOTIFY_CHANNEL, Rules, Store};
 
 /// Everything a connection needs, shared by all connections of the node.
@@ -31,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) ingest: mpsc::Sender<IngestRequest>,
     pub(crate) auth: Authenticator,
     pub(crate) metrics: Metrics,
+    /// Rate limits of the operator's log lines.
+    pub(crate) oplog: Arc<OpLog>,
     /// Cancelled when the node starts draining.
     pub(crate) shutdown: CancellationToken,
 }
@@ -95,6 +98,7 @@ impl Gateway {
         let http_addr = http.local_addr()?;
 
         let metrics = Metrics::new();
+        let oplog = Arc::new(OpLog::default());
         let shutdown = CancellationToken::new();
         let background = TaskTracker::new();
         let connections = TaskTracker::new();
@@ -133,6 +137,7 @@ impl Gateway {
             hub_tx,
             config.group_commit_max_mutations,
             metrics.clone(),
+            oplog.clone(),
         ));
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         let shared = Arc::new(Shared {
@@ -141,6 +146,7 @@ impl Gateway {
             hub,
             ingest: ingest_tx,
             metrics: metrics.clone(),
+            oplog,
             shutdown: shutdown.clone(),
             config,
         });

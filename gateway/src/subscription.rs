@@ -49,7 +49,7 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
     let hub = &shared.hub;
     let mut position = match cursor {
         Some(c) if c.epoch != hub.epoch() => {
-            resync(entry, "epoch_changed");
+            resync(shared, entry, "epoch_changed", &c);
             snapshot(shared, entry).await?
         }
         // A cursor at or below what this node has published is behind the committed head:
@@ -57,7 +57,7 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
         // seen here, or from a log that lost its tail) needs the head. A reconnect storm of
         // 10,000 clients otherwise queued 10,000 head reads on the pool, and some timed out.
         Some(c) if c.seq > hub.published() && c.seq > shared.store.head().await? => {
-            resync(entry, "cursor_ahead");
+            resync(shared, entry, "cursor_ahead", &c);
             snapshot(shared, entry).await?
         }
         Some(c) => c.seq,
@@ -122,7 +122,18 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
     }
 }
 
-fn resync(entry: &SubEntry, reason: &str) {
+fn resync(shared: &Shared, entry: &SubEntry, reason: &str, cursor: &Cursor) {
+    if let Some(suppressed) = shared.oplog.subscriptions.allow() {
+        tracing::info!(
+            sub = entry.sub,
+            collection = %entry.collection,
+            reason,
+            cursor_epoch = %crate::oplog::printable(&cursor.epoch),
+            cursor_seq = cursor.seq,
+            suppressed,
+            "resync: the subscription starts over from a snapshot"
+        );
+    }
     entry.out.push(Bytes::from(encode(&Frame::Resync(Resync {
         sub: entry.sub,
         reason: reason.to_owned(),

@@ -9,6 +9,7 @@
 
 pub mod order;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use syncgate_protocol::{ErrorCode, MutationStatus};
@@ -16,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::HubEvent;
 use crate::metrics::Metrics;
+use crate::oplog::OpLog;
 use crate::storage::{PushJob, PushOutcome, Rules, Store};
 use order::{ClientOrder, Refusal};
 
@@ -35,6 +37,7 @@ pub async fn run_ingest(
     hub: mpsc::Sender<HubEvent>,
     max_mutations: usize,
     metrics: Metrics,
+    oplog: Arc<OpLog>,
 ) {
     let mut order = ClientOrder::default();
     while let Some(first) = rx.recv().await {
@@ -50,13 +53,17 @@ pub async fn run_ingest(
                     replies.push(req.reply);
                 }
                 Err(refusal) => {
-                    tracing::info!(
-                        client_id = %req.job.client_id,
-                        batch = req.job.batch,
-                        code = refusal.code.code(),
-                        reason = %refusal.message,
-                        "push refused before commit"
-                    );
+                    if let Some(suppressed) = oplog.rejections.allow() {
+                        tracing::info!(
+                            client_id = %req.job.client_id,
+                            user = %crate::oplog::printable(&req.job.user),
+                            batch = req.job.batch,
+                            code = refusal.code.code(),
+                            reason = %refusal.message,
+                            suppressed,
+                            "push refused, nothing applied"
+                        );
+                    }
                     let _ = req.reply.send(Err(refusal));
                 }
             }
@@ -78,13 +85,28 @@ pub async fn run_ingest(
             Ok((outcomes, committed)) => {
                 // Fan-out first: the follower publishes in seq order, the acks go straight out.
                 let _ = hub.send(HubEvent::Committed(committed)).await;
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    for r in &outcome.results {
+                for ((reply, outcome), job) in replies.into_iter().zip(outcomes).zip(&jobs) {
+                    for (r, m) in outcome.results.iter().zip(&job.mutations) {
                         let status = match r.status {
                             MutationStatus::Applied => "applied",
                             MutationStatus::Rejected => "rejected",
                         };
                         metrics.mutations.with_label_values(&[status]).inc();
+                        if r.status == MutationStatus::Rejected
+                            && let Some(suppressed) = oplog.rejections.allow()
+                        {
+                            tracing::info!(
+                                client_id = %job.client_id,
+                                user = %crate::oplog::printable(&job.user),
+                                mutation_id = r.mutation_id,
+                                collection = %crate::oplog::printable(&m.collection),
+                                id = %crate::oplog::printable(&m.id),
+                                code = r.code.unwrap_or(0),
+                                reason = r.reason.as_deref().unwrap_or(""),
+                                suppressed,
+                                "mutation rejected (stored in sg_sync_errors)"
+                            );
+                        }
                     }
                     let _ = reply.send(Ok(outcome));
                 }

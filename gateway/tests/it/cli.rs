@@ -215,3 +215,112 @@ async fn serve_says_where_things_are_and_how_to_mint_a_token() {
         .expect("the token minted as printed is accepted");
     child.kill().await.unwrap();
 }
+
+/// The lines an operator needs, as structured JSON at `info`: a refused handshake (without the
+/// token), a session established, a rejected mutation, a connection closed with its reason and
+/// duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_tells_an_operator_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--jwt-secret",
+            SECRET,
+        ])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--log-json",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PROMPT, out.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    let ws = first.split_whitespace().nth(2).unwrap().to_owned();
+    let forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJtYWxsb3J5In0.c2VjcmV0LXRva2VuLXZhbHVl";
+    assert!(Connection::connect(&ws, "intruder", forged).await.is_err());
+    let (mut c, _) = Connection::connect(&ws, "terminal-7", &token("alice"))
+        .await
+        .unwrap();
+    let ack = push(
+        &mut c,
+        1,
+        vec![patch(1, "machines", "nope", body(&[("a", Value::from(1))]))],
+    )
+    .await;
+    assert_eq!(ack.results[0].status, MutationStatus::Rejected);
+    c.close().await;
+
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let wanted = [
+        "handshake refused",
+        "session established",
+        "mutation rejected",
+    ];
+    let end = Instant::now() + PROMPT;
+    let has = |seen: &[serde_json::Value], m: &str| {
+        seen.iter().any(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(m))
+        })
+    };
+    let terminal_closed = |seen: &[serde_json::Value]| {
+        seen.iter().any(|l| {
+            l["fields"]["message"] == "connection closed"
+                && l["fields"]["client_id"] == "terminal-7"
+        })
+    };
+    while !(wanted.iter().all(|m| has(&seen, m)) && terminal_closed(&seen)) {
+        let line = tokio::time::timeout(end - Instant::now(), err.next_line())
+            .await
+            .expect("the expected log lines")
+            .unwrap()
+            .expect("more log lines");
+        assert!(!line.contains(forged), "a token in the log: {line}");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            seen.push(v);
+        }
+    }
+    let find = |m: &str| {
+        seen.iter()
+            .find(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(m))
+            })
+            .unwrap()
+            .clone()
+    };
+    let refused = find("handshake refused");
+    assert_eq!(refused["level"], "INFO");
+    assert_eq!(refused["fields"]["code"], 200);
+    let rejected = find("mutation rejected");
+    assert_eq!(rejected["fields"]["client_id"], "terminal-7");
+    assert_eq!(rejected["fields"]["code"], 405);
+    let closed = seen
+        .iter()
+        .find(|l| {
+            l["fields"]["message"] == "connection closed"
+                && l["fields"]["client_id"] == "terminal-7"
+        })
+        .expect("the terminal's close line");
+    assert_eq!(closed["fields"]["reason"], "closed by the client");
+    assert!(closed["fields"]["duration_ms"].is_u64(), "{closed}");
+    child.kill().await.unwrap();
+}
