@@ -16,6 +16,7 @@ use syncgate_loadtest::fanout::FanoutConfig;
 use syncgate_loadtest::ingest::IngestConfig;
 use syncgate_loadtest::mixed::MixedConfig;
 use syncgate_loadtest::procfs::{self, Sampler};
+use syncgate_loadtest::report::{RunInfo, rfc3339};
 use syncgate_loadtest::slow::SlowConfig;
 use syncgate_loadtest::spawn::{GatewaySpec, SpawnedGateway};
 use syncgate_loadtest::storm::StormConfig;
@@ -239,6 +240,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
+    let started = std::time::SystemTime::now();
+    let started_clock = std::time::Instant::now();
     let mut spawned = match &cli.spawn_gateway {
         Some(bin) => Some(
             SpawnedGateway::start(GatewaySpec {
@@ -259,6 +262,11 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
                 .context("a token is needed: --token or SYNCGATE_TOKEN")?,
         ),
     };
+    let gateway_info = match &spawned {
+        Some(gw) => Some(gw.describe().await),
+        None => None,
+    };
+    let run_url = url.clone();
     let target = Target {
         url,
         token,
@@ -274,7 +282,10 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
         .flatten()
         .map(|pid| Sampler::start(pid, Duration::from_millis(200)));
     let collection = cli.collection.clone();
-    let harness_start = procfs::read(std::process::id());
+    // The harness samples itself like the gateway: its CPU over time goes beside the
+    // gateway's in the report (a harness at 100 % bounds what a run can show).
+    let harness_sampler =
+        (!worker).then(|| Sampler::start(std::process::id(), Duration::from_millis(200)));
     let result = scenario(
         &cli,
         target,
@@ -289,15 +300,22 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
     }
     let mut report = result?;
     report.gateway = sampler.map(Sampler::finish);
-    let mut json = serde_json::to_value(&report)?;
-    // The harness's own CPU: at high fan-out it decodes every frame on the other core, and a
-    // harness at 100 % bounds what the run can show of the gateway.
-    let harness_cpu = harness_start
-        .zip(procfs::read(std::process::id()))
-        .map(|(a, b)| procfs::cpu_percent(&a, &b));
-    json["harness"] = serde_json::json!({"nofile_limit": nofile, "pid": std::process::id(),
-        "cpu_percent": harness_cpu});
-    let text = serde_json::to_string_pretty(&json)?;
+    report.harness = harness_sampler.map(Sampler::finish);
+    report.run = Some(RunInfo {
+        command_line: std::env::args().collect(),
+        started_at: rfc3339(
+            started
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        ),
+        duration_s: started_clock.elapsed().as_secs_f64(),
+        harness_version: format!("syncgate-loadtest {}", env!("CARGO_PKG_VERSION")),
+        machine: procfs::machine(),
+        gateway: gateway_info,
+        url: run_url,
+        nofile_limit: nofile,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");
     if let Some(path) = &cli.report {
         std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;

@@ -63,9 +63,53 @@ pub struct ProcStats {
     pub cpu_percent: f64,
     /// Samples taken.
     pub samples: u64,
-    /// The readings over time: `(seconds since the run's clock started, RSS KiB, CPU % of one
-    /// core since the previous reading)`, for the report's plot.
-    pub series: Vec<(f64, u64, f64)>,
+    /// The readings over time, for the report's plot.
+    pub series: Vec<SeriesPoint>,
+}
+
+/// One point of a sampled process's series.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct SeriesPoint {
+    /// Seconds since the run's clock started.
+    pub sec: f64,
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+    /// CPU use since the previous reading, in percent of one core.
+    pub cpu_percent: f64,
+}
+
+/// The machine a run happened on.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Machine {
+    /// Logical CPUs this process may use.
+    pub cores: usize,
+    /// Total memory, KiB (`MemTotal`).
+    pub memory_kib: u64,
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    /// Host name.
+    pub hostname: String,
+}
+
+/// Reads the machine's description from /proc (fields it cannot read stay empty).
+pub fn machine() -> Machine {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let memory_kib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Machine {
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_kib,
+        kernel: read("/proc/sys/kernel/osrelease"),
+        hostname: read("/proc/sys/kernel/hostname"),
+    }
 }
 
 /// Samples a process every `every` on a thread until [`Sampler::finish`].
@@ -105,7 +149,11 @@ impl Sampler {
                 let t =
                     r.at.duration_since(crate::stats::start_clock())
                         .as_secs_f64();
-                stats.series.push((t, r.rss_kib, cpu));
+                stats.series.push(SeriesPoint {
+                    sec: t,
+                    rss_kib: r.rss_kib,
+                    cpu_percent: cpu,
+                });
                 stats.rss_max_kib = stats.rss_max_kib.max(r.rss_kib);
                 stats.samples += 1;
                 last = r;
@@ -146,5 +194,10 @@ mod tests {
         let stats = s.finish();
         assert!(stats.rss_max_kib >= stats.rss_start_kib);
         assert!(stats.samples > 0);
+        let m = machine();
+        assert!(
+            m.cores >= 1 && m.memory_kib > 0 && !m.kernel.is_empty(),
+            "{m:?}"
+        );
     }
 }

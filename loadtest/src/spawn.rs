@@ -78,6 +78,32 @@ impl SpawnedGateway {
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     }
 
+    /// Its version and effective configuration (`--version`, `check-config`: secrets
+    /// redacted), for the report.
+    pub async fn describe(&self) -> crate::report::GatewayInfo {
+        let run = |extra: &'static [&'static str], with_args: bool| {
+            let mut cmd = Command::new(&self.spec.bin);
+            if with_args {
+                cmd.args(&self.spec.args);
+            }
+            cmd.args(extra).stdin(Stdio::null()).stderr(Stdio::null());
+            async move {
+                match cmd.output().await {
+                    Ok(o) if o.status.success() => {
+                        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+                    }
+                    Ok(o) => format!("(failed: {})", o.status),
+                    Err(e) => format!("(failed: {e})"),
+                }
+            }
+        };
+        crate::report::GatewayInfo {
+            version: run(&["--version"], false).await,
+            args: self.spec.args.clone(),
+            config: run(&["check-config"], true).await,
+        }
+    }
+
     /// Kills the process with SIGKILL (no drain, nothing flushed) and waits for it to exit.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill().await.context("killing the gateway")

@@ -379,6 +379,36 @@ fn cli_connect_with_workers_against_a_spawned_gateway() {
     assert_eq!(report["figures"]["alive_at_end"], 41);
     assert_eq!(report["figures"]["workers"].as_array().unwrap().len(), 2);
     assert!(report["gateway"]["rss_max_kib"].as_u64().unwrap() > 0);
+    // Self-describing: what was run, where, on which gateway and for how long.
+    let run = &report["run"];
+    assert!(
+        run["command_line"][1].as_str().unwrap().starts_with("--"),
+        "{run}"
+    );
+    assert!(run["started_at"].as_str().unwrap().ends_with('Z'), "{run}");
+    assert!(run["duration_s"].as_f64().unwrap() > 0.0, "{run}");
+    assert!(run["machine"]["cores"].as_u64().unwrap() >= 1, "{run}");
+    assert!(run["machine"]["memory_kib"].as_u64().unwrap() > 0, "{run}");
+    assert!(
+        !run["machine"]["kernel"].as_str().unwrap().is_empty(),
+        "{run}"
+    );
+    assert!(
+        run["gateway"]["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("syncgate "),
+        "{run}"
+    );
+    assert!(
+        run["gateway"]["config"]
+            .as_str()
+            .unwrap()
+            .contains("listen ="),
+        "{run}"
+    );
+    assert!(report["harness"]["cpu_percent"].is_f64(), "{report}");
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("nothing lost"));
+    assert!(page.contains("<h2>Run</h2>") && page.contains("CPU: gateway and harness"));
 }
