@@ -22,13 +22,13 @@ struct Cli {
     #[arg(long, short, global = true, env = "SYNCGATE_CONFIG")]
     config: Option<PathBuf>,
     /// WebSocket listen address (default 127.0.0.1:7420).
-    #[arg(long, global = true, env = "SYNCGATE_LISTEN")]
+    #[arg(long, env = "SYNCGATE_LISTEN")]
     listen: Option<std::net::SocketAddr>,
     /// HTTP listen address for /healthz, /readyz, /metrics (default 127.0.0.1:7421).
-    #[arg(long, global = true, env = "SYNCGATE_HTTP_LISTEN")]
+    #[arg(long, env = "SYNCGATE_HTTP_LISTEN")]
     http_listen: Option<std::net::SocketAddr>,
     /// Database URL: sqlite://PATH or postgres://USER@HOST/DB (default sqlite in the data dir).
-    #[arg(long, global = true, env = "SYNCGATE_DATABASE")]
+    #[arg(long, env = "SYNCGATE_DATABASE")]
     database: Option<String>,
     /// Data directory (SQLite file, generated JWT secret). Default ./data.
     #[arg(long, global = true, env = "SYNCGATE_DATA_DIR")]
@@ -42,7 +42,7 @@ struct Cli {
     )]
     jwt_secret: Option<String>,
     /// Log as JSON lines.
-    #[arg(long, global = true, env = "SYNCGATE_LOG_JSON")]
+    #[arg(long, env = "SYNCGATE_LOG_JSON")]
     log_json: bool,
     #[command(subcommand)]
     command: Option<Command>,

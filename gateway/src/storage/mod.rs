@@ -474,3 +474,24 @@ impl Store {
         self.backend
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_sessions_and_starting_servers_are_transient_wrong_settings_are_not() {
+        for code in ["57P01", "57P03", "08006", "08001", "53300"] {
+            assert!(transient_sqlstate(code), "{code}");
+        }
+        // Wrong password, unknown database, missing table, unique violation.
+        for code in ["28P01", "3D000", "42P01", "23505"] {
+            assert!(!transient_sqlstate(code), "{code}");
+        }
+        let refused = StoreError::Db(DbErr::Conn(sea_orm::RuntimeErr::SqlxError(Arc::new(
+            sea_orm::sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into()),
+        ))));
+        assert!(refused.is_transient());
+        assert!(!StoreError::Corrupt("x".into()).is_transient());
+    }
+}

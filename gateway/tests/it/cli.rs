@@ -49,6 +49,16 @@ async fn token_never_creates_a_secret() {
     assert!(err.contains("--data-dir"), "says how to point it: {err}");
     assert_eq!(err.lines().count(), 1, "one line, each cause once: {err}");
     assert!(!data.exists(), "token must not create the data directory");
+    // Its help shows what matters to it, not the listeners or the database.
+    let help = text(&syncgate(&["token", "--help"]).await.stdout);
+    assert!(
+        help.contains("--user") && help.contains("--data-dir"),
+        "{help}"
+    );
+    assert!(
+        !help.contains("--listen") && !help.contains("--database"),
+        "{help}"
+    );
     // With the gateway's secret it signs, and the gateway accepts the token.
     let out = syncgate(&["--jwt-secret", SECRET, "token", "--user", "alice"]).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
