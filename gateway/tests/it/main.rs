@@ -590,6 +590,39 @@ async fn bad_handshakes_get_fatal_errors(backend: Backend) {
         c.send_raw(bytes).await.unwrap();
         expect_fatal(&mut c, code).await;
     }
+    // A text frame before the handshake ends the connection too (106, fatal).
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
+        ws.send(Message::Text("hello?".into())).await.unwrap();
+        let end = Instant::now() + DEADLINE;
+        let mut got_error = false;
+        loop {
+            let msg = tokio::time::timeout(end - Instant::now(), ws.next())
+                .await
+                .expect("an answer before the deadline");
+            match msg {
+                Some(Ok(Message::Binary(b))) => match syncgate_protocol::codec::decode(&b) {
+                    Ok(Frame::Error(e)) => {
+                        assert_eq!(e.code, ErrorCode::TextFrameNotSupported.code());
+                        assert!(e.fatal, "{e:?}");
+                        got_error = true;
+                    }
+                    other => panic!("{other:?}"),
+                },
+                Some(Ok(Message::Close(Some(c)))) => {
+                    assert_eq!(u16::from(c.code), 4106);
+                    break;
+                }
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => break,
+            }
+        }
+        assert!(got_error);
+    }
     // Optional fields sent as nil mean "not given" (§2): a hello without an agent and a
     // subscription without a filter are served.
     let mut c = syncgate_client::Connection::open(&url).await.unwrap();
