@@ -139,6 +139,14 @@ pub(crate) async fn run(
             attempt = 0;
         }
         let never_connected = connected_at.is_none();
+        let end = match end {
+            // The provider was asked again and its token is expired too: it cannot renew.
+            End::TokenExpired if token_retried => End::Refused {
+                code: Some(ErrorCode::TokenExpired.code()),
+                reason: "the token has expired and the token provider gave no fresh one".into(),
+            },
+            other => other,
+        };
         let (reason, delay) = match end {
             End::Shutdown => break,
             End::Refused { code, reason } => {
@@ -176,37 +184,12 @@ pub(crate) async fn run(
                     Backoff::after_goaway(retry_after, &mut rng),
                 )
             }
-            End::TokenExpired if !token_retried => {
+            End::TokenExpired => {
                 token_retried = true;
                 (
                     "token expired; asking the provider for a new one".into(),
                     Duration::ZERO,
                 )
-            }
-            End::TokenExpired => {
-                // The provider was asked again and its token is expired too: it cannot renew.
-                let reason =
-                    "the token has expired and the token provider gave no fresh one".to_owned();
-                shared.set_state(ConnectionState::Stopped {
-                    code: Some(ErrorCode::TokenExpired.code()),
-                    reason: reason.clone(),
-                });
-                for r in waiting.drain(..) {
-                    let _ = r.reply.send(Err(SyncFailure::Refused {
-                        code: Some(ErrorCode::TokenExpired.code()),
-                        reason: reason.clone(),
-                    }));
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    r = sync_rx.recv() => match r {
-                        Some(r) => waiting.push(r),
-                        None => break,
-                    },
-                }
-                attempt = 0;
-                token_retried = false;
-                continue;
             }
             End::Lost { reason } => {
                 if never_connected {

@@ -13,9 +13,11 @@ use syncgate_client::Connection;
 /// Longer than any of these commands may take; a command still running then has hung.
 const PROMPT: Duration = Duration::from_secs(45);
 
-async fn syncgate(args: &[&str]) -> Output {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"))
-        .args(args)
+/// The `syncgate` binary with `args`, isolated from the caller's `SYNCGATE_*` settings, its
+/// stdout and stderr piped.
+fn command(args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"));
+    cmd.args(args)
         .env_remove("SYNCGATE_CONFIG")
         .env_remove("SYNCGATE_JWT_SECRET")
         .env_remove("SYNCGATE_DATA_DIR")
@@ -23,13 +25,30 @@ async fn syncgate(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs a command of the binary to its end (within [`PROMPT`]).
+async fn syncgate(args: &[&str]) -> Output {
+    let child = command(args).spawn().unwrap();
     tokio::time::timeout(PROMPT, child.wait_with_output())
         .await
         .unwrap_or_else(|_| panic!("`syncgate {}` did not finish in time", args.join(" ")))
         .unwrap()
+}
+
+/// Starts a gateway on port 0 with `args` before the command (stopped by `kill`).
+fn serve(args: &[&str]) -> tokio::process::Child {
+    let mut all = args.to_vec();
+    all.extend([
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "serve",
+    ]);
+    command(&all).spawn().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -128,16 +147,12 @@ async fn an_unreachable_database_is_named_with_its_cause() {
     assert!(!err.contains(":pw@"), "password hidden: {err}");
 
     // With the default wait the gateway keeps retrying, and says why at once.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"))
-        .args(["--database", &url, "--data-dir"])
-        .arg(dir.path())
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = serve(&[
+        "--database",
+        &url,
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let end = Instant::now() + PROMPT;
     loop {
@@ -158,23 +173,7 @@ async fn an_unreachable_database_is_named_with_its_cause() {
 async fn serve_says_where_things_are_and_how_to_mint_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"))
-        .args(["--data-dir", data.to_str().unwrap()])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "serve",
-        ])
-        .env_remove("SYNCGATE_JWT_SECRET")
-        .env_remove("SYNCGATE_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = serve(&["--data-dir", data.to_str().unwrap()]);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
     let end = Instant::now() + PROMPT;
@@ -232,27 +231,20 @@ async fn serve_says_where_things_are_and_how_to_mint_a_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_tells_an_operator_what_happened() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"))
-        .args([
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--jwt-secret",
-            SECRET,
-        ])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--log-json",
-        ])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    // RUST_LOG=info whatever the caller's environment says.
+    let mut cmd = command(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--jwt-secret",
+        SECRET,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--log-json",
+        "serve",
+    ]);
+    let mut child = cmd.env("RUST_LOG", "info").spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = tokio::time::timeout(PROMPT, out.next_line())
         .await
