@@ -151,10 +151,15 @@ struct Upload {
     #[arg(long)]
     no_upload: bool,
     /// How long to wait for the upload once the gateway accepted the connection. An
-    /// unreachable gateway is not waited for: the edit stays queued and the command exits 4.
+    /// unreachable gateway is not waited for (a refused connection at once, one that does not
+    /// answer after 3 s): the edit stays queued and the command exits 4.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     timeout: Duration,
 }
+
+/// How long `put`, `patch` and `delete` wait for a connection (TCP, WebSocket and `welcome`)
+/// before leaving the edit queued.
+const WRITE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Exit statuses; the README's "Exit status" section lists them.
 mod status {
@@ -548,7 +553,9 @@ async fn write(
     body: Option<Body>,
 ) -> anyhow::Result<ExitCode> {
     let upload_now = !upload.no_upload && common.token.is_some();
-    let b = builder(common);
+    // A gateway that does not even answer the TCP handshake (a dead Wi-Fi link drops the
+    // packets) is given up on after this, not after the SDK's default 10 s.
+    let b = builder(common).connect_timeout(WRITE_CONNECT_TIMEOUT);
     let mut events = b.events();
     let client = if upload_now {
         b.open().await?

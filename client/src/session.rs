@@ -192,6 +192,13 @@ pub(crate) async fn run(
                 )
             }
             End::Lost { reason } => {
+                // A request that arrived while this attempt was failing asks to sync now: it
+                // cuts the backoff short, as one arriving during the wait does.
+                let mut asked_now = false;
+                while let Ok(r) = sync_rx.try_recv() {
+                    asked_now = true;
+                    waiting.push(r);
+                }
                 if never_connected {
                     // Callers that asked not to wait for an unreachable gateway get their
                     // answer now.
@@ -200,7 +207,11 @@ pub(crate) async fn run(
                     }
                 }
                 token_retried = false;
-                let d = settings.backoff.delay(attempt, &mut rng);
+                let d = if asked_now && !waiting.is_empty() {
+                    Duration::ZERO
+                } else {
+                    settings.backoff.delay(attempt, &mut rng)
+                };
                 attempt = attempt.saturating_add(1);
                 (reason, d)
             }

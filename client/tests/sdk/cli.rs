@@ -131,6 +131,22 @@ async fn an_offline_write_returns_at_once_and_stays_queued() {
     let out = run(dir.path(), &url, None, &["get", COLL, "wo-1"], b"").await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(stdout(&out).contains(r#""pending":true"#), "{out:?}");
+    // A listener that never answers (the kernel completes the TCP handshake, nobody speaks
+    // WebSocket): given up on after the write's connect timeout, not the upload's 300 s.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("ws://{}", silent.local_addr().unwrap());
+    let out = run(
+        dir.path(),
+        &silent_url,
+        Some(&tok),
+        &["put", "--timeout", "300s", COLL, "wo-2", r#"{"qty": 2}"#],
+        b"",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let out = run(dir.path(), &url, None, &["outbox"], b"").await;
+    assert_eq!(stdout(&out).lines().count(), 2, "{out:?}");
+    drop(silent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
