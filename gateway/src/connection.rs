@@ -53,8 +53,8 @@ type PushReply = Pin<
 struct Session {
     client_id: String,
     user: String,
-    /// The session id sent in `welcome`, for log lines.
-    id: String,
+    /// The session id sent in `welcome` (as 16 hex digits), for log lines.
+    id: u64,
 }
 
 /// A subscription of this connection.
@@ -68,9 +68,10 @@ struct ActiveSub {
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let opened = Instant::now();
+    // Kept as an address, not a string: every idle connection carries it.
     let peer = tcp
         .peer_addr()
-        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let limits = shared.config.limits;
     // A 1 KiB read buffer (tungstenite zero-fills the whole buffer it reads into, and an idle
     // connection keeps it): 10.0 → 6.9 KiB of RSS per idle connection (BENCHMARKS.md, P1); a
@@ -112,7 +113,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     };
     let mut conn = Connection {
         shared: shared.clone(),
-        peer: peer.clone(),
+        peer,
         out: out.clone(),
         session: None,
         subs: HashMap::new(),
@@ -123,7 +124,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         let duration_ms = opened.elapsed().as_millis() as u64;
         match &conn.session {
             Some(s) => tracing::info!(
-                %peer, client_id = %s.client_id, user = %crate::oplog::printable(&s.user), session = %s.id,
+                %peer, client_id = %s.client_id, user = %crate::oplog::printable(&s.user), session = %format_args!("{:016x}", s.id),
                 duration_ms, reason = %reason, suppressed, "connection closed"
             ),
             None => tracing::info!(
@@ -149,7 +150,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
 struct Connection {
     shared: Arc<Shared>,
     /// The client's address, for log lines.
-    peer: String,
+    peer: std::net::SocketAddr,
     out: Arc<Outbound>,
     session: Option<Session>,
     subs: HashMap<u32, ActiveSub>,
@@ -396,7 +397,8 @@ impl Connection {
                 return;
             }
         };
-        let session = hex::encode(rand::random::<[u8; 8]>());
+        let session_id = rand::random::<u64>();
+        let session = format!("{session_id:016x}");
         if let Some(suppressed) = self.shared.oplog.connections.allow() {
             tracing::info!(
                 peer = %self.peer, client_id = %h.client_id, user = %crate::oplog::printable(&user),
@@ -406,7 +408,7 @@ impl Connection {
         }
         self.send(Frame::Welcome(Welcome {
             version,
-            session: session.clone(),
+            session,
             epoch: self.shared.hub.epoch().to_owned(),
             last_applied_mutation,
             limits: self.shared.config.limits,
@@ -415,7 +417,7 @@ impl Connection {
         self.session = Some(Session {
             client_id: h.client_id,
             user,
-            id: session,
+            id: session_id,
         });
     }
 
