@@ -31,7 +31,7 @@ use crate::hub::{SubEntry, close_code};
 use crate::ingest::IngestRequest;
 use crate::ingest::order::Refusal;
 use crate::outbound::Outbound;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::storage::{PushJob, PushOutcome};
 
 /// How long a client has to complete the WebSocket upgrade and send `Hello`.

@@ -11,6 +11,7 @@
 //! - `connection`: one WebSocket connection's reader loop.
 //! - [`outbound`]: the byte-bounded outbound queue and the writer task.
 //! - [`server`]: wiring, listeners, HTTP endpoints, graceful shutdown.
+//! - `shared`: the state every task of a node shares (`Shared`).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`oplog`]: rate limits of the operator's `info` lines (connections, refusals, rejections).
 
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod oplog;
 pub mod outbound;
 pub mod server;
+mod shared;
 pub mod storage;
 mod subscription;
 

@@ -22,21 +22,8 @@ use crate::hub::{Hub, HubEvent, run_follower};
 use crate::ingest::{IngestRequest, run_ingest};
 use crate::metrics::Metrics;
 use crate::oplog::OpLog;
-use crate::storage::{NOTIFY_CHANNEL, Rules, Store};
-
-/// Everything a connection needs, shared by all connections of the node.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) store: Store,
-    pub(crate) hub: Arc<Hub>,
-    pub(crate) ingest: mpsc::Sender<IngestRequest>,
-    pub(crate) auth: Authenticator,
-    pub(crate) metrics: Metrics,
-    /// Rate limits of the operator's log lines.
-    pub(crate) oplog: Arc<OpLog>,
-    /// Cancelled when the node starts draining.
-    pub(crate) shutdown: CancellationToken,
-}
+use crate::shared::Shared;
+use crate::storage::{Rules, Store};
 
 /// A running gateway.
 pub struct Gateway {
@@ -122,8 +109,20 @@ impl Gateway {
             Duration::from_secs(1),
             shutdown.clone(),
         ));
-        if let Some(pool) = store.postgres_pool() {
-            background.spawn(run_pg_listener(pool, hub_tx.clone(), shutdown.clone()));
+        if store.is_postgres() {
+            // Wakes the follower whenever any node commits; the follower also polls, so a
+            // lost notification only delays delivery.
+            let (store, hub, shutdown) = (store.clone(), hub_tx.clone(), shutdown.clone());
+            background.spawn(async move {
+                store
+                    .run_commit_listener(
+                        move || {
+                            let _ = hub.try_send(HubEvent::Wake);
+                        },
+                        shutdown,
+                    )
+                    .await
+            });
         }
         let (ingest_tx, ingest_rx) = mpsc::channel::<IngestRequest>(4096);
         let rules = Rules {
@@ -245,50 +244,6 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     shared.metrics.render()
-}
-
-/// Wakes the follower whenever any node commits (PostgreSQL LISTEN/NOTIFY). The follower also
-/// polls, so a lost notification only delays delivery.
-async fn run_pg_listener(
-    pool: sea_orm::sqlx::PgPool,
-    hub: mpsc::Sender<HubEvent>,
-    shutdown: CancellationToken,
-) {
-    use sea_orm::sqlx::postgres::PgListener;
-    loop {
-        let listener = async {
-            let mut l = PgListener::connect_with(&pool).await?;
-            l.listen(NOTIFY_CHANNEL).await?;
-            Ok::<_, sea_orm::sqlx::Error>(l)
-        };
-        let mut l = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            l = listener => match l {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "LISTEN failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            },
-        };
-        // A fresh listener may have missed notifications: poll once.
-        let _ = hub.send(HubEvent::Wake).await;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = l.recv() => match n {
-                    Ok(_) => { let _ = hub.try_send(HubEvent::Wake); }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
-                        break;
-                    }
-                },
-            }
-        }
-    }
 }
 
 /// Opens the configured database, retrying with capped exponential backoff for up to

@@ -13,7 +13,7 @@ use syncgate_protocol::codec::{encode, to_msgpack};
 use syncgate_protocol::{Cursor, ErrorCode, Frame, Resync, Snapshot};
 
 use crate::hub::{SubEntry, changes_frames, close_code, deliverable};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::storage::StoreError;
 
 /// Documents per snapshot chunk.

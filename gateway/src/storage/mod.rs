@@ -233,10 +233,53 @@ impl Store {
         &self.url
     }
 
-    /// The sqlx pool, for the PostgreSQL LISTEN connection.
-    pub fn postgres_pool(&self) -> Option<sea_orm::sqlx::PgPool> {
-        self.is_postgres()
-            .then(|| self.db.get_postgres_connection_pool().clone())
+    /// PostgreSQL: calls `wake` whenever any node commits (LISTEN on [`NOTIFY_CHANNEL`]), and
+    /// once after every (re)connection of the listener, which may have missed notifications.
+    /// Reconnects after a lost connection; returns at `shutdown`. SQLite: returns at once (one
+    /// process writes; it wakes its own follower).
+    pub async fn run_commit_listener(
+        &self,
+        wake: impl Fn() + Send,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        use sea_orm::sqlx::postgres::PgListener;
+        if !self.is_postgres() {
+            return;
+        }
+        let pool = self.db.get_postgres_connection_pool().clone();
+        loop {
+            let listener = async {
+                let mut l = PgListener::connect_with(&pool).await?;
+                l.listen(NOTIFY_CHANNEL).await?;
+                Ok::<_, sea_orm::sqlx::Error>(l)
+            };
+            let mut l = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                l = listener => match l {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN failed; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                },
+            };
+            wake();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = l.recv() => match n {
+                        Ok(_) => wake(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                            break;
+                        }
+                    },
+                }
+            }
+        }
     }
 
     /// Closes the pool.

@@ -1,0 +1,31 @@
+//! The state every task of a node shares: configuration, store, hub, the ingest queue, the
+//! authenticator, metrics, log limits and the drain signal. Its own module, so that the
+//! connection and subscription tasks depend on it and not on the server that wires them
+//! (no `connection -> server -> connection` circle).
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::ingest::IngestRequest;
+use crate::metrics::Metrics;
+use crate::oplog::OpLog;
+use crate::storage::Store;
+
+/// Everything a connection needs, shared by all connections of the node.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: Store,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) ingest: mpsc::Sender<IngestRequest>,
+    pub(crate) auth: Authenticator,
+    pub(crate) metrics: Metrics,
+    /// Rate limits of the operator's log lines.
+    pub(crate) oplog: Arc<OpLog>,
+    /// Cancelled when the node starts draining.
+    pub(crate) shutdown: CancellationToken,
+}
