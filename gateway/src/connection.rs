@@ -18,7 +18,7 @@ use futures_util::{Future, StreamExt};
 use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::{
-    ErrorCode, ErrorFrame, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome,
+    ErrorCode, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome,
     negotiate_version,
 };
 use tokio::net::TcpStream;
@@ -27,10 +27,11 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::hub::{SubEntry, close_code};
+use crate::hub::SubEntry;
 use crate::ingest::IngestRequest;
 use crate::ingest::order::Refusal;
 use crate::outbound::Outbound;
+use crate::reply::ErrorReply;
 use crate::shared::Shared;
 use crate::storage::{PushJob, PushOutcome};
 
@@ -204,7 +205,7 @@ impl Connection {
                         Ok(Message::Text(_)) => {
                             last_seen = Instant::now();
                             let fatal = self.session.is_none();
-                            self.error(ErrorCode::TextFrameNotSupported, "send binary frames", fatal, None, None);
+                            self.reply(ErrorReply::fatal_if(fatal, ErrorCode::TextFrameNotSupported, "send binary frames"));
                             if fatal {
                                 return "text frame before hello".into();
                             }
@@ -213,7 +214,7 @@ impl Connection {
                         Ok(Message::Close(_)) => return "closed by the client".into(),
                         Ok(Message::Frame(_)) => {}
                         Err(WsError::Capacity(e)) => {
-                            self.error(ErrorCode::FrameTooLarge, &e.to_string(), true, None, None);
+                            self.reply(ErrorReply::fatal(ErrorCode::FrameTooLarge, e.to_string()));
                             return "frame_too_large".into();
                         }
                         Err(e) => {
@@ -227,7 +228,7 @@ impl Connection {
                     } else {
                         ErrorCode::HeartbeatTimeout
                     };
-                    self.error(code, "no frame within the timeout", true, None, None);
+                    self.reply(ErrorReply::fatal(code, "no frame within the timeout"));
                     return code.name().into();
                 }
                 _ = self.out.closed() => return self.close_reason(),
@@ -256,29 +257,8 @@ impl Connection {
         self.out.push(Bytes::from(encode(&frame)));
     }
 
-    fn error(
-        &self,
-        code: ErrorCode,
-        message: &str,
-        fatal: bool,
-        sub: Option<u32>,
-        batch: Option<u64>,
-    ) {
-        self.shared
-            .metrics
-            .errors
-            .with_label_values(&[code.name()])
-            .inc();
-        let mut e = ErrorFrame::new(code, message, fatal);
-        e.sub = sub;
-        e.batch = batch;
-        let bytes = Bytes::from(encode(&Frame::Error(e)));
-        if fatal {
-            self.out.push(bytes);
-            self.out.close_after_flush(close_code(code), code.name());
-        } else {
-            self.out.push(bytes);
-        }
+    fn reply(&self, e: ErrorReply) {
+        e.send(&self.out, &self.shared.metrics);
     }
 
     /// Handles one binary frame; returns a pending push acknowledgement, if it was a push.
@@ -290,7 +270,7 @@ impl Connection {
                 // the connection (PROTOCOL.md §3.1). After it, one bad frame is answered and
                 // the session goes on.
                 let fatal = self.session.is_none();
-                self.error(e.code(), &e.to_string(), fatal, None, None);
+                self.reply(ErrorReply::fatal_if(fatal, e.code(), e.to_string()));
                 return None;
             }
         };
@@ -298,26 +278,20 @@ impl Connection {
             match frame {
                 Frame::Hello(h) => self.hello(h).await,
                 _ => {
-                    self.error(
+                    self.reply(ErrorReply::fatal(
                         ErrorCode::HandshakeRequired,
                         "send hello first",
-                        true,
-                        None,
-                        None,
-                    );
+                    ));
                 }
             }
             return None;
         }
         match frame {
             Frame::Hello(_) => {
-                self.error(
+                self.reply(ErrorReply::answer(
                     ErrorCode::DuplicateHello,
                     "session already established",
-                    false,
-                    None,
-                    None,
-                );
+                ));
             }
             Frame::Subscribe(s) => self.subscribe(s),
             Frame::Unsubscribe(u) => match self.subs.remove(&u.sub) {
@@ -325,12 +299,9 @@ impl Connection {
                     s.task.abort();
                     self.shared.hub.unregister(&s.entry);
                 }
-                None => self.error(
-                    ErrorCode::UnknownSubscription,
-                    "no such subscription",
-                    false,
-                    Some(u.sub),
-                    None,
+                None => self.reply(
+                    ErrorReply::answer(ErrorCode::UnknownSubscription, "no such subscription")
+                        .sub(u.sub),
                 ),
             },
             Frame::Push(p) => return self.push(p),
@@ -345,13 +316,10 @@ impl Connection {
             }
             Frame::Pong(_) => {}
             other => {
-                self.error(
+                self.reply(ErrorReply::answer(
                     ErrorCode::UnknownMessage,
-                    &format!("{} is a server-to-client message", other.type_name()),
-                    false,
-                    None,
-                    None,
-                );
+                    format!("{} is a server-to-client message", other.type_name()),
+                ));
             }
         }
         None
@@ -360,18 +328,15 @@ impl Connection {
     async fn hello(&mut self, h: Hello) {
         let Some(version) = negotiate_version(&h.versions) else {
             let msg = format!("server speaks {:?}", syncgate_protocol::SUPPORTED_VERSIONS);
-            self.error(ErrorCode::UnsupportedVersion, &msg, true, None, None);
+            self.reply(ErrorReply::fatal(ErrorCode::UnsupportedVersion, &msg));
             return;
         };
         if !is_valid_id(&h.client_id, self.shared.config.limits.max_id_bytes) {
             self.refused_handshake(ErrorCode::InvalidClientId, "invalid client id", &h.agent);
-            self.error(
+            self.reply(ErrorReply::fatal(
                 ErrorCode::InvalidClientId,
                 "client_id must be 1..=max_id_bytes bytes without control characters",
-                true,
-                None,
-                None,
-            );
+            ));
             return;
         }
         let user = match self.shared.auth.verify(&h.token) {
@@ -379,7 +344,7 @@ impl Connection {
             Err((code, msg)) => {
                 // The token itself is never logged.
                 self.refused_handshake(code, &msg, &h.agent);
-                self.error(code, &msg, true, None, None);
+                self.reply(ErrorReply::fatal(code, &msg));
                 return;
             }
         };
@@ -387,13 +352,10 @@ impl Connection {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "reading the client's last mutation failed");
-                self.error(
+                self.reply(ErrorReply::fatal(
                     ErrorCode::StorageUnavailable,
                     "database unavailable",
-                    true,
-                    None,
-                    None,
-                );
+                ));
                 return;
             }
         };
@@ -434,34 +396,28 @@ impl Connection {
     fn subscribe(&mut self, s: Subscribe) {
         let sub = Some(s.sub);
         if self.subs.contains_key(&s.sub) {
-            self.error(
-                ErrorCode::DuplicateSubscription,
-                "sub id already in use",
-                false,
-                sub,
-                None,
+            self.reply(
+                ErrorReply::answer(ErrorCode::DuplicateSubscription, "sub id already in use")
+                    .maybe_sub(sub),
             );
             return;
         }
         if self.subs.len() >= self.shared.config.limits.max_subscriptions as usize {
-            self.error(
-                ErrorCode::TooManySubscriptions,
-                "too many subscriptions",
-                false,
-                sub,
-                None,
+            self.reply(
+                ErrorReply::answer(ErrorCode::TooManySubscriptions, "too many subscriptions")
+                    .maybe_sub(sub),
             );
             return;
         }
         if !self.shared.config.collections.contains_key(&s.collection) {
             let msg = format!("collection {:?} is not declared", s.collection);
-            self.error(ErrorCode::UnknownCollection, &msg, false, sub, None);
+            self.reply(ErrorReply::answer(ErrorCode::UnknownCollection, &msg).maybe_sub(sub));
             return;
         }
         let filter = match Filter::new(&s.filter) {
             Ok(f) => f,
             Err(msg) => {
-                self.error(ErrorCode::InvalidFilter, &msg, false, sub, None);
+                self.reply(ErrorReply::answer(ErrorCode::InvalidFilter, &msg).maybe_sub(sub));
                 return;
             }
         };
@@ -526,14 +482,11 @@ impl Connection {
                 }));
             }
             Ok(Err(refusal)) => {
-                self.error(refusal.code, &refusal.message, false, None, Some(batch))
+                self.reply(ErrorReply::answer(refusal.code, &refusal.message).batch(batch))
             }
-            Err(_) => self.error(
-                ErrorCode::InternalError,
-                "ingest stopped; retry the batch",
-                false,
-                None,
-                Some(batch),
+            Err(_) => self.reply(
+                ErrorReply::answer(ErrorCode::InternalError, "ingest stopped; retry the batch")
+                    .batch(batch),
             ),
         }
     }

@@ -23,12 +23,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use syncgate_protocol::codec::{encode, encode_changes_frame};
-use syncgate_protocol::{Cursor, ErrorCode, ErrorFrame, Filter, Frame, Synced};
+use syncgate_protocol::{Cursor, ErrorCode, Filter, Frame, Synced};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
+use crate::reply::ErrorReply;
 use crate::storage::{Committed, LogEntry, Store};
 
 /// One subscription of one connection.
@@ -368,23 +369,11 @@ impl Hub {
 
 /// Disconnects a subscriber whose queue overflowed; it resumes by cursor.
 pub fn slow_consumer(out: &Outbound, metrics: &Metrics) {
-    let code = ErrorCode::SlowConsumer;
-    metrics.errors.with_label_values(&[code.name()]).inc();
-    let err = ErrorFrame::new(
-        code,
+    ErrorReply::dropping_queued(
+        ErrorCode::SlowConsumer,
         "outbound buffer full; reconnect and resume from your cursor",
-        true,
-    );
-    out.close(
-        Some(Bytes::from(encode(&Frame::Error(err)))),
-        close_code(code),
-        code.name(),
-    );
-}
-
-/// The WebSocket close code for an error code: 4000 + the numeric code.
-pub fn close_code(code: ErrorCode) -> u16 {
-    4000 + code.code()
+    )
+    .send(out, metrics);
 }
 
 /// What a subscriber with `filter` receives for `e`: the change itself if the document matches

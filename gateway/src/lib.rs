@@ -10,6 +10,7 @@
 //! - `subscription`: snapshot / catch-up / go-live of one subscription.
 //! - `connection`: one WebSocket connection's reader loop.
 //! - [`outbound`]: the byte-bounded outbound queue and the writer task.
+//! - `reply`: `ErrorReply`, the one place an error becomes a frame, a metric and a close.
 //! - [`server`]: wiring, listeners, HTTP endpoints, graceful shutdown.
 //! - `shared`: the state every task of a node shares (`Shared`).
 //! - [`metrics`]: Prometheus metrics.
@@ -23,6 +24,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod oplog;
 pub mod outbound;
+mod reply;
 pub mod server;
 mod shared;
 pub mod storage;

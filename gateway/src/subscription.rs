@@ -12,7 +12,8 @@ use bytes::Bytes;
 use syncgate_protocol::codec::{encode, to_msgpack};
 use syncgate_protocol::{Cursor, ErrorCode, Frame, Resync, Snapshot};
 
-use crate::hub::{SubEntry, changes_frames, close_code, deliverable};
+use crate::hub::{SubEntry, changes_frames, deliverable};
+use crate::reply::ErrorReply;
 use crate::shared::Shared;
 use crate::storage::StoreError;
 
@@ -25,23 +26,12 @@ const CATCH_UP_PAGE: u64 = 1000;
 pub(crate) async fn start(shared: Arc<Shared>, entry: Arc<SubEntry>, cursor: Option<Cursor>) {
     if let Err(e) = run(&shared, &entry, cursor).await {
         tracing::error!(error = %e, sub = entry.sub, "subscription start failed");
-        let code = ErrorCode::StorageUnavailable;
-        shared
-            .metrics
-            .errors
-            .with_label_values(&[code.name()])
-            .inc();
-        let mut err = syncgate_protocol::ErrorFrame::new(
-            code,
+        ErrorReply::dropping_queued(
+            ErrorCode::StorageUnavailable,
             "database unavailable; reconnect and resume",
-            true,
-        );
-        err.sub = Some(entry.sub);
-        entry.out.close(
-            Some(Bytes::from(encode(&Frame::Error(err)))),
-            close_code(code),
-            code.name(),
-        );
+        )
+        .sub(entry.sub)
+        .send(&entry.out, &shared.metrics);
     }
 }
 
