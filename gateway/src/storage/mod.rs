@@ -11,7 +11,7 @@
 //! PostgreSQL with several gateway nodes as on SQLite. Group commit keeps the cost of this
 //! serialisation to one lock per group, not one per mutation.
 
-mod ingest;
+mod group_write;
 mod schema;
 
 use std::sync::{Arc, OnceLock};
@@ -26,7 +26,7 @@ use sea_orm::{
 use syncgate_protocol::codec::{encode_change, from_msgpack};
 use syncgate_protocol::{Body, Change, ChangeOp, Doc};
 
-pub use ingest::{PushJob, PushOutcome, Rules};
+pub use group_write::{PushJob, PushOutcome, Rules};
 
 /// The PostgreSQL NOTIFY channel on which committed heads are announced.
 pub const NOTIFY_CHANNEL: &str = "syncgate_log";

@@ -62,13 +62,31 @@ struct DocState {
 
 /// Rows of one group, written at the end of the transaction.
 struct Pending {
-    changes: Vec<(Arc<LogEntry>, String, u64)>,
+    changes: Vec<ChangeRow>,
     docs: HashMap<(String, String), DocState>,
     dirty_docs: Vec<(String, String)>,
-    errors: Vec<(String, u64, u64, ErrorCode, String, Vec<u8>)>,
+    errors: Vec<RejectionRow>,
     clients: HashMap<String, (u64, String)>,
     /// Documents whose stored state was read up front (present in `docs`, or absent).
     prefetched: HashSet<(String, String)>,
+}
+
+/// A change to write to `sg_changes`, with its origin (for replays).
+struct ChangeRow {
+    entry: Arc<LogEntry>,
+    origin_client: String,
+    origin_mutation: u64,
+}
+
+/// A rejected mutation to write to `sg_sync_errors`: kept whole, with the reason.
+struct RejectionRow {
+    client_id: String,
+    mutation_id: u64,
+    batch: u64,
+    code: ErrorCode,
+    reason: String,
+    /// The whole mutation, MessagePack.
+    mutation: Vec<u8>,
 }
 
 const INSERT_CHUNK: usize = 200;
@@ -147,22 +165,22 @@ impl Store {
                                 },
                                 prev,
                             );
-                            pending.changes.push((
-                                Arc::new(entry),
-                                job.client_id.clone(),
-                                m.mutation_id,
-                            ));
+                            pending.changes.push(ChangeRow {
+                                entry: Arc::new(entry),
+                                origin_client: job.client_id.clone(),
+                                origin_mutation: m.mutation_id,
+                            });
                             MutationResult::applied(m.mutation_id, next)
                         }
                         Err((code, reason)) => {
-                            pending.errors.push((
-                                job.client_id.clone(),
-                                m.mutation_id,
-                                job.batch,
+                            pending.errors.push(RejectionRow {
+                                client_id: job.client_id.clone(),
+                                mutation_id: m.mutation_id,
+                                batch: job.batch,
                                 code,
-                                reason.clone(),
-                                to_msgpack(m),
-                            ));
+                                reason: reason.clone(),
+                                mutation: to_msgpack(m),
+                            });
                             MutationResult::rejected(m.mutation_id, code, reason)
                         }
                     };
@@ -204,7 +222,7 @@ impl Store {
             }
         }
         txn.commit().await?;
-        let entries = pending.changes.into_iter().map(|(e, _, _)| e).collect();
+        let entries = pending.changes.into_iter().map(|c| c.entry).collect();
         Ok((
             outcomes,
             Committed {
@@ -477,11 +495,11 @@ type DocRow<'a> = (&'a (String, String), Option<Vec<u8>>, &'a DocState);
 
 async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(), StoreError> {
     let now = now_ms();
-    let change_size =
-        |(e, client, _): &(Arc<LogEntry>, String, u64)| e.encoded.len() * 2 + client.len() + 64;
+    let change_size = |c: &ChangeRow| c.entry.encoded.len() * 2 + c.origin_client.len() + 64;
     for chunk in byte_chunks(&p.changes, change_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 9);
-        for (e, client, mid) in chunk {
+        for row in chunk {
+            let (e, client, mid) = (&row.entry, &row.origin_client, row.origin_mutation);
             let c = &e.change;
             values.push((c.seq as i64).into());
             values.push(c.collection.clone().into());
@@ -490,7 +508,7 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
             values.push(c.body.as_ref().map(to_msgpack).into());
             values.push(e.prev_body.as_ref().map(to_msgpack).into());
             values.push(client.clone().into());
-            values.push((*mid as i64).into());
+            values.push((mid as i64).into());
             values.push(now.into());
         }
         let sql = format!(
@@ -535,17 +553,16 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
         );
         txn.execute_raw(stmt(backend, &sql, values)).await?;
     }
-    let error_size =
-        |e: &(String, u64, u64, ErrorCode, String, Vec<u8>)| e.0.len() + e.4.len() + e.5.len() + 48;
+    let error_size = |e: &RejectionRow| e.client_id.len() + e.reason.len() + e.mutation.len() + 48;
     for chunk in byte_chunks(&p.errors, error_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 7);
-        for (client, mid, batch, code, reason, body) in chunk {
-            values.push(client.clone().into());
-            values.push((*mid as i64).into());
-            values.push((*batch as i64).into());
-            values.push(i64::from(code.code()).into());
-            values.push(reason.clone().into());
-            values.push(body.clone().into());
+        for e in chunk {
+            values.push(e.client_id.clone().into());
+            values.push((e.mutation_id as i64).into());
+            values.push((e.batch as i64).into());
+            values.push(i64::from(e.code.code()).into());
+            values.push(e.reason.clone().into());
+            values.push(e.mutation.clone().into());
             values.push(now.into());
         }
         let sql = format!(
