@@ -3,7 +3,7 @@
 //! variables, command-line flags (the last two are merged in `main.rs`).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -11,9 +11,9 @@ use syncgate_protocol::Limits;
 use syncgate_protocol::limits::is_valid_collection_name;
 
 /// The default WebSocket port (chosen clear of PostgreSQL, Redis, NATS, MQTT and RabbitMQ).
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+pub const DEFAULT_PORT: u16 = 7420;
 /// The default HTTP port for `/healthz`, `/readyz` and `/metrics`.
-pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7421";
+pub const DEFAULT_HTTP_PORT: u16 = 7421;
 
 /// The whole gateway configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,8 +111,8 @@ impl Default for Config {
             .map(|c| (c.to_owned(), CollectionConfig::default()))
             .collect();
         Config {
-            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
-            http_listen: DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
+            http_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_HTTP_PORT)),
             data_dir: PathBuf::from("./data"),
             database: String::new(),
             database_pool_size: 8,

@@ -182,18 +182,24 @@ pub fn changes_frames(
     budget: usize,
 ) -> Vec<Bytes> {
     let mut frames = Vec::new();
-    let mut start = 0;
-    while start < parts.len() {
-        let mut end = start;
+    let mut rest = parts;
+    while !rest.is_empty() {
+        // The first change always goes (a single larger change goes alone), then as many as
+        // fit the budget.
         let mut bytes = 0;
-        while end < parts.len() && (end == start || bytes + parts[end].1.len() <= budget) {
-            bytes += parts[end].1.len();
-            end += 1;
+        let mut n = 0;
+        for p in rest {
+            if n > 0 && bytes + p.1.len() > budget {
+                break;
+            }
+            bytes += p.1.len();
+            n += 1;
         }
-        let seq = if end == parts.len() {
+        let (chunk, tail) = rest.split_at(n);
+        let seq = if tail.is_empty() {
             upto
         } else {
-            parts[end - 1].0
+            chunk.last().map_or(upto, |p| p.0)
         };
         let cursor = Cursor {
             epoch: epoch.to_owned(),
@@ -201,10 +207,10 @@ pub fn changes_frames(
         };
         frames.push(Bytes::from(encode_changes_frame(
             sub,
-            parts[start..end].iter().map(|p| p.1),
+            chunk.iter().map(|p| p.1),
             &cursor,
         )));
-        start = end;
+        rest = tail;
     }
     frames
 }

@@ -47,6 +47,11 @@ pub struct Metrics {
 
 impl Metrics {
     /// Creates and registers every metric.
+    #[allow(
+        clippy::expect_used,
+        reason = "names, help texts, labels and buckets are constants and unique: a failure is a \
+                  programming error that every test that starts a gateway would show"
+    )]
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let gauge = |n: &str, h: &str| {

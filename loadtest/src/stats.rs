@@ -59,6 +59,10 @@ impl Default for Second {
     }
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "constant bounds that hdrhistogram accepts: a failure is a programming error"
+)]
 fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds")
 }

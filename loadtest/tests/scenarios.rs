@@ -1,5 +1,11 @@
 //! A short run of each scenario against a real gateway: correctness is checked, no timing is
 //! asserted.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "a test fails by panicking"
+)]
 
 use std::time::Duration;
 

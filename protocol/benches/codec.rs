@@ -7,6 +7,12 @@
 //!   does) against encoding a whole `Changes` frame per subscriber.
 //!
 //! `cargo bench -p syncgate-protocol --bench codec`
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "a test fails by panicking"
+)]
 
 use std::hint::black_box;
 

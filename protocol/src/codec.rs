@@ -178,6 +178,10 @@ fn write_envelope(out: &mut Vec<u8>, type_name: &str) {
     let _ = rmp::encode::write_str(out, type_name);
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "serialising the crate's own message types into a Vec cannot fail"
+)]
 pub(crate) fn write_struct<T: Serialize>(out: &mut Vec<u8>, value: &T) {
     // The message types contain only maps with string keys, strings, integers, booleans and
     // rmpv values: serialising them into a Vec cannot fail.

@@ -37,10 +37,12 @@ impl Default for Limits {
 /// The collection-name rule: `[a-z][a-z0-9_]{0,63}`.
 pub fn is_valid_collection_name(name: &str) -> bool {
     let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_lowercase()
-        && b[1..]
+    let Some((first, rest)) = b.split_first() else {
+        return false;
+    };
+    b.len() <= 64
+        && first.is_ascii_lowercase()
+        && rest
             .iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }

@@ -1,5 +1,11 @@
 //! Property tests: every message round-trips through the codec, and no byte sequence makes
 //! the decoder panic.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "a test fails by panicking"
+)]
 
 use proptest::prelude::*;
 use syncgate_protocol::*;

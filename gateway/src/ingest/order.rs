@@ -130,8 +130,9 @@ pub fn shape_refusal(mutations: &[Mutation], limits: &Limits) -> Option<Refusal>
         ));
     }
     if mutations
-        .windows(2)
-        .any(|w| w[0].mutation_id >= w[1].mutation_id)
+        .iter()
+        .zip(mutations.iter().skip(1))
+        .any(|(a, b)| a.mutation_id >= b.mutation_id)
     {
         return Some(Refusal::new(
             ErrorCode::MutationIdsNotIncreasing,

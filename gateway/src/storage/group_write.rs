@@ -529,9 +529,10 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
     // Bodies are encoded once, up front, so chunks are cut by their real size.
     let rows: Vec<DocRow<'_>> = dirty
         .iter()
-        .map(|k| {
-            let d = &p.docs[*k];
-            (*k, d.body.as_ref().map(to_msgpack), d)
+        // Every dirty key was inserted into `docs` with it.
+        .filter_map(|k| {
+            let d = p.docs.get(*k)?;
+            Some((*k, d.body.as_ref().map(to_msgpack), d))
         })
         .collect();
     let doc_size =
@@ -602,20 +603,21 @@ const STATEMENT_BYTES: usize = 48 * 1024;
 /// bytes (`size` estimates one row); a row larger than the budget goes alone.
 fn byte_chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     let mut out = Vec::new();
-    let mut start = 0;
-    while start < items.len() {
-        let mut end = start;
+    let mut rest = items;
+    while !rest.is_empty() {
+        let mut n = 0;
         let mut bytes = 0;
-        while end < items.len() && end - start < INSERT_CHUNK {
-            let s = size(&items[end]);
-            if end > start && bytes + s > STATEMENT_BYTES {
+        for item in rest.iter().take(INSERT_CHUNK) {
+            let s = size(item);
+            if n > 0 && bytes + s > STATEMENT_BYTES {
                 break;
             }
             bytes += s;
-            end += 1;
+            n += 1;
         }
-        out.push(&items[start..end]);
-        start = end;
+        let (chunk, tail) = rest.split_at(n);
+        out.push(chunk);
+        rest = tail;
     }
     out
 }

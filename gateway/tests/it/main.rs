@@ -1,4 +1,10 @@
 #![allow(unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "a test fails by panicking"
+)]
 //! Integration tests: one binary, every test on SQLite and on PostgreSQL.
 
 mod cli;
