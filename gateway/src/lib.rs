@@ -7,6 +7,7 @@
 //!   exactly-once records, the group-commit write path and the log head lock.
 //! - [`ingest`]: the group-commit task.
 //! - [`hub`]: subscriber registry, the log follower and fan-out.
+//! - `frames`: what a subscriber is sent (deliverability, frames cut to a byte budget), pure.
 //! - `subscription`: snapshot / catch-up / go-live of one subscription.
 //! - `connection`: one WebSocket connection's reader loop.
 //! - [`outbound`]: the byte-bounded outbound queue and the writer task.
@@ -19,6 +20,7 @@
 pub mod auth;
 pub mod config;
 mod connection;
+mod frames;
 pub mod hub;
 pub mod ingest;
 pub mod metrics;

@@ -90,7 +90,7 @@ impl Gateway {
         let background = TaskTracker::new();
         let connections = TaskTracker::new();
         let head = store.head().await?;
-        let budget = crate::hub::frame_budget(
+        let budget = crate::frames::frame_budget(
             config.limits.max_frame_bytes as usize,
             config.outbound_buffer_bytes,
         );

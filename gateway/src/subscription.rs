@@ -12,7 +12,8 @@ use bytes::Bytes;
 use syncgate_protocol::codec::{encode, to_msgpack};
 use syncgate_protocol::{Cursor, ErrorCode, Frame, Resync, Snapshot};
 
-use crate::hub::{SubEntry, changes_frames, deliverable};
+use crate::frames::{changes_frames, deliverable};
+use crate::hub::SubEntry;
 use crate::reply::ErrorReply;
 use crate::shared::Shared;
 use crate::storage::StoreError;
