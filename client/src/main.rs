@@ -197,7 +197,7 @@ fn read_body(arg: &str) -> anyhow::Result<Body> {
 
 /// The exit status for an error.
 fn exit_status(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<Usage>().is_some() || e.downcast_ref::<clap::Error>().is_some() {
+    if e.downcast_ref::<Usage>().is_some() {
         return status::USAGE;
     }
     match e.downcast_ref::<ClientError>() {

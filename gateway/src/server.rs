@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, SecretSource, load_or_create_secret_reporting};
-use crate::config::Config;
+use crate::config::{Config, redact_url};
 use crate::hub::{Hub, HubEvent, run_follower};
 use crate::ingest::{IngestRequest, run_ingest};
 use crate::metrics::Metrics;
@@ -259,7 +259,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
             Ok(store) => return Ok(store),
             Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
                 tracing::warn!(
-                    database = %redact(&url),
+                    database = %redact_url(&url),
                     error = %e,
                     retry_in_ms = delay.as_millis() as u64,
                     "database not available yet; retrying"
@@ -278,14 +278,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
                 };
                 return Err(anyhow::anyhow!(
                     "opening database {}{hint}: {e}",
-                    redact(&url)
+                    redact_url(&url)
                 ));
             }
         }
     }
-}
-
-/// Hides a password in a database URL for logs.
-pub(crate) fn redact(url: &str) -> String {
-    crate::config::redact_url(url)
 }

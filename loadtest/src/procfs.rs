@@ -140,12 +140,7 @@ impl Sampler {
                 // Sampling cadence, not synchronisation.
                 std::thread::sleep(every);
                 let Some(r) = read(pid) else { break };
-                let dt = r.at.duration_since(last.at).as_secs_f64();
-                let cpu = if dt > 0.0 {
-                    r.cpu_ticks.saturating_sub(last.cpu_ticks) as f64 / TICKS_PER_SEC / dt * 100.0
-                } else {
-                    0.0
-                };
+                let cpu = cpu_percent(&last, &r);
                 let t =
                     r.at.duration_since(crate::stats::start_clock())
                         .as_secs_f64();
@@ -159,11 +154,7 @@ impl Sampler {
                 last = r;
             }
             stats.rss_end_kib = last.rss_kib;
-            let secs = last.at.duration_since(first.at).as_secs_f64();
-            if secs > 0.0 {
-                stats.cpu_percent =
-                    (last.cpu_ticks - first.cpu_ticks) as f64 / TICKS_PER_SEC / secs * 100.0;
-            }
+            stats.cpu_percent = cpu_percent(&first, &last);
             stats
         });
         Sampler { stop, thread }
