@@ -18,19 +18,19 @@
 //! - [`oplog`]: rate limits of the operator's `info` lines (connections, refusals, rejections).
 
 pub mod auth;
+mod changes;
 pub mod config;
-mod connection;
-mod frames;
-pub mod hub;
+mod error;
+mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod oplog;
 pub mod outbound;
-mod reply;
 pub mod server;
 mod shared;
 pub mod storage;
-mod subscription;
+pub mod sync;
+mod ws;
 
 pub use config::Config;
 pub use server::Gateway;

@@ -7,10 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -18,12 +14,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, SecretSource, load_or_create_secret_reporting};
 use crate::config::{Config, redact_url};
-use crate::hub::{Hub, HubEvent, run_follower};
+use crate::ingest::plan::Rules;
 use crate::ingest::{IngestRequest, run_ingest};
 use crate::metrics::Metrics;
 use crate::oplog::OpLog;
 use crate::shared::Shared;
-use crate::storage::{Rules, Store};
+use crate::storage::Store;
+use crate::sync::hub::{Hub, HubEvent, run_follower};
 
 /// A running gateway.
 pub struct Gateway {
@@ -90,7 +87,7 @@ impl Gateway {
         let background = TaskTracker::new();
         let connections = TaskTracker::new();
         let head = store.head().await?;
-        let budget = crate::frames::frame_budget(
+        let budget = crate::sync::frames::frame_budget(
             config.limits.max_frame_bytes as usize,
             config.outbound_buffer_bytes,
         );
@@ -150,7 +147,7 @@ impl Gateway {
             config,
         });
         background.spawn(accept_loop(ws, shared.clone(), connections.clone()));
-        background.spawn(serve_http(http, shared, shutdown.clone()));
+        background.spawn(crate::http::serve(http, shared, shutdown.clone()));
         tracing::info!(%ws_addr, %http_addr, "syncgate serving");
         Ok(Gateway {
             ws_addr,
@@ -208,7 +205,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTr
             Ok((tcp, _peer)) => {
                 let shared = shared.clone();
                 tracker.spawn(async move {
-                    crate::connection::serve(shared, tcp).await;
+                    crate::ws::connection::serve(shared, tcp).await;
                     drop(permit);
                 });
             }
@@ -219,31 +216,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTr
             }
         }
     }
-}
-
-async fn serve_http(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(shared);
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-}
-
-async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    if shared.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
-    }
-    match shared.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n"),
-    }
-}
-
-async fn metrics(State(shared): State<Arc<Shared>>) -> String {
-    shared.metrics.render()
 }
 
 /// Opens the configured database, retrying with capped exponential backoff for up to

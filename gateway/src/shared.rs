@@ -10,11 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::ingest::IngestRequest;
 use crate::metrics::Metrics;
 use crate::oplog::OpLog;
 use crate::storage::Store;
+use crate::sync::hub::Hub;
 
 /// Everything a connection needs, shared by all connections of the node.
 pub(crate) struct Shared {

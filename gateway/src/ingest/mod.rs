@@ -6,8 +6,15 @@
 //! - this module: the task (the I/O shell).
 //! - [`order`]: which batches may join a group, so that a client's later batch never commits
 //!   past an earlier one that failed (a pure decision).
+//! - [`plan`]: what a group does — each mutation's outcome, the rows to write, the committed
+//!   changes (a pure decision over what storage prefetched).
+//!
+//! A group is: lock the head and read the horizons, read what [`plan::wanted`] names, plan,
+//! write and commit ([`commit_group`]); only then are the changes published and the jobs
+//! answered.
 
 pub mod order;
+pub mod plan;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,11 +22,13 @@ use std::time::Instant;
 use syncgate_protocol::{ErrorCode, MutationStatus};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::HubEvent;
+use crate::changes::Committed;
 use crate::metrics::Metrics;
 use crate::oplog::OpLog;
-use crate::storage::{PushJob, PushOutcome, Rules, Store};
+use crate::storage::{Store, StoreError};
+use crate::sync::hub::HubEvent;
 use order::{ClientOrder, Refusal};
+use plan::{Prefetched, PushJob, PushOutcome, Rules};
 
 /// A job and where to send its outcome.
 pub struct IngestRequest {
@@ -76,7 +85,7 @@ pub async fn run_ingest(
             continue;
         }
         let started = Instant::now();
-        let result = store.apply_group(&jobs, &rules).await;
+        let result = commit_group(&store, &jobs, &rules).await;
         metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -133,4 +142,28 @@ pub async fn run_ingest(
             }
         }
     }
+}
+
+/// One group commit: prefetch, [`plan::plan`], write. Returns one outcome per job and the
+/// committed changes; on error nothing was committed (the transaction rolled back), unless the
+/// connection failed during the commit itself, which the hub's next poll settles.
+pub async fn commit_group(
+    store: &Store,
+    jobs: &[PushJob],
+    rules: &Rules,
+) -> Result<(Vec<PushOutcome>, Committed), StoreError> {
+    let txn = store.begin_group().await?;
+    let mut pre = Prefetched {
+        lasts: txn.client_lasts(&plan::clients(jobs)).await?,
+        ..Prefetched::default()
+    };
+    let wanted = plan::wanted(jobs, &pre.lasts);
+    pre.docs = txn.documents(&wanted.docs).await?;
+    for (client, ids) in &wanted.earlier {
+        let outcomes = txn.earlier_outcomes(client, ids).await?;
+        pre.earlier.insert((*client).to_owned(), outcomes);
+    }
+    let plan = plan::plan(jobs, txn.head(), &pre, rules);
+    txn.commit(&plan.rows, plan.committed.to).await?;
+    Ok((plan.outcomes, plan.committed))
 }

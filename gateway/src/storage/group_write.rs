@@ -1,104 +1,156 @@
-//! The group-commit write path: many clients' push batches applied in one transaction.
+//! The group-commit transaction: the I/O half of ingest. It locks the log head, reads what the
+//! planner ([`crate::ingest::plan`]) needs, writes the rows the plan made, and commits.
 //!
 //! Every mutation either writes exactly one change (and gets `applied(seq)`) or is rejected and
 //! stored in `sg_sync_errors` with its whole body and the reason. Either way the client's
 //! `last_mutation` advances in the same transaction, so a replay finds the earlier outcome
 //! (from `sg_changes` by origin, or from `sg_sync_errors`) and gets the identical result.
+//!
+//! Every read is one statement per chunk of keys, never one per mutation: on PostgreSQL each
+//! statement is a round trip made while the log head is locked for every node.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use sea_orm::sea_query::ArrayType;
-use sea_orm::{ConnectionTrait, DbBackend, Value as DbValue};
-use syncgate_protocol::apply::{apply, check_shape};
-use syncgate_protocol::codec::to_msgpack;
-use syncgate_protocol::limits::is_valid_id;
-use syncgate_protocol::{
-    Body, Change, ChangeOp, ErrorCode, Limits, Mutation, MutationResult, MutationStatus,
-};
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Value as DbValue};
+use syncgate_protocol::{Body, ErrorCode, MutationResult, MutationStatus};
 
-use super::{
-    Committed, LogEntry, NOTIFY_CHANNEL, Store, StoreError, Txn, decode_body, now_ms, stmt,
-};
+use super::{LogEntry, NOTIFY_CHANNEL, Store, StoreError, Txn, decode_body, now_ms, stmt};
 
-/// One client's push batch, already checked for shape (size, increasing ids).
-#[derive(Debug, Clone)]
-pub struct PushJob {
-    /// The pushing client.
-    pub client_id: String,
-    /// The authenticated user, recorded with the client.
-    pub user: String,
-    /// The client's batch id, recorded with rejections.
-    pub batch: u64,
-    /// The mutations, in strictly increasing `mutation_id`.
-    pub mutations: Vec<Mutation>,
+/// A document as stored before the group: its decoded body, the bytes it is stored as (passed
+/// on as the next change's previous body without encoding it again), version and tombstone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDoc {
+    /// The body (`None` for a tombstone).
+    pub body: Option<Body>,
+    /// The body as stored (MessagePack).
+    pub encoded: Option<Bytes>,
+    /// The document's version (the seq of its last change).
+    pub version: u64,
+    /// Whether the document is deleted.
+    pub deleted: bool,
 }
 
-/// The acknowledgement of one job.
+/// The stored outcome of a mutation handled by an earlier group.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PushOutcome {
-    /// One result per mutation.
-    pub results: Vec<MutationResult>,
-    /// The highest seq the batch wrote (0 if it wrote nothing).
-    pub visible_at: u64,
+pub enum Earlier {
+    /// It wrote the change at `seq`.
+    Applied {
+        /// The change's seq (the document's version it made).
+        seq: u64,
+    },
+    /// It was rejected (stored in `sg_sync_errors`).
+    Rejected {
+        /// The numeric error code.
+        code: u16,
+        /// The reason given then.
+        reason: String,
+    },
 }
 
-/// What a mutation is checked against.
-#[derive(Debug, Clone)]
-pub struct Rules {
-    /// Declared collections.
-    pub collections: HashSet<String>,
-    /// Size limits.
-    pub limits: Limits,
-}
-
-/// The state of a document inside a group.
-#[derive(Debug, Clone)]
-struct DocState {
-    body: Option<Body>,
-    deleted: bool,
-    version: u64,
-}
-
-/// Rows of one group, written at the end of the transaction.
-struct Pending {
-    changes: Vec<ChangeRow>,
-    docs: HashMap<(String, String), DocState>,
-    dirty_docs: Vec<(String, String)>,
-    errors: Vec<RejectionRow>,
-    clients: HashMap<String, (u64, String)>,
-    /// Documents whose stored state was read up front (present in `docs`, or absent).
-    prefetched: HashSet<(String, String)>,
+impl Earlier {
+    /// The result the client was given then, given again.
+    pub fn result(&self, mutation_id: u64) -> MutationResult {
+        match self {
+            Earlier::Applied { seq } => MutationResult::applied(mutation_id, *seq),
+            Earlier::Rejected { code, reason } => MutationResult {
+                mutation_id,
+                status: MutationStatus::Rejected,
+                version: None,
+                code: Some(*code),
+                reason: Some(reason.clone()),
+            },
+        }
+    }
 }
 
 /// A change to write to `sg_changes`, with its origin (for replays).
-struct ChangeRow {
-    entry: Arc<LogEntry>,
-    origin_client: String,
-    origin_mutation: u64,
+#[derive(Debug)]
+pub struct ChangeRow {
+    /// The change, as it is fanned out.
+    pub entry: Arc<LogEntry>,
+    /// The new body, encoded once by the planner.
+    pub body: Option<Bytes>,
+    /// The body before the change, as it was stored.
+    pub prev_body: Option<Bytes>,
+    /// The client whose mutation made it.
+    pub origin_client: String,
+    /// That mutation's id.
+    pub origin_mutation: u64,
+}
+
+/// A document's final state in the group, for `sg_documents`.
+#[derive(Debug, PartialEq)]
+pub struct DocumentRow {
+    /// The collection.
+    pub collection: String,
+    /// The document id.
+    pub id: String,
+    /// The body, encoded (`None` for a tombstone).
+    pub body: Option<Bytes>,
+    /// The new version.
+    pub version: u64,
+    /// Whether it is now deleted.
+    pub deleted: bool,
 }
 
 /// A rejected mutation to write to `sg_sync_errors`: kept whole, with the reason.
-struct RejectionRow {
-    client_id: String,
-    mutation_id: u64,
-    batch: u64,
-    code: ErrorCode,
-    reason: String,
+#[derive(Debug, PartialEq)]
+pub struct RejectionRow {
+    /// The pushing client.
+    pub client_id: String,
+    /// The mutation's id.
+    pub mutation_id: u64,
+    /// The batch it came in.
+    pub batch: u64,
+    /// Why.
+    pub code: ErrorCode,
+    /// Why, for humans.
+    pub reason: String,
     /// The whole mutation, MessagePack.
-    mutation: Vec<u8>,
+    pub mutation: Vec<u8>,
+}
+
+/// A client's new horizon, for `sg_clients`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientRow {
+    /// The client.
+    pub client_id: String,
+    /// Its last handled mutation id.
+    pub last_mutation: u64,
+    /// The user it last pushed as.
+    pub user: String,
+}
+
+/// Every row a group writes.
+#[derive(Debug, Default)]
+pub struct GroupRows {
+    /// New changes, in seq order.
+    pub changes: Vec<ChangeRow>,
+    /// The final state of every document the group changed.
+    pub documents: Vec<DocumentRow>,
+    /// Rejected mutations.
+    pub rejections: Vec<RejectionRow>,
+    /// Every pushing client's new horizon.
+    pub clients: Vec<ClientRow>,
 }
 
 const INSERT_CHUNK: usize = 200;
 
+/// An open group-commit transaction holding the log head lock. Dropped without
+/// [`GroupTxn::commit`], it rolls back.
+pub struct GroupTxn {
+    txn: Txn,
+    backend: DbBackend,
+    head: u64,
+}
+
 impl Store {
-    /// Applies every job in one transaction and returns one outcome per job plus the committed
-    /// changes, in seq order, for fan-out.
-    pub async fn apply_group(
-        &self,
-        jobs: &[PushJob],
-        rules: &Rules,
-    ) -> Result<(Vec<PushOutcome>, Committed), StoreError> {
+    /// Begins a group: opens a transaction and locks the log head (see the module docs of
+    /// [`crate::storage`]); every other writer, on every node, waits until it ends.
+    pub async fn begin_group(&self) -> Result<GroupTxn, StoreError> {
         let backend = self.backend();
         let txn = self.begin().await?;
         let head = txn
@@ -110,405 +162,295 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt("sg_head has no row".into()))?
             .try_get::<i64>("", "seq")? as u64;
-        let mut next = head;
-        let mut pending = Pending {
-            changes: Vec::new(),
-            docs: HashMap::new(),
-            dirty_docs: Vec::new(),
-            errors: Vec::new(),
-            clients: HashMap::new(),
-            prefetched: HashSet::new(),
-        };
-        // Two queries per chunk instead of one per client and one per document: on PostgreSQL
-        // every statement is a round trip made while the log head is locked.
-        let lasts = load_lasts(&txn, backend, jobs).await?;
-        prefetch_docs(&txn, backend, jobs, &lasts, &mut pending).await?;
-        // Outcomes of mutations applied earlier in this same group, for replays within it.
-        let mut in_group: HashMap<(String, u64), MutationResult> = HashMap::new();
-        let mut outcomes = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let mut last = match pending.clients.get(&job.client_id) {
-                Some((l, _)) => *l,
-                None => lasts.get(&job.client_id).copied().unwrap_or(0),
-            };
-            let mut results = Vec::with_capacity(job.mutations.len());
-            for m in &job.mutations {
-                let result = if m.mutation_id <= last {
-                    match in_group.get(&(job.client_id.clone(), m.mutation_id)) {
-                        Some(r) => r.clone(),
-                        None => {
-                            earlier_result(&txn, backend, &job.client_id, m.mutation_id).await?
-                        }
-                    }
-                } else {
-                    let r = match check_and_apply(&txn, backend, &mut pending, rules, m).await? {
-                        Ok((body, op, prev)) => {
-                            next += 1;
-                            let key = (m.collection.clone(), m.id.clone());
-                            let deleted = op == ChangeOp::Delete;
-                            pending.docs.insert(
-                                key.clone(),
-                                DocState {
-                                    body: body.clone(),
-                                    deleted,
-                                    version: next,
-                                },
-                            );
-                            pending.dirty_docs.push(key);
-                            let entry = LogEntry::new(
-                                Change {
-                                    seq: next,
-                                    collection: m.collection.clone(),
-                                    id: m.id.clone(),
-                                    op,
-                                    body,
-                                },
-                                prev,
-                            );
-                            pending.changes.push(ChangeRow {
-                                entry: Arc::new(entry),
-                                origin_client: job.client_id.clone(),
-                                origin_mutation: m.mutation_id,
-                            });
-                            MutationResult::applied(m.mutation_id, next)
-                        }
-                        Err((code, reason)) => {
-                            pending.errors.push(RejectionRow {
-                                client_id: job.client_id.clone(),
-                                mutation_id: m.mutation_id,
-                                batch: job.batch,
-                                code,
-                                reason: reason.clone(),
-                                mutation: to_msgpack(m),
-                            });
-                            MutationResult::rejected(m.mutation_id, code, reason)
-                        }
-                    };
-                    last = m.mutation_id;
-                    in_group.insert((job.client_id.clone(), m.mutation_id), r.clone());
-                    r
-                };
-                results.push(result);
-            }
-            pending
-                .clients
-                .insert(job.client_id.clone(), (last, job.user.clone()));
-            let visible_at = results
-                .iter()
-                .filter(|r| r.status == MutationStatus::Applied)
-                .filter_map(|r| r.version)
-                .max()
-                .unwrap_or(0);
-            outcomes.push(PushOutcome {
-                results,
-                visible_at,
-            });
-        }
-        write_pending(&txn, backend, &pending).await?;
-        if next != head {
-            txn.execute_raw(stmt(
-                backend,
-                "UPDATE sg_head SET seq = ? WHERE id = 1",
-                [(next as i64).into()],
-            ))
-            .await?;
-            if backend == DbBackend::Postgres {
-                txn.execute_raw(stmt(
-                    backend,
-                    "SELECT pg_notify(?, ?)",
-                    [NOTIFY_CHANNEL.into(), next.to_string().into()],
-                ))
-                .await?;
-            }
-        }
-        txn.commit().await?;
-        let entries = pending.changes.into_iter().map(|c| c.entry).collect();
-        Ok((
-            outcomes,
-            Committed {
-                from: head,
-                to: next,
-                entries,
-            },
-        ))
+        Ok(GroupTxn { txn, backend, head })
     }
 }
 
-/// Every pushing client's last handled mutation (absent = 0), in one query per chunk.
-async fn load_lasts(
-    txn: &Txn,
-    backend: DbBackend,
-    jobs: &[PushJob],
-) -> Result<HashMap<String, u64>, StoreError> {
-    let clients: Vec<&str> = jobs
-        .iter()
-        .map(|j| j.client_id.as_str())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    let mut lasts = HashMap::new();
-    for chunk in clients.chunks(INSERT_CHUNK) {
-        let sql = format!(
-            "SELECT client_id, last_mutation FROM sg_clients WHERE client_id IN ({})",
-            vec!["?"; chunk.len()].join(", ")
-        );
-        let values: Vec<DbValue> = chunk.iter().map(|c| (*c).into()).collect();
-        for r in txn.query_all_raw(stmt(backend, &sql, values)).await? {
-            lasts.insert(
-                r.try_get::<String>("", "client_id")?,
-                r.try_get::<i64>("", "last_mutation")? as u64,
+impl GroupTxn {
+    /// The log head, as locked.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Each client's last handled mutation id (absent: the client never pushed).
+    pub async fn client_lasts(&self, clients: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
+        let mut lasts = HashMap::new();
+        for chunk in clients.chunks(INSERT_CHUNK) {
+            let sql = format!(
+                "SELECT client_id, last_mutation FROM sg_clients WHERE client_id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
             );
-        }
-    }
-    Ok(lasts)
-}
-
-/// Reads the stored state of every document the group's new mutations touch, in one query per
-/// chunk, into `pending.docs`; every key asked for goes into `pending.prefetched`.
-async fn prefetch_docs(
-    txn: &Txn,
-    backend: DbBackend,
-    jobs: &[PushJob],
-    lasts: &HashMap<String, u64>,
-    pending: &mut Pending,
-) -> Result<(), StoreError> {
-    let mut keys: Vec<(String, String)> = Vec::new();
-    for job in jobs {
-        let last = lasts.get(&job.client_id).copied().unwrap_or(0);
-        for m in job.mutations.iter().filter(|m| m.mutation_id > last) {
-            let key = (m.collection.clone(), m.id.clone());
-            if pending.prefetched.insert(key.clone()) {
-                keys.push(key);
+            let values: Vec<DbValue> = chunk.iter().map(|c| (*c).into()).collect();
+            for r in self
+                .txn
+                .query_all_raw(stmt(self.backend, &sql, values))
+                .await?
+            {
+                lasts.insert(
+                    r.try_get::<String>("", "client_id")?,
+                    r.try_get::<i64>("", "last_mutation")? as u64,
+                );
             }
         }
+        Ok(lasts)
     }
-    // Grouped by collection: `collection = ? AND doc_id IN (...)` is one index range scan on
-    // both backends (a row-value `IN` list is planned as one OR branch per key).
-    let mut by_collection: HashMap<&str, Vec<&str>> = HashMap::new();
-    for (c, id) in &keys {
-        by_collection
-            .entry(c.as_str())
-            .or_default()
-            .push(id.as_str());
-    }
-    for (collection, ids) in by_collection {
-        // PostgreSQL takes the ids as one array parameter, each looked up through a LATERAL
-        // subquery on both key columns: that is an index lookup per id whatever the planner
-        // believes about the table. (`doc_id IN (...)` or `= ANY(...)` were planned, with the
-        // statistics of a fast-growing table, as a scan of the whole collection filtered by
-        // id: 54 ms instead of 2 ms for 1,000 ids at 200,000 documents.) SQLite gets an `IN`
-        // list, which it always answers from the primary key.
-        let per_statement = if backend == DbBackend::Postgres {
-            1000
-        } else {
-            100
-        };
-        for chunk in ids.chunks(per_statement) {
-            let (sql, values) = if backend == DbBackend::Postgres {
-                let ids = chunk.iter().map(|id| DbValue::from(*id)).collect();
-                (
-                    "SELECT d.doc_id, d.body, d.version, d.deleted FROM unnest(?::text[]) AS k(id) \
-                     CROSS JOIN LATERAL (SELECT doc_id, body, version, deleted FROM sg_documents \
-                     WHERE collection = ? AND doc_id = k.id OFFSET 0) AS d"
-                        .to_owned(),
-                    vec![
-                        DbValue::Array(ArrayType::String, Some(Box::new(ids))),
-                        DbValue::from(collection),
-                    ],
+
+    /// The stored state of the given documents that exist: collection -> id -> state.
+    pub async fn documents(
+        &self,
+        keys: &[(&str, &str)],
+    ) -> Result<HashMap<String, HashMap<String, StoredDoc>>, StoreError> {
+        // Grouped by collection: `collection = ? AND doc_id IN (...)` is one index range scan
+        // on both backends (a row-value `IN` list is planned as one OR branch per key).
+        let mut by_collection: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (c, id) in keys {
+            by_collection.entry(c).or_default().push(id);
+        }
+        let mut out: HashMap<String, HashMap<String, StoredDoc>> = HashMap::new();
+        for (collection, ids) in by_collection {
+            let docs = out.entry(collection.to_owned()).or_default();
+            let keys = KeyList::Text(&ids);
+            let columns = "doc_id, body, version, deleted";
+            for r in self
+                .keyed_rows(
+                    columns,
+                    "sg_documents",
+                    "collection",
+                    collection,
+                    "doc_id",
+                    keys,
                 )
-            } else {
-                let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() + 1);
-                values.push(collection.into());
-                values.extend(chunk.iter().map(|id| DbValue::from(*id)));
-                (
-                    format!(
-                        "SELECT doc_id, body, version, deleted FROM sg_documents \
-                         WHERE collection = ? AND doc_id IN ({})",
-                        vec!["?"; chunk.len()].join(", ")
-                    ),
-                    values,
-                )
-            };
-            for r in txn.query_all_raw(stmt(backend, &sql, values)).await? {
-                let body: Option<Vec<u8>> = r.try_get("", "body")?;
-                let key = (collection.to_owned(), r.try_get::<String>("", "doc_id")?);
-                pending.docs.insert(
-                    key,
-                    DocState {
-                        body: decode_body(body.as_deref())?,
+                .await?
+            {
+                let raw: Option<Vec<u8>> = r.try_get("", "body")?;
+                docs.insert(
+                    r.try_get::<String>("", "doc_id")?,
+                    StoredDoc {
+                        body: decode_body(raw.as_deref())?,
+                        encoded: raw.map(Bytes::from),
                         version: r.try_get::<i64>("", "version")? as u64,
                         deleted: r.try_get::<i64>("", "deleted")? != 0,
                     },
                 );
             }
         }
+        Ok(out)
     }
-    Ok(())
-}
 
-/// The stored outcome of a mutation applied in an earlier transaction.
-async fn earlier_result(
-    txn: &Txn,
-    backend: DbBackend,
-    client_id: &str,
-    mutation_id: u64,
-) -> Result<MutationResult, StoreError> {
-    let applied = txn
-        .query_one_raw(stmt(
-            backend,
-            "SELECT seq FROM sg_changes WHERE origin_client = ? AND origin_mutation = ?",
-            [client_id.into(), (mutation_id as i64).into()],
-        ))
-        .await?;
-    if let Some(r) = applied {
-        return Ok(MutationResult::applied(
-            mutation_id,
-            r.try_get::<i64>("", "seq")? as u64,
-        ));
+    /// The stored outcomes of a client's earlier mutations (replays): mutation id -> outcome,
+    /// for those ids that have one. One statement per chunk of ids and table.
+    pub async fn earlier_outcomes(
+        &self,
+        client_id: &str,
+        ids: &[u64],
+    ) -> Result<HashMap<u64, Earlier>, StoreError> {
+        let mut out = HashMap::new();
+        let ids: Vec<i64> = ids.iter().map(|id| *id as i64).collect();
+        let keys = KeyList::BigInt(&ids);
+        let columns = "origin_mutation, seq";
+        for r in self
+            .keyed_rows(
+                columns,
+                "sg_changes",
+                "origin_client",
+                client_id,
+                "origin_mutation",
+                keys,
+            )
+            .await?
+        {
+            let seq = r.try_get::<i64>("", "seq")? as u64;
+            out.insert(
+                r.try_get::<i64>("", "origin_mutation")? as u64,
+                Earlier::Applied { seq },
+            );
+        }
+        let rest: Vec<i64> = ids
+            .into_iter()
+            .filter(|id| !out.contains_key(&(*id as u64)))
+            .collect();
+        let keys = KeyList::BigInt(&rest);
+        let columns = "mutation_id, code, reason";
+        for r in self
+            .keyed_rows(
+                columns,
+                "sg_sync_errors",
+                "client_id",
+                client_id,
+                "mutation_id",
+                keys,
+            )
+            .await?
+        {
+            let rejected = Earlier::Rejected {
+                code: r.try_get::<i64>("", "code")? as u16,
+                reason: r.try_get("", "reason")?,
+            };
+            out.insert(r.try_get::<i64>("", "mutation_id")? as u64, rejected);
+        }
+        Ok(out)
     }
-    let rejected = txn
-        .query_one_raw(stmt(
-            backend,
-            "SELECT code, reason FROM sg_sync_errors WHERE client_id = ? AND mutation_id = ?",
-            [client_id.into(), (mutation_id as i64).into()],
-        ))
-        .await?;
-    if let Some(r) = rejected {
-        let code = r.try_get::<i64>("", "code")? as u16;
-        return Ok(MutationResult {
-            mutation_id,
-            status: MutationStatus::Rejected,
-            version: None,
-            code: Some(code),
-            reason: Some(r.try_get("", "reason")?),
-        });
-    }
-    // Below the client's horizon but with no record: the client skipped this id (ids may have
-    // gaps). Nothing was applied for it and nothing ever will be.
-    Ok(MutationResult::rejected(
-        mutation_id,
-        ErrorCode::InvalidMutation,
-        "mutation id is below the client's last applied mutation and was never seen",
-    ))
-}
 
-type Applied = (Option<Body>, ChangeOp, Option<Body>);
-
-/// Checks one mutation and computes its effect: `(new body, op, previous body)` or a rejection.
-async fn check_and_apply(
-    txn: &Txn,
-    backend: DbBackend,
-    pending: &mut Pending,
-    rules: &Rules,
-    m: &Mutation,
-) -> Result<Result<Applied, (ErrorCode, String)>, StoreError> {
-    if !rules.collections.contains(&m.collection) {
-        return Ok(Err((
-            ErrorCode::UnknownCollection,
-            format!("collection {:?} is not declared", m.collection),
-        )));
-    }
-    if !is_valid_id(&m.id, rules.limits.max_id_bytes) {
-        return Ok(Err((
-            ErrorCode::InvalidDocumentId,
-            format!(
-                "document id must be 1..={} bytes without control characters",
-                rules.limits.max_id_bytes
-            ),
-        )));
-    }
-    if let Err(refusal) = check_shape(m.op, m.body.as_ref()) {
-        return Ok(Err(refusal));
-    }
-    let key = (m.collection.clone(), m.id.clone());
-    let current = match pending.docs.get(&key) {
-        Some(d) => Some(d.clone()),
-        None if pending.prefetched.contains(&key) => None,
-        None => {
-            let d = load_doc(txn, backend, &m.collection, &m.id).await?;
-            if let Some(d) = &d {
-                pending.docs.insert(key.clone(), d.clone());
+    /// Writes the rows, moves the head to `new_head` (announcing it on PostgreSQL) and commits.
+    pub async fn commit(self, rows: &GroupRows, new_head: u64) -> Result<(), StoreError> {
+        write_rows(&self.txn, self.backend, rows).await?;
+        if new_head != self.head {
+            self.txn
+                .execute_raw(stmt(
+                    self.backend,
+                    "UPDATE sg_head SET seq = ? WHERE id = 1",
+                    [(new_head as i64).into()],
+                ))
+                .await?;
+            if self.backend == DbBackend::Postgres {
+                self.txn
+                    .execute_raw(stmt(
+                        self.backend,
+                        "SELECT pg_notify(?, ?)",
+                        [NOTIFY_CHANNEL.into(), new_head.to_string().into()],
+                    ))
+                    .await?;
             }
-            d
         }
-    };
-    let prev = current
-        .as_ref()
-        .filter(|d| !d.deleted)
-        .and_then(|d| d.body.clone());
-    let new_body = match apply(prev.as_ref(), m.op, m.body.as_ref()) {
-        Ok(b) => b,
-        Err((ErrorCode::DocumentNotFound, _)) => {
-            return Ok(Err((
-                ErrorCode::DocumentNotFound,
-                format!("{}/{} does not exist", m.collection, m.id),
-            )));
+        self.txn.commit().await?;
+        Ok(())
+    }
+
+    /// The rows of [`GroupTxn::keyed_select`] for every chunk of `keys`.
+    async fn keyed_rows(
+        &self,
+        columns: &str,
+        table: &str,
+        prefix_col: &str,
+        prefix: &str,
+        key_col: &str,
+        keys: KeyList<'_>,
+    ) -> Result<Vec<QueryResult>, StoreError> {
+        let mut rows = Vec::new();
+        for chunk in keys.chunks(self.keys_per_statement()) {
+            let (sql, values) =
+                self.keyed_select(columns, table, prefix_col, prefix, key_col, chunk);
+            rows.extend(
+                self.txn
+                    .query_all_raw(stmt(self.backend, &sql, values))
+                    .await?,
+            );
         }
-        Err(refusal) => return Ok(Err(refusal)),
-    };
-    if let Some(b) = &new_body {
-        let size = to_msgpack(b).len();
-        if size > rules.limits.max_document_bytes as usize {
-            return Ok(Err((
-                ErrorCode::DocumentTooLarge,
-                format!(
-                    "document is {size} bytes, the limit is {}",
-                    rules.limits.max_document_bytes
-                ),
-            )));
+        Ok(rows)
+    }
+
+    fn keys_per_statement(&self) -> usize {
+        if self.backend == DbBackend::Postgres {
+            1000
+        } else {
+            100
         }
     }
-    let op = if new_body.is_some() {
-        ChangeOp::Upsert
-    } else {
-        ChangeOp::Delete
-    };
-    Ok(Ok((new_body, op, prev)))
+
+    /// `SELECT {columns} FROM {table} WHERE {prefix_col} = prefix AND {key_col} IN keys`.
+    ///
+    /// PostgreSQL takes the keys as one array parameter, each looked up through a `LATERAL`
+    /// subquery on both key columns: an index lookup per key whatever the planner believes
+    /// about the table. (`key IN (...)` or `= ANY(...)` were planned, with the statistics of a
+    /// fast-growing table, as a scan of every row of the prefix filtered by key: 54 ms instead
+    /// of 2 ms for 1,000 ids at 200,000 documents.) SQLite gets an `IN` list, which it always
+    /// answers from the index.
+    fn keyed_select(
+        &self,
+        columns: &str,
+        table: &str,
+        prefix_col: &str,
+        prefix: &str,
+        key_col: &str,
+        keys: KeyList<'_>,
+    ) -> (String, Vec<DbValue>) {
+        if self.backend == DbBackend::Postgres {
+            let (array, cast) = match keys {
+                KeyList::Text(k) => (
+                    DbValue::Array(
+                        ArrayType::String,
+                        Some(Box::new(k.iter().map(|v| DbValue::from(*v)).collect())),
+                    ),
+                    "text[]",
+                ),
+                KeyList::BigInt(k) => (
+                    DbValue::Array(
+                        ArrayType::BigInt,
+                        Some(Box::new(k.iter().map(|v| DbValue::from(*v)).collect())),
+                    ),
+                    "bigint[]",
+                ),
+            };
+            (
+                format!(
+                    "SELECT d.* FROM unnest(?::{cast}) AS k(v) CROSS JOIN LATERAL \
+                     (SELECT {columns} FROM {table} WHERE {prefix_col} = ? AND {key_col} = k.v \
+                     OFFSET 0) AS d"
+                ),
+                vec![array, DbValue::from(prefix)],
+            )
+        } else {
+            let n = keys.len();
+            let mut values: Vec<DbValue> = Vec::with_capacity(n + 1);
+            values.push(prefix.into());
+            match keys {
+                KeyList::Text(k) => values.extend(k.iter().map(|v| DbValue::from(*v))),
+                KeyList::BigInt(k) => values.extend(k.iter().map(|v| DbValue::from(*v))),
+            }
+            (
+                format!(
+                    "SELECT {columns} FROM {table} WHERE {prefix_col} = ? AND {key_col} IN ({})",
+                    vec!["?"; n].join(", ")
+                ),
+                values,
+            )
+        }
+    }
 }
 
-async fn load_doc(
-    txn: &Txn,
-    backend: DbBackend,
-    collection: &str,
-    id: &str,
-) -> Result<Option<DocState>, StoreError> {
-    let row = txn
-        .query_one_raw(stmt(
-            backend,
-            "SELECT body, version, deleted FROM sg_documents WHERE collection = ? AND doc_id = ?",
-            [collection.into(), id.into()],
-        ))
-        .await?;
-    row.map(|r| {
-        let body: Option<Vec<u8>> = r.try_get("", "body")?;
-        Ok(DocState {
-            body: decode_body(body.as_deref())?,
-            version: r.try_get::<i64>("", "version")? as u64,
-            deleted: r.try_get::<i64>("", "deleted")? != 0,
-        })
-    })
-    .transpose()
+/// The keys of a [`GroupTxn::keyed_select`].
+#[derive(Clone, Copy)]
+enum KeyList<'a> {
+    Text(&'a [&'a str]),
+    BigInt(&'a [i64]),
 }
 
-/// A document row to write: its key, its encoded body, its state.
-type DocRow<'a> = (&'a (String, String), Option<Vec<u8>>, &'a DocState);
+impl<'a> KeyList<'a> {
+    fn chunks(&self, n: usize) -> Vec<KeyList<'a>> {
+        match self {
+            KeyList::Text(k) => k.chunks(n).map(KeyList::Text).collect(),
+            KeyList::BigInt(k) => k.chunks(n).map(KeyList::BigInt).collect(),
+        }
+    }
 
-async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(), StoreError> {
+    fn len(&self) -> usize {
+        match self {
+            KeyList::Text(k) => k.len(),
+            KeyList::BigInt(k) => k.len(),
+        }
+    }
+}
+
+async fn write_rows(txn: &Txn, backend: DbBackend, rows: &GroupRows) -> Result<(), StoreError> {
     let now = now_ms();
-    let change_size = |c: &ChangeRow| c.entry.encoded.len() * 2 + c.origin_client.len() + 64;
-    for chunk in byte_chunks(&p.changes, change_size) {
+    let change_size = |c: &ChangeRow| {
+        c.body.as_ref().map_or(0, Bytes::len)
+            + c.prev_body.as_ref().map_or(0, Bytes::len)
+            + c.origin_client.len()
+            + 64
+    };
+    for chunk in byte_chunks(&rows.changes, change_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 9);
         for row in chunk {
-            let (e, client, mid) = (&row.entry, &row.origin_client, row.origin_mutation);
-            let c = &e.change;
+            let c = &row.entry.change;
             values.push((c.seq as i64).into());
             values.push(c.collection.clone().into());
             values.push(c.id.clone().into());
-            values.push(i64::from(c.op == ChangeOp::Delete).into());
-            values.push(c.body.as_ref().map(to_msgpack).into());
-            values.push(e.prev_body.as_ref().map(to_msgpack).into());
-            values.push(client.clone().into());
-            values.push((mid as i64).into());
+            values.push(i64::from(c.op == syncgate_protocol::ChangeOp::Delete).into());
+            values.push(row.body.as_ref().map(|b| b.to_vec()).into());
+            values.push(row.prev_body.as_ref().map(|b| b.to_vec()).into());
+            values.push(row.origin_client.clone().into());
+            values.push((row.origin_mutation as i64).into());
             values.push(now.into());
         }
         let sql = format!(
@@ -518,31 +460,15 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
         );
         txn.execute_raw(stmt(backend, &sql, values)).await?;
     }
-    // Only the final state of each touched document is written.
-    let mut seen = HashSet::new();
-    let dirty: Vec<&(String, String)> = p
-        .dirty_docs
-        .iter()
-        .rev()
-        .filter(|k| seen.insert(*k))
-        .collect();
-    // Bodies are encoded once, up front, so chunks are cut by their real size.
-    let rows: Vec<DocRow<'_>> = dirty
-        .iter()
-        // Every dirty key was inserted into `docs` with it.
-        .filter_map(|k| {
-            let d = p.docs.get(*k)?;
-            Some((*k, d.body.as_ref().map(to_msgpack), d))
-        })
-        .collect();
-    let doc_size =
-        |(k, body, _): &DocRow<'_>| k.0.len() + k.1.len() + body.as_ref().map_or(0, Vec::len) + 32;
-    for chunk in byte_chunks(&rows, doc_size) {
+    let doc_size = |d: &DocumentRow| {
+        d.collection.len() + d.id.len() + d.body.as_ref().map_or(0, Bytes::len) + 32
+    };
+    for chunk in byte_chunks(&rows.documents, doc_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 5);
-        for (key, body, d) in chunk {
-            values.push(key.0.clone().into());
-            values.push(key.1.clone().into());
-            values.push(body.clone().into());
+        for d in chunk {
+            values.push(d.collection.clone().into());
+            values.push(d.id.clone().into());
+            values.push(d.body.as_ref().map(|b| b.to_vec()).into());
             values.push((d.version as i64).into());
             values.push(i64::from(d.deleted).into());
         }
@@ -555,7 +481,7 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
         txn.execute_raw(stmt(backend, &sql, values)).await?;
     }
     let error_size = |e: &RejectionRow| e.client_id.len() + e.reason.len() + e.mutation.len() + 48;
-    for chunk in byte_chunks(&p.errors, error_size) {
+    for chunk in byte_chunks(&rows.rejections, error_size) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 7);
         for e in chunk {
             values.push(e.client_id.clone().into());
@@ -573,13 +499,12 @@ async fn write_pending(txn: &Txn, backend: DbBackend, p: &Pending) -> Result<(),
         );
         txn.execute_raw(stmt(backend, &sql, values)).await?;
     }
-    let clients: Vec<_> = p.clients.iter().collect();
-    for chunk in clients.chunks(INSERT_CHUNK) {
+    for chunk in rows.clients.chunks(INSERT_CHUNK) {
         let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 4);
-        for (client, (last, user)) in chunk {
-            values.push((*client).clone().into());
-            values.push((*last as i64).into());
-            values.push(user.clone().into());
+        for c in chunk {
+            values.push(c.client_id.clone().into());
+            values.push((c.last_mutation as i64).into());
+            values.push(c.user.clone().into());
             values.push(now.into());
         }
         let sql = format!(

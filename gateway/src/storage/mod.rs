@@ -1,5 +1,6 @@
 //! Storage: the only module that knows sea-orm. It owns the schema, the change log, the
-//! document table, the per-client exactly-once record, and the group-commit write path.
+//! document table, the per-client exactly-once record, and the group-commit transaction
+//! (which reads and writes; what a group does is decided by [`crate::ingest::plan`]).
 //!
 //! # The log head lock (why a subscriber never skips a change)
 //! Every write transaction starts by locking the single row of `sg_head`
@@ -14,19 +15,22 @@
 mod group_write;
 mod schema;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, QueryResult,
     Statement, TransactionTrait, Value as DbValue,
 };
-use syncgate_protocol::codec::{encode_change, from_msgpack};
+use syncgate_protocol::codec::from_msgpack;
+
+pub use crate::changes::{Committed, LogEntry};
 use syncgate_protocol::{Body, Change, ChangeOp, Doc};
 
-pub use group_write::{PushJob, PushOutcome, Rules};
+pub use group_write::{
+    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, GroupTxn, RejectionRow, StoredDoc,
+};
 
 /// The PostgreSQL NOTIFY channel on which committed heads are announced.
 pub const NOTIFY_CHANNEL: &str = "syncgate_log";
@@ -42,58 +46,6 @@ pub struct Store {
     epoch: Arc<str>,
     /// The URL, for the PostgreSQL listener connection.
     url: Arc<str>,
-}
-
-/// One committed change, with its wire encoding made once for every subscriber.
-#[derive(Debug)]
-pub struct LogEntry {
-    /// The change as sent to clients.
-    pub change: Change,
-    /// The body before the change (for filter membership of deletes and of documents that
-    /// moved out of a filter).
-    pub prev_body: Option<Body>,
-    /// `encode_change(&change)`, made once.
-    pub encoded: Bytes,
-    /// The "left the filter" form (a delete), made at most once, on first use.
-    leave: OnceLock<Bytes>,
-}
-
-impl LogEntry {
-    /// Builds an entry and encodes it.
-    pub fn new(change: Change, prev_body: Option<Body>) -> LogEntry {
-        let encoded = Bytes::from(encode_change(&change));
-        LogEntry {
-            change,
-            prev_body,
-            encoded,
-            leave: OnceLock::new(),
-        }
-    }
-
-    /// The encoding sent to a filtered subscriber for whom the document left the filter: a
-    /// delete of the same id at the same seq. Encoded once, on first use.
-    pub fn leave_encoded(&self) -> &[u8] {
-        self.leave.get_or_init(|| {
-            Bytes::from(encode_change(&Change {
-                seq: self.change.seq,
-                collection: self.change.collection.clone(),
-                id: self.change.id.clone(),
-                op: ChangeOp::Delete,
-                body: None,
-            }))
-        })
-    }
-}
-
-/// A committed group: the seq range it covers and its entries in seq order.
-#[derive(Debug)]
-pub struct Committed {
-    /// The head before the group (the group covers `from+1..=to`).
-    pub from: u64,
-    /// The head after the group.
-    pub to: u64,
-    /// The changes, in seq order.
-    pub entries: Vec<Arc<LogEntry>>,
 }
 
 /// Storage failures.
@@ -486,7 +438,8 @@ fn entry_from_row(r: &QueryResult) -> Result<LogEntry, StoreError> {
         1 => ChangeOp::Delete,
         other => return Err(StoreError::Corrupt(format!("op {other}"))),
     };
-    Ok(LogEntry::new(
+    // The stored body bytes are spliced into the change's encoding, not serialised again.
+    Ok(LogEntry::with_encoded_body(
         Change {
             seq: r.try_get::<i64>("", "seq")? as u64,
             collection: r.try_get("", "collection")?,
@@ -495,6 +448,7 @@ fn entry_from_row(r: &QueryResult) -> Result<LogEntry, StoreError> {
             body: decode_body(body.as_deref())?,
         },
         decode_body(prev.as_deref())?,
+        body.as_deref(),
     ))
 }
 

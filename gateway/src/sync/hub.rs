@@ -27,11 +27,12 @@ use syncgate_protocol::{Cursor, ErrorCode, Filter, Frame, Synced};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::frames::{changes_frames, deliverable};
+use crate::changes::{Committed, LogEntry};
+use crate::error::ErrorReply;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
-use crate::reply::ErrorReply;
-use crate::storage::{Committed, LogEntry, Store};
+use crate::storage::Store;
+use crate::sync::frames::{changes_frames, deliverable};
 
 /// One subscription of one connection.
 pub struct SubEntry {

@@ -3,7 +3,7 @@
 //!
 //! Tasks per connection: this reader, the writer ([`Outbound::run_writer`]) and, while a
 //! subscription is catching up, one short-lived task per subscription
-//! ([`crate::subscription::start`]). On disconnect the reader unregisters every subscription
+//! ([`crate::ws::subscription::start`]). On disconnect the reader unregisters every subscription
 //! and aborts catch-up tasks; pushes already handed to ingest still commit (the client learns
 //! their outcome from `Welcome.last_applied_mutation` and replays).
 
@@ -27,13 +27,13 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::hub::SubEntry;
+use crate::error::ErrorReply;
 use crate::ingest::IngestRequest;
 use crate::ingest::order::Refusal;
+use crate::ingest::plan::{PushJob, PushOutcome};
 use crate::outbound::Outbound;
-use crate::reply::ErrorReply;
 use crate::shared::Shared;
-use crate::storage::{PushJob, PushOutcome};
+use crate::sync::hub::SubEntry;
 
 /// How long a client has to complete the WebSocket upgrade and send `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -423,7 +423,7 @@ impl Connection {
         };
         let entry = Arc::new(SubEntry::new(self.out.clone(), s.sub, s.collection, filter));
         self.shared.hub.register(entry.clone());
-        let task = tokio::spawn(crate::subscription::start(
+        let task = tokio::spawn(crate::ws::subscription::start(
             self.shared.clone(),
             entry.clone(),
             s.cursor,

@@ -12,11 +12,11 @@ use bytes::Bytes;
 use syncgate_protocol::codec::{encode, to_msgpack};
 use syncgate_protocol::{Cursor, ErrorCode, Frame, Resync, Snapshot};
 
-use crate::frames::{changes_frames, deliverable};
-use crate::hub::SubEntry;
-use crate::reply::ErrorReply;
+use crate::error::ErrorReply;
 use crate::shared::Shared;
 use crate::storage::StoreError;
+use crate::sync::frames::{changes_frames, deliverable};
+use crate::sync::hub::SubEntry;
 
 /// Documents per snapshot chunk.
 const SNAPSHOT_PAGE: u64 = 500;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use syncgate_protocol::codec::encode_changes_frame;
 use syncgate_protocol::{Cursor, Filter};
 
-use crate::storage::LogEntry;
+use crate::changes::LogEntry;
 
 /// How many bytes of changes one `Changes` (or `Snapshot`) frame carries at most: a quarter of
 /// the smaller of the frame limit and the outbound cap, so a frame always fits both and a

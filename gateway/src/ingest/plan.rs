@@ -1,0 +1,875 @@
+//! The ingest planner: what a group of push batches does, decided without I/O.
+//!
+//! The group commit is three steps, and only the middle one decides anything:
+//! 1. **prefetch** (storage): every pushing client's horizon (`last_mutation`), then — from
+//!    [`wanted`] — the stored state of every document the new mutations touch and the stored
+//!    outcomes of every replayed mutation;
+//! 2. **plan** ([`plan`], this module): for each mutation, in order, either its earlier
+//!    outcome (a replay), a rejection with a stable code, or a new change at the next seq; the
+//!    rows to write; the acknowledgements; the committed changes for fan-out;
+//! 3. **write** (storage): the rows, the new head, commit.
+//!
+//! The checks, in order, for a mutation above its client's horizon: the collection is
+//! declared (300 `unknown_collection`), the document id is valid (403), the mutation's shape
+//! fits its op (400), a patch finds a live document (405), the resulting document fits
+//! `max_document_bytes` (402). A mutation at or below the horizon gets its stored outcome, or
+//! 400 if the client skipped that id.
+//! Conflict policies, references, schema checks and scopes are further steps of [`plan`].
+//!
+//! Each new body is encoded to MessagePack once, here: those bytes size-check the document,
+//! are stored in `sg_changes` and `sg_documents`, and are spliced into the change's wire
+//! encoding. A previous body is passed on as the bytes it was stored as.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use syncgate_protocol::apply::{apply, check_shape};
+use syncgate_protocol::codec::to_msgpack;
+use syncgate_protocol::limits::is_valid_id;
+use syncgate_protocol::{
+    Body, Change, ChangeOp, ErrorCode, Limits, Mutation, MutationResult, MutationStatus,
+};
+
+use crate::changes::{Committed, LogEntry};
+use crate::storage::{
+    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc,
+};
+
+/// One client's push batch, as the connection hands it to ingest.
+#[derive(Debug)]
+pub struct PushJob {
+    /// The pushing client.
+    pub client_id: String,
+    /// The authenticated user, recorded with the client.
+    pub user: String,
+    /// The client's batch id, recorded with rejections.
+    pub batch: u64,
+    /// The mutations, in strictly increasing `mutation_id` (checked by [`super::order`]).
+    pub mutations: Vec<Mutation>,
+}
+
+/// The acknowledgement of one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// One result per mutation.
+    pub results: Vec<MutationResult>,
+    /// The highest seq the batch wrote (0 if it wrote nothing).
+    pub visible_at: u64,
+}
+
+/// What a mutation is checked against.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Declared collections.
+    pub collections: HashSet<String>,
+    /// Size limits.
+    pub limits: Limits,
+}
+
+/// What the planner reads from the database (the prefetch step).
+#[derive(Debug, Default)]
+pub struct Prefetched {
+    /// Each pushing client's last handled mutation id (absent = 0).
+    pub lasts: HashMap<String, u64>,
+    /// collection -> id -> the stored state of each document in [`Wanted::docs`] that exists
+    /// (deleted ones too).
+    pub docs: HashMap<String, HashMap<String, StoredDoc>>,
+    /// client -> mutation id -> the stored outcome of each mutation in [`Wanted::earlier`]
+    /// that has one.
+    pub earlier: HashMap<String, HashMap<u64, Earlier>>,
+}
+
+/// What to prefetch once the horizons are known.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Wanted<'a> {
+    /// `(collection, id)` of every document a new mutation touches, each once.
+    pub docs: Vec<(&'a str, &'a str)>,
+    /// Per client, the ids at or below its stored horizon (replays), each once.
+    pub earlier: Vec<(&'a str, Vec<u64>)>,
+}
+
+/// Everything a group does, decided before anything is written.
+#[derive(Debug)]
+pub struct Plan {
+    /// One outcome per job, in job order.
+    pub outcomes: Vec<PushOutcome>,
+    /// The rows to write.
+    pub rows: GroupRows,
+    /// The changes for fan-out once the rows are committed (`to` is the new head).
+    pub committed: Committed,
+}
+
+/// Every pushing client, each once.
+pub fn clients(jobs: &[PushJob]) -> Vec<&str> {
+    let mut seen = HashSet::new();
+    jobs.iter()
+        .map(|j| j.client_id.as_str())
+        .filter(|c| seen.insert(*c))
+        .collect()
+}
+
+/// What to read, given each client's stored horizon: the documents that mutations above it
+/// touch, and the stored outcomes of mutations at or below it.
+pub fn wanted<'a>(jobs: &'a [PushJob], lasts: &HashMap<String, u64>) -> Wanted<'a> {
+    let mut docs = Vec::new();
+    let mut seen_docs = HashSet::new();
+    let mut earlier: Vec<(&str, Vec<u64>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut seen_ids = HashSet::new();
+    for job in jobs {
+        let last = lasts.get(&job.client_id).copied().unwrap_or(0);
+        for m in &job.mutations {
+            if m.mutation_id > last {
+                let key = (m.collection.as_str(), m.id.as_str());
+                if seen_docs.insert(key) {
+                    docs.push(key);
+                }
+            } else if seen_ids.insert((job.client_id.as_str(), m.mutation_id)) {
+                let i = *index.entry(job.client_id.as_str()).or_insert_with(|| {
+                    earlier.push((job.client_id.as_str(), Vec::new()));
+                    earlier.len() - 1
+                });
+                if let Some((_, ids)) = earlier.get_mut(i) {
+                    ids.push(m.mutation_id);
+                }
+            }
+        }
+    }
+    Wanted { docs, earlier }
+}
+
+/// A document's state as the group goes: as stored, or as an earlier mutation of the group
+/// left it.
+#[derive(Debug, Clone)]
+struct DocNow {
+    body: Option<Body>,
+    encoded: Option<Bytes>,
+    version: u64,
+    deleted: bool,
+}
+
+/// What one mutation above its client's horizon does: a new change, or a rejection.
+enum Effect {
+    Change {
+        op: ChangeOp,
+        body: Option<Body>,
+        encoded: Option<Bytes>,
+    },
+    Rejected(ErrorCode, String),
+}
+
+/// Plans a group: `head` is the log head read under the head lock, `pre` what was prefetched
+/// for these jobs ([`clients`], then [`wanted`]). Pure: the same inputs give the same plan.
+pub fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules) -> Plan {
+    let mut next = head;
+    let mut docs: HashMap<(&str, &str), DocNow> = HashMap::new();
+    let mut doc_order: Vec<(&str, &str)> = Vec::new();
+    let mut changes: Vec<ChangeRow> = Vec::new();
+    let mut rejections: Vec<RejectionRow> = Vec::new();
+    // Each client's horizon as the group goes, and the user and order it is written in.
+    let mut horizons: HashMap<&str, (u64, &str)> = HashMap::new();
+    let mut client_order: Vec<&str> = Vec::new();
+    // Outcomes of mutations handled earlier in this same group, for replays within it.
+    let mut in_group: HashMap<(&str, u64), MutationResult> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(jobs.len());
+
+    for job in jobs {
+        let client = job.client_id.as_str();
+        let stored = pre.lasts.get(client).copied().unwrap_or(0);
+        let mut last = match horizons.get(client) {
+            Some((l, _)) => *l,
+            None => {
+                client_order.push(client);
+                stored
+            }
+        };
+        let mut results = Vec::with_capacity(job.mutations.len());
+        for m in &job.mutations {
+            if m.mutation_id <= last {
+                let earlier = if m.mutation_id <= stored {
+                    pre.earlier
+                        .get(client)
+                        .and_then(|ids| ids.get(&m.mutation_id))
+                        .map(|e| e.result(m.mutation_id))
+                } else {
+                    in_group.get(&(client, m.mutation_id)).cloned()
+                };
+                results.push(earlier.unwrap_or_else(|| never_seen(m.mutation_id)));
+                continue;
+            }
+            let key = (m.collection.as_str(), m.id.as_str());
+            let current = match docs.get(&key) {
+                Some(d) => Some(d.clone()),
+                None => pre
+                    .docs
+                    .get(&m.collection)
+                    .and_then(|ids| ids.get(&m.id))
+                    .map(|s| DocNow {
+                        body: s.body.clone(),
+                        encoded: s.encoded.clone(),
+                        version: s.version,
+                        deleted: s.deleted,
+                    }),
+            };
+            let live = current.filter(|d| !d.deleted);
+            let result = match effect(m, live.as_ref().and_then(|d| d.body.as_ref()), rules) {
+                Effect::Change { op, body, encoded } => {
+                    next += 1;
+                    let (prev_body, prev_encoded) = match live {
+                        Some(d) => (d.body, d.encoded),
+                        None => (None, None),
+                    };
+                    let entry = LogEntry::with_encoded_body(
+                        Change {
+                            seq: next,
+                            collection: m.collection.clone(),
+                            id: m.id.clone(),
+                            op,
+                            body: body.clone(),
+                        },
+                        prev_body,
+                        encoded.as_deref(),
+                    );
+                    if docs
+                        .insert(
+                            key,
+                            DocNow {
+                                body,
+                                encoded: encoded.clone(),
+                                version: next,
+                                deleted: op == ChangeOp::Delete,
+                            },
+                        )
+                        .is_none()
+                    {
+                        doc_order.push(key);
+                    }
+                    changes.push(ChangeRow {
+                        entry: Arc::new(entry),
+                        body: encoded,
+                        prev_body: prev_encoded,
+                        origin_client: job.client_id.clone(),
+                        origin_mutation: m.mutation_id,
+                    });
+                    MutationResult::applied(m.mutation_id, next)
+                }
+                Effect::Rejected(code, reason) => {
+                    rejections.push(RejectionRow {
+                        client_id: job.client_id.clone(),
+                        mutation_id: m.mutation_id,
+                        batch: job.batch,
+                        code,
+                        reason: reason.clone(),
+                        mutation: to_msgpack(m),
+                    });
+                    MutationResult::rejected(m.mutation_id, code, reason)
+                }
+            };
+            last = m.mutation_id;
+            in_group.insert((client, m.mutation_id), result.clone());
+            results.push(result);
+        }
+        horizons.insert(client, (last, job.user.as_str()));
+        let visible_at = results
+            .iter()
+            .filter(|r| r.status == MutationStatus::Applied)
+            .filter_map(|r| r.version)
+            .max()
+            .unwrap_or(0);
+        outcomes.push(PushOutcome {
+            results,
+            visible_at,
+        });
+    }
+
+    let documents = doc_order
+        .into_iter()
+        .filter_map(|key| {
+            let d = docs.remove(&key)?;
+            Some(DocumentRow {
+                collection: key.0.to_owned(),
+                id: key.1.to_owned(),
+                body: d.encoded,
+                version: d.version,
+                deleted: d.deleted,
+            })
+        })
+        .collect();
+    let clients = client_order
+        .into_iter()
+        .filter_map(|c| {
+            let (last, user) = horizons.get(c)?;
+            Some(ClientRow {
+                client_id: c.to_owned(),
+                last_mutation: *last,
+                user: (*user).to_owned(),
+            })
+        })
+        .collect();
+    let entries = changes.iter().map(|c| c.entry.clone()).collect();
+    Plan {
+        outcomes,
+        rows: GroupRows {
+            changes,
+            documents,
+            rejections,
+            clients,
+        },
+        committed: Committed {
+            from: head,
+            to: next,
+            entries,
+        },
+    }
+}
+
+/// The result for an id below the client's horizon with no stored outcome: the client skipped
+/// it (ids may have gaps). Nothing was applied for it and nothing ever will be.
+fn never_seen(mutation_id: u64) -> MutationResult {
+    MutationResult::rejected(
+        mutation_id,
+        ErrorCode::InvalidMutation,
+        "mutation id is below the client's last applied mutation and was never seen",
+    )
+}
+
+/// Checks one new mutation against the rules and the document's live body (`None`: it does
+/// not exist or is deleted) and computes its effect.
+fn effect(m: &Mutation, current: Option<&Body>, rules: &Rules) -> Effect {
+    if !rules.collections.contains(&m.collection) {
+        return Effect::Rejected(
+            ErrorCode::UnknownCollection,
+            format!("collection {:?} is not declared", m.collection),
+        );
+    }
+    if !is_valid_id(&m.id, rules.limits.max_id_bytes) {
+        return Effect::Rejected(
+            ErrorCode::InvalidDocumentId,
+            format!(
+                "document id must be 1..={} bytes without control characters",
+                rules.limits.max_id_bytes
+            ),
+        );
+    }
+    if let Err((code, reason)) = check_shape(m.op, m.body.as_ref()) {
+        return Effect::Rejected(code, reason);
+    }
+    let body = match apply(current, m.op, m.body.as_ref()) {
+        Ok(b) => b,
+        Err((ErrorCode::DocumentNotFound, _)) => {
+            return Effect::Rejected(
+                ErrorCode::DocumentNotFound,
+                format!("{}/{} does not exist", m.collection, m.id),
+            );
+        }
+        Err((code, reason)) => return Effect::Rejected(code, reason),
+    };
+    let encoded = body.as_ref().map(|b| Bytes::from(to_msgpack(b)));
+    if let Some(e) = &encoded
+        && e.len() > rules.limits.max_document_bytes as usize
+    {
+        return Effect::Rejected(
+            ErrorCode::DocumentTooLarge,
+            format!(
+                "document is {} bytes, the limit is {}",
+                e.len(),
+                rules.limits.max_document_bytes
+            ),
+        );
+    }
+    let op = if body.is_some() {
+        ChangeOp::Upsert
+    } else {
+        ChangeOp::Delete
+    };
+    Effect::Change { op, body, encoded }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmpv::Value;
+    use syncgate_protocol::MutationOp;
+    use syncgate_protocol::codec::encode_change;
+
+    fn body(fields: &[(&str, i64)]) -> Body {
+        fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+            .collect()
+    }
+
+    fn m(
+        mutation_id: u64,
+        collection: &str,
+        id: &str,
+        op: MutationOp,
+        b: Option<Body>,
+    ) -> Mutation {
+        Mutation {
+            mutation_id,
+            collection: collection.into(),
+            id: id.into(),
+            op,
+            body: b,
+            base_version: None,
+        }
+    }
+
+    fn put(mutation_id: u64, id: &str, fields: &[(&str, i64)]) -> Mutation {
+        m(
+            mutation_id,
+            "orders",
+            id,
+            MutationOp::Put,
+            Some(body(fields)),
+        )
+    }
+
+    fn patch(mutation_id: u64, id: &str, fields: &[(&str, i64)]) -> Mutation {
+        m(
+            mutation_id,
+            "orders",
+            id,
+            MutationOp::Patch,
+            Some(body(fields)),
+        )
+    }
+
+    fn delete(mutation_id: u64, id: &str) -> Mutation {
+        m(mutation_id, "orders", id, MutationOp::Delete, None)
+    }
+
+    fn job(client: &str, batch: u64, mutations: Vec<Mutation>) -> PushJob {
+        PushJob {
+            client_id: client.into(),
+            user: format!("user-of-{client}"),
+            batch,
+            mutations,
+        }
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            collections: ["orders".to_owned()].into_iter().collect(),
+            limits: Limits {
+                max_document_bytes: 24,
+                ..Limits::default()
+            },
+        }
+    }
+
+    fn stored(version: u64, fields: Option<&[(&str, i64)]>) -> StoredDoc {
+        let b = fields.map(body);
+        StoredDoc {
+            encoded: b.as_ref().map(|b| Bytes::from(to_msgpack(b))),
+            deleted: b.is_none(),
+            body: b,
+            version,
+        }
+    }
+
+    /// What the database holds before the group.
+    #[derive(Default)]
+    struct Db {
+        lasts: Vec<(&'static str, u64)>,
+        docs: Vec<(&'static str, StoredDoc)>,
+        earlier: Vec<(&'static str, u64, Earlier)>,
+    }
+
+    impl Db {
+        /// Answers exactly what the planner says it wants, as storage does.
+        fn prefetch(&self, jobs: &[PushJob]) -> Prefetched {
+            let lasts: HashMap<String, u64> = self
+                .lasts
+                .iter()
+                .filter(|(c, _)| clients(jobs).contains(c))
+                .map(|(c, l)| ((*c).to_owned(), *l))
+                .collect();
+            let w = wanted(jobs, &lasts);
+            let mut pre = Prefetched {
+                lasts,
+                ..Prefetched::default()
+            };
+            for (c, id) in &w.docs {
+                if let Some((_, d)) = self.docs.iter().find(|(i, _)| i == id) {
+                    pre.docs
+                        .entry((*c).to_owned())
+                        .or_default()
+                        .insert((*id).to_owned(), d.clone());
+                }
+            }
+            for (client, ids) in &w.earlier {
+                for (c, id, e) in &self.earlier {
+                    if c == client && ids.contains(id) {
+                        pre.earlier
+                            .entry((*c).to_owned())
+                            .or_default()
+                            .insert(*id, e.clone());
+                    }
+                }
+            }
+            pre
+        }
+    }
+
+    /// A result as `id:applied@seq` or `id:rejected CODE`.
+    fn show(r: &MutationResult) -> String {
+        match r.status {
+            MutationStatus::Applied => {
+                format!("{}:applied@{}", r.mutation_id, r.version.unwrap_or(0))
+            }
+            MutationStatus::Rejected => {
+                format!("{}:rejected {}", r.mutation_id, r.code.unwrap_or(0))
+            }
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        db: Db,
+        jobs: Vec<PushJob>,
+        /// Per job, the results.
+        results: Vec<Vec<&'static str>>,
+        /// Final document rows: `id@version` or `id@version deleted`.
+        documents: Vec<&'static str>,
+        /// `client:last`.
+        clients: Vec<&'static str>,
+        /// `client:mutation_id:code`.
+        rejections: Vec<&'static str>,
+    }
+
+    #[test]
+    fn table() {
+        let head = 10;
+        let cases = vec![
+            Case {
+                name: "a put creates a document at the next seq",
+                db: Db::default(),
+                jobs: vec![job("a", 1, vec![put(1, "o1", &[("qty", 1)])])],
+                results: vec![vec!["1:applied@11"]],
+                documents: vec!["o1@11"],
+                clients: vec!["a:1"],
+                rejections: vec![],
+            },
+            Case {
+                name: "patch and delete of stored documents; a tombstone is not patched",
+                db: Db {
+                    docs: vec![
+                        ("o1", stored(4, Some(&[("qty", 1)]))),
+                        ("o2", stored(5, Some(&[("qty", 2)]))),
+                        ("gone", stored(6, None)),
+                    ],
+                    ..Db::default()
+                },
+                jobs: vec![job(
+                    "a",
+                    1,
+                    vec![
+                        patch(1, "o1", &[("done", 1)]),
+                        delete(2, "o2"),
+                        patch(3, "gone", &[("x", 1)]),
+                    ],
+                )],
+                results: vec![vec!["1:applied@11", "2:applied@12", "3:rejected 405"]],
+                documents: vec!["o1@11", "o2@12 deleted"],
+                clients: vec!["a:3"],
+                rejections: vec!["a:3:405"],
+            },
+            Case {
+                name: "every rule's rejection, each stored and each advancing the horizon",
+                db: Db::default(),
+                jobs: vec![job(
+                    "a",
+                    7,
+                    vec![
+                        m(1, "secrets", "s1", MutationOp::Put, Some(body(&[("x", 1)]))),
+                        put(2, "", &[("x", 1)]),
+                        m(3, "orders", "o1", MutationOp::Put, None),
+                        m(4, "orders", "o1", MutationOp::Patch, Some(Body::new())),
+                        m(
+                            5,
+                            "orders",
+                            "o1",
+                            MutationOp::Delete,
+                            Some(body(&[("x", 1)])),
+                        ),
+                        patch(6, "missing", &[("x", 1)]),
+                        put(
+                            7,
+                            "big",
+                            &[
+                                ("a", 1),
+                                ("b", 2),
+                                ("c", 3),
+                                ("d", 4),
+                                ("e", 5),
+                                ("f", 6),
+                                ("g", 7),
+                                ("h", 8),
+                                ("i", 9),
+                                ("j", 10),
+                                ("k", 11),
+                            ],
+                        ),
+                        put(8, "ok", &[("x", 1)]),
+                    ],
+                )],
+                results: vec![vec![
+                    "1:rejected 300",
+                    "2:rejected 403",
+                    "3:rejected 400",
+                    "4:rejected 400",
+                    "5:rejected 400",
+                    "6:rejected 405",
+                    "7:rejected 402",
+                    "8:applied@11",
+                ]],
+                documents: vec!["ok@11"],
+                clients: vec!["a:8"],
+                rejections: vec![
+                    "a:1:300", "a:2:403", "a:3:400", "a:4:400", "a:5:400", "a:6:405", "a:7:402",
+                ],
+            },
+            Case {
+                name: "replays get their stored outcome; a skipped id is never applied later",
+                db: Db {
+                    lasts: vec![("a", 5)],
+                    earlier: vec![
+                        ("a", 5, Earlier::Applied { seq: 3 }),
+                        (
+                            "a",
+                            4,
+                            Earlier::Rejected {
+                                code: 402,
+                                reason: "too big".into(),
+                            },
+                        ),
+                    ],
+                    ..Db::default()
+                },
+                jobs: vec![job(
+                    "a",
+                    2,
+                    vec![
+                        put(2, "o1", &[("x", 1)]),
+                        put(4, "o1", &[("x", 1)]),
+                        put(5, "o1", &[("x", 1)]),
+                        put(6, "o1", &[("x", 2)]),
+                    ],
+                )],
+                results: vec![vec![
+                    "2:rejected 400",
+                    "4:rejected 402",
+                    "5:applied@3",
+                    "6:applied@11",
+                ]],
+                documents: vec!["o1@11"],
+                clients: vec!["a:6"],
+                rejections: vec![],
+            },
+            Case {
+                name: "a batch sent again while the first is in the same group gets the same results",
+                db: Db::default(),
+                jobs: vec![
+                    job(
+                        "a",
+                        1,
+                        vec![put(1, "o1", &[("x", 1)]), put(3, "o2", &[("x", 1)])],
+                    ),
+                    job(
+                        "a",
+                        2,
+                        vec![
+                            put(1, "o1", &[("x", 9)]),
+                            put(2, "o2", &[("x", 9)]),
+                            put(3, "o2", &[("x", 9)]),
+                            put(4, "o3", &[("x", 1)]),
+                        ],
+                    ),
+                ],
+                results: vec![
+                    vec!["1:applied@11", "3:applied@12"],
+                    vec![
+                        "1:applied@11",
+                        "2:rejected 400",
+                        "3:applied@12",
+                        "4:applied@13",
+                    ],
+                ],
+                documents: vec!["o1@11", "o2@12", "o3@13"],
+                clients: vec!["a:4"],
+                rejections: vec![],
+            },
+            Case {
+                name: "several clients interleave in job order on one document",
+                db: Db {
+                    lasts: vec![("b", 9)],
+                    docs: vec![("o1", stored(2, Some(&[("qty", 1)])))],
+                    ..Db::default()
+                },
+                jobs: vec![
+                    job("a", 1, vec![patch(1, "o1", &[("qty", 2)])]),
+                    job(
+                        "b",
+                        1,
+                        vec![patch(10, "o1", &[("qty", 3)]), delete(11, "o1")],
+                    ),
+                    job(
+                        "a",
+                        2,
+                        vec![patch(2, "o1", &[("qty", 4)]), put(3, "o1", &[("qty", 5)])],
+                    ),
+                ],
+                results: vec![
+                    vec!["1:applied@11"],
+                    vec!["10:applied@12", "11:applied@13"],
+                    vec!["2:rejected 405", "3:applied@14"],
+                ],
+                documents: vec!["o1@14"],
+                clients: vec!["a:3", "b:11"],
+                rejections: vec!["a:2:405"],
+            },
+        ];
+        for case in cases {
+            let pre = case.db.prefetch(&case.jobs);
+            let plan = plan(&case.jobs, head, &pre, &rules());
+            let results: Vec<Vec<String>> = plan
+                .outcomes
+                .iter()
+                .map(|o| o.results.iter().map(show).collect())
+                .collect();
+            assert_eq!(results, case.results, "{}: results", case.name);
+            for o in &plan.outcomes {
+                let max = o
+                    .results
+                    .iter()
+                    .filter(|r| r.status == MutationStatus::Applied)
+                    .filter_map(|r| r.version)
+                    .max()
+                    .unwrap_or(0);
+                assert_eq!(o.visible_at, max, "{}: visible_at", case.name);
+            }
+            let documents: Vec<String> = plan
+                .rows
+                .documents
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{}@{}{}",
+                        d.id,
+                        d.version,
+                        if d.deleted { " deleted" } else { "" }
+                    )
+                })
+                .collect();
+            assert_eq!(documents, case.documents, "{}: documents", case.name);
+            let clients: Vec<String> = plan
+                .rows
+                .clients
+                .iter()
+                .map(|c| format!("{}:{}", c.client_id, c.last_mutation))
+                .collect();
+            assert_eq!(clients, case.clients, "{}: clients", case.name);
+            let rejections: Vec<String> = plan
+                .rows
+                .rejections
+                .iter()
+                .map(|r| format!("{}:{}:{}", r.client_id, r.mutation_id, r.code.code()))
+                .collect();
+            assert_eq!(rejections, case.rejections, "{}: rejections", case.name);
+            // The log: contiguous seqs after the head, one entry per applied mutation.
+            let seqs: Vec<u64> = plan
+                .rows
+                .changes
+                .iter()
+                .map(|c| c.entry.change.seq)
+                .collect();
+            let expected: Vec<u64> = (head + 1..=plan.committed.to).collect();
+            assert_eq!(seqs, expected, "{}: seqs", case.name);
+            assert_eq!(plan.committed.from, head);
+            assert_eq!(plan.committed.entries.len(), plan.rows.changes.len());
+        }
+    }
+
+    #[test]
+    fn each_body_is_encoded_once_and_the_previous_body_is_passed_on_as_stored() {
+        let first = stored(4, Some(&[("qty", 1)]));
+        let db = Db {
+            docs: vec![("o1", first.clone())],
+            ..Db::default()
+        };
+        let jobs = vec![job(
+            "a",
+            1,
+            vec![
+                patch(1, "o1", &[("done", 1)]),
+                patch(2, "o1", &[("qty", 7)]),
+                delete(3, "o1"),
+            ],
+        )];
+        let plan = plan(&jobs, 10, &db.prefetch(&jobs), &rules());
+        let [one, two, three] = &plan.rows.changes[..] else {
+            panic!("three changes expected: {:?}", plan.rows.changes);
+        };
+        // The first change's previous body is the stored bytes themselves.
+        assert_eq!(one.prev_body, first.encoded);
+        assert_eq!(one.entry.prev_body, first.body);
+        // Each later change's previous body is the bytes the change before it wrote.
+        assert_eq!(two.prev_body, one.body);
+        assert_eq!(three.prev_body, two.body);
+        assert_eq!(three.body, None);
+        for c in [one, two, three] {
+            assert_eq!(
+                c.body,
+                c.entry
+                    .change
+                    .body
+                    .as_ref()
+                    .map(|b| Bytes::from(to_msgpack(b)))
+            );
+            assert_eq!(
+                c.entry.encoded.as_ref(),
+                encode_change(&c.entry.change).as_slice()
+            );
+        }
+        assert_eq!(
+            two.entry.change.body,
+            Some(body(&[("done", 1), ("qty", 7)]))
+        );
+        // The document row carries the final state only.
+        assert_eq!(
+            plan.rows.documents,
+            vec![DocumentRow {
+                collection: "orders".into(),
+                id: "o1".into(),
+                body: None,
+                version: 13,
+                deleted: true,
+            }]
+        );
+    }
+
+    #[test]
+    fn wanted_reads_documents_above_the_horizon_and_outcomes_at_or_below_it() {
+        let jobs = vec![
+            job(
+                "a",
+                1,
+                vec![put(3, "o1", &[]), put(5, "o2", &[]), put(6, "o1", &[])],
+            ),
+            job("b", 1, vec![put(1, "o3", &[])]),
+            job("a", 2, vec![put(4, "o9", &[]), put(7, "o4", &[])]),
+        ];
+        let lasts: HashMap<String, u64> = [("a".to_owned(), 5)].into_iter().collect();
+        assert_eq!(clients(&jobs), vec!["a", "b"]);
+        assert_eq!(
+            wanted(&jobs, &lasts),
+            Wanted {
+                docs: vec![("orders", "o1"), ("orders", "o3"), ("orders", "o4")],
+                earlier: vec![("a", vec![3, 5, 4])],
+            }
+        );
+    }
+}
