@@ -1,12 +1,163 @@
-//! Error replies: the one place where a refusal becomes an `error` frame, a metric and, when
-//! it is fatal, the end of the connection.
+//! Every error a client is sent: one enum ([`GatewayError`]) that knows its stable code,
+//! whether it ends the session and its close code, and one place ([`ErrorReply::send`]) that
+//! turns it into an `error` frame, a metric and, when it is fatal, the end of the connection.
 
 use bytes::Bytes;
-use syncgate_protocol::codec::encode;
+use syncgate_protocol::codec::{DecodeError, encode};
 use syncgate_protocol::{ErrorCode, ErrorFrame, Frame};
 
+use crate::auth::AuthError;
+use crate::ingest::order::Refusal;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
+
+/// Where a database failure interrupted the work a client asked for; it decides what the
+/// client is told to do and whether the session survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Reading the client's exactly-once state for `welcome`: the handshake fails.
+    Handshake,
+    /// Snapshot or catch-up of a subscription: the connection ends at once (what is queued is
+    /// dropped) and the client resumes by cursor.
+    Subscription,
+    /// A group commit: only the batch fails; the client pushes it again, with every later one.
+    Push,
+}
+
+/// Everything the gateway refuses or fails with, as a client sees it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum GatewayError {
+    /// A frame that could not be decoded (its own code: malformed, too large, too deep,
+    /// unknown type).
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    /// A WebSocket message over the frame limit: the transport stops reading.
+    #[error("{0}")]
+    MessageTooLarge(String),
+    /// A text WebSocket message.
+    #[error("send binary frames")]
+    TextFrame,
+    /// Anything but `hello` before the handshake.
+    #[error("send hello first")]
+    HelloFirst,
+    /// No frame within the handshake or heartbeat timeout.
+    #[error("no frame within the timeout")]
+    Timeout {
+        /// Whether the handshake had completed (heartbeat) or not (handshake).
+        established: bool,
+    },
+    /// No protocol version in common.
+    #[error("server speaks {0}")]
+    UnsupportedVersion(String),
+    /// The `client_id` is empty, too long or has control characters.
+    #[error("client_id must be 1..={max_id_bytes} bytes without control characters")]
+    InvalidClientId {
+        /// The limit.
+        max_id_bytes: u32,
+    },
+    /// The token was refused.
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    /// A second `hello`.
+    #[error("session already established")]
+    DuplicateHello,
+    /// A message only the server sends.
+    #[error("{0} is a server-to-client message")]
+    ServerMessage(&'static str),
+    /// `unsubscribe` of a sub id not in use.
+    #[error("no such subscription")]
+    UnknownSubscription,
+    /// `subscribe` with a sub id already in use.
+    #[error("sub id already in use")]
+    DuplicateSubscription,
+    /// More subscriptions than `max_subscriptions`.
+    #[error("too many subscriptions")]
+    TooManySubscriptions,
+    /// A collection that is not declared.
+    #[error("collection {0:?} is not declared")]
+    UnknownCollection(String),
+    /// A subscription filter that is not valid.
+    #[error("{0}")]
+    InvalidFilter(String),
+    /// A batch refused before it was applied (shape, order across failures).
+    #[error("{}", .0.message)]
+    Refused(Refusal),
+    /// The database failed; what was asked was not done.
+    #[error("{}", storage_message(*.0))]
+    Storage(Step),
+    /// A batch pushed while the node drains.
+    #[error("the gateway is shutting down; push the batch again after reconnecting")]
+    Draining,
+    /// The ingest task is gone (the node is stopping).
+    #[error("ingest stopped; retry the batch")]
+    IngestStopped,
+    /// The outbound queue overflowed.
+    #[error("outbound buffer full; reconnect and resume from your cursor")]
+    SlowConsumer,
+}
+
+fn storage_message(step: Step) -> &'static str {
+    match step {
+        Step::Handshake => "database unavailable; reconnect later",
+        Step::Subscription => "database unavailable; reconnect and resume",
+        Step::Push => {
+            "the batch was not committed; push it again (with every later batch, in order)"
+        }
+    }
+}
+
+impl GatewayError {
+    /// The stable code (PROTOCOL.md §5).
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            GatewayError::Decode(e) => e.code(),
+            GatewayError::MessageTooLarge(_) => ErrorCode::FrameTooLarge,
+            GatewayError::TextFrame => ErrorCode::TextFrameNotSupported,
+            GatewayError::HelloFirst | GatewayError::Timeout { established: false } => {
+                ErrorCode::HandshakeRequired
+            }
+            GatewayError::Timeout { established: true } => ErrorCode::HeartbeatTimeout,
+            GatewayError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            GatewayError::InvalidClientId { .. } => ErrorCode::InvalidClientId,
+            GatewayError::Auth(e) => e.code(),
+            GatewayError::DuplicateHello => ErrorCode::DuplicateHello,
+            GatewayError::ServerMessage(_) => ErrorCode::UnknownMessage,
+            GatewayError::UnknownSubscription => ErrorCode::UnknownSubscription,
+            GatewayError::DuplicateSubscription => ErrorCode::DuplicateSubscription,
+            GatewayError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
+            GatewayError::UnknownCollection(_) => ErrorCode::UnknownCollection,
+            GatewayError::InvalidFilter(_) => ErrorCode::InvalidFilter,
+            GatewayError::Refused(r) => r.code,
+            GatewayError::Storage(_) => ErrorCode::StorageUnavailable,
+            GatewayError::Draining => ErrorCode::ServerDraining,
+            GatewayError::IngestStopped => ErrorCode::InternalError,
+            GatewayError::SlowConsumer => ErrorCode::SlowConsumer,
+        }
+    }
+
+    /// Whether, and how, it ends an established session (before `welcome` every error is
+    /// fatal: [`ErrorReply::before_handshake`]).
+    pub(crate) fn ending(&self) -> Ending {
+        match self {
+            GatewayError::SlowConsumer | GatewayError::Storage(Step::Subscription) => {
+                Ending::DropQueued
+            }
+            GatewayError::MessageTooLarge(_)
+            | GatewayError::HelloFirst
+            | GatewayError::Timeout { .. }
+            | GatewayError::UnsupportedVersion(_)
+            | GatewayError::InvalidClientId { .. }
+            | GatewayError::Auth(_)
+            | GatewayError::Storage(Step::Handshake) => Ending::AfterFlush,
+            _ => Ending::Continue,
+        }
+    }
+
+    /// The WebSocket close code, when it ends the connection: 4000 + the numeric code.
+    pub(crate) fn close_code(&self) -> u16 {
+        close_code(self.code())
+    }
+}
 
 /// What an error is about (the frame's `sub` or `batch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,67 +182,41 @@ pub(crate) enum Ending {
     DropQueued,
 }
 
-/// An error to send to a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An error on its way to a client: what it is about and how the connection ends.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ErrorReply {
-    /// The stable code.
-    pub(crate) code: ErrorCode,
-    /// Human text (not stable).
-    pub(crate) message: String,
+    /// The error.
+    pub(crate) error: GatewayError,
     /// What it is about.
     pub(crate) about: About,
     /// What happens to the connection.
     pub(crate) ending: Ending,
 }
 
-impl ErrorReply {
-    /// A non-fatal answer to one frame.
-    pub(crate) fn answer(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+impl From<GatewayError> for ErrorReply {
+    fn from(error: GatewayError) -> ErrorReply {
         ErrorReply {
-            code,
-            message: message.into(),
+            ending: error.ending(),
+            error,
             about: About::Connection,
-            ending: Ending::Continue,
         }
     }
+}
 
-    /// The last frame of the connection, after everything already queued.
-    pub(crate) fn fatal(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
-        ErrorReply {
-            ending: Ending::AfterFlush,
-            ..ErrorReply::answer(code, message)
+impl ErrorReply {
+    /// Before `welcome` nothing but a valid `hello` can follow: every error ends the
+    /// connection (PROTOCOL.md §3.1).
+    pub(crate) fn before_handshake(mut self, handshaking: bool) -> ErrorReply {
+        if handshaking && self.ending == Ending::Continue {
+            self.ending = Ending::AfterFlush;
         }
-    }
-
-    /// The last frame of the connection, dropping what is queued.
-    pub(crate) fn dropping_queued(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
-        ErrorReply {
-            ending: Ending::DropQueued,
-            ..ErrorReply::answer(code, message)
-        }
-    }
-
-    /// Fatal or not, as `fatal` says (before the handshake every error is fatal).
-    pub(crate) fn fatal_if(fatal: bool, code: ErrorCode, message: impl Into<String>) -> Self {
-        if fatal {
-            ErrorReply::fatal(code, message)
-        } else {
-            ErrorReply::answer(code, message)
-        }
+        self
     }
 
     /// About one subscription.
     pub(crate) fn sub(mut self, sub: u32) -> ErrorReply {
         self.about = About::Subscription(sub);
         self
-    }
-
-    /// About one subscription, if `sub` names one.
-    pub(crate) fn maybe_sub(self, sub: Option<u32>) -> ErrorReply {
-        match sub {
-            Some(s) => self.sub(s),
-            None => self,
-        }
     }
 
     /// About one push batch.
@@ -107,7 +232,7 @@ impl ErrorReply {
 
     /// The wire frame.
     pub(crate) fn frame(&self) -> ErrorFrame {
-        let mut e = ErrorFrame::new(self.code, &self.message, self.is_fatal());
+        let mut e = ErrorFrame::new(self.error.code(), self.error.to_string(), self.is_fatal());
         match self.about {
             About::Connection => {}
             About::Subscription(s) => e.sub = Some(s),
@@ -118,16 +243,17 @@ impl ErrorReply {
 
     /// Counts it, queues the frame and, if fatal, closes with `4000 + code`.
     pub(crate) fn send(self, out: &Outbound, metrics: &Metrics) {
-        metrics.errors.with_label_values(&[self.code.name()]).inc();
+        let code = self.error.code();
+        metrics.errors.with_label_values(&[code.name()]).inc();
         let bytes = Bytes::from(encode(&Frame::Error(self.frame())));
         match self.ending {
             Ending::Continue => out.push(bytes),
             Ending::AfterFlush => {
                 out.push(bytes);
-                out.close_after_flush(close_code(self.code), self.code.name());
+                out.close_after_flush(self.error.close_code(), code.name());
             }
             Ending::DropQueued => {
-                out.close(Some(bytes), close_code(self.code), self.code.name());
+                out.close(Some(bytes), self.error.close_code(), code.name());
             }
         }
     }
@@ -144,21 +270,71 @@ mod tests {
 
     #[test]
     fn frames_say_what_they_are_about_and_whether_they_end_the_connection() {
-        let e = ErrorReply::answer(ErrorCode::UnknownCollection, "no").sub(7);
+        let e = ErrorReply::from(GatewayError::UnknownCollection("x".into())).sub(7);
         let f = e.frame();
         assert_eq!(
             (f.code, f.fatal, f.sub, f.batch),
             (300, false, Some(7), None)
         );
-        let f = ErrorReply::fatal(ErrorCode::Unauthorized, "bad").frame();
+        assert_eq!(f.message, "collection \"x\" is not declared");
+        let f = ErrorReply::from(GatewayError::Auth(AuthError::Expired)).frame();
         assert!(f.fatal && f.sub.is_none() && f.batch.is_none());
-        let f = ErrorReply::answer(ErrorCode::ReplayRequired, "x")
+        let refused = Refusal::new(ErrorCode::ReplayRequired, "replay");
+        let f = ErrorReply::from(GatewayError::Refused(refused))
             .batch(9)
             .frame();
-        assert_eq!((f.fatal, f.batch), (false, Some(9)));
-        assert!(ErrorReply::dropping_queued(ErrorCode::SlowConsumer, "s").is_fatal());
-        assert!(ErrorReply::fatal_if(true, ErrorCode::MalformedFrame, "m").is_fatal());
-        assert!(!ErrorReply::fatal_if(false, ErrorCode::MalformedFrame, "m").is_fatal());
-        assert_eq!(close_code(ErrorCode::SlowConsumer), 4501);
+        assert_eq!((f.code, f.fatal, f.batch), (505, false, Some(9)));
+        assert_eq!(
+            ErrorReply::from(GatewayError::SlowConsumer).ending,
+            Ending::DropQueued
+        );
+        let bad = GatewayError::Decode(DecodeError::Truncated);
+        assert!(!ErrorReply::from(bad.clone()).is_fatal());
+        assert!(ErrorReply::from(bad).before_handshake(true).is_fatal());
+        assert_eq!(GatewayError::SlowConsumer.close_code(), 4501);
+    }
+
+    #[test]
+    fn a_database_failure_ends_what_it_interrupted_and_no_more() {
+        let cases = [
+            (Step::Handshake, Ending::AfterFlush),
+            (Step::Subscription, Ending::DropQueued),
+            (Step::Push, Ending::Continue),
+        ];
+        for (step, ending) in cases {
+            let e = GatewayError::Storage(step);
+            assert_eq!(e.code(), ErrorCode::StorageUnavailable);
+            assert_eq!(e.ending(), ending, "{step:?}");
+            assert!(
+                !e.to_string().contains("database error"),
+                "no driver detail leaks"
+            );
+        }
+    }
+
+    #[test]
+    fn every_code_the_gateway_sends_is_retryable_exactly_when_it_is_not_the_clients_fault() {
+        let transient = [
+            GatewayError::Storage(Step::Push),
+            GatewayError::Draining,
+            GatewayError::IngestStopped,
+            GatewayError::SlowConsumer,
+            GatewayError::Timeout { established: true },
+            GatewayError::Auth(AuthError::Expired),
+        ];
+        for e in transient {
+            assert!(e.code().retryable(), "{e:?}");
+        }
+        let permanent = [
+            GatewayError::TextFrame,
+            GatewayError::HelloFirst,
+            GatewayError::DuplicateHello,
+            GatewayError::UnknownSubscription,
+            GatewayError::InvalidClientId { max_id_bytes: 8 },
+            GatewayError::Auth(AuthError::Invalid("bad signature".into())),
+        ];
+        for e in permanent {
+            assert!(!e.code().retryable(), "{e:?}");
+        }
     }
 }

@@ -18,6 +18,30 @@ pub struct Claims {
     pub iat: u64,
 }
 
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Past its `exp`: the client fetches a new token and reconnects.
+    #[error("token expired")]
+    Expired,
+    /// A valid token naming no user.
+    #[error("token has an empty sub")]
+    EmptySubject,
+    /// Not a token this gateway issued (signature, algorithm, format).
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+impl AuthError {
+    /// The stable code: `token_expired` (retryable with a new token) or `unauthorized`.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AuthError::Expired => ErrorCode::TokenExpired,
+            AuthError::EmptySubject | AuthError::Invalid(_) => ErrorCode::Unauthorized,
+        }
+    }
+}
+
 /// Verifies and mints tokens with one shared secret.
 #[derive(Clone)]
 pub struct Authenticator {
@@ -44,14 +68,12 @@ impl Authenticator {
     }
 
     /// Returns the user named by a valid token.
-    pub fn verify(&self, token: &str) -> Result<String, (ErrorCode, String)> {
+    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
         match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
             Ok(data) if !data.claims.sub.is_empty() => Ok(data.claims.sub),
-            Ok(_) => Err((ErrorCode::Unauthorized, "token has an empty sub".into())),
-            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => {
-                Err((ErrorCode::TokenExpired, "token expired".into()))
-            }
-            Err(e) => Err((ErrorCode::Unauthorized, format!("invalid token: {e}"))),
+            Ok(_) => Err(AuthError::EmptySubject),
+            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(AuthError::Expired),
+            Err(e) => Err(AuthError::Invalid(e.to_string())),
         }
     }
 
@@ -164,8 +186,14 @@ mod tests {
         let t = a.mint("alice", 60).unwrap();
         assert_eq!(a.verify(&t).unwrap(), "alice");
         let other = Authenticator::new(b"other");
-        assert_eq!(other.verify(&t).unwrap_err().0, ErrorCode::Unauthorized);
-        assert_eq!(a.verify("garbage").unwrap_err().0, ErrorCode::Unauthorized);
+        assert_eq!(
+            other.verify(&t).unwrap_err().code(),
+            ErrorCode::Unauthorized
+        );
+        assert_eq!(
+            a.verify("garbage").unwrap_err().code(),
+            ErrorCode::Unauthorized
+        );
     }
 
     #[test]
@@ -177,7 +205,7 @@ mod tests {
             iat: 0,
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
-        assert_eq!(a.verify(&t).unwrap_err().0, ErrorCode::TokenExpired);
+        assert_eq!(a.verify(&t).unwrap_err().code(), ErrorCode::TokenExpired);
     }
 
     #[test]

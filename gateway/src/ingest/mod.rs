@@ -19,15 +19,16 @@ pub mod plan;
 use std::sync::Arc;
 use std::time::Instant;
 
-use syncgate_protocol::{ErrorCode, MutationStatus};
+use syncgate_protocol::MutationStatus;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::changes::Committed;
+use crate::error::{GatewayError, Step};
 use crate::metrics::Metrics;
 use crate::oplog::OpLog;
 use crate::storage::{Store, StoreError};
 use crate::sync::hub::HubEvent;
-use order::{ClientOrder, Refusal};
+use order::ClientOrder;
 use plan::{Prefetched, PushJob, PushOutcome, Rules};
 
 /// A job and where to send its outcome.
@@ -35,7 +36,7 @@ pub struct IngestRequest {
     /// The batch.
     pub job: PushJob,
     /// The outcome, or why the batch was not applied (the client pushes it again, or fixes it).
-    pub reply: oneshot::Sender<Result<PushOutcome, Refusal>>,
+    pub(crate) reply: oneshot::Sender<Result<PushOutcome, GatewayError>>,
 }
 
 /// Runs until every sender is dropped.
@@ -51,7 +52,7 @@ pub async fn run_ingest(
     let mut order = ClientOrder::default();
     while let Some(first) = rx.recv().await {
         let mut jobs: Vec<PushJob> = Vec::new();
-        let mut replies: Vec<oneshot::Sender<Result<PushOutcome, Refusal>>> = Vec::new();
+        let mut replies: Vec<oneshot::Sender<Result<PushOutcome, GatewayError>>> = Vec::new();
         let mut n = 0;
         let mut next = Some(first);
         while let Some(req) = next.take() {
@@ -73,7 +74,7 @@ pub async fn run_ingest(
                             "push refused, nothing applied"
                         );
                     }
-                    let _ = req.reply.send(Err(refusal));
+                    let _ = req.reply.send(Err(GatewayError::Refused(refusal)));
                 }
             }
             if n < max_mutations {
@@ -134,10 +135,7 @@ pub async fn run_ingest(
                 // lost; a poll settles it.
                 let _ = hub.send(HubEvent::Wake).await;
                 for reply in replies {
-                    let _ = reply.send(Err(Refusal::new(
-                        ErrorCode::StorageUnavailable,
-                        "the batch was not committed; push it again (with every later batch, in order)",
-                    )));
+                    let _ = reply.send(Err(GatewayError::Storage(Step::Push)));
                 }
             }
         }

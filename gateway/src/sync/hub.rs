@@ -23,12 +23,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use syncgate_protocol::codec::encode;
-use syncgate_protocol::{Cursor, ErrorCode, Filter, Frame, Synced};
+use syncgate_protocol::{Cursor, Filter, Frame, Synced};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::changes::{Committed, LogEntry};
-use crate::error::ErrorReply;
+use crate::error::{ErrorReply, GatewayError};
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::storage::Store;
@@ -325,11 +325,7 @@ impl Hub {
 
 /// Disconnects a subscriber whose queue overflowed; it resumes by cursor.
 pub fn slow_consumer(out: &Outbound, metrics: &Metrics) {
-    ErrorReply::dropping_queued(
-        ErrorCode::SlowConsumer,
-        "outbound buffer full; reconnect and resume from your cursor",
-    )
-    .send(out, metrics);
+    ErrorReply::from(GatewayError::SlowConsumer).send(out, metrics);
 }
 
 /// Publishes to live subscribers in strict seq order; see the module docs.

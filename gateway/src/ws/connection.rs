@@ -18,8 +18,7 @@ use futures_util::{Future, StreamExt};
 use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::{
-    ErrorCode, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome,
-    negotiate_version,
+    Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome, negotiate_version,
 };
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -27,9 +26,8 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::error::ErrorReply;
+use crate::error::{ErrorReply, GatewayError, Step};
 use crate::ingest::IngestRequest;
-use crate::ingest::order::Refusal;
 use crate::ingest::plan::{PushJob, PushOutcome};
 use crate::outbound::Outbound;
 use crate::shared::Shared;
@@ -44,7 +42,7 @@ type PushReply = Pin<
                 Output = (
                     u64,
                     Instant,
-                    Result<Result<PushOutcome, Refusal>, oneshot::error::RecvError>,
+                    Result<Result<PushOutcome, GatewayError>, oneshot::error::RecvError>,
                 ),
             > + Send,
     >,
@@ -204,9 +202,8 @@ impl Connection {
                         }
                         Ok(Message::Text(_)) => {
                             last_seen = Instant::now();
-                            let fatal = self.session.is_none();
-                            self.reply(ErrorReply::fatal_if(fatal, ErrorCode::TextFrameNotSupported, "send binary frames"));
-                            if fatal {
+                            self.reply(GatewayError::TextFrame);
+                            if self.session.is_none() {
                                 return "text frame before hello".into();
                             }
                         }
@@ -214,7 +211,7 @@ impl Connection {
                         Ok(Message::Close(_)) => return "closed by the client".into(),
                         Ok(Message::Frame(_)) => {}
                         Err(WsError::Capacity(e)) => {
-                            self.reply(ErrorReply::fatal(ErrorCode::FrameTooLarge, e.to_string()));
+                            self.reply(GatewayError::MessageTooLarge(e.to_string()));
                             return "frame_too_large".into();
                         }
                         Err(e) => {
@@ -223,13 +220,10 @@ impl Connection {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    let code = if self.session.is_none() {
-                        ErrorCode::HandshakeRequired
-                    } else {
-                        ErrorCode::HeartbeatTimeout
-                    };
-                    self.reply(ErrorReply::fatal(code, "no frame within the timeout"));
-                    return code.name().into();
+                    let e = GatewayError::Timeout { established: self.session.is_some() };
+                    let name = e.code().name();
+                    self.reply(e);
+                    return name.into();
                 }
                 _ = self.out.closed() => return self.close_reason(),
             }
@@ -257,8 +251,11 @@ impl Connection {
         self.out.push(Bytes::from(encode(&frame)));
     }
 
-    fn reply(&self, e: ErrorReply) {
-        e.send(&self.out, &self.shared.metrics);
+    /// Sends an error (before `welcome`, every error ends the connection).
+    fn reply(&self, e: impl Into<ErrorReply>) {
+        e.into()
+            .before_handshake(self.session.is_none())
+            .send(&self.out, &self.shared.metrics);
     }
 
     /// Handles one binary frame; returns a pending push acknowledgement, if it was a push.
@@ -266,43 +263,28 @@ impl Connection {
         let frame = match decode_with_limits(bytes, &self.shared.config.limits) {
             Ok(f) => f,
             Err(e) => {
-                // Before the handshake nothing but a valid `hello` can follow: the error ends
-                // the connection (PROTOCOL.md §3.1). After it, one bad frame is answered and
-                // the session goes on.
-                let fatal = self.session.is_none();
-                self.reply(ErrorReply::fatal_if(fatal, e.code(), e.to_string()));
+                // Before the handshake this ends the connection; after it, one bad frame is
+                // answered and the session goes on.
+                self.reply(GatewayError::Decode(e));
                 return None;
             }
         };
         if self.session.is_none() {
             match frame {
                 Frame::Hello(h) => self.hello(h).await,
-                _ => {
-                    self.reply(ErrorReply::fatal(
-                        ErrorCode::HandshakeRequired,
-                        "send hello first",
-                    ));
-                }
+                _ => self.reply(GatewayError::HelloFirst),
             }
             return None;
         }
         match frame {
-            Frame::Hello(_) => {
-                self.reply(ErrorReply::answer(
-                    ErrorCode::DuplicateHello,
-                    "session already established",
-                ));
-            }
+            Frame::Hello(_) => self.reply(GatewayError::DuplicateHello),
             Frame::Subscribe(s) => self.subscribe(s),
             Frame::Unsubscribe(u) => match self.subs.remove(&u.sub) {
                 Some(s) => {
                     s.task.abort();
                     self.shared.hub.unregister(&s.entry);
                 }
-                None => self.reply(
-                    ErrorReply::answer(ErrorCode::UnknownSubscription, "no such subscription")
-                        .sub(u.sub),
-                ),
+                None => self.reply(ErrorReply::from(GatewayError::UnknownSubscription).sub(u.sub)),
             },
             Frame::Push(p) => return self.push(p),
             Frame::Ping(p) => {
@@ -315,36 +297,32 @@ impl Connection {
                 }))
             }
             Frame::Pong(_) => {}
-            other => {
-                self.reply(ErrorReply::answer(
-                    ErrorCode::UnknownMessage,
-                    format!("{} is a server-to-client message", other.type_name()),
-                ));
-            }
+            other => self.reply(GatewayError::ServerMessage(other.type_name())),
         }
         None
     }
 
     async fn hello(&mut self, h: Hello) {
         let Some(version) = negotiate_version(&h.versions) else {
-            let msg = format!("server speaks {:?}", syncgate_protocol::SUPPORTED_VERSIONS);
-            self.reply(ErrorReply::fatal(ErrorCode::UnsupportedVersion, &msg));
+            let ours = format!("{:?}", syncgate_protocol::SUPPORTED_VERSIONS);
+            self.reply(GatewayError::UnsupportedVersion(ours));
             return;
         };
         if !is_valid_id(&h.client_id, self.shared.config.limits.max_id_bytes) {
-            self.refused_handshake(ErrorCode::InvalidClientId, "invalid client id", &h.agent);
-            self.reply(ErrorReply::fatal(
-                ErrorCode::InvalidClientId,
-                "client_id must be 1..=max_id_bytes bytes without control characters",
-            ));
+            let e = GatewayError::InvalidClientId {
+                max_id_bytes: self.shared.config.limits.max_id_bytes,
+            };
+            self.refused_handshake(&e, &h.agent);
+            self.reply(e);
             return;
         }
         let user = match self.shared.auth.verify(&h.token) {
             Ok(u) => u,
-            Err((code, msg)) => {
+            Err(e) => {
                 // The token itself is never logged.
-                self.refused_handshake(code, &msg, &h.agent);
-                self.reply(ErrorReply::fatal(code, &msg));
+                let e = GatewayError::Auth(e);
+                self.refused_handshake(&e, &h.agent);
+                self.reply(e);
                 return;
             }
         };
@@ -352,10 +330,7 @@ impl Connection {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "reading the client's last mutation failed");
-                self.reply(ErrorReply::fatal(
-                    ErrorCode::StorageUnavailable,
-                    "database unavailable",
-                ));
+                self.reply(GatewayError::Storage(Step::Handshake));
                 return;
             }
         };
@@ -384,40 +359,34 @@ impl Connection {
     }
 
     /// The log line of a refused handshake (rate-limited; never the token).
-    fn refused_handshake(&self, code: ErrorCode, reason: &str, agent: &str) {
+    fn refused_handshake(&self, e: &GatewayError, agent: &str) {
         if let Some(suppressed) = self.shared.oplog.auth.allow() {
+            let code = e.code();
             tracing::info!(
-                peer = %self.peer, code = code.code(), name = code.name(), reason = %reason,
+                peer = %self.peer, code = code.code(), name = code.name(), reason = %e,
                 agent = %crate::oplog::printable(agent), suppressed, "handshake refused"
             );
         }
     }
 
     fn subscribe(&mut self, s: Subscribe) {
-        let sub = Some(s.sub);
-        if self.subs.contains_key(&s.sub) {
-            self.reply(
-                ErrorReply::answer(ErrorCode::DuplicateSubscription, "sub id already in use")
-                    .maybe_sub(sub),
-            );
-            return;
-        }
-        if self.subs.len() >= self.shared.config.limits.max_subscriptions as usize {
-            self.reply(
-                ErrorReply::answer(ErrorCode::TooManySubscriptions, "too many subscriptions")
-                    .maybe_sub(sub),
-            );
-            return;
-        }
-        if !self.shared.config.collections.contains_key(&s.collection) {
-            let msg = format!("collection {:?} is not declared", s.collection);
-            self.reply(ErrorReply::answer(ErrorCode::UnknownCollection, &msg).maybe_sub(sub));
+        let refusal = if self.subs.contains_key(&s.sub) {
+            Some(GatewayError::DuplicateSubscription)
+        } else if self.subs.len() >= self.shared.config.limits.max_subscriptions as usize {
+            Some(GatewayError::TooManySubscriptions)
+        } else if !self.shared.config.collections.contains_key(&s.collection) {
+            Some(GatewayError::UnknownCollection(s.collection.clone()))
+        } else {
+            None
+        };
+        if let Some(e) = refusal {
+            self.reply(ErrorReply::from(e).sub(s.sub));
             return;
         }
         let filter = match Filter::new(&s.filter) {
             Ok(f) => f,
             Err(msg) => {
-                self.reply(ErrorReply::answer(ErrorCode::InvalidFilter, &msg).maybe_sub(sub));
+                self.reply(ErrorReply::from(GatewayError::InvalidFilter(msg)).sub(s.sub));
                 return;
             }
         };
@@ -450,14 +419,7 @@ impl Connection {
         let ingest = self.shared.ingest.clone();
         Some(Box::pin(async move {
             if ingest.send(req).await.is_err() {
-                return (
-                    p.batch,
-                    started,
-                    Ok(Err(Refusal::new(
-                        ErrorCode::ServerDraining,
-                        "the gateway is shutting down; push the batch again after reconnecting",
-                    ))),
-                );
+                return (p.batch, started, Ok(Err(GatewayError::Draining)));
             }
             (p.batch, started, rx.await)
         }))
@@ -467,7 +429,7 @@ impl Connection {
         &mut self,
         batch: u64,
         started: Instant,
-        reply: Result<Result<PushOutcome, Refusal>, oneshot::error::RecvError>,
+        reply: Result<Result<PushOutcome, GatewayError>, oneshot::error::RecvError>,
     ) {
         match reply {
             Ok(Ok(outcome)) => {
@@ -481,13 +443,8 @@ impl Connection {
                     visible_at: outcome.visible_at,
                 }));
             }
-            Ok(Err(refusal)) => {
-                self.reply(ErrorReply::answer(refusal.code, &refusal.message).batch(batch))
-            }
-            Err(_) => self.reply(
-                ErrorReply::answer(ErrorCode::InternalError, "ingest stopped; retry the batch")
-                    .batch(batch),
-            ),
+            Ok(Err(e)) => self.reply(ErrorReply::from(e).batch(batch)),
+            Err(_) => self.reply(ErrorReply::from(GatewayError::IngestStopped).batch(batch)),
         }
     }
 }

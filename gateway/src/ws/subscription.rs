@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use syncgate_protocol::codec::{encode, to_msgpack};
-use syncgate_protocol::{Cursor, ErrorCode, Frame, Resync, Snapshot};
+use syncgate_protocol::{Cursor, Frame, Resync, Snapshot};
 
-use crate::error::ErrorReply;
+use crate::error::{ErrorReply, GatewayError, Step};
 use crate::shared::Shared;
 use crate::storage::StoreError;
 use crate::sync::frames::{changes_frames, deliverable};
@@ -27,12 +27,9 @@ const CATCH_UP_PAGE: u64 = 1000;
 pub(crate) async fn start(shared: Arc<Shared>, entry: Arc<SubEntry>, cursor: Option<Cursor>) {
     if let Err(e) = run(&shared, &entry, cursor).await {
         tracing::error!(error = %e, sub = entry.sub, "subscription start failed");
-        ErrorReply::dropping_queued(
-            ErrorCode::StorageUnavailable,
-            "database unavailable; reconnect and resume",
-        )
-        .sub(entry.sub)
-        .send(&entry.out, &shared.metrics);
+        ErrorReply::from(GatewayError::Storage(Step::Subscription))
+            .sub(entry.sub)
+            .send(&entry.out, &shared.metrics);
     }
 }
 
