@@ -73,7 +73,7 @@ impl LogEntry {
 
 /// A committed group: the seq range it covers and its entries in seq order.
 #[derive(Debug)]
-pub struct Committed {
+pub(crate) struct Committed {
     /// The head before the group (the group covers `from+1..=to`).
     pub from: u64,
     /// The head after the group.

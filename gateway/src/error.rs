@@ -7,7 +7,6 @@ use syncgate_protocol::codec::{DecodeError, encode};
 use syncgate_protocol::{ErrorCode, ErrorFrame, Frame};
 
 use crate::auth::AuthError;
-use crate::ingest::order::Refusal;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 
@@ -79,9 +78,25 @@ pub(crate) enum GatewayError {
     /// A subscription filter that is not valid.
     #[error("{0}")]
     InvalidFilter(String),
-    /// A batch refused before it was applied (shape, order across failures).
-    #[error("{}", .0.message)]
-    Refused(Refusal),
+    /// A batch with more mutations than `max_mutations_per_batch`.
+    #[error("at most {limit} mutations per batch")]
+    BatchTooLarge {
+        /// The limit.
+        limit: u32,
+    },
+    /// A batch whose mutation ids do not strictly increase.
+    #[error("mutation ids must strictly increase")]
+    MutationIdsNotIncreasing,
+    /// A batch of a client whose earlier batch, from mutation id `fence`, was not applied
+    /// (PROTOCOL.md §3.7, "Order across failures").
+    #[error(
+        "an earlier batch of this client, from mutation id {fence}, was not applied; this \
+         batch was not applied either. Push again from mutation id {fence}, in order"
+    )]
+    ReplayRequired {
+        /// The first mutation id the client must push again.
+        fence: u64,
+    },
     /// The database failed; what was asked was not done.
     #[error("{}", storage_message(*.0))]
     Storage(Step),
@@ -127,7 +142,9 @@ impl GatewayError {
             GatewayError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
             GatewayError::UnknownCollection(_) => ErrorCode::UnknownCollection,
             GatewayError::InvalidFilter(_) => ErrorCode::InvalidFilter,
-            GatewayError::Refused(r) => r.code,
+            GatewayError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+            GatewayError::MutationIdsNotIncreasing => ErrorCode::MutationIdsNotIncreasing,
+            GatewayError::ReplayRequired { .. } => ErrorCode::ReplayRequired,
             GatewayError::Storage(_) => ErrorCode::StorageUnavailable,
             GatewayError::Draining => ErrorCode::ServerDraining,
             GatewayError::IngestStopped => ErrorCode::InternalError,
@@ -279,10 +296,8 @@ mod tests {
         assert_eq!(f.message, "collection \"x\" is not declared");
         let f = ErrorReply::from(GatewayError::Auth(AuthError::Expired)).frame();
         assert!(f.fatal && f.sub.is_none() && f.batch.is_none());
-        let refused = Refusal::new(ErrorCode::ReplayRequired, "replay");
-        let f = ErrorReply::from(GatewayError::Refused(refused))
-            .batch(9)
-            .frame();
+        let refused = GatewayError::ReplayRequired { fence: 3 };
+        let f = ErrorReply::from(refused).batch(9).frame();
         assert_eq!((f.code, f.fatal, f.batch), (505, false, Some(9)));
         assert_eq!(
             ErrorReply::from(GatewayError::SlowConsumer).ending,

@@ -1,35 +1,34 @@
 //! `syncgate-gateway`: the WebSocket sync gateway.
 //!
-//! # Layout
+//! # Layout (folders by concern; ARCHITECTURE.md has the map and the dependency direction)
 //! - [`config`]: the `Config` (TOML file, env, flags) and its validation.
 //! - [`auth`]: HS256 JWT verification and minting; the generated secret.
-//! - [`storage`]: the only module that knows sea-orm: schema, change log, documents,
-//!   exactly-once records, the group-commit write path and the log head lock.
-//! - [`ingest`]: the group-commit task.
-//! - [`hub`]: subscriber registry, the log follower and fan-out.
-//! - `frames`: what a subscriber is sent (deliverability, frames cut to a byte budget), pure.
-//! - `subscription`: snapshot / catch-up / go-live of one subscription.
-//! - `connection`: one WebSocket connection's reader loop.
-//! - [`outbound`]: the byte-bounded outbound queue and the writer task.
-//! - `reply`: `ErrorReply`, the one place an error becomes a frame, a metric and a close.
-//! - [`server`]: wiring, listeners, HTTP endpoints, graceful shutdown.
+//! - [`server`]: wiring, listeners, graceful shutdown; `migrate`.
+//! - `http`: `/healthz`, `/readyz`, `/metrics`.
+//! - `ws`: one WebSocket connection (handshake, reader loop) and the start of its
+//!   subscriptions (snapshot, catch-up, go-live).
+//! - `sync`: the hub (subscriber registry, log follower, catch-up tail) and `frames` (pure).
+//! - `ingest`: the group-commit task; `order` and `plan`, its pure decisions.
+//! - `storage`: the only module that knows sea-orm: schema, reads, the group transaction.
+//! - `changes`: committed changes with their encoding (`LogEntry`, `Committed`).
+//! - `outbound`: the byte-bounded outbound queue and the writer task.
+//! - `error`: `GatewayError` and `ErrorReply`, every error a client is sent.
 //! - `shared`: the state every task of a node shares (`Shared`).
-//! - [`metrics`]: Prometheus metrics.
-//! - [`oplog`]: rate limits of the operator's `info` lines (connections, refusals, rejections).
+//! - `metrics`: Prometheus metrics. `oplog`: rate limits of the operator's `info` lines.
 
 pub mod auth;
 mod changes;
 pub mod config;
 mod error;
 mod http;
-pub mod ingest;
-pub mod metrics;
-pub mod oplog;
-pub mod outbound;
+mod ingest;
+mod metrics;
+mod oplog;
+mod outbound;
 pub mod server;
 mod shared;
-pub mod storage;
-pub mod sync;
+mod storage;
+mod sync;
 mod ws;
 
 pub use config::Config;

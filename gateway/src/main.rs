@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
-use syncgate_gateway::server::open_store;
+use syncgate_gateway::server::migrate;
 use syncgate_gateway::{Config, Gateway};
 
 /// mimalloc instead of glibc's malloc: under ingest load glibc spent a third of the gateway's
@@ -160,9 +160,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     format!("creating data directory {}", config.data_dir.display())
                 })?;
             }
-            let store = open_store(&config).await?;
-            println!("migrations applied; epoch {}", store.epoch());
-            store.close().await;
+            let epoch = migrate(&config).await?;
+            println!("migrations applied; epoch {epoch}");
         }
         Command::Token { user, ttl } => {
             let Some((secret, _)) = load_secret(&config.auth.jwt_secret, &config.data_dir)? else {

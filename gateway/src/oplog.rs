@@ -11,18 +11,18 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Lines per second each kind may write before it is suppressed for the rest of the second.
-pub const LINES_PER_SECOND: u32 = 50;
+pub(crate) const LINES_PER_SECOND: u32 = 50;
 
 /// One kind's budget.
 #[derive(Debug)]
-pub struct LogLimit {
+pub(crate) struct LogLimit {
     per_second: u32,
     window: Mutex<Window>,
 }
 
 impl LogLimit {
     /// A budget of `per_second` lines per second.
-    pub fn new(per_second: u32) -> LogLimit {
+    pub(crate) fn new(per_second: u32) -> LogLimit {
         LogLimit {
             per_second,
             window: Mutex::new(Window::default()),
@@ -30,7 +30,7 @@ impl LogLimit {
     }
 
     /// `Some(n)`: write the line, mentioning `n` suppressed lines if `n > 0`; `None`: skip it.
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         w.check(Instant::now(), self.per_second)
     }
@@ -38,7 +38,7 @@ impl LogLimit {
 
 /// Lines written and suppressed in the current one-second window.
 #[derive(Debug, Default, Clone)]
-pub struct Window {
+pub(crate) struct Window {
     start: Option<Instant>,
     written: u32,
     /// Suppressed since the last line written.
@@ -47,7 +47,7 @@ pub struct Window {
 
 impl Window {
     /// Whether a line at `now` may be written; see [`LogLimit::allow`].
-    pub fn check(&mut self, now: Instant, per_second: u32) -> Option<u64> {
+    pub(crate) fn check(&mut self, now: Instant, per_second: u32) -> Option<u64> {
         let fresh = self
             .start
             .is_none_or(|s| now.saturating_duration_since(s) >= Duration::from_secs(1));
@@ -67,7 +67,7 @@ impl Window {
 
 /// The budgets of every kind of line, shared by a node's tasks.
 #[derive(Debug)]
-pub struct OpLog {
+pub(crate) struct OpLog {
     /// Connections opened and closed.
     pub connections: LogLimit,
     /// Refused handshakes (bad token, bad client id, unsupported version).
@@ -91,7 +91,7 @@ impl Default for OpLog {
 
 /// Client-supplied text for a log line: at most 64 characters, control characters replaced,
 /// so that a hostile value cannot forge lines or flood one.
-pub fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .take(64)
         .map(|c| if c.is_control() { '?' } else { c })

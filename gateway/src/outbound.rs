@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 
 /// How the connection ends.
 #[derive(Debug, Clone)]
-pub struct Close {
+pub(crate) struct Close {
     /// The WebSocket close code.
     pub code: u16,
     /// The close reason (short, for logs).
@@ -46,7 +46,7 @@ struct State {
 }
 
 /// A byte-bounded queue of encoded frames.
-pub struct Outbound {
+pub(crate) struct Outbound {
     /// Queue, byte count and close request, under one short lock (never held across await).
     state: Mutex<State>,
     /// Wakes the writer (permit semantics: a wake-up before it waits is not lost).
@@ -63,7 +63,7 @@ pub struct Outbound {
 
 impl Outbound {
     /// A queue holding at most `cap` bytes of fan-out, accounted in `gauge`.
-    pub fn new(cap: usize, gauge: prometheus::IntGauge) -> Outbound {
+    pub(crate) fn new(cap: usize, gauge: prometheus::IntGauge) -> Outbound {
         Outbound {
             state: Mutex::new(State::default()),
             wake_writer: Notify::new(),
@@ -82,7 +82,7 @@ impl Outbound {
 
     /// Appends a fan-out frame unless that would pass the cap. Returns false if refused or
     /// closed.
-    pub fn try_push(&self, frame: Bytes) -> bool {
+    pub(crate) fn try_push(&self, frame: Bytes) -> bool {
         let mut s = self.lock();
         if s.close.is_some() || s.bytes + frame.len() > self.cap {
             return false;
@@ -97,7 +97,7 @@ impl Outbound {
 
     /// Appends a reply frame regardless of the cap (callers bound themselves with
     /// [`Outbound::wait_for_space`]). Ignored once closed.
-    pub fn push(&self, frame: Bytes) {
+    pub(crate) fn push(&self, frame: Bytes) {
         let mut s = self.lock();
         if s.close.is_some() {
             return;
@@ -110,13 +110,13 @@ impl Outbound {
     }
 
     /// Whether the queue is below half its cap.
-    pub fn has_space(&self) -> bool {
+    pub(crate) fn has_space(&self) -> bool {
         let s = self.lock();
         s.close.is_some() || s.bytes <= self.cap / 2
     }
 
     /// Waits until the queue is below half its cap (or closed).
-    pub async fn wait_for_space(&self) {
+    pub(crate) async fn wait_for_space(&self) {
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
@@ -129,13 +129,14 @@ impl Outbound {
     }
 
     /// Bytes currently queued.
-    pub fn queued_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
         self.lock().bytes
     }
 
     /// Asks the writer to send `last` (if any) and then close with `code`. Frames still queued
     /// are dropped: the client resumes by cursor.
-    pub fn close(&self, last: Option<Bytes>, code: u16, reason: &str) {
+    pub(crate) fn close(&self, last: Option<Bytes>, code: u16, reason: &str) {
         let mut s = self.lock();
         if s.close.is_some() {
             return;
@@ -153,7 +154,7 @@ impl Outbound {
     }
 
     /// Asks the writer to flush everything queued and then close (graceful).
-    pub fn close_after_flush(&self, code: u16, reason: &str) {
+    pub(crate) fn close_after_flush(&self, code: u16, reason: &str) {
         let mut s = self.lock();
         if s.close.is_none() {
             s.close = Some(Close::new(code, reason));
@@ -170,17 +171,17 @@ impl Outbound {
     }
 
     /// The close requested, if any (for the connection's closing log line).
-    pub fn close_request(&self) -> Option<Close> {
+    pub(crate) fn close_request(&self) -> Option<Close> {
         self.lock().close.clone()
     }
 
     /// Whether a close was requested.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
     }
 
     /// Resolves once a close is requested.
-    pub async fn closed(&self) {
+    pub(crate) async fn closed(&self) {
         self.closed.cancelled().await
     }
 
@@ -195,7 +196,7 @@ impl Outbound {
 
     /// The writer task: drains everything queued, writes it, flushes once, repeats; ends
     /// after sending the close frame or when the socket fails.
-    pub async fn run_writer<S>(&self, mut sink: S, metrics: Metrics)
+    pub(crate) async fn run_writer<S>(&self, mut sink: S, metrics: Metrics)
     where
         S: Sink<Message> + Unpin,
     {

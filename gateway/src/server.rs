@@ -218,11 +218,20 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTr
     }
 }
 
+/// Opens the configured database (retrying while it is starting up), applies the migrations and
+/// returns the database's epoch: `syncgate migrate`.
+pub async fn migrate(config: &Config) -> anyhow::Result<String> {
+    let store = open_store(config).await?;
+    let epoch = store.epoch().to_owned();
+    store.close().await;
+    Ok(epoch)
+}
+
 /// Opens the configured database, retrying with capped exponential backoff for up to
 /// `database_startup_wait_ms` while the failure is transient (the server is starting or
 /// restarting, the session was ended); each failed attempt is logged with its cause. An error
 /// retrying cannot fix ends at once.
-pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let url = config.database_url();
     let deadline = Instant::now() + Duration::from_millis(config.database_startup_wait_ms);
     let mut delay = Duration::from_millis(250);

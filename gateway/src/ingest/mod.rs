@@ -13,8 +13,8 @@
 //! write and commit ([`commit_group`]); only then are the changes published and the jobs
 //! answered.
 
-pub mod order;
-pub mod plan;
+pub(crate) mod order;
+pub(crate) mod plan;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,7 +32,7 @@ use order::ClientOrder;
 use plan::{Prefetched, PushJob, PushOutcome, Rules};
 
 /// A job and where to send its outcome.
-pub struct IngestRequest {
+pub(crate) struct IngestRequest {
     /// The batch.
     pub job: PushJob,
     /// The outcome, or why the batch was not applied (the client pushes it again, or fixes it).
@@ -40,7 +40,7 @@ pub struct IngestRequest {
 }
 
 /// Runs until every sender is dropped.
-pub async fn run_ingest(
+pub(crate) async fn run_ingest(
     store: Store,
     rules: Rules,
     mut rx: mpsc::Receiver<IngestRequest>,
@@ -68,13 +68,13 @@ pub async fn run_ingest(
                             client_id = %req.job.client_id,
                             user = %crate::oplog::printable(&req.job.user),
                             batch = req.job.batch,
-                            code = refusal.code.code(),
-                            reason = %refusal.message,
+                            code = refusal.code().code(),
+                            reason = %refusal,
                             suppressed,
                             "push refused, nothing applied"
                         );
                     }
-                    let _ = req.reply.send(Err(GatewayError::Refused(refusal)));
+                    let _ = req.reply.send(Err(refusal));
                 }
             }
             if n < max_mutations {
@@ -145,7 +145,7 @@ pub async fn run_ingest(
 /// One group commit: prefetch, [`plan::plan`], write. Returns one outcome per job and the
 /// committed changes; on error nothing was committed (the transaction rolled back), unless the
 /// connection failed during the commit itself, which the hub's next poll settles.
-pub async fn commit_group(
+pub(crate) async fn commit_group(
     store: &Store,
     jobs: &[PushJob],
     rules: &Rules,

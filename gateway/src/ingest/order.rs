@@ -20,30 +20,13 @@
 
 use std::collections::HashMap;
 
-use syncgate_protocol::{ErrorCode, Limits, Mutation};
+use syncgate_protocol::{Limits, Mutation};
 
-/// Why a batch was not applied: the error sent back with the batch id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    /// The stable code.
-    pub code: ErrorCode,
-    /// Human text: what happened and what to do.
-    pub message: String,
-}
-
-impl Refusal {
-    /// A refusal with `code` and `message`.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
-        Refusal {
-            code,
-            message: message.into(),
-        }
-    }
-}
+use crate::error::GatewayError;
 
 /// The fences of every client with a batch that was not applied and not yet replayed.
 #[derive(Debug, Default)]
-pub struct ClientOrder {
+pub(crate) struct ClientOrder {
     /// client id -> first mutation id that must be pushed again before anything after it.
     fences: HashMap<String, u64>,
 }
@@ -52,12 +35,12 @@ impl ClientOrder {
     /// Decides whether a batch may join a group. A refused batch raises the client's fence at
     /// its first mutation id when the refusal is about the batch's shape (the client must send
     /// those mutations again, differently), so nothing later overtakes it.
-    pub fn admit(
+    pub(crate) fn admit(
         &mut self,
         client_id: &str,
         mutations: &[Mutation],
         limits: &Limits,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), GatewayError> {
         let (Some(first), Some(last)) = (mutations.first(), mutations.last()) else {
             // An empty batch applies nothing and overtakes nothing.
             return Ok(());
@@ -69,14 +52,7 @@ impl ClientOrder {
         }
         if let Some(&fence) = self.fences.get(client_id) {
             if first > fence {
-                return Err(Refusal::new(
-                    ErrorCode::ReplayRequired,
-                    format!(
-                        "an earlier batch of this client, from mutation id {fence}, was not \
-                         applied; this batch was not applied either. Push again from mutation \
-                         id {fence}, in order"
-                    ),
-                ));
+                return Err(GatewayError::ReplayRequired { fence });
             }
             if last >= fence {
                 self.fences.remove(client_id);
@@ -87,7 +63,10 @@ impl ClientOrder {
 
     /// Records that a group failed: every batch in it (client id, first mutation id) must be
     /// replayed before anything later of the same client.
-    pub fn group_failed<'a>(&mut self, batches: impl IntoIterator<Item = (&'a str, Option<u64>)>) {
+    pub(crate) fn group_failed<'a>(
+        &mut self,
+        batches: impl IntoIterator<Item = (&'a str, Option<u64>)>,
+    ) {
         for (client_id, first) in batches {
             if let Some(first) = first {
                 self.fence(client_id, first);
@@ -96,17 +75,19 @@ impl ClientOrder {
     }
 
     /// The fence of a client, if one stands.
-    pub fn fence_of(&self, client_id: &str) -> Option<u64> {
+    #[cfg(test)]
+    pub(crate) fn fence_of(&self, client_id: &str) -> Option<u64> {
         self.fences.get(client_id).copied()
     }
 
     /// Clients with a standing fence.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.fences.len()
     }
 
     /// Whether no fence stands.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.fences.is_empty()
     }
 
@@ -119,25 +100,18 @@ impl ClientOrder {
 }
 
 /// A refusal of the whole batch as sent: too many mutations, or ids not strictly increasing.
-pub fn shape_refusal(mutations: &[Mutation], limits: &Limits) -> Option<Refusal> {
+pub(crate) fn shape_refusal(mutations: &[Mutation], limits: &Limits) -> Option<GatewayError> {
     if mutations.len() > limits.max_mutations_per_batch as usize {
-        return Some(Refusal::new(
-            ErrorCode::BatchTooLarge,
-            format!(
-                "at most {} mutations per batch",
-                limits.max_mutations_per_batch
-            ),
-        ));
+        return Some(GatewayError::BatchTooLarge {
+            limit: limits.max_mutations_per_batch,
+        });
     }
     if mutations
         .iter()
         .zip(mutations.iter().skip(1))
         .any(|(a, b)| a.mutation_id >= b.mutation_id)
     {
-        return Some(Refusal::new(
-            ErrorCode::MutationIdsNotIncreasing,
-            "mutation ids must strictly increase",
-        ));
+        return Some(GatewayError::MutationIdsNotIncreasing);
     }
     None
 }
@@ -160,8 +134,8 @@ mod tests {
             .collect()
     }
 
-    fn code(r: Result<(), Refusal>) -> Option<u16> {
-        r.err().map(|r| r.code.code())
+    fn code(r: Result<(), GatewayError>) -> Option<u16> {
+        r.err().map(|r| r.code().code())
     }
 
     /// Each row: a sequence of events and the expected answer to each admission.

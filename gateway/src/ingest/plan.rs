@@ -38,7 +38,7 @@ use crate::storage::{
 
 /// One client's push batch, as the connection hands it to ingest.
 #[derive(Debug)]
-pub struct PushJob {
+pub(crate) struct PushJob {
     /// The pushing client.
     pub client_id: String,
     /// The authenticated user, recorded with the client.
@@ -51,7 +51,7 @@ pub struct PushJob {
 
 /// The acknowledgement of one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PushOutcome {
+pub(crate) struct PushOutcome {
     /// One result per mutation.
     pub results: Vec<MutationResult>,
     /// The highest seq the batch wrote (0 if it wrote nothing).
@@ -60,7 +60,7 @@ pub struct PushOutcome {
 
 /// What a mutation is checked against.
 #[derive(Debug, Clone)]
-pub struct Rules {
+pub(crate) struct Rules {
     /// Declared collections.
     pub collections: HashSet<String>,
     /// Size limits.
@@ -69,7 +69,7 @@ pub struct Rules {
 
 /// What the planner reads from the database (the prefetch step).
 #[derive(Debug, Default)]
-pub struct Prefetched {
+pub(crate) struct Prefetched {
     /// Each pushing client's last handled mutation id (absent = 0).
     pub lasts: HashMap<String, u64>,
     /// collection -> id -> the stored state of each document in [`Wanted::docs`] that exists
@@ -82,7 +82,7 @@ pub struct Prefetched {
 
 /// What to prefetch once the horizons are known.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Wanted<'a> {
+pub(crate) struct Wanted<'a> {
     /// `(collection, id)` of every document a new mutation touches, each once.
     pub docs: Vec<(&'a str, &'a str)>,
     /// Per client, the ids at or below its stored horizon (replays), each once.
@@ -91,7 +91,7 @@ pub struct Wanted<'a> {
 
 /// Everything a group does, decided before anything is written.
 #[derive(Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// One outcome per job, in job order.
     pub outcomes: Vec<PushOutcome>,
     /// The rows to write.
@@ -101,7 +101,7 @@ pub struct Plan {
 }
 
 /// Every pushing client, each once.
-pub fn clients(jobs: &[PushJob]) -> Vec<&str> {
+pub(crate) fn clients(jobs: &[PushJob]) -> Vec<&str> {
     let mut seen = HashSet::new();
     jobs.iter()
         .map(|j| j.client_id.as_str())
@@ -111,7 +111,7 @@ pub fn clients(jobs: &[PushJob]) -> Vec<&str> {
 
 /// What to read, given each client's stored horizon: the documents that mutations above it
 /// touch, and the stored outcomes of mutations at or below it.
-pub fn wanted<'a>(jobs: &'a [PushJob], lasts: &HashMap<String, u64>) -> Wanted<'a> {
+pub(crate) fn wanted<'a>(jobs: &'a [PushJob], lasts: &HashMap<String, u64>) -> Wanted<'a> {
     let mut docs = Vec::new();
     let mut seen_docs = HashSet::new();
     let mut earlier: Vec<(&str, Vec<u64>)> = Vec::new();
@@ -161,7 +161,7 @@ enum Effect {
 
 /// Plans a group: `head` is the log head read under the head lock, `pre` what was prefetched
 /// for these jobs ([`clients`], then [`wanted`]). Pure: the same inputs give the same plan.
-pub fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules) -> Plan {
+pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules) -> Plan {
     let mut next = head;
     let mut docs: HashMap<(&str, &str), DocNow> = HashMap::new();
     let mut doc_order: Vec<(&str, &str)> = Vec::new();

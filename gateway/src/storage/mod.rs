@@ -25,15 +25,15 @@ use sea_orm::{
 };
 use syncgate_protocol::codec::from_msgpack;
 
-pub use crate::changes::{Committed, LogEntry};
+pub(crate) use crate::changes::LogEntry;
 use syncgate_protocol::{Body, Change, ChangeOp, Doc};
 
-pub use group_write::{
-    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, GroupTxn, RejectionRow, StoredDoc,
+pub(crate) use group_write::{
+    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc,
 };
 
 /// The PostgreSQL NOTIFY channel on which committed heads are announced.
-pub const NOTIFY_CHANNEL: &str = "syncgate_log";
+pub(crate) const NOTIFY_CHANNEL: &str = "syncgate_log";
 
 /// A handle on the database. Cheap to clone.
 #[derive(Clone)]
@@ -44,8 +44,6 @@ pub struct Store {
     backend: DbBackend,
     /// The database's epoch, read once at start.
     epoch: Arc<str>,
-    /// The URL, for the PostgreSQL listener connection.
-    url: Arc<str>,
 }
 
 /// Storage failures.
@@ -102,7 +100,7 @@ fn sqlx_transient(e: &sea_orm::sqlx::Error) -> bool {
 /// exceptions (class 08), operator intervention (57P01 admin shutdown, 57P02 crash shutdown,
 /// 57P03 cannot connect now, 57P05 idle session timeout), too many connections (53300).
 /// SQLite's busy and locked codes (5, 6) also pass with time.
-pub fn transient_sqlstate(code: &str) -> bool {
+pub(crate) fn transient_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || matches!(
             code,
@@ -166,7 +164,6 @@ impl Store {
             db,
             backend,
             epoch: epoch.into(),
-            url: url.into(),
         })
     }
 
@@ -178,11 +175,6 @@ impl Store {
     /// Whether this is PostgreSQL (several nodes may share it).
     pub fn is_postgres(&self) -> bool {
         self.backend == DbBackend::Postgres
-    }
-
-    /// The database URL.
-    pub fn url(&self) -> &str {
-        &self.url
     }
 
     /// PostgreSQL: calls `wake` whenever any node commits (LISTEN on [`NOTIFY_CHANNEL`]), and

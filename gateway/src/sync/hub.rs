@@ -35,7 +35,7 @@ use crate::storage::Store;
 use crate::sync::frames::{changes_frames, deliverable};
 
 /// One subscription of one connection.
-pub struct SubEntry {
+pub(crate) struct SubEntry {
     /// The subscriber's outbound queue.
     pub out: Arc<Outbound>,
     /// The client's subscription id.
@@ -50,7 +50,12 @@ pub struct SubEntry {
 
 impl SubEntry {
     /// A subscription that is not live yet.
-    pub fn new(out: Arc<Outbound>, sub: u32, collection: String, filter: Filter) -> SubEntry {
+    pub(crate) fn new(
+        out: Arc<Outbound>,
+        sub: u32,
+        collection: String,
+        filter: Filter,
+    ) -> SubEntry {
         SubEntry {
             out,
             sub,
@@ -63,7 +68,7 @@ impl SubEntry {
 
 /// Events for the follower.
 #[derive(Debug)]
-pub enum HubEvent {
+pub(crate) enum HubEvent {
     /// This node committed a group.
     Committed(Committed),
     /// The log head may have moved (another node committed).
@@ -71,7 +76,7 @@ pub enum HubEvent {
 }
 
 /// The subscriber registry and publisher state.
-pub struct Hub {
+pub(crate) struct Hub {
     /// Subscribers by collection.
     subs: DashMap<String, Vec<Arc<SubEntry>>>,
     /// The last published seq; locked while publishing and while going live.
@@ -169,7 +174,7 @@ impl Hub {
     /// A hub whose log is already published up to `head`; frames carry at most
     /// `frame_budget` bytes of changes; about `tail_bytes` of recent changes are kept for
     /// catch-ups.
-    pub fn new(
+    pub(crate) fn new(
         head: u64,
         epoch: String,
         metrics: Metrics,
@@ -194,7 +199,7 @@ impl Hub {
 
     /// Catch-up from memory: changes of `collection` with `after < seq <= upto` (at most
     /// `limit`), or `None` when the recent tail does not reach back to `after`.
-    pub fn read_tail(
+    pub(crate) fn read_tail(
         &self,
         collection: &str,
         after: u64,
@@ -206,7 +211,7 @@ impl Hub {
     }
 
     /// Bytes of changes per frame.
-    pub fn frame_budget(&self) -> usize {
+    pub(crate) fn frame_budget(&self) -> usize {
         self.frame_budget
     }
 
@@ -215,22 +220,22 @@ impl Hub {
     }
 
     /// The last published seq.
-    pub fn published(&self) -> u64 {
+    pub(crate) fn published(&self) -> u64 {
         *self.published_tx.borrow()
     }
 
     /// Watches the published seq.
-    pub fn watch_published(&self) -> watch::Receiver<u64> {
+    pub(crate) fn watch_published(&self) -> watch::Receiver<u64> {
         self.published_tx.subscribe()
     }
 
     /// The epoch cursors carry.
-    pub fn epoch(&self) -> &str {
+    pub(crate) fn epoch(&self) -> &str {
         &self.epoch
     }
 
     /// Adds a (not yet live) subscription.
-    pub fn register(&self, entry: Arc<SubEntry>) {
+    pub(crate) fn register(&self, entry: Arc<SubEntry>) {
         self.metrics.subscriptions.inc();
         self.subs
             .entry(entry.collection.clone())
@@ -239,7 +244,7 @@ impl Hub {
     }
 
     /// Removes a subscription.
-    pub fn unregister(&self, entry: &Arc<SubEntry>) {
+    pub(crate) fn unregister(&self, entry: &Arc<SubEntry>) {
         let mut now_empty = false;
         if let Some(mut list) = self.subs.get_mut(&entry.collection) {
             let before = list.len();
@@ -256,7 +261,7 @@ impl Hub {
 
     /// Makes the subscription live if it has caught up with `published`; queues its `Synced`
     /// before any live chunk can reach it.
-    pub fn try_go_live(&self, entry: &SubEntry, position: u64) -> bool {
+    pub(crate) fn try_go_live(&self, entry: &SubEntry, position: u64) -> bool {
         let published = self.lock();
         if *published != position {
             return false;
@@ -324,12 +329,12 @@ impl Hub {
 }
 
 /// Disconnects a subscriber whose queue overflowed; it resumes by cursor.
-pub fn slow_consumer(out: &Outbound, metrics: &Metrics) {
+pub(crate) fn slow_consumer(out: &Outbound, metrics: &Metrics) {
     ErrorReply::from(GatewayError::SlowConsumer).send(out, metrics);
 }
 
 /// Publishes to live subscribers in strict seq order; see the module docs.
-pub async fn run_follower(
+pub(crate) async fn run_follower(
     hub: Arc<Hub>,
     store: Store,
     mut events: mpsc::Receiver<HubEvent>,

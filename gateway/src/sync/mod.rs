@@ -3,4 +3,4 @@
 //! under a filter and frames cut to a byte budget ([`frames`], pure).
 
 pub(crate) mod frames;
-pub mod hub;
+pub(crate) mod hub;

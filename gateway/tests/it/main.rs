@@ -8,6 +8,7 @@
 //! Integration tests: one binary, every test on SQLite and on PostgreSQL.
 
 mod cli;
+mod layout;
 mod util;
 
 use std::collections::BTreeMap;
