@@ -1,7 +1,7 @@
 //! The offline-first client: [`Client`] and its [`ClientBuilder`].
 //!
 //! Writes go to the local store (the optimistic replica and the durable outbox, one local
-//! transaction) and return at once; a background task ([`crate::session`]) does everything that
+//! transaction) and return at once; a background task (`session`) does everything that
 //! needs the network. The two share:
 //! - the [`LocalStore`] (SQLite; every step is one local transaction);
 //! - a `Notify` by which a write wakes the task to upload;

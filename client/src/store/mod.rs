@@ -1,11 +1,11 @@
 //! The client's local store: one SQLite file (through sea-orm) in the client's data directory.
 //!
 //! # Layout
-//! - [`model`]: the replica's rules without I/O (rebase, which server state wins, what an ack
+//! - `model`: the replica's rules without I/O (rebase, which server state wins, what an ack
 //!   does to an outbox entry, subscription changes, batch cutting), table-driven tests.
 //! - persistence, one SQLite transaction per operation that reads rows, asks the model and
-//!   writes what it decided: this module (schema, directory lock, metadata), [`outbox`]
-//!   (local writes, upload, acks, rejections, `welcome`) and [`replica`] (reads,
+//!   writes what it decided: this module (schema, directory lock, metadata), `outbox`
+//!   (local writes, upload, acks, rejections, `welcome`) and `replica` (reads,
 //!   subscriptions, snapshots, changes, cursors, rebase).
 //!
 //! It holds, durably:
