@@ -397,7 +397,7 @@ impl ChaosWriter {
                     batch_id += 1;
                     let push = Frame::Push(Push {
                         batch: batch_id,
-                        mutations: outbox[next..upto].to_vec(),
+                        mutations: outbox.get(next..upto).unwrap_or_default().to_vec(),
                     });
                     if c.send(&push).await.is_err() {
                         break;
@@ -435,10 +435,13 @@ impl ChaosWriter {
                                 log.failures
                                     .push(format!("ack order: {} at {n}", r.mutation_id));
                             }
-                            match (r.status, r.version, log.versions[n]) {
-                                (MutationStatus::Applied, Some(v), None) => {
-                                    log.versions[n] = Some(v)
-                                }
+                            let Some(slot) = log.versions.get_mut(n) else {
+                                log.failures
+                                    .push(format!("ack for mutation {n}, which was never sent"));
+                                continue;
+                            };
+                            match (r.status, r.version, *slot) {
+                                (MutationStatus::Applied, Some(v), None) => *slot = Some(v),
                                 (MutationStatus::Applied, Some(v), Some(old)) => {
                                     log.replayed_acks += 1;
                                     if v != old {

@@ -27,7 +27,9 @@ impl Target {
     /// The source address of connection number `i` (rotating over `sources`; none = the OS's
     /// choice).
     fn source(&self, i: usize) -> Option<IpAddr> {
-        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
+        self.sources
+            .get(i.checked_rem(self.sources.len())?)
+            .copied()
     }
 
     /// Connects connection number `i` (its source address rotates over `sources`).

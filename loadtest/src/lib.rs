@@ -21,12 +21,6 @@
 //! - [`report`]: the JSON and HTML (SVG plots) report. [`progress`]: the progress bar.
 //! - [`spawn`]: a gateway process the harness starts, kills and restarts.
 //! - [`stats`]: HDR histograms, summaries, per-second timeline. [`procfs`]: CPU/RSS sampling.
-#![allow(
-    clippy::indexing_slicing,
-    reason = "the harness indexes its own tables (writers, plants, outboxes) by bounds it just \
-              computed; a panic ends a load run, never a gateway. TODO(issue 10): replace with \
-              checked access"
-)]
 
 pub mod chaos;
 pub mod common;

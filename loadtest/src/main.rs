@@ -1,12 +1,6 @@
 //! `syncgate-loadtest`: run a scenario against a gateway, check correctness while it runs, and
 //! report figures as JSON (stdout, and `--report FILE`) and HTML (`--html FILE`). Exits 2 when
 //! anything was lost, doubled or reordered, 1 when the run itself failed.
-#![allow(
-    clippy::indexing_slicing,
-    reason = "the harness indexes its own tables (writers, plants, outboxes) by bounds it just \
-              computed; a panic ends a load run, never a gateway. TODO(issue 10): replace with \
-              checked access"
-)]
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -586,14 +580,16 @@ async fn connect_workers(
         let status = child.wait().await?;
         match serde_json::from_str::<serde_json::Value>(&text) {
             Ok(r) => {
-                opened += r["figures"]["opened"].as_u64().unwrap_or(0);
-                alive += r["figures"]["alive_at_end"].as_u64().unwrap_or(0);
-                for f in r["failures"].as_array().into_iter().flatten() {
+                let field = |path: &str| r.pointer(path).cloned().unwrap_or_default();
+                opened += field("/figures/opened").as_u64().unwrap_or(0);
+                alive += field("/figures/alive_at_end").as_u64().unwrap_or(0);
+                let worker_failures = r.get("failures").and_then(|f| f.as_array());
+                for f in worker_failures.into_iter().flatten() {
                     failures.push(format!("worker {k}: {}", f.as_str().unwrap_or_default()));
                 }
-                per_worker.push(serde_json::json!({"opened": r["figures"]["opened"],
-                    "alive_at_end": r["figures"]["alive_at_end"],
-                    "connect_ms": r["latency_ms"]}));
+                per_worker.push(serde_json::json!({"opened": field("/figures/opened"),
+                    "alive_at_end": field("/figures/alive_at_end"),
+                    "connect_ms": field("/latency_ms")}));
             }
             Err(_) => failures.push(format!("worker {k} ended with {status} and no report")),
         }

@@ -30,6 +30,12 @@ use crate::stats::Recorder;
 
 const COLLECTIONS: [&str; 2] = ["work_orders", "machines"];
 
+/// The collection of a terminal's subscription id (1: work orders, 2: machines; the terminal
+/// subscribes in [`COLLECTIONS`] order).
+fn collection_of(sub: u32) -> &'static str {
+    if sub <= 1 { "work_orders" } else { "machines" }
+}
+
 /// Scenario parameters.
 #[derive(Debug, Clone)]
 pub struct MixedConfig {
@@ -121,7 +127,10 @@ pub async fn run(cfg: &MixedConfig) -> anyhow::Result<Report> {
                 target: cfg.target.clone(),
                 run: run.clone(),
                 i,
-                plant: plants[i % plants.len()].clone(),
+                plant: plants
+                    .get(i % plants.len().max(1))
+                    .cloned()
+                    .unwrap_or_default(),
                 rate: cfg.terminal_rate,
                 offline,
                 end,
@@ -148,12 +157,15 @@ pub async fn run(cfg: &MixedConfig) -> anyhow::Result<Report> {
                 let mut k = 0usize;
                 while Instant::now() < shift_end {
                     tick.tick().await;
-                    let plant = &plants[k % plants.len()];
+                    let Some(plant) = plants.get(k % plants.len().max(1)) else {
+                        break;
+                    };
                     match k % 4 {
                         0 | 1 => be.new_work_order(plant, &mut committed).await?,
                         2 => be.cancel_one(plant, &mut committed).await?,
                         _ => {
-                            let state = ["running", "idle", "fault", "maintenance"][k % 4];
+                            let states = ["running", "idle", "fault", "maintenance"];
+                            let state = states.get((k / 4) % 4).copied().unwrap_or("running");
                             let id = format!("{run}-{plant}-m{}", k % 3);
                             be.put("machines", &id, machine(&run, plant, state), &mut committed)
                                 .await?;
@@ -226,7 +238,10 @@ pub async fn run(cfg: &MixedConfig) -> anyhow::Result<Report> {
         failures.extend(s.failures.iter().map(|f| format!("terminal {}: {f}", s.i)));
         for coll in COLLECTIONS {
             let key = (coll.to_owned(), s.plant.clone());
-            let sub = &s.subs[coll];
+            let Some(sub) = s.subs.get(coll) else {
+                failures.push(format!("terminal {}: no subscription of {coll}", s.i));
+                continue;
+            };
             delivered += sub.seqs.len() as u64;
             let all: Vec<u64> = committed
                 .get(&key)
@@ -282,9 +297,10 @@ fn check_stream(all: &[u64], got: &[u64], synced_at: u64) -> Option<String> {
             "received seq {first}, which was never committed to its documents"
         ));
     };
-    if all[k..] != *got {
+    let (_, suffix) = all.split_at(k);
+    if suffix != got {
         let got_set: BTreeSet<u64> = got.iter().copied().collect();
-        let missing = all[k..].iter().filter(|s| !got_set.contains(s)).count();
+        let missing = suffix.iter().filter(|s| !got_set.contains(s)).count();
         let unexpected = got.iter().filter(|s| all.binary_search(s).is_err()).count();
         return Some(format!(
             "received {} changes from seq {first}, expected {}: {missing} missing, {unexpected} unexpected, {} doubled",
@@ -574,7 +590,12 @@ impl Terminal {
             if let Some(c) = conn.as_mut() {
                 while sent < outbox.len() && sent < acked + 200 {
                     let upto = (sent + 50).min(outbox.len()).min(acked + 200);
-                    let mutations = outbox[sent..upto].iter().map(|(m, _)| m.clone()).collect();
+                    let mutations = outbox
+                        .get(sent..upto)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|(m, _)| m.clone())
+                        .collect();
                     if c.send(&Frame::Push(Push {
                         batch: sent as u64,
                         mutations,
@@ -615,9 +636,13 @@ impl Terminal {
             };
             // An edit per tick during the shift, online or not.
             if frame.is_none() && phase == Phase::Shift {
-                let orders: Vec<&String> = st.subs["work_orders"].replica.keys().collect();
-                if !orders.is_empty() {
-                    let id = orders[rng.random_range(0..orders.len())].clone();
+                let orders: Vec<&String> = st
+                    .subs
+                    .get("work_orders")
+                    .map(|s| s.replica.keys().collect())
+                    .unwrap_or_default();
+                let pick = (!orders.is_empty()).then(|| rng.random_range(0..orders.len()));
+                if let Some(id) = pick.and_then(|i| orders.get(i)).map(|id| (*id).clone()) {
                     let n = outbox.len() as u64;
                     let mid = first_mid.unwrap_or(1) + n;
                     let body: Body = [
@@ -656,10 +681,7 @@ impl Terminal {
             };
             match frame {
                 Frame::Snapshot(s) => {
-                    let sub = st
-                        .subs
-                        .get_mut(COLLECTIONS[(s.sub as usize).saturating_sub(1).min(1)])
-                        .context("sub")?;
+                    let sub = st.subs.get_mut(collection_of(s.sub)).context("sub")?;
                     if sub.cursor.is_some() {
                         st.failures
                             .push("snapshot on a resumed subscription".into());
@@ -669,10 +691,7 @@ impl Terminal {
                     }
                 }
                 Frame::Synced(s) => {
-                    let sub = st
-                        .subs
-                        .get_mut(COLLECTIONS[(s.sub as usize).saturating_sub(1).min(1)])
-                        .context("sub")?;
+                    let sub = st.subs.get_mut(collection_of(s.sub)).context("sub")?;
                     if !sub.started {
                         sub.started = true;
                         sub.start = s.cursor.seq;
@@ -681,10 +700,7 @@ impl Terminal {
                     sub.synced = true;
                 }
                 Frame::Changes(ch) => {
-                    let sub = st
-                        .subs
-                        .get_mut(COLLECTIONS[(ch.sub as usize).saturating_sub(1).min(1)])
-                        .context("sub")?;
+                    let sub = st.subs.get_mut(collection_of(ch.sub)).context("sub")?;
                     for c in &ch.changes {
                         if sub.seqs.last().is_some_and(|l| *l >= c.seq) {
                             st.failures

@@ -104,9 +104,12 @@ impl Recorder {
         if self.timeline.len() <= sec {
             self.timeline.resize(sec + 1, Second::default());
         }
-        let second = &mut self.timeline[sec];
-        let slot = &mut second.buckets[timeline_bucket(us)];
-        *slot = slot.saturating_add(n.min(u64::from(u32::MAX)) as u32);
+        let Some(second) = self.timeline.get_mut(sec) else {
+            return;
+        };
+        if let Some(slot) = second.buckets.get_mut(timeline_bucket(us)) {
+            *slot = slot.saturating_add(n.min(u64::from(u32::MAX)) as u32);
+        }
         second.max_us = second.max_us.max(stored);
     }
 
