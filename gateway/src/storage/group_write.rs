@@ -13,11 +13,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sea_orm::sea_query::ArrayType;
-use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Value as DbValue};
-use syncgate_protocol::{Body, ErrorCode, MutationResult, MutationStatus};
+use sea_orm::sea_query::{ArrayType, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, Value as DbValue};
+use syncgate_protocol::{Body, ChangeOp, ErrorCode, MutationResult, MutationStatus};
 
-use super::{LogEntry, NOTIFY_CHANNEL, Store, StoreError, Txn, decode_body, now_ms, stmt};
+use super::{LogEntry, NOTIFY_CHANNEL, Store, StoreError, Txn, decode_body, now_ms};
 
 /// A document as stored before the group: its decoded body, the bytes it is stored as (passed
 /// on as the next change's previous body without encoding it again), version and tombstone.
@@ -153,12 +153,14 @@ impl Store {
     pub async fn begin_group(&self) -> Result<GroupTxn, StoreError> {
         let backend = self.backend();
         let txn = self.begin().await?;
+        let lock = Query::update()
+            .table("sg_head")
+            .value("seq", Expr::col("seq"))
+            .and_where(Expr::col("id").eq(1))
+            .returning_col("seq")
+            .to_owned();
         let head = txn
-            .query_one_raw(stmt(
-                backend,
-                "UPDATE sg_head SET seq = seq WHERE id = 1 RETURNING seq",
-                [],
-            ))
+            .query_one_raw(backend.build(&lock))
             .await?
             .ok_or_else(|| StoreError::Corrupt("sg_head has no row".into()))?
             .try_get::<i64>("", "seq")? as u64;
@@ -176,16 +178,12 @@ impl GroupTxn {
     pub async fn client_lasts(&self, clients: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
         let mut lasts = HashMap::new();
         for chunk in clients.chunks(INSERT_CHUNK) {
-            let sql = format!(
-                "SELECT client_id, last_mutation FROM sg_clients WHERE client_id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
-            );
-            let values: Vec<DbValue> = chunk.iter().map(|c| (*c).into()).collect();
-            for r in self
-                .txn
-                .query_all_raw(stmt(self.backend, &sql, values))
-                .await?
-            {
+            let select = Query::select()
+                .columns(["client_id", "last_mutation"])
+                .from("sg_clients")
+                .and_where(Expr::col("client_id").is_in(chunk.iter().copied()))
+                .to_owned();
+            for r in self.txn.query_all_raw(self.backend.build(&select)).await? {
                 lasts.insert(
                     r.try_get::<String>("", "client_id")?,
                     r.try_get::<i64>("", "last_mutation")? as u64,
@@ -210,7 +208,7 @@ impl GroupTxn {
         for (collection, ids) in by_collection {
             let docs = out.entry(collection.to_owned()).or_default();
             let keys = KeyList::Text(&ids);
-            let columns = "doc_id, body, version, deleted";
+            let columns = &["doc_id", "body", "version", "deleted"];
             for r in self
                 .keyed_rows(
                     columns,
@@ -247,7 +245,7 @@ impl GroupTxn {
         let mut out = HashMap::new();
         let ids: Vec<i64> = ids.iter().map(|id| *id as i64).collect();
         let keys = KeyList::BigInt(&ids);
-        let columns = "origin_mutation, seq";
+        let columns = &["origin_mutation", "seq"];
         for r in self
             .keyed_rows(
                 columns,
@@ -270,7 +268,7 @@ impl GroupTxn {
             .filter(|id| !out.contains_key(&(*id as u64)))
             .collect();
         let keys = KeyList::BigInt(&rest);
-        let columns = "mutation_id, code, reason";
+        let columns = &["mutation_id", "code", "reason"];
         for r in self
             .keyed_rows(
                 columns,
@@ -295,18 +293,17 @@ impl GroupTxn {
     pub async fn commit(self, rows: &GroupRows, new_head: u64) -> Result<(), StoreError> {
         write_rows(&self.txn, self.backend, rows).await?;
         if new_head != self.head {
-            self.txn
-                .execute_raw(stmt(
-                    self.backend,
-                    "UPDATE sg_head SET seq = ? WHERE id = 1",
-                    [(new_head as i64).into()],
-                ))
-                .await?;
+            let update = Query::update()
+                .table("sg_head")
+                .value("seq", new_head as i64)
+                .and_where(Expr::col("id").eq(1))
+                .to_owned();
+            self.txn.execute_raw(self.backend.build(&update)).await?;
             if self.backend == DbBackend::Postgres {
                 self.txn
-                    .execute_raw(stmt(
-                        self.backend,
-                        "SELECT pg_notify(?, ?)",
+                    .execute_raw(Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        "SELECT pg_notify($1, $2)",
                         [NOTIFY_CHANNEL.into(), new_head.to_string().into()],
                     ))
                     .await?;
@@ -319,22 +316,17 @@ impl GroupTxn {
     /// The rows of [`GroupTxn::keyed_select`] for every chunk of `keys`.
     async fn keyed_rows(
         &self,
-        columns: &str,
-        table: &str,
-        prefix_col: &str,
+        columns: &[&'static str],
+        table: &'static str,
+        prefix_col: &'static str,
         prefix: &str,
-        key_col: &str,
+        key_col: &'static str,
         keys: KeyList<'_>,
     ) -> Result<Vec<QueryResult>, StoreError> {
         let mut rows = Vec::new();
         for chunk in keys.chunks(self.keys_per_statement()) {
-            let (sql, values) =
-                self.keyed_select(columns, table, prefix_col, prefix, key_col, chunk);
-            rows.extend(
-                self.txn
-                    .query_all_raw(stmt(self.backend, &sql, values))
-                    .await?,
-            );
+            let statement = self.keyed_select(columns, table, prefix_col, prefix, key_col, chunk);
+            rows.extend(self.txn.query_all_raw(statement).await?);
         }
         Ok(rows)
     }
@@ -357,13 +349,13 @@ impl GroupTxn {
     /// answers from the index.
     fn keyed_select(
         &self,
-        columns: &str,
-        table: &str,
-        prefix_col: &str,
+        columns: &[&'static str],
+        table: &'static str,
+        prefix_col: &'static str,
         prefix: &str,
-        key_col: &str,
+        key_col: &'static str,
         keys: KeyList<'_>,
-    ) -> (String, Vec<DbValue>) {
+    ) -> Statement {
         if self.backend == DbBackend::Postgres {
             let (array, cast) = match keys {
                 KeyList::Text(k) => (
@@ -381,29 +373,28 @@ impl GroupTxn {
                     "bigint[]",
                 ),
             };
-            (
+            let columns = columns.join(", ");
+            Statement::from_sql_and_values(
+                DbBackend::Postgres,
                 format!(
-                    "SELECT d.* FROM unnest(?::{cast}) AS k(v) CROSS JOIN LATERAL \
-                     (SELECT {columns} FROM {table} WHERE {prefix_col} = ? AND {key_col} = k.v \
+                    "SELECT d.* FROM unnest($1::{cast}) AS k(v) CROSS JOIN LATERAL \
+                     (SELECT {columns} FROM {table} WHERE {prefix_col} = $2 AND {key_col} = k.v \
                      OFFSET 0) AS d"
                 ),
-                vec![array, DbValue::from(prefix)],
+                [array, DbValue::from(prefix)],
             )
         } else {
-            let n = keys.len();
-            let mut values: Vec<DbValue> = Vec::with_capacity(n + 1);
-            values.push(prefix.into());
-            match keys {
-                KeyList::Text(k) => values.extend(k.iter().map(|v| DbValue::from(*v))),
-                KeyList::BigInt(k) => values.extend(k.iter().map(|v| DbValue::from(*v))),
-            }
-            (
-                format!(
-                    "SELECT {columns} FROM {table} WHERE {prefix_col} = ? AND {key_col} IN ({})",
-                    vec!["?"; n].join(", ")
-                ),
-                values,
-            )
+            let in_list: Vec<DbValue> = match keys {
+                KeyList::Text(k) => k.iter().map(|v| DbValue::from(*v)).collect(),
+                KeyList::BigInt(k) => k.iter().map(|v| DbValue::from(*v)).collect(),
+            };
+            let select = Query::select()
+                .columns(columns.iter().copied())
+                .from(table)
+                .and_where(Expr::col(prefix_col).eq(prefix))
+                .and_where(Expr::col(key_col).is_in(in_list))
+                .to_owned();
+            self.backend.build(&select)
         }
     }
 }
@@ -422,13 +413,28 @@ impl<'a> KeyList<'a> {
             KeyList::BigInt(k) => k.chunks(n).map(KeyList::BigInt).collect(),
         }
     }
+}
 
-    fn len(&self) -> usize {
-        match self {
-            KeyList::Text(k) => k.len(),
-            KeyList::BigInt(k) => k.len(),
-        }
+/// A multi-row `INSERT` of `rows` into `table` (sea-query writes the placeholders for the
+/// backend), with an optional conflict clause.
+fn insert(
+    backend: DbBackend,
+    table: &'static str,
+    columns: &[&'static str],
+    rows: impl IntoIterator<Item = Vec<DbValue>>,
+    on_conflict: Option<OnConflict>,
+) -> Result<Statement, StoreError> {
+    let mut insert = Query::insert();
+    insert.into_table(table).columns(columns.iter().copied());
+    for row in rows {
+        insert
+            .values(row.into_iter().map(Expr::from))
+            .map_err(|e| StoreError::Statement(e.to_string()))?;
     }
+    if let Some(c) = on_conflict {
+        insert.on_conflict(c);
+    }
+    Ok(backend.build(&insert))
 }
 
 async fn write_rows(txn: &Txn, backend: DbBackend, rows: &GroupRows) -> Result<(), StoreError> {
@@ -440,80 +446,94 @@ async fn write_rows(txn: &Txn, backend: DbBackend, rows: &GroupRows) -> Result<(
             + 64
     };
     for chunk in byte_chunks(&rows.changes, change_size) {
-        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 9);
-        for row in chunk {
+        let values = chunk.iter().map(|row| {
             let c = &row.entry.change;
-            values.push((c.seq as i64).into());
-            values.push(c.collection.clone().into());
-            values.push(c.id.clone().into());
-            values.push(i64::from(c.op == syncgate_protocol::ChangeOp::Delete).into());
-            values.push(row.body.as_ref().map(|b| b.to_vec()).into());
-            values.push(row.prev_body.as_ref().map(|b| b.to_vec()).into());
-            values.push(row.origin_client.clone().into());
-            values.push((row.origin_mutation as i64).into());
-            values.push(now.into());
-        }
-        let sql = format!(
-            "INSERT INTO sg_changes (seq, collection, doc_id, op, body, prev_body, origin_client, \
-             origin_mutation, committed_at) VALUES {}",
-            placeholders(chunk.len(), 9)
-        );
-        txn.execute_raw(stmt(backend, &sql, values)).await?;
+            vec![
+                (c.seq as i64).into(),
+                c.collection.clone().into(),
+                c.id.clone().into(),
+                i64::from(c.op == ChangeOp::Delete).into(),
+                row.body.as_ref().map(|b| b.to_vec()).into(),
+                row.prev_body.as_ref().map(|b| b.to_vec()).into(),
+                row.origin_client.clone().into(),
+                (row.origin_mutation as i64).into(),
+                now.into(),
+            ]
+        });
+        let columns = [
+            "seq",
+            "collection",
+            "doc_id",
+            "op",
+            "body",
+            "prev_body",
+            "origin_client",
+            "origin_mutation",
+            "committed_at",
+        ];
+        let statement = insert(backend, "sg_changes", &columns, values, None)?;
+        txn.execute_raw(statement).await?;
     }
     let doc_size = |d: &DocumentRow| {
         d.collection.len() + d.id.len() + d.body.as_ref().map_or(0, Bytes::len) + 32
     };
     for chunk in byte_chunks(&rows.documents, doc_size) {
-        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 5);
-        for d in chunk {
-            values.push(d.collection.clone().into());
-            values.push(d.id.clone().into());
-            values.push(d.body.as_ref().map(|b| b.to_vec()).into());
-            values.push((d.version as i64).into());
-            values.push(i64::from(d.deleted).into());
-        }
-        let sql = format!(
-            "INSERT INTO sg_documents (collection, doc_id, body, version, deleted) VALUES {} \
-             ON CONFLICT (collection, doc_id) DO UPDATE SET body = excluded.body, \
-             version = excluded.version, deleted = excluded.deleted",
-            placeholders(chunk.len(), 5)
-        );
-        txn.execute_raw(stmt(backend, &sql, values)).await?;
+        let values = chunk.iter().map(|d| {
+            vec![
+                d.collection.clone().into(),
+                d.id.clone().into(),
+                d.body.as_ref().map(|b| b.to_vec()).into(),
+                (d.version as i64).into(),
+                i64::from(d.deleted).into(),
+            ]
+        });
+        let columns = ["collection", "doc_id", "body", "version", "deleted"];
+        let upsert = OnConflict::columns(["collection", "doc_id"])
+            .update_columns(["body", "version", "deleted"])
+            .to_owned();
+        let statement = insert(backend, "sg_documents", &columns, values, Some(upsert))?;
+        txn.execute_raw(statement).await?;
     }
     let error_size = |e: &RejectionRow| e.client_id.len() + e.reason.len() + e.mutation.len() + 48;
     for chunk in byte_chunks(&rows.rejections, error_size) {
-        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 7);
-        for e in chunk {
-            values.push(e.client_id.clone().into());
-            values.push((e.mutation_id as i64).into());
-            values.push((e.batch as i64).into());
-            values.push(i64::from(e.code.code()).into());
-            values.push(e.reason.clone().into());
-            values.push(e.mutation.clone().into());
-            values.push(now.into());
-        }
-        let sql = format!(
-            "INSERT INTO sg_sync_errors (client_id, mutation_id, batch, code, reason, mutation, \
-             created_at) VALUES {}",
-            placeholders(chunk.len(), 7)
-        );
-        txn.execute_raw(stmt(backend, &sql, values)).await?;
+        let values = chunk.iter().map(|e| {
+            vec![
+                e.client_id.clone().into(),
+                (e.mutation_id as i64).into(),
+                (e.batch as i64).into(),
+                i64::from(e.code.code()).into(),
+                e.reason.clone().into(),
+                e.mutation.clone().into(),
+                now.into(),
+            ]
+        });
+        let columns = [
+            "client_id",
+            "mutation_id",
+            "batch",
+            "code",
+            "reason",
+            "mutation",
+            "created_at",
+        ];
+        let statement = insert(backend, "sg_sync_errors", &columns, values, None)?;
+        txn.execute_raw(statement).await?;
     }
     for chunk in rows.clients.chunks(INSERT_CHUNK) {
-        let mut values: Vec<DbValue> = Vec::with_capacity(chunk.len() * 4);
-        for c in chunk {
-            values.push(c.client_id.clone().into());
-            values.push((c.last_mutation as i64).into());
-            values.push(c.user.clone().into());
-            values.push(now.into());
-        }
-        let sql = format!(
-            "INSERT INTO sg_clients (client_id, last_mutation, user_id, updated_at) VALUES {} \
-             ON CONFLICT (client_id) DO UPDATE SET last_mutation = excluded.last_mutation, \
-             user_id = excluded.user_id, updated_at = excluded.updated_at",
-            placeholders(chunk.len(), 4)
-        );
-        txn.execute_raw(stmt(backend, &sql, values)).await?;
+        let values = chunk.iter().map(|c| {
+            vec![
+                c.client_id.clone().into(),
+                (c.last_mutation as i64).into(),
+                c.user.clone().into(),
+                now.into(),
+            ]
+        });
+        let columns = ["client_id", "last_mutation", "user_id", "updated_at"];
+        let upsert = OnConflict::column("client_id")
+            .update_columns(["last_mutation", "user_id", "updated_at"])
+            .to_owned();
+        let statement = insert(backend, "sg_clients", &columns, values, Some(upsert))?;
+        txn.execute_raw(statement).await?;
     }
     Ok(())
 }
@@ -545,11 +565,6 @@ fn byte_chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
         rest = tail;
     }
     out
-}
-
-fn placeholders(rows: usize, cols: usize) -> String {
-    let row = format!("({})", vec!["?"; cols].join(", "));
-    vec![row; rows].join(", ")
 }
 
 #[cfg(test)]

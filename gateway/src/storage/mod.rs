@@ -18,10 +18,11 @@ mod schema;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sea_orm::sea_query::{Asterisk, Expr, ExprTrait, Func, Order, Query};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, QueryResult,
-    Statement, TransactionTrait, Value as DbValue,
+    TransactionTrait,
 };
 use syncgate_protocol::codec::from_msgpack;
 
@@ -55,6 +56,9 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// A statement could not be built (a row with the wrong number of values: a bug).
+    #[error("building a statement: {0}")]
+    Statement(String),
     /// The database server could not be reached or refused the connection.
     #[error("cannot connect to {url}: {cause}")]
     Connect {
@@ -143,7 +147,7 @@ impl Store {
             probe_postgres(url).await?;
         }
         let mut opts = ConnectOptions::new(url.to_owned());
-        opts.max_connections(pool_size.max(2))
+        opts.max_connections(Ord::max(pool_size, 2))
             .min_connections(1)
             .connect_timeout(Duration::from_secs(10))
             .acquire_timeout(Duration::from_secs(30))
@@ -239,12 +243,14 @@ impl Store {
 
     /// The committed head of the log.
     pub async fn head(&self) -> Result<u64, StoreError> {
+        let select = Query::select()
+            .column("seq")
+            .from("sg_head")
+            .and_where(Expr::col("id").eq(1))
+            .to_owned();
         let row = self
             .db
-            .query_one_raw(Statement::from_string(
-                self.backend,
-                "SELECT seq FROM sg_head WHERE id = 1",
-            ))
+            .query_one_raw(self.backend.build(&select))
             .await?
             .ok_or_else(|| StoreError::Corrupt("sg_head has no row".into()))?;
         Ok(row.try_get::<i64>("", "seq")? as u64)
@@ -252,13 +258,12 @@ impl Store {
 
     /// The last mutation id applied for a client (0 if none).
     pub async fn last_applied(&self, client_id: &str) -> Result<u64, StoreError> {
-        let row = self
-            .db
-            .query_one_raw(self.stmt(
-                "SELECT last_mutation FROM sg_clients WHERE client_id = ?",
-                [client_id.into()],
-            ))
-            .await?;
+        let select = Query::select()
+            .column("last_mutation")
+            .from("sg_clients")
+            .and_where(Expr::col("client_id").eq(client_id))
+            .to_owned();
+        let row = self.db.query_one_raw(self.backend.build(&select)).await?;
         Ok(match row {
             Some(r) => r.try_get::<i64>("", "last_mutation")? as u64,
             None => 0,
@@ -294,25 +299,19 @@ impl Store {
         upto: u64,
         limit: u64,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        let mut values: Vec<DbValue> = Vec::with_capacity(4);
+        let mut select = Query::select()
+            .columns(["seq", "collection", "doc_id", "op", "body", "prev_body"])
+            .from("sg_changes")
+            .to_owned();
         if let Some(c) = collection {
-            values.push(c.into());
+            select.and_where(Expr::col("collection").eq(c));
         }
-        values.extend([
-            (after as i64).into(),
-            (upto as i64).into(),
-            (limit as i64).into(),
-        ]);
-        let sql = format!(
-            "SELECT seq, collection, doc_id, op, body, prev_body FROM sg_changes \
-             WHERE {}seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            if collection.is_some() {
-                "collection = ? AND "
-            } else {
-                ""
-            }
-        );
-        let rows = self.db.query_all_raw(self.stmt(&sql, values)).await?;
+        select
+            .and_where(Expr::col("seq").gt(after as i64))
+            .and_where(Expr::col("seq").lte(upto as i64))
+            .order_by("seq", Order::Asc)
+            .limit(limit);
+        let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
         rows.iter().map(entry_from_row).collect()
     }
 
@@ -323,18 +322,16 @@ impl Store {
         after_id: Option<&str>,
         limit: u64,
     ) -> Result<Vec<Doc>, StoreError> {
-        let rows = self
-            .db
-            .query_all_raw(self.stmt(
-                "SELECT doc_id, body, version FROM sg_documents \
-                 WHERE collection = ? AND doc_id > ? AND deleted = 0 ORDER BY doc_id LIMIT ?",
-                [
-                    collection.into(),
-                    after_id.unwrap_or("").into(),
-                    (limit as i64).into(),
-                ],
-            ))
-            .await?;
+        let select = Query::select()
+            .columns(["doc_id", "body", "version"])
+            .from("sg_documents")
+            .and_where(Expr::col("collection").eq(collection))
+            .and_where(Expr::col("doc_id").gt(after_id.unwrap_or("")))
+            .and_where(Expr::col("deleted").eq(0))
+            .order_by("doc_id", Order::Asc)
+            .limit(limit)
+            .to_owned();
+        let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
         rows.iter()
             .map(|r| {
                 let body: Option<Vec<u8>> = r.try_get("", "body")?;
@@ -352,68 +349,39 @@ impl Store {
         &self,
         collection: &str,
         id: &str,
-    ) -> Result<Option<(Option<Body>, u64, bool)>, StoreError> {
-        let row = self
-            .db
-            .query_one_raw(self.stmt(
-                "SELECT body, version, deleted FROM sg_documents WHERE collection = ? AND doc_id = ?",
-                [collection.into(), id.into()],
-            ))
-            .await?;
+    ) -> Result<Option<StoredDoc>, StoreError> {
+        let select = Query::select()
+            .columns(["body", "version", "deleted"])
+            .from("sg_documents")
+            .and_where(Expr::col("collection").eq(collection))
+            .and_where(Expr::col("doc_id").eq(id))
+            .to_owned();
+        let row = self.db.query_one_raw(self.backend.build(&select)).await?;
         row.map(|r| {
-            let body: Option<Vec<u8>> = r.try_get("", "body")?;
-            Ok((
-                decode_body(body.as_deref())?,
-                r.try_get::<i64>("", "version")? as u64,
-                r.try_get::<i64>("", "deleted")? != 0,
-            ))
+            let raw: Option<Vec<u8>> = r.try_get("", "body")?;
+            Ok(StoredDoc {
+                body: decode_body(raw.as_deref())?,
+                encoded: raw.map(bytes::Bytes::from),
+                version: r.try_get::<i64>("", "version")? as u64,
+                deleted: r.try_get::<i64>("", "deleted")? != 0,
+            })
         })
         .transpose()
     }
 
     /// Counts stored sync errors (rejected mutations) of a client.
     pub async fn sync_error_count(&self, client_id: &str) -> Result<u64, StoreError> {
-        let row = self
-            .db
-            .query_one_raw(self.stmt(
-                "SELECT COUNT(*) AS n FROM sg_sync_errors WHERE client_id = ?",
-                [client_id.into()],
-            ))
-            .await?;
+        let select = Query::select()
+            .expr_as(Func::count(Expr::col(Asterisk)), "n")
+            .from("sg_sync_errors")
+            .and_where(Expr::col("client_id").eq(client_id))
+            .to_owned();
+        let row = self.db.query_one_raw(self.backend.build(&select)).await?;
         Ok(match row {
             Some(r) => r.try_get::<i64>("", "n")? as u64,
             None => 0,
         })
     }
-
-    /// Builds a statement from SQL written with `?` placeholders, renumbered for PostgreSQL.
-    fn stmt(&self, sql: &str, values: impl IntoIterator<Item = DbValue>) -> Statement {
-        stmt(self.backend, sql, values)
-    }
-}
-
-pub(crate) fn stmt(
-    backend: DbBackend,
-    sql: &str,
-    values: impl IntoIterator<Item = DbValue>,
-) -> Statement {
-    let sql = if backend == DbBackend::Postgres {
-        let mut out = String::with_capacity(sql.len() + 16);
-        let mut n = 0;
-        for ch in sql.chars() {
-            if ch == '?' {
-                n += 1;
-                out.push('$');
-                out.push_str(&n.to_string());
-            } else {
-                out.push(ch);
-            }
-        }
-        out
-    } else {
-        sql.to_owned()
-    };
-    Statement::from_sql_and_values(backend, sql, values)
 }
 
 fn decode_body(bytes: Option<&[u8]>) -> Result<Option<Body>, StoreError> {

@@ -3,7 +3,8 @@
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, TransactionTrait};
 
-use super::stmt;
+use sea_orm::DatabaseTransaction;
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 
 /// Current schema version, recorded in `sg_meta`.
 const SCHEMA_VERSION: i64 = 1;
@@ -63,23 +64,15 @@ pub(super) async fn migrate(db: &DatabaseConnection, backend: DbBackend) -> Resu
     for ddl in TABLES {
         txn.execute_unprepared(&ddl.replace("{BLOB}", blob)).await?;
     }
-    let version = txn
-        .query_one_raw(stmt(
-            backend,
-            "SELECT value FROM sg_meta WHERE key = ?",
-            ["schema_version".into()],
-        ))
-        .await?
-        .map(|r| r.try_get::<String>("", "value"))
-        .transpose()?;
+    let version = meta(&txn, backend, "schema_version").await?;
     match version.as_deref().map(str::parse::<i64>) {
         None => {
-            txn.execute_raw(stmt(
-                backend,
-                "INSERT INTO sg_meta (key, value) VALUES (?, ?)",
-                ["schema_version".into(), SCHEMA_VERSION.to_string().into()],
-            ))
-            .await?;
+            let insert = Query::insert()
+                .into_table("sg_meta")
+                .columns(["key", "value"])
+                .values_panic(["schema_version".into(), SCHEMA_VERSION.to_string().into()])
+                .to_owned();
+            txn.execute_raw(backend.build(&insert)).await?;
         }
         Some(Ok(v)) if v == SCHEMA_VERSION => {}
         Some(Ok(v)) if v > SCHEMA_VERSION => {
@@ -94,23 +87,35 @@ pub(super) async fn migrate(db: &DatabaseConnection, backend: DbBackend) -> Resu
         }
     }
     let epoch = hex_random();
-    txn.execute_raw(stmt(
-        backend,
-        "INSERT INTO sg_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-        ["epoch".into(), epoch.into()],
-    ))
-    .await?;
-    let epoch = txn
-        .query_one_raw(stmt(
-            backend,
-            "SELECT value FROM sg_meta WHERE key = ?",
-            ["epoch".into()],
-        ))
+    let insert = Query::insert()
+        .into_table("sg_meta")
+        .columns(["key", "value"])
+        .values_panic(["epoch".into(), epoch.into()])
+        .on_conflict(OnConflict::column("key").do_nothing().to_owned())
+        .to_owned();
+    txn.execute_raw(backend.build(&insert)).await?;
+    let epoch = meta(&txn, backend, "epoch")
         .await?
-        .ok_or_else(|| DbErr::Custom("epoch missing after insert".into()))?
-        .try_get::<String>("", "value")?;
+        .ok_or_else(|| DbErr::Custom("epoch missing after insert".into()))?;
     txn.commit().await?;
     Ok(epoch)
+}
+
+/// A value of `sg_meta`.
+async fn meta(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    key: &str,
+) -> Result<Option<String>, DbErr> {
+    let select = Query::select()
+        .column("value")
+        .from("sg_meta")
+        .and_where(Expr::col("key").eq(key))
+        .to_owned();
+    txn.query_one_raw(backend.build(&select))
+        .await?
+        .map(|r| r.try_get::<String>("", "value"))
+        .transpose()
 }
 
 fn hex_random() -> String {

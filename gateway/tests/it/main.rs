@@ -277,14 +277,14 @@ async fn replayed_batch_applies_once_with_identical_acks(backend: Backend) {
         2,
         "rejections are stored"
     );
-    let (body, version, deleted) = gw
+    let doc = gw
         .store
         .document("work_orders", "wo-1")
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(body.unwrap()["qty_done"], Value::from(5));
-    assert_eq!((version, deleted), (2, false));
+    assert_eq!(doc.body.unwrap()["qty_done"], Value::from(5));
+    assert_eq!((doc.version, doc.deleted), (2, false));
     gw.shutdown().await;
     db.cleanup().await;
 }
@@ -364,7 +364,13 @@ async fn tombstones_reach_subscribers(backend: Backend) {
     let mut fresh = Replica::subscribe(&gw, "f", "machines", Body::new(), None).await;
     fresh.until_seq(ack.visible_at).await;
     assert!(fresh.docs.is_empty());
-    let (_, _, deleted) = gw.store.document("machines", "m1").await.unwrap().unwrap();
+    let deleted = gw
+        .store
+        .document("machines", "m1")
+        .await
+        .unwrap()
+        .unwrap()
+        .deleted;
     assert!(deleted);
     gw.shutdown().await;
     db.cleanup().await;
