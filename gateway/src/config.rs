@@ -79,12 +79,31 @@ pub enum SqliteSynchronous {
 }
 
 /// Authentication settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// HS256 secret for client JWTs. Empty: a random secret is generated once into
     /// `<data_dir>/jwt_secret` and reused.
     pub jwt_secret: String,
+    /// Required `iss` claim. Empty: `iss` is not checked.
+    pub issuer: String,
+    /// Required `aud` claim. Empty: a token that names any audience is refused (it was meant
+    /// for another service); one without `aud` is accepted.
+    pub audience: String,
+    /// Clock skew allowed when checking `exp` and `nbf`, in seconds. A session ends when its
+    /// token's `exp` plus this leeway has passed.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_secs: 5,
+        }
+    }
 }
 
 /// One declared collection.
@@ -342,6 +361,7 @@ mod tests {
             database: "postgres://app:hunter2@db:5432/erp".into(),
             auth: AuthConfig {
                 jwt_secret: "top-secret-value".into(),
+                ..AuthConfig::default()
             },
             ..Config::default()
         };

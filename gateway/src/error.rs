@@ -54,9 +54,15 @@ pub(crate) enum GatewayError {
         /// The limit.
         max_id_bytes: u32,
     },
-    /// The token was refused.
+    /// The token was refused (or expired during the session).
     #[error("{0}")]
     Auth(#[from] AuthError),
+    /// The `client_id` belongs to another user.
+    #[error(
+        "this client_id belongs to another user; use your own installation's client id, or \
+         ask an administrator to reassign it (syncgate admin clients reassign)"
+    )]
+    ClientIdTaken,
     /// A second `hello`.
     #[error("session already established")]
     DuplicateHello,
@@ -135,6 +141,7 @@ impl GatewayError {
             GatewayError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             GatewayError::InvalidClientId { .. } => ErrorCode::InvalidClientId,
             GatewayError::Auth(e) => e.code(),
+            GatewayError::ClientIdTaken => ErrorCode::ClientIdTaken,
             GatewayError::DuplicateHello => ErrorCode::DuplicateHello,
             GatewayError::ServerMessage(_) => ErrorCode::UnknownMessage,
             GatewayError::UnknownSubscription => ErrorCode::UnknownSubscription,
@@ -165,6 +172,7 @@ impl GatewayError {
             | GatewayError::UnsupportedVersion(_)
             | GatewayError::InvalidClientId { .. }
             | GatewayError::Auth(_)
+            | GatewayError::ClientIdTaken
             | GatewayError::Storage(Step::Handshake) => Ending::AfterFlush,
             _ => Ending::Continue,
         }

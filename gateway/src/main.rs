@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
-use syncgate_gateway::server::migrate;
+use syncgate_gateway::server::{migrate, reassign_client};
 use syncgate_gateway::{Config, Gateway};
 
 /// mimalloc instead of glibc's malloc: under ingest load glibc spent a third of the gateway's
@@ -67,6 +67,34 @@ enum Command {
     },
     /// Validate the configuration, print the effective config as TOML and exit.
     CheckConfig,
+    /// Administration of the database (the gateway may keep running).
+    Admin {
+        #[command(subcommand)]
+        command: Admin,
+    },
+}
+
+#[derive(Subcommand)]
+enum Admin {
+    /// Client installations (client ids).
+    Clients {
+        #[command(subcommand)]
+        command: AdminClients,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminClients {
+    /// Give a client id to another user: the installation was handed over. Its exactly-once
+    /// record (horizon, stored outcomes) goes with it; the previous user is refused with
+    /// `client_id_taken` from their next connection.
+    Reassign {
+        /// The client id.
+        client_id: String,
+        /// The user (token `sub`) that owns it from now on.
+        #[arg(long)]
+        user: String,
+    },
 }
 
 impl Cli {
@@ -175,11 +203,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     path.display()
                 );
             };
-            println!("{}", Authenticator::new(&secret).mint(user, *ttl)?);
+            println!(
+                "{}",
+                Authenticator::with_config(&secret, &config.auth).mint(user, *ttl)?
+            );
         }
         Command::CheckConfig => {
             print!("{}", config.to_redacted_toml()?);
         }
+        Command::Admin {
+            command:
+                Admin::Clients {
+                    command: AdminClients::Reassign { client_id, user },
+                },
+        } => match reassign_client(&config, client_id, user).await? {
+            Some(previous) => println!("client {client_id:?}: {previous:?} -> {user:?}"),
+            None => anyhow::bail!(
+                "client {client_id:?} has never connected; it belongs to whoever uses it first"
+            ),
+        },
     }
     Ok(())
 }

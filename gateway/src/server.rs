@@ -137,7 +137,7 @@ impl Gateway {
         ));
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         let shared = Arc::new(Shared {
-            auth: Authenticator::new(&secret),
+            auth: Authenticator::with_config(&secret, &config.auth),
             store: store.clone(),
             hub,
             ingest: ingest_tx,
@@ -225,6 +225,19 @@ pub async fn migrate(config: &Config) -> anyhow::Result<String> {
     let epoch = store.epoch().to_owned();
     store.close().await;
     Ok(epoch)
+}
+
+/// Gives `client_id` to `user`: `syncgate admin clients reassign`. Returns the previous owner,
+/// or `None` if the client id was never used.
+pub async fn reassign_client(
+    config: &Config,
+    client_id: &str,
+    user: &str,
+) -> anyhow::Result<Option<String>> {
+    let store = open_store(config).await?;
+    let previous = store.reassign_client(client_id, user).await;
+    store.close().await;
+    Ok(previous?)
 }
 
 /// Opens the configured database, retrying with capped exponential backoff for up to

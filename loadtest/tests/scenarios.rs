@@ -33,6 +33,7 @@ async fn gateway_with(dir: &std::path::Path, base: Config) -> (Gateway, Target) 
         data_dir: dir.to_owned(),
         auth: syncgate_gateway::config::AuthConfig {
             jwt_secret: "lt".into(),
+            ..Default::default()
         },
         ..base
     };

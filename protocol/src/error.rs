@@ -63,6 +63,9 @@ error_codes! {
     InvalidClientId = 201, "invalid_client_id", false;
     /// The token has expired: fetch a new one and reconnect.
     TokenExpired = 202, "token_expired", true;
+    /// The `client_id` belongs to another user (the subject that first used it); an
+    /// administrator can reassign it.
+    ClientIdTaken = 203, "client_id_taken", false;
     /// The collection is not declared on this gateway.
     UnknownCollection = 300, "unknown_collection", false;
     /// The subscription filter is invalid (a field name that is not a string, a nested value).

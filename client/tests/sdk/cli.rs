@@ -52,9 +52,9 @@ fn signed(secret: &[u8], exp: u64) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &Claims {
-            sub: "operator".into(),
             exp,
             iat: 0,
+            ..Claims::new("operator", 0)
         },
         &jsonwebtoken::EncodingKey::from_secret(secret),
     )

@@ -39,6 +39,7 @@ async fn start_gateway(dir: &Path) -> Gateway {
         data_dir: dir.to_owned(),
         auth: AuthConfig {
             jwt_secret: SECRET.into(),
+            ..Default::default()
         },
         shutdown_grace_ms: 500,
         ..Config::default()
@@ -461,9 +462,9 @@ async fn token_provider_is_asked_again_after_expiry() {
             async move {
                 if n == 0 {
                     let expired = Claims {
-                        sub: "operator".into(),
                         exp: 1_000,
                         iat: 0,
+                        ..Claims::new("operator", 0)
                     };
                     Ok(jsonwebtoken::encode(
                         &jsonwebtoken::Header::default(),
@@ -490,6 +491,69 @@ async fn token_provider_is_asked_again_after_expiry() {
         saw_expired |= matches!(e, Event::ServerError { code: 202, .. });
     }
     assert!(saw_expired, "the expiry was reported as an event");
+    client.close().await;
+    gw.shutdown().await;
+}
+
+/// A token that expires during a session: the gateway ends the session with 202, the SDK asks
+/// its provider for a new token at once and resumes, and nothing written meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_mid_session_is_renewed_and_nothing_is_lost() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: gw_dir.path().to_owned(),
+        auth: AuthConfig {
+            jwt_secret: SECRET.into(),
+            leeway_secs: 0,
+            ..Default::default()
+        },
+        shutdown_grace_ms: 500,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c2 = calls.clone();
+    // Every token the provider hands out is valid for one second.
+    let builder =
+        builder(&format!("ws://{}", gw.ws_addr), client_dir.path()).token_provider(move || {
+            c2.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok(Authenticator::new(SECRET.as_bytes())
+                    .mint("operator", 1)
+                    .unwrap())
+            }
+        });
+    let mut events = builder.events();
+    let client = builder.open().await.unwrap();
+    client
+        .put(COLL, "wo-1", body(&[("a", Value::from(1))]))
+        .await
+        .unwrap();
+    wait_event(&mut events, "the session to end with token_expired", |e| {
+        matches!(e, Event::ServerError { code: 202, .. })
+    })
+    .await;
+    client
+        .put(COLL, "wo-2", body(&[("a", Value::from(2))]))
+        .await
+        .unwrap();
+    client.sync_now(DEADLINE).await.unwrap();
+    assert!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "the provider was asked again"
+    );
+    assert!(
+        client.outbox().await.unwrap().is_empty(),
+        "nothing left unsent"
+    );
+    for id in ["wo-1", "wo-2"] {
+        let doc = client.get(COLL, id).await.unwrap().expect(id);
+        assert!(doc.version > 0, "{id} reached the server");
+    }
     client.close().await;
     gw.shutdown().await;
 }

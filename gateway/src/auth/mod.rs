@@ -1,10 +1,21 @@
 //! Client authentication: HS256 JWTs whose `sub` claim names the user.
+//!
+//! A token is accepted only if: its header names HS256 and no `crit` extension (none is
+//! understood here); its signature verifies with the gateway's secret; `exp` is present and,
+//! like `nbf` when present, holds within `auth.leeway_secs`; `iss` equals `auth.issuer` when
+//! one is configured; `aud` equals `auth.audience` when one is configured and is absent
+//! otherwise; `sub` is 1..=[`MAX_SUBJECT_BYTES`] bytes without control characters.
 
 use std::path::Path;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 use syncgate_protocol::ErrorCode;
+
+use crate::config::AuthConfig;
+
+/// The longest user name (`sub`) accepted.
+pub const MAX_SUBJECT_BYTES: usize = 256;
 
 /// The claims syncgate reads from a token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -16,6 +27,30 @@ pub struct Claims {
     /// Issued at, seconds since the Unix epoch.
     #[serde(default)]
     pub iat: u64,
+    /// Not before, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+impl Claims {
+    /// Claims for `user`, valid from now for `ttl_secs`.
+    pub fn new(user: &str, ttl_secs: u64) -> Claims {
+        let now = unix_now();
+        Claims {
+            sub: user.to_owned(),
+            exp: now.saturating_add(ttl_secs),
+            iat: now,
+            nbf: None,
+            iss: None,
+            aud: None,
+        }
+    }
 }
 
 /// Why a token was refused.
@@ -24,10 +59,13 @@ pub enum AuthError {
     /// Past its `exp`: the client fetches a new token and reconnects.
     #[error("token expired")]
     Expired,
-    /// A valid token naming no user.
-    #[error("token has an empty sub")]
-    EmptySubject,
-    /// Not a token this gateway issued (signature, algorithm, format).
+    /// Its `nbf` lies in the future.
+    #[error("token is not valid yet (nbf is in the future)")]
+    NotYetValid,
+    /// A valid token naming no usable user.
+    #[error("token sub must be 1..={MAX_SUBJECT_BYTES} bytes without control characters")]
+    BadSubject,
+    /// Not a token this gateway accepts (signature, algorithm, issuer, audience, format).
     #[error("invalid token: {0}")]
     Invalid(String),
 }
@@ -37,9 +75,21 @@ impl AuthError {
     pub fn code(&self) -> ErrorCode {
         match self {
             AuthError::Expired => ErrorCode::TokenExpired,
-            AuthError::EmptySubject | AuthError::Invalid(_) => ErrorCode::Unauthorized,
+            AuthError::NotYetValid | AuthError::BadSubject | AuthError::Invalid(_) => {
+                ErrorCode::Unauthorized
+            }
         }
     }
+}
+
+/// Who a valid token names, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user (`sub`).
+    pub user: String,
+    /// When a session on this token must end: `exp` plus the leeway, seconds since the Unix
+    /// epoch.
+    pub valid_until: u64,
 }
 
 /// Verifies and mints tokens with one shared secret.
@@ -49,42 +99,93 @@ pub struct Authenticator {
     decoding: DecodingKey,
     /// Signs tokens for `syncgate token`.
     encoding: EncodingKey,
-    /// HS256 only, expiry required.
+    /// HS256 only; `exp` and `sub` required; `nbf`, `iss`, `aud` as configured.
     validation: Validation,
+    /// `iss` and `aud` put into minted tokens.
+    issuer: Option<String>,
+    audience: Option<String>,
 }
 
 impl Authenticator {
-    /// Builds an authenticator from a secret.
+    /// An authenticator with the default settings ([`AuthConfig::default`]).
     pub fn new(secret: &[u8]) -> Authenticator {
+        Authenticator::with_config(secret, &AuthConfig::default())
+    }
+
+    /// An authenticator for `secret` checking what `config` asks for.
+    pub fn with_config(secret: &[u8], config: &AuthConfig) -> Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 30;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = config.leeway_secs;
+        validation.validate_nbf = true;
+        // With no audience configured, a token that names one was meant for someone else.
+        validation.validate_aud = true;
+        let mut required = vec!["exp", "sub"];
+        let issuer = (!config.issuer.is_empty()).then(|| config.issuer.clone());
+        let audience = (!config.audience.is_empty()).then(|| config.audience.clone());
+        if let Some(iss) = &issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = &audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         Authenticator {
             decoding: DecodingKey::from_secret(secret),
             encoding: EncodingKey::from_secret(secret),
             validation,
+            issuer,
+            audience,
         }
     }
 
-    /// Returns the user named by a valid token.
-    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
-        match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
-            Ok(data) if !data.claims.sub.is_empty() => Ok(data.claims.sub),
-            Ok(_) => Err(AuthError::EmptySubject),
-            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(AuthError::Expired),
-            Err(e) => Err(AuthError::Invalid(e.to_string())),
+    /// The user named by a valid token, and when a session on it must end.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        if header.crit.is_some() {
+            return Err(AuthError::Invalid(
+                "the token names critical header extensions (crit), none of which this \
+                 gateway understands"
+                    .into(),
+            ));
         }
-    }
-
-    /// Mints a token for `user`, valid for `ttl_secs`.
-    pub fn mint(&self, user: &str, ttl_secs: u64) -> anyhow::Result<String> {
-        let now = unix_now();
-        let claims = Claims {
-            sub: user.to_owned(),
-            exp: now + ttl_secs,
-            iat: now,
+        let claims = match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
+            Ok(data) => data.claims,
+            Err(e) => {
+                return Err(match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                    _ => AuthError::Invalid(e.to_string()),
+                });
+            }
         };
+        if claims.sub.is_empty()
+            || claims.sub.len() > MAX_SUBJECT_BYTES
+            || claims.sub.chars().any(char::is_control)
+        {
+            return Err(AuthError::BadSubject);
+        }
+        Ok(Identity {
+            user: claims.sub,
+            valid_until: claims.exp.saturating_add(self.validation.leeway),
+        })
+    }
+
+    /// Mints a token for `user`, valid for `ttl_secs`, with the configured issuer and audience.
+    pub fn mint(&self, user: &str, ttl_secs: u64) -> anyhow::Result<String> {
+        self.mint_claims(Claims::new(user, ttl_secs))
+    }
+
+    /// Signs `claims`, filling in the configured issuer and audience where they are unset.
+    pub fn mint_claims(&self, mut claims: Claims) -> anyhow::Result<String> {
+        if claims.iss.is_none() {
+            claims.iss.clone_from(&self.issuer);
+        }
+        if claims.aud.is_none() {
+            claims.aud.clone_from(&self.audience);
+        }
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims,
@@ -93,7 +194,8 @@ impl Authenticator {
     }
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -180,11 +282,33 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+
+    fn signed(header: &Header, claims: &Claims, secret: &[u8]) -> String {
+        jsonwebtoken::encode(header, claims, &EncodingKey::from_secret(secret)).unwrap()
+    }
+
+    /// A token with any header JSON, signed HS256 over exactly those bytes.
+    fn raw_token(header_json: &str, claims: &Claims, secret: &[u8]) -> String {
+        use hmac::{Hmac, Mac};
+        let payload = B64.encode(serde_json::to_vec(claims).unwrap());
+        let signing_input = format!("{}.{payload}", B64.encode(header_json));
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+        mac.update(signing_input.as_bytes());
+        format!(
+            "{signing_input}.{}",
+            B64.encode(mac.finalize().into_bytes())
+        )
+    }
+
     #[test]
     fn mint_and_verify() {
         let a = Authenticator::new(b"secret");
         let t = a.mint("alice", 60).unwrap();
-        assert_eq!(a.verify(&t).unwrap(), "alice");
+        let id = a.verify(&t).unwrap();
+        assert_eq!(id.user, "alice");
+        assert!(id.valid_until >= unix_now() + 60, "exp + leeway");
         let other = Authenticator::new(b"other");
         assert_eq!(
             other.verify(&t).unwrap_err().code(),
@@ -197,12 +321,192 @@ mod tests {
     }
 
     #[test]
+    fn hostile_tokens_are_refused_with_their_codes() {
+        const SECRET: &[u8] = b"secret";
+        let config = AuthConfig {
+            issuer: "syncgate-test".into(),
+            audience: "terminals".into(),
+            leeway_secs: 0,
+            ..AuthConfig::default()
+        };
+        let a = Authenticator::with_config(SECRET, &config);
+        let good = || Claims {
+            iss: Some("syncgate-test".into()),
+            aud: Some("terminals".into()),
+            ..Claims::new("alice", 600)
+        };
+        let hs256 = Header::new(Algorithm::HS256);
+        assert_eq!(
+            a.verify(&signed(&hs256, &good(), SECRET)).unwrap().user,
+            "alice"
+        );
+        let now = unix_now();
+        let tampered = {
+            let t = signed(&hs256, &good(), SECRET);
+            let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
+            let other = Claims {
+                sub: "root".into(),
+                ..good()
+            };
+            parts[1] = B64.encode(serde_json::to_vec(&other).unwrap());
+            parts.join(".")
+        };
+        let cases: Vec<(&str, String, ErrorCode)> = vec![
+            (
+                "expired",
+                signed(
+                    &hs256,
+                    &Claims {
+                        exp: now - 1,
+                        ..good()
+                    },
+                    SECRET,
+                ),
+                ErrorCode::TokenExpired,
+            ),
+            (
+                "not yet valid (nbf in the future)",
+                signed(
+                    &hs256,
+                    &Claims {
+                        nbf: Some(now + 60),
+                        ..good()
+                    },
+                    SECRET,
+                ),
+                ErrorCode::Unauthorized,
+            ),
+            ("tampered payload", tampered, ErrorCode::Unauthorized),
+            (
+                "alg none",
+                format!(
+                    "{}.{}.",
+                    B64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+                    B64.encode(serde_json::to_vec(&good()).unwrap())
+                ),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "another HMAC algorithm",
+                signed(&Header::new(Algorithm::HS512), &good(), SECRET),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "RS256 header signed with the secret as an HMAC key (algorithm confusion)",
+                raw_token(r#"{"alg":"RS256","typ":"JWT"}"#, &good(), SECRET),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "wrong key",
+                signed(&hs256, &good(), b"another secret"),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "another issuer",
+                signed(
+                    &hs256,
+                    &Claims {
+                        iss: Some("evil".into()),
+                        ..good()
+                    },
+                    SECRET,
+                ),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "no issuer",
+                signed(
+                    &hs256,
+                    &Claims {
+                        iss: None,
+                        ..good()
+                    },
+                    SECRET,
+                ),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "another service's audience",
+                signed(
+                    &hs256,
+                    &Claims {
+                        aud: Some("billing".into()),
+                        ..good()
+                    },
+                    SECRET,
+                ),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "an unknown critical header",
+                raw_token(
+                    r#"{"alg":"HS256","typ":"JWT","crit":["x-private"]}"#,
+                    &good(),
+                    SECRET,
+                ),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "an empty sub",
+                signed(
+                    &hs256,
+                    &Claims {
+                        sub: String::new(),
+                        ..good()
+                    },
+                    SECRET,
+                ),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "a 10 KB sub",
+                signed(
+                    &hs256,
+                    &Claims {
+                        sub: "a".repeat(10_000),
+                        ..good()
+                    },
+                    SECRET,
+                ),
+                ErrorCode::Unauthorized,
+            ),
+            (
+                "a sub with control characters",
+                signed(
+                    &hs256,
+                    &Claims {
+                        sub: "bob\n\u{1b}[31m".into(),
+                        ..good()
+                    },
+                    SECRET,
+                ),
+                ErrorCode::Unauthorized,
+            ),
+        ];
+        for (name, token, code) in cases {
+            match a.verify(&token) {
+                Ok(id) => panic!("{name}: accepted as {:?}", id.user),
+                Err(e) => assert_eq!(e.code(), code, "{name}: {e}"),
+            }
+        }
+        // Without a configured audience, a token naming one is still refused.
+        let plain = Authenticator::new(SECRET);
+        let aud = Claims {
+            aud: Some("billing".into()),
+            ..Claims::new("alice", 600)
+        };
+        assert!(plain.verify(&signed(&hs256, &aud, SECRET)).is_err());
+        // Minted tokens carry the configured issuer and audience.
+        assert_eq!(a.verify(&a.mint("bob", 60).unwrap()).unwrap().user, "bob");
+    }
+
+    #[test]
     fn expired_tokens_have_their_own_code() {
         let a = Authenticator::new(b"secret");
         let claims = Claims {
-            sub: "bob".into(),
             exp: 1_000,
             iat: 0,
+            ..Claims::new("bob", 0)
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&t).unwrap_err().code(), ErrorCode::TokenExpired);

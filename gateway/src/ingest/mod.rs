@@ -96,6 +96,24 @@ pub(crate) async fn run_ingest(
                 // Fan-out first: the follower publishes in seq order, the acks go straight out.
                 let _ = hub.send(HubEvent::Committed(committed)).await;
                 for ((reply, outcome), job) in replies.into_iter().zip(outcomes).zip(&jobs) {
+                    let outcome = match outcome {
+                        Ok(o) => o,
+                        Err(refusal) => {
+                            if let Some(suppressed) = oplog.rejections.allow() {
+                                tracing::info!(
+                                    client_id = %crate::oplog::printable(&job.client_id),
+                                    user = %crate::oplog::printable(&job.user),
+                                    batch = job.batch,
+                                    code = refusal.code().code(),
+                                    reason = %refusal,
+                                    suppressed,
+                                    "push refused, nothing applied"
+                                );
+                            }
+                            let _ = reply.send(Err(refusal));
+                            continue;
+                        }
+                    };
                     for (r, m) in outcome.results.iter().zip(&job.mutations) {
                         let status = match r.status {
                             MutationStatus::Applied => "applied",
@@ -149,12 +167,13 @@ pub(crate) async fn commit_group(
     store: &Store,
     jobs: &[PushJob],
     rules: &Rules,
-) -> Result<(Vec<PushOutcome>, Committed), StoreError> {
+) -> Result<(Vec<Result<PushOutcome, GatewayError>>, Committed), StoreError> {
     let txn = store.begin_group().await?;
-    let mut pre = Prefetched {
-        lasts: txn.client_lasts(&plan::clients(jobs)).await?,
-        ..Prefetched::default()
-    };
+    let mut pre = Prefetched::default();
+    for (client, stored) in txn.clients(&plan::clients(jobs)).await? {
+        pre.lasts.insert(client.clone(), stored.last_mutation);
+        pre.owners.insert(client, stored.owner);
+    }
     let wanted = plan::wanted(jobs, &pre.lasts);
     pre.docs = txn.documents(&wanted.docs).await?;
     for (client, ids) in &wanted.earlier {

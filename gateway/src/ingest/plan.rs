@@ -32,6 +32,7 @@ use syncgate_protocol::{
 };
 
 use crate::changes::{Committed, LogEntry};
+use crate::error::GatewayError;
 use crate::storage::{
     ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc,
 };
@@ -72,6 +73,8 @@ pub(crate) struct Rules {
 pub(crate) struct Prefetched {
     /// Each pushing client's last handled mutation id (absent = 0).
     pub lasts: HashMap<String, u64>,
+    /// Each pushing client id's owner (absent: never used).
+    pub owners: HashMap<String, String>,
     /// collection -> id -> the stored state of each document in [`Wanted::docs`] that exists
     /// (deleted ones too).
     pub docs: HashMap<String, HashMap<String, StoredDoc>>,
@@ -92,8 +95,9 @@ pub(crate) struct Wanted<'a> {
 /// Everything a group does, decided before anything is written.
 #[derive(Debug)]
 pub(crate) struct Plan {
-    /// One outcome per job, in job order.
-    pub outcomes: Vec<PushOutcome>,
+    /// One outcome per job, in job order: its acknowledgement, or why nothing of it was
+    /// applied (a client id owned by another user).
+    pub outcomes: Vec<Result<PushOutcome, GatewayError>>,
     /// The rows to write.
     pub rows: GroupRows,
     /// The changes for fan-out once the rows are committed (`to` is the new head).
@@ -176,6 +180,17 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
 
     for job in jobs {
         let client = job.client_id.as_str();
+        // The user that owns the client id: as stored, or as the group's first job of it
+        // claims it. Another user's batch touches nothing of it, not even its horizon.
+        let owner = pre
+            .owners
+            .get(client)
+            .map(String::as_str)
+            .or_else(|| horizons.get(client).map(|(_, user)| *user));
+        if owner.is_some_and(|o| o != job.user) {
+            outcomes.push(Err(GatewayError::ClientIdTaken));
+            continue;
+        }
         let stored = pre.lasts.get(client).copied().unwrap_or(0);
         let mut last = match horizons.get(client) {
             Some((l, _)) => *l,
@@ -277,10 +292,10 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
             .filter_map(|r| r.version)
             .max()
             .unwrap_or(0);
-        outcomes.push(PushOutcome {
+        outcomes.push(Ok(PushOutcome {
             results,
             visible_at,
-        });
+        }));
     }
 
     let documents = doc_order
@@ -474,6 +489,7 @@ mod tests {
     #[derive(Default)]
     struct Db {
         lasts: Vec<(&'static str, u64)>,
+        owners: Vec<(&'static str, &'static str)>,
         docs: Vec<(&'static str, StoredDoc)>,
         earlier: Vec<(&'static str, u64, Earlier)>,
     }
@@ -490,6 +506,11 @@ mod tests {
             let w = wanted(jobs, &lasts);
             let mut pre = Prefetched {
                 lasts,
+                owners: self
+                    .owners
+                    .iter()
+                    .map(|(c, o)| ((*c).to_owned(), (*o).to_owned()))
+                    .collect(),
                 ..Prefetched::default()
             };
             for (c, id) in &w.docs {
@@ -703,6 +724,35 @@ mod tests {
                 rejections: vec![],
             },
             Case {
+                name: "another user's batch for a client id touches nothing of it",
+                db: Db {
+                    lasts: vec![("alice-terminal", 5)],
+                    owners: vec![("alice-terminal", "user-of-alice-terminal")],
+                    ..Db::default()
+                },
+                jobs: vec![
+                    PushJob {
+                        user: "mallory".into(),
+                        ..job("alice-terminal", 1, vec![put(1000, "o1", &[("x", 1)])])
+                    },
+                    job("fresh", 1, vec![put(1, "o2", &[("x", 1)])]),
+                    PushJob {
+                        user: "mallory".into(),
+                        ..job("fresh", 2, vec![put(2, "o3", &[("x", 1)])])
+                    },
+                    job("alice-terminal", 2, vec![put(6, "o4", &[("x", 1)])]),
+                ],
+                results: vec![
+                    vec!["refused 203"],
+                    vec!["1:applied@11"],
+                    vec!["refused 203"],
+                    vec!["6:applied@12"],
+                ],
+                documents: vec!["o2@11", "o4@12"],
+                clients: vec!["fresh:1", "alice-terminal:6"],
+                rejections: vec![],
+            },
+            Case {
                 name: "several clients interleave in job order on one document",
                 db: Db {
                     lasts: vec![("b", 9)],
@@ -738,10 +788,13 @@ mod tests {
             let results: Vec<Vec<String>> = plan
                 .outcomes
                 .iter()
-                .map(|o| o.results.iter().map(show).collect())
+                .map(|o| match o {
+                    Ok(o) => o.results.iter().map(show).collect(),
+                    Err(e) => vec![format!("refused {}", e.code().code())],
+                })
                 .collect();
             assert_eq!(results, case.results, "{}: results", case.name);
-            for o in &plan.outcomes {
+            for o in plan.outcomes.iter().flatten() {
                 let max = o
                     .results
                     .iter()

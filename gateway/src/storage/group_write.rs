@@ -33,6 +33,15 @@ pub struct StoredDoc {
     pub deleted: bool,
 }
 
+/// A client id's exactly-once record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredClient {
+    /// The highest mutation id handled.
+    pub last_mutation: u64,
+    /// The user that owns the client id.
+    pub owner: String,
+}
+
 /// The stored outcome of a mutation handled by an earlier group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Earlier {
@@ -174,19 +183,26 @@ impl GroupTxn {
         self.head
     }
 
-    /// Each client's last handled mutation id (absent: the client never pushed).
-    pub async fn client_lasts(&self, clients: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
+    /// Each client's last handled mutation id and owner (absent: the client id was never
+    /// used).
+    pub async fn clients(
+        &self,
+        clients: &[&str],
+    ) -> Result<HashMap<String, StoredClient>, StoreError> {
         let mut lasts = HashMap::new();
         for chunk in clients.chunks(INSERT_CHUNK) {
             let select = Query::select()
-                .columns(["client_id", "last_mutation"])
+                .columns(["client_id", "last_mutation", "user_id"])
                 .from("sg_clients")
                 .and_where(Expr::col("client_id").is_in(chunk.iter().copied()))
                 .to_owned();
             for r in self.txn.query_all_raw(self.backend.build(&select)).await? {
                 lasts.insert(
                     r.try_get::<String>("", "client_id")?,
-                    r.try_get::<i64>("", "last_mutation")? as u64,
+                    StoredClient {
+                        last_mutation: r.try_get::<i64>("", "last_mutation")? as u64,
+                        owner: r.try_get("", "user_id")?,
+                    },
                 );
             }
         }
@@ -529,8 +545,10 @@ async fn write_rows(txn: &Txn, backend: DbBackend, rows: &GroupRows) -> Result<(
             ]
         });
         let columns = ["client_id", "last_mutation", "user_id", "updated_at"];
+        // The owner (`user_id`) is set when the client id is first used and changed only by
+        // an administrator: a push never moves it.
         let upsert = OnConflict::column("client_id")
-            .update_columns(["last_mutation", "user_id", "updated_at"])
+            .update_columns(["last_mutation", "updated_at"])
             .to_owned();
         let statement = insert(backend, "sg_clients", &columns, values, Some(upsert))?;
         txn.execute_raw(statement).await?;

@@ -18,7 +18,7 @@ mod schema;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::sea_query::{Asterisk, Expr, ExprTrait, Func, Order, Query};
+use sea_orm::sea_query::{Asterisk, Expr, ExprTrait, Func, OnConflict, Order, Query};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, QueryResult,
@@ -45,6 +45,18 @@ pub struct Store {
     backend: DbBackend,
     /// The database's epoch, read once at start.
     epoch: Arc<str>,
+}
+
+/// Who holds a client id, as [`Store::claim_client`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientClaim {
+    /// The asking user holds it; this is its exactly-once horizon.
+    Owned {
+        /// The highest mutation id handled for it.
+        last_applied: u64,
+    },
+    /// Another user holds it.
+    Taken,
 }
 
 /// Storage failures.
@@ -256,18 +268,80 @@ impl Store {
         Ok(row.try_get::<i64>("", "seq")? as u64)
     }
 
-    /// The last mutation id applied for a client (0 if none).
-    pub async fn last_applied(&self, client_id: &str) -> Result<u64, StoreError> {
+    /// Binds `client_id` to `user` if nobody holds it yet, and says who holds it: the user
+    /// that first used a client id owns it (its exactly-once record, its horizon) until an
+    /// administrator reassigns it ([`Store::reassign_client`]).
+    pub async fn claim_client(
+        &self,
+        client_id: &str,
+        user: &str,
+    ) -> Result<ClientClaim, StoreError> {
+        if let Some(claim) = self.client_owner(client_id, user).await? {
+            return Ok(claim);
+        }
+        let insert = Query::insert()
+            .into_table("sg_clients")
+            .columns(["client_id", "last_mutation", "user_id", "updated_at"])
+            .values([client_id.into(), 0i64.into(), user.into(), now_ms().into()])
+            .map_err(|e| StoreError::Statement(e.to_string()))?
+            .on_conflict(OnConflict::column("client_id").do_nothing().to_owned())
+            .to_owned();
+        self.db.execute_raw(self.backend.build(&insert)).await?;
+        // Another hello may have won the race: read who holds it now.
+        self.client_owner(client_id, user)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("client {client_id:?} vanished")))
+    }
+
+    async fn client_owner(
+        &self,
+        client_id: &str,
+        user: &str,
+    ) -> Result<Option<ClientClaim>, StoreError> {
         let select = Query::select()
-            .column("last_mutation")
+            .columns(["last_mutation", "user_id"])
             .from("sg_clients")
             .and_where(Expr::col("client_id").eq(client_id))
             .to_owned();
-        let row = self.db.query_one_raw(self.backend.build(&select)).await?;
-        Ok(match row {
-            Some(r) => r.try_get::<i64>("", "last_mutation")? as u64,
-            None => 0,
-        })
+        let Some(row) = self.db.query_one_raw(self.backend.build(&select)).await? else {
+            return Ok(None);
+        };
+        let owner: String = row.try_get("", "user_id")?;
+        Ok(Some(if owner == user {
+            ClientClaim::Owned {
+                last_applied: row.try_get::<i64>("", "last_mutation")? as u64,
+            }
+        } else {
+            ClientClaim::Taken
+        }))
+    }
+
+    /// Gives `client_id` to `user` (an installation handed to another operator); returns the
+    /// previous owner, or `None` if the client id was never used.
+    pub async fn reassign_client(
+        &self,
+        client_id: &str,
+        user: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let txn = self.begin().await?;
+        let select = Query::select()
+            .column("user_id")
+            .from("sg_clients")
+            .and_where(Expr::col("client_id").eq(client_id))
+            .to_owned();
+        let Some(row) = txn.query_one_raw(self.backend.build(&select)).await? else {
+            return Ok(None);
+        };
+        let previous: String = row.try_get("", "user_id")?;
+        let update = Query::update()
+            .table("sg_clients")
+            .value("user_id", user)
+            .value("updated_at", now_ms())
+            .and_where(Expr::col("client_id").eq(client_id))
+            .to_owned();
+        txn.execute_raw(self.backend.build(&update)).await?;
+        txn.commit().await?;
+        Ok(Some(previous))
     }
 
     /// Changes of one collection with `after < seq <= upto`, in seq order, at most `limit`.

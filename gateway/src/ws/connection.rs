@@ -26,11 +26,13 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::auth::AuthError;
 use crate::error::{ErrorReply, GatewayError, Step};
 use crate::ingest::IngestRequest;
 use crate::ingest::plan::{PushJob, PushOutcome};
 use crate::outbound::Outbound;
 use crate::shared::Shared;
+use crate::storage::ClientClaim;
 use crate::sync::hub::SubEntry;
 
 /// How long a client has to complete the WebSocket upgrade and send `Hello`.
@@ -54,6 +56,9 @@ struct Session {
     user: String,
     /// The session id sent in `welcome` (as 16 hex digits), for log lines.
     id: u64,
+    /// When the token expires (plus the leeway): the session ends then with
+    /// `token_expired`, and the client reconnects with a fresh token.
+    token_deadline: Instant,
 }
 
 /// A subscription of this connection.
@@ -174,6 +179,11 @@ impl Connection {
                 last_seen + heartbeat
             };
             let can_read = pushes.len() < max_inflight && self.out.has_space();
+            // Far away before the handshake (the handshake deadline comes first).
+            let token_deadline = self
+                .session
+                .as_ref()
+                .map_or(handshake_deadline, |s| s.token_deadline);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -224,6 +234,11 @@ impl Connection {
                     let name = e.code().name();
                     self.reply(e);
                     return name.into();
+                }
+                _ = tokio::time::sleep_until(token_deadline.into()), if self.session.is_some() => {
+                    // The server says why before closing; the client renews and resumes.
+                    self.reply(GatewayError::Auth(AuthError::Expired));
+                    return "token expired".into();
                 }
                 _ = self.out.closed() => return self.close_reason(),
             }
@@ -316,8 +331,8 @@ impl Connection {
             self.reply(e);
             return;
         }
-        let user = match self.shared.auth.verify(&h.token) {
-            Ok(u) => u,
+        let identity = match self.shared.auth.verify(&h.token) {
+            Ok(id) => id,
             Err(e) => {
                 // The token itself is never logged.
                 let e = GatewayError::Auth(e);
@@ -326,14 +341,25 @@ impl Connection {
                 return;
             }
         };
-        let last_applied_mutation = match self.shared.store.last_applied(&h.client_id).await {
-            Ok(n) => n,
+        let user = identity.user;
+        let claim = self.shared.store.claim_client(&h.client_id, &user).await;
+        let last_applied_mutation = match claim {
+            Ok(ClientClaim::Owned { last_applied }) => last_applied,
+            Ok(ClientClaim::Taken) => {
+                // Nothing of the other user's installation is revealed, not even its horizon.
+                let e = GatewayError::ClientIdTaken;
+                self.refused_handshake(&e, &h.agent);
+                self.reply(e);
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reading the client's last mutation failed");
                 self.reply(GatewayError::Storage(Step::Handshake));
                 return;
             }
         };
+        let token_left = identity.valid_until.saturating_sub(crate::auth::unix_now());
+        let token_deadline = Instant::now() + Duration::from_secs(token_left);
         let session_id = rand::random::<u64>();
         let session = format!("{session_id:016x}");
         if let Some(suppressed) = self.shared.oplog.connections.allow() {
@@ -355,6 +381,7 @@ impl Connection {
             client_id: h.client_id,
             user,
             id: session_id,
+            token_deadline,
         });
     }
 

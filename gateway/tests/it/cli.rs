@@ -9,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::*;
 use syncgate_client::Connection;
+use syncgate_gateway::Config;
 
 /// Longer than any of these commands may take; a command still running then has hung.
 const PROMPT: Duration = Duration::from_secs(45);
@@ -325,4 +326,85 @@ async fn the_log_tells_an_operator_what_happened() {
     assert_eq!(closed["fields"]["reason"], "closed by the client");
     assert!(closed["fields"]["duration_ms"].is_u64(), "{closed}");
     child.kill().await.unwrap();
+}
+
+/// `syncgate admin clients reassign` hands an installation to another user: the new owner
+/// connects with its horizon, the previous one is refused; an unknown client id is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reassigns_a_client_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let unknown = syncgate(&[
+        "--data-dir",
+        data,
+        "admin",
+        "clients",
+        "reassign",
+        "term-9",
+        "--user",
+        "bob",
+    ])
+    .await;
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("never connected"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        auth: syncgate_gateway::config::AuthConfig {
+            jwt_secret: SECRET.into(),
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let gw = Gateway::start(config.clone()).await.unwrap();
+    let (mut alice, _) = Connection::connect(&ws_url(&gw), "term-9", &token("alice"))
+        .await
+        .unwrap();
+    push(
+        &mut alice,
+        1,
+        vec![put(1, "work_orders", "wo-1", body(&[]))],
+    )
+    .await;
+    drop(alice);
+    gw.shutdown().await;
+    let out = syncgate(&[
+        "--data-dir",
+        data,
+        "--jwt-secret",
+        SECRET,
+        "admin",
+        "clients",
+        "reassign",
+        "term-9",
+        "--user",
+        "bob",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(r#""alice" -> "bob""#),
+        "{}",
+        text(&out.stdout)
+    );
+    let gw = Gateway::start(config).await.unwrap();
+    let (_bob, welcome) = Connection::connect(&ws_url(&gw), "term-9", &token("bob"))
+        .await
+        .unwrap();
+    assert_eq!(
+        welcome.last_applied_mutation, 1,
+        "the horizon went with the installation"
+    );
+    match Connection::connect(&ws_url(&gw), "term-9", &token("alice")).await {
+        Err(syncgate_client::ConnError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::ClientIdTaken.code(), "{e:?}")
+        }
+        other => panic!("alice must be refused: {:?}", other.map(|_| ())),
+    }
+    gw.shutdown().await;
 }

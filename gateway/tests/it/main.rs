@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
+use syncgate_client::Connection;
 use syncgate_gateway::Gateway;
+use syncgate_gateway::auth::Authenticator;
 use syncgate_protocol::codec::encode;
 use syncgate_protocol::*;
 use util::*;
@@ -51,6 +53,8 @@ on_both_backends!(
     foreign_cursor_gets_resync,
     slow_consumer_is_disconnected_others_keep_syncing,
     failed_group_is_never_overtaken_by_a_later_batch,
+    a_client_id_belongs_to_the_user_that_first_used_it,
+    hostile_tokens_get_nothing,
 );
 
 const WRITERS: u64 = 4;
@@ -921,6 +925,181 @@ async fn failed_group_is_never_overtaken_by_a_later_batch(backend: Backend) {
     let docs = server_docs(&gw, "work_orders").await;
     // One document per mutation, but the poison document is written once per round.
     assert_eq!(docs.len() as u64, total - ROUNDS + 1);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// A hello as an adversary sends it.
+fn hello_as(client_id: &str, token: String) -> Frame {
+    Frame::Hello(Hello {
+        versions: vec![1],
+        client_id: client_id.into(),
+        token,
+        agent: "adversary".into(),
+    })
+}
+
+/// Another user presenting a client id gets nothing of it (not even its horizon), cannot
+/// advance it, and the owner's edits and replays still apply exactly once. An administrator can
+/// hand the installation over.
+async fn a_client_id_belongs_to_the_user_that_first_used_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let url = ws_url(&gw);
+    let doc = |n: i64| body(&[("qty", Value::from(n))]);
+    let (mut alice, welcome) = Connection::connect(&url, "term-7", &token("alice"))
+        .await
+        .unwrap();
+    assert_eq!(welcome.last_applied_mutation, 0);
+    let first: Vec<Mutation> = (1..=5)
+        .map(|i| put(i, "work_orders", &format!("wo-{i}"), doc(i as i64)))
+        .collect();
+    let ack = push(&mut alice, 1, first.clone()).await;
+    // Bob presents alice's client id: refused before any welcome, whatever he then sends.
+    for attempt in [
+        vec![hello_as("term-7", token("bob"))],
+        vec![
+            hello_as("term-7", token("bob")),
+            Frame::Push(Push {
+                batch: 1,
+                mutations: vec![put(1000, "work_orders", "wo-x", doc(0))],
+            }),
+        ],
+    ] {
+        let mut bob = syncgate_client::Connection::open(&url).await.unwrap();
+        for f in &attempt {
+            let _ = bob.send(f).await;
+        }
+        expect_fatal(&mut bob, ErrorCode::ClientIdTaken).await;
+    }
+    // Alice's next edit and her replay of everything apply exactly once, unaffected.
+    let (mut alice, welcome) = Connection::connect(&url, "term-7", &token("alice"))
+        .await
+        .unwrap();
+    assert_eq!(welcome.last_applied_mutation, 5, "bob moved nothing");
+    let sixth = put(6, "work_orders", "wo-6", doc(6));
+    let next = push(&mut alice, 2, vec![sixth.clone()]).await;
+    assert_eq!(next.results[0].status, MutationStatus::Applied);
+    let mut all = first;
+    all.push(sixth);
+    let replay = push(&mut alice, 3, all).await;
+    let mut expected = ack.results.clone();
+    expected.extend(next.results.clone());
+    assert_eq!(
+        replay.results, expected,
+        "the replay gets the stored outcomes"
+    );
+    assert_eq!(gw.store.head().await.unwrap(), 6, "nothing applied twice");
+    assert!(!server_docs(&gw, "work_orders").await.contains_key("wo-x"));
+    // The installation is handed over to bob: now he holds it and alice is refused.
+    let previous = gw.store.reassign_client("term-7", "bob").await.unwrap();
+    assert_eq!(previous.as_deref(), Some("alice"));
+    let (_bob, welcome) = Connection::connect(&url, "term-7", &token("bob"))
+        .await
+        .unwrap();
+    assert_eq!(welcome.last_applied_mutation, 6);
+    let mut again = syncgate_client::Connection::open(&url).await.unwrap();
+    again
+        .send(&hello_as("term-7", token("alice")))
+        .await
+        .unwrap();
+    expect_fatal(&mut again, ErrorCode::ClientIdTaken).await;
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// Tokens that are not yet valid, meant for another service, unsigned, or with extensions the
+/// gateway does not understand get a fatal `unauthorized` and nothing else.
+async fn hostile_tokens_get_nothing(backend: Backend) {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use syncgate_gateway::auth::Claims;
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let url = ws_url(&gw);
+    let auth = Authenticator::new(SECRET.as_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let unsigned = format!(
+        "{}.{}.",
+        B64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        B64.encode(serde_json::to_vec(&Claims::new("root", 600)).unwrap())
+    );
+    let tokens = [
+        (
+            "not yet valid",
+            auth.mint_claims(Claims {
+                nbf: Some(now + 120),
+                ..Claims::new("alice", 600)
+            })
+            .unwrap(),
+        ),
+        (
+            "another service's audience",
+            auth.mint_claims(Claims {
+                aud: Some("billing".into()),
+                ..Claims::new("alice", 600)
+            })
+            .unwrap(),
+        ),
+        ("alg none", unsigned),
+        (
+            "a control character in sub",
+            auth.mint("ali\u{7}ce", 600).unwrap(),
+        ),
+    ];
+    for (name, t) in tokens {
+        let mut c = syncgate_client::Connection::open(&url).await.unwrap();
+        c.send(&hello_as(&format!("c-{}", name.len()), t))
+            .await
+            .unwrap();
+        match c.recv_timeout(DEADLINE).await {
+            Ok(Frame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::Unauthorized.code(), "{name}: {e:?}");
+                assert!(e.fatal, "{name}");
+            }
+            other => panic!("{name}: expected a fatal error, got {other:?}"),
+        }
+    }
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// A token that expires during the session ends it with `token_expired` (202) and close code
+/// 4202: the session does not outlive its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = db.config();
+    config.auth.leeway_secs = 0;
+    let gw = Gateway::start(config).await.unwrap();
+    let short = Authenticator::new(SECRET.as_bytes())
+        .mint("alice", 1)
+        .unwrap();
+    let (mut c, _) = Connection::connect(&ws_url(&gw), "term-1", &short)
+        .await
+        .unwrap();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match c
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Ok(Frame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::TokenExpired.code(), "{e:?}");
+                assert!(e.fatal);
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("expected token_expired, got {e:?}"),
+        }
+    }
+    match c.recv_timeout(DEADLINE).await {
+        Err(syncgate_client::ConnError::Closed(Some(code))) => assert_eq!(code, 4202),
+        other => panic!("expected close 4202, got {other:?}"),
+    }
     gw.shutdown().await;
     db.cleanup().await;
 }

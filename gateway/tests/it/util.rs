@@ -78,6 +78,7 @@ impl TestDb {
             database: self.url.clone(),
             auth: syncgate_gateway::config::AuthConfig {
                 jwt_secret: SECRET.into(),
+                ..Default::default()
             },
             ..Config::default()
         }
