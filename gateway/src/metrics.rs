@@ -41,6 +41,8 @@ pub struct Metrics {
     pub outbound_bytes: IntGauge,
     /// Catch-up pages read, by source (`memory`: the hub's recent log tail; `database`).
     pub catch_up_pages: IntCounterVec,
+    /// Snapshot pages read from the database.
+    pub snapshot_pages: IntCounter,
     /// Clients whose later pushes are refused until they replay a batch that was not applied.
     pub fenced_clients: IntGauge,
 }
@@ -127,6 +129,10 @@ impl Metrics {
                 "syncgate_catch_up_pages_total",
                 "Catch-up pages read, by source (memory or database)",
                 &["source"],
+            ),
+            snapshot_pages: counter(
+                "syncgate_snapshot_pages_total",
+                "Snapshot pages read from the database",
             ),
             fenced_clients: gauge(
                 "syncgate_fenced_clients",

@@ -240,6 +240,15 @@ impl Outbound {
     }
 }
 
+impl Drop for Outbound {
+    /// Frames still queued when the connection is gone (a writer aborted while the peer did
+    /// not read) leave the node-wide gauge with the queue.
+    fn drop(&mut self) {
+        let bytes = self.lock().bytes;
+        self.gauge.sub(bytes as i64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,11 +18,13 @@ mod schema;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::sea_query::{Asterisk, Expr, ExprTrait, Func, OnConflict, Order, Query};
+use sea_orm::sea_query::{
+    Asterisk, Expr, ExprTrait, Func, OnConflict, Order, Query, SelectStatement,
+};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, QueryResult,
-    TransactionTrait,
+    AccessMode, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr,
+    IsolationLevel, QueryResult, TransactionTrait,
 };
 use syncgate_protocol::codec::from_msgpack;
 
@@ -45,6 +47,15 @@ pub struct Store {
     backend: DbBackend,
     /// The database's epoch, read once at start.
     epoch: Arc<str>,
+}
+
+/// One page of a read bounded by count and bytes.
+#[derive(Debug)]
+pub struct Page<T> {
+    /// The rows, in order.
+    pub items: Vec<T>,
+    /// The read stopped at its limit (of rows or bytes): there may be more after the last.
+    pub more: bool,
 }
 
 /// Who holds a client id, as [`Store::claim_client`] found it.
@@ -344,15 +355,67 @@ impl Store {
         Ok(Some(previous))
     }
 
-    /// Changes of one collection with `after < seq <= upto`, in seq order, at most `limit`.
+    /// Changes of one collection with `after < seq <= upto`, in seq order: at most `limit`,
+    /// and no more than about `max_bytes` of bodies (at least one change). The previous
+    /// bodies are read only `with_prev` (a filtered subscriber needs them to see documents
+    /// leave its filter); rows are streamed, so a page never holds more than that in memory.
     pub async fn read_changes(
         &self,
         collection: &str,
         after: u64,
         upto: u64,
         limit: u64,
-    ) -> Result<Vec<LogEntry>, StoreError> {
-        self.read_range(Some(collection), after, upto, limit).await
+        max_bytes: usize,
+        with_prev: bool,
+    ) -> Result<Page<LogEntry>, StoreError> {
+        let size = if with_prev {
+            r#"CAST(COALESCE(LENGTH("body"), 0) + COALESCE(LENGTH("prev_body"), 0) AS BIGINT)"#
+        } else {
+            r#"CAST(COALESCE(LENGTH("body"), 0) AS BIGINT)"#
+        };
+        let range = |select: &mut SelectStatement| {
+            select
+                .from("sg_changes")
+                .and_where(Expr::col("collection").eq(collection))
+                .and_where(Expr::col("seq").gt(after as i64))
+                .and_where(Expr::col("seq").lte(upto as i64))
+                .order_by("seq", Order::Asc);
+        };
+        let mut sizes = Query::select()
+            .expr_as(Expr::col("seq"), "k")
+            .expr_as(Expr::cust(size), "n")
+            .limit(limit)
+            .to_owned();
+        range(&mut sizes);
+        let mut rows = Query::select()
+            .columns(["seq", "collection", "doc_id", "op", "body"])
+            .to_owned();
+        if with_prev {
+            rows.column("prev_body");
+        } else {
+            rows.expr_as(Expr::cust("NULL"), "prev_body");
+        }
+        range(&mut rows);
+        let page = self
+            .read_page(
+                sizes,
+                rows,
+                limit,
+                max_bytes,
+                |r| r.try_get::<i64>("", "k"),
+                |select, last| {
+                    select.and_where(Expr::col("seq").lte(last));
+                },
+            )
+            .await?;
+        Ok(Page {
+            items: page
+                .items
+                .iter()
+                .map(entry_from_row)
+                .collect::<Result<_, _>>()?,
+            more: page.more,
+        })
     }
 
     /// Changes of every collection with `after < seq <= upto`, in seq order, at most `limit`.
@@ -362,51 +425,63 @@ impl Store {
         upto: u64,
         limit: u64,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        self.read_range(None, after, upto, limit).await
-    }
-
-    /// Changes with `after < seq <= upto` (of one collection, or all), in seq order.
-    async fn read_range(
-        &self,
-        collection: Option<&str>,
-        after: u64,
-        upto: u64,
-        limit: u64,
-    ) -> Result<Vec<LogEntry>, StoreError> {
-        let mut select = Query::select()
+        let select = Query::select()
             .columns(["seq", "collection", "doc_id", "op", "body", "prev_body"])
             .from("sg_changes")
-            .to_owned();
-        if let Some(c) = collection {
-            select.and_where(Expr::col("collection").eq(c));
-        }
-        select
             .and_where(Expr::col("seq").gt(after as i64))
             .and_where(Expr::col("seq").lte(upto as i64))
             .order_by("seq", Order::Asc)
-            .limit(limit);
+            .limit(limit)
+            .to_owned();
         let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
         rows.iter().map(entry_from_row).collect()
     }
 
-    /// Live documents of a collection with id greater than `after_id`, in id order.
+    /// Live documents of a collection with id greater than `after_id`, in id order: at most
+    /// `limit`, and no more than about `max_bytes` of bodies (at least one document).
     pub async fn documents_page(
         &self,
         collection: &str,
         after_id: Option<&str>,
         limit: u64,
-    ) -> Result<Vec<Doc>, StoreError> {
-        let select = Query::select()
-            .columns(["doc_id", "body", "version"])
-            .from("sg_documents")
-            .and_where(Expr::col("collection").eq(collection))
-            .and_where(Expr::col("doc_id").gt(after_id.unwrap_or("")))
-            .and_where(Expr::col("deleted").eq(0))
-            .order_by("doc_id", Order::Asc)
+        max_bytes: usize,
+    ) -> Result<Page<Doc>, StoreError> {
+        let range = |select: &mut SelectStatement| {
+            select
+                .from("sg_documents")
+                .and_where(Expr::col("collection").eq(collection))
+                .and_where(Expr::col("doc_id").gt(after_id.unwrap_or("")))
+                .and_where(Expr::col("deleted").eq(0))
+                .order_by("doc_id", Order::Asc);
+        };
+        let mut sizes = Query::select()
+            .expr_as(Expr::col("doc_id"), "k")
+            .expr_as(
+                Expr::cust(r#"CAST(COALESCE(LENGTH("body"), 0) AS BIGINT)"#),
+                "n",
+            )
             .limit(limit)
             .to_owned();
-        let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
-        rows.iter()
+        range(&mut sizes);
+        let mut rows = Query::select()
+            .columns(["doc_id", "body", "version"])
+            .to_owned();
+        range(&mut rows);
+        let page = self
+            .read_page(
+                sizes,
+                rows,
+                limit,
+                max_bytes,
+                |r| r.try_get::<String>("", "k"),
+                |select, last| {
+                    select.and_where(Expr::col("doc_id").lte(last));
+                },
+            )
+            .await?;
+        let items = page
+            .items
+            .iter()
             .map(|r| {
                 let body: Option<Vec<u8>> = r.try_get("", "body")?;
                 Ok(Doc {
@@ -415,7 +490,63 @@ impl Store {
                     version: r.try_get::<i64>("", "version")? as u64,
                 })
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Page {
+            items,
+            more: page.more,
+        })
+    }
+
+    /// One page of a range read, bounded by rows and bytes without reading more than it
+    /// returns: `sizes` (the range's keys `k` and body sizes `n`, with the row limit) says how
+    /// many rows fit in `max_bytes` (at least one); `rows` (the same range) is then read up to
+    /// the last of them (`upto` adds `key <= last`). Both run in one read-only snapshot, so
+    /// the rows are the ones measured.
+    async fn read_page<K: Clone + Into<sea_orm::Value>>(
+        &self,
+        sizes: SelectStatement,
+        mut rows: SelectStatement,
+        limit: u64,
+        max_bytes: usize,
+        key: impl Fn(&QueryResult) -> Result<K, DbErr>,
+        upto: impl Fn(&mut SelectStatement, K),
+    ) -> Result<Page<QueryResult>, StoreError> {
+        let txn = if self.is_postgres() {
+            self.db
+                .begin_with_config(
+                    Some(IsolationLevel::RepeatableRead),
+                    Some(AccessMode::ReadOnly),
+                )
+                .await?
+        } else {
+            // SQLite in WAL mode: a read transaction sees one snapshot throughout.
+            self.db.begin().await?
+        };
+        let measured = txn.query_all_raw(self.backend.build(&sizes)).await?;
+        let mut bytes = 0usize;
+        let mut take = 0usize;
+        let mut last = None;
+        for r in &measured {
+            if take > 0 && bytes >= max_bytes {
+                break;
+            }
+            let n = r.try_get::<Option<i64>>("", "n")?.unwrap_or(0);
+            bytes += usize::try_from(n).unwrap_or(0);
+            take += 1;
+            last = Some(key(r)?);
+        }
+        let Some(last) = last else {
+            txn.commit().await?;
+            return Ok(Page {
+                items: Vec::new(),
+                more: false,
+            });
+        };
+        upto(&mut rows, last);
+        let items = txn.query_all_raw(self.backend.build(&rows)).await?;
+        txn.commit().await?;
+        let more = take < measured.len() || measured.len() as u64 >= limit;
+        Ok(Page { items, more })
     }
 
     /// One document (deleted ones included), for tests and admin tools.

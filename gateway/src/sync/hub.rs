@@ -31,7 +31,7 @@ use crate::changes::{Committed, LogEntry};
 use crate::error::{ErrorReply, GatewayError};
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
-use crate::storage::Store;
+use crate::storage::{Page, Store};
 use crate::sync::frames::{changes_frames, deliverable};
 
 /// One subscription of one connection.
@@ -142,31 +142,37 @@ impl Tail {
         }
     }
 
-    /// Changes of `collection` with `after < seq <= upto`, at most `limit`, if the tail holds
-    /// the whole range.
+    /// Changes of `collection` with `after < seq <= upto`, at most `limit` of them and about
+    /// `max_bytes` of their encodings (at least one), if the tail holds the whole range.
     fn read(
         &self,
         collection: &str,
         after: u64,
         upto: u64,
         limit: usize,
-    ) -> Option<Vec<Arc<LogEntry>>> {
+        max_bytes: usize,
+    ) -> Option<Page<Arc<LogEntry>>> {
         let first = self.entries.front()?.change.seq;
         let last = self.entries.back()?.change.seq;
         if after + 1 < first || upto > last {
             return None;
         }
-        let start = (after + 1 - first) as usize;
-        let mut out = Vec::new();
+        let start = usize::try_from(after + 1 - first).ok()?;
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
         for e in self.entries.range(start..) {
-            if e.change.seq > upto || out.len() >= limit {
+            if e.change.seq > upto {
                 break;
             }
+            if items.len() >= limit || (bytes >= max_bytes && !items.is_empty()) {
+                return Some(Page { items, more: true });
+            }
             if e.change.collection == collection {
-                out.push(e.clone());
+                bytes += e.encoded.len();
+                items.push(e.clone());
             }
         }
-        Some(out)
+        Some(Page { items, more: false })
     }
 }
 
@@ -198,16 +204,18 @@ impl Hub {
     }
 
     /// Catch-up from memory: changes of `collection` with `after < seq <= upto` (at most
-    /// `limit`), or `None` when the recent tail does not reach back to `after`.
+    /// `limit`, about `max_bytes`), or `None` when the recent tail does not reach back to
+    /// `after`.
     pub(crate) fn read_tail(
         &self,
         collection: &str,
         after: u64,
         upto: u64,
         limit: usize,
-    ) -> Option<Vec<Arc<LogEntry>>> {
+        max_bytes: usize,
+    ) -> Option<Page<Arc<LogEntry>>> {
         let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        tail.read(collection, after, upto, limit)
+        tail.read(collection, after, upto, limit, max_bytes)
     }
 
     /// Bytes of changes per frame.
@@ -433,19 +441,39 @@ mod tests {
             .map(|s| entry(s, if s % 2 == 0 { "b" } else { "a" }))
             .collect();
         t.append(0, &batch);
-        let seqs = |v: Option<Vec<Arc<LogEntry>>>| {
-            v.map(|v| v.iter().map(|e| e.change.seq).collect::<Vec<_>>())
+        let seqs = |v: Option<Page<Arc<LogEntry>>>| {
+            v.map(|p| p.items.iter().map(|e| e.change.seq).collect::<Vec<_>>())
         };
-        assert_eq!(seqs(t.read("a", 0, 4, 100)), Some(vec![1, 3]));
-        assert_eq!(seqs(t.read("b", 1, 4, 1)), Some(vec![2]));
-        assert_eq!(seqs(t.read("a", 0, 5, 100)), None, "beyond the head");
+        assert_eq!(seqs(t.read("a", 0, 4, 100, usize::MAX)), Some(vec![1, 3]));
+        assert_eq!(seqs(t.read("b", 1, 4, 1, usize::MAX)), Some(vec![2]));
+        assert_eq!(
+            seqs(t.read("a", 0, 5, 100, usize::MAX)),
+            None,
+            "beyond the head"
+        );
         // Capacity 5: appending 5..=6 evicts 1, so a catch-up from 0 must go to the database.
         t.append(4, &[entry(5, "a"), entry(6, "a")]);
-        assert_eq!(seqs(t.read("a", 0, 6, 100)), None);
-        assert_eq!(seqs(t.read("a", 1, 6, 100)), Some(vec![3, 5, 6]));
+        assert_eq!(seqs(t.read("a", 0, 6, 100, usize::MAX)), None);
+        assert_eq!(
+            seqs(t.read("a", 1, 6, 100, usize::MAX)),
+            Some(vec![3, 5, 6])
+        );
+        // Pages are cut by bytes too (at least one change), and say that more follows.
+        let one_encoding = entry(3, "a").encoded.len();
+        let page = t.read("a", 1, 6, 100, one_encoding + 1).unwrap();
+        assert_eq!(
+            (
+                page.items.iter().map(|e| e.change.seq).collect::<Vec<_>>(),
+                page.more
+            ),
+            (vec![3, 5], true)
+        );
+        let page = t.read("a", 1, 6, 100, 0).unwrap();
+        assert_eq!((page.items.len(), page.more), (1, true));
+        assert!(!t.read("a", 1, 6, 100, usize::MAX).unwrap().more);
         // A hole (a chunk that does not follow the tail) resets it.
         t.append(7, &[entry(8, "a")]);
-        assert_eq!(seqs(t.read("a", 6, 8, 100)), None);
-        assert_eq!(seqs(t.read("a", 7, 8, 100)), Some(vec![8]));
+        assert_eq!(seqs(t.read("a", 6, 8, 100, usize::MAX)), None);
+        assert_eq!(seqs(t.read("a", 7, 8, 100, usize::MAX)), Some(vec![8]));
     }
 }

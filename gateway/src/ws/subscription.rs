@@ -14,14 +14,21 @@ use syncgate_protocol::{Cursor, Frame, Resync, Snapshot};
 
 use crate::error::{ErrorReply, GatewayError, Step};
 use crate::shared::Shared;
-use crate::storage::StoreError;
+use crate::storage::{Page, StoreError};
 use crate::sync::frames::{changes_frames, deliverable};
 use crate::sync::hub::SubEntry;
 
-/// Documents per snapshot chunk.
+/// Most documents per snapshot page.
 const SNAPSHOT_PAGE: u64 = 500;
-/// Changes read per catch-up page.
+/// Most changes per catch-up page.
 const CATCH_UP_PAGE: u64 = 1000;
+
+/// Bytes of documents or changes a page may hold (at least one row): the connection's
+/// outbound cap, since a page is written into that queue anyway. A subscription that starts
+/// on a connection which does not read holds at most one page, whatever the documents' size.
+fn page_bytes(shared: &Shared) -> usize {
+    shared.config.outbound_buffer_bytes
+}
 
 /// Runs until the subscription is live (or the connection goes away and this task is aborted).
 pub(crate) async fn start(shared: Arc<Shared>, entry: Arc<SubEntry>, cursor: Option<Cursor>) {
@@ -68,8 +75,15 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
             }
             continue;
         }
-        let page = match hub.read_tail(&entry.collection, position, target, CATCH_UP_PAGE as usize)
-        {
+        let budget = page_bytes(shared);
+        let tail = hub.read_tail(
+            &entry.collection,
+            position,
+            target,
+            CATCH_UP_PAGE as usize,
+            budget,
+        );
+        let page = match tail {
             Some(page) => {
                 shared
                     .metrics
@@ -84,20 +98,31 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
                     .catch_up_pages
                     .with_label_values(&["database"])
                     .inc();
-                shared
+                // A filtered subscriber needs the previous bodies (to see documents leave its
+                // filter); an unfiltered one is never made to hold them.
+                let with_prev = !entry.filter.is_empty();
+                let page = shared
                     .store
-                    .read_changes(&entry.collection, position, target, CATCH_UP_PAGE)
-                    .await?
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect()
+                    .read_changes(
+                        &entry.collection,
+                        position,
+                        target,
+                        CATCH_UP_PAGE,
+                        budget,
+                        with_prev,
+                    )
+                    .await?;
+                Page {
+                    items: page.items.into_iter().map(Arc::new).collect(),
+                    more: page.more,
+                }
             }
         };
-        let upto = if (page.len() as u64) < CATCH_UP_PAGE {
-            target
-        } else {
-            page.last().map_or(target, |e| e.change.seq)
+        let upto = match page.items.last() {
+            Some(last) if page.more => last.change.seq,
+            _ => target,
         };
+        let page = page.items;
         let parts: Vec<(u64, &[u8])> = page
             .iter()
             .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.filter)?)))
@@ -137,9 +162,16 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
     loop {
         let page = shared
             .store
-            .documents_page(&entry.collection, after.as_deref(), SNAPSHOT_PAGE)
+            .documents_page(
+                &entry.collection,
+                after.as_deref(),
+                SNAPSHOT_PAGE,
+                page_bytes(shared),
+            )
             .await?;
-        let full = page.len() as u64 == SNAPSHOT_PAGE;
+        shared.metrics.snapshot_pages.inc();
+        let full = page.more;
+        let page = page.items;
         after = page.last().map(|d| d.id.clone());
         let docs: Vec<_> = page
             .into_iter()

@@ -408,3 +408,143 @@ async fn admin_reassigns_a_client_id() {
     }
     gw.shutdown().await;
 }
+
+/// Resident memory of a process, in bytes (Linux).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// The value of a metric (summed over its label sets) from a gateway's `/metrics`.
+async fn metric(http: &str, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Invariant 8 against a hostile client: subscriptions that never read, over large documents,
+/// from a snapshot and from a catch-up out of the database, hold at most one page of about the
+/// outbound cap each — not the whole collection — and the memory comes back when they close.
+/// (Before pages were cut by bytes, each of these held all 48 documents: over 600 MB here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_that_never_read_hold_one_page_each() {
+    const DOCS: usize = 48;
+    const DOC_BYTES: usize = 200 * 1024;
+    const CONNECTIONS: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = serve(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--jwt-secret",
+        SECRET,
+    ]);
+    let pid = child.id().unwrap();
+    // The gateway's log lines are drained (a full pipe would stall the gateway) and shown.
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = log.next_line().await {
+            eprintln!("gateway: {line}");
+        }
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PROMPT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut words = first.split_whitespace();
+    let ws = words.nth(2).unwrap().to_owned();
+    let http = words
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_owned();
+    let (mut writer, welcome) = Connection::connect(&ws, "writer", &token("w"))
+        .await
+        .unwrap();
+    let big = |i: usize| {
+        body(&[
+            ("n", Value::from(i as i64)),
+            ("text", Value::from("x".repeat(DOC_BYTES))),
+        ])
+    };
+    for (batch, ids) in (0..DOCS).collect::<Vec<_>>().chunks(4).enumerate() {
+        let mutations = ids
+            .iter()
+            .map(|i| put(*i as u64 + 1, "feedback", &format!("f-{i:03}"), big(*i)))
+            .collect();
+        push(&mut writer, batch as u64 + 1, mutations).await;
+    }
+    let baseline = rss_bytes(pid);
+    // Connections that never read, one subscription each: half start from a snapshot, half
+    // catch up from seq 0 (the in-memory tail does not reach back that far for documents this
+    // large, so it is read from the database).
+    let mut hogs = Vec::new();
+    for c in 0..CONNECTIONS {
+        let (mut hog, _) = Connection::connect(&ws, &format!("hog-{c}"), &token("hog"))
+            .await
+            .unwrap();
+        let cursor = (c % 2 == 1).then(|| Cursor {
+            epoch: welcome.epoch.clone(),
+            seq: 0,
+        });
+        hog.send(&Frame::Subscribe(Subscribe {
+            sub: 1,
+            collection: "feedback".into(),
+            filter: Body::new(),
+            cursor,
+        }))
+        .await
+        .unwrap();
+        hogs.push(hog);
+    }
+    // Every subscription has read its first page from the database.
+    let want = (CONNECTIONS / 2) as f64;
+    let end = Instant::now() + PROMPT;
+    while metric(&http, "syncgate_snapshot_pages_total").await < want
+        || metric(&http, "syncgate_catch_up_pages_total{source=\"database\"}").await < want
+    {
+        assert!(Instant::now() < end, "the subscriptions did not start");
+        tokio::task::yield_now().await;
+    }
+    let held = rss_bytes(pid).saturating_sub(baseline);
+    assert!(
+        held < 300 << 20,
+        "{} MiB held by {CONNECTIONS} subscriptions that never read",
+        held >> 20
+    );
+    // The connections go away: the memory is released.
+    drop(hogs);
+    let end = Instant::now() + PROMPT;
+    while metric(&http, "syncgate_connections").await > 1.0 {
+        assert!(Instant::now() < end, "the connections were not closed");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        metric(&http, "syncgate_outbound_queue_bytes").await,
+        0.0,
+        "nothing stays queued for connections that are gone"
+    );
+    while rss_bytes(pid) > baseline + (200 << 20) {
+        assert!(
+            Instant::now() < end,
+            "RSS stayed at {} MiB after the connections closed (baseline {} MiB)",
+            rss_bytes(pid) >> 20,
+            baseline >> 20
+        );
+        tokio::task::yield_now().await;
+    }
+    child.kill().await.unwrap();
+}

@@ -302,9 +302,10 @@ pub async fn server_docs(gw: &Gateway, collection: &str) -> BTreeMap<String, (Bo
     loop {
         let page = gw
             .store
-            .documents_page(collection, after.as_deref(), 1000)
+            .documents_page(collection, after.as_deref(), 1000, 1 << 20)
             .await
-            .unwrap();
+            .unwrap()
+            .items;
         if page.is_empty() {
             return out;
         }
