@@ -53,6 +53,13 @@ pub struct Config {
     pub max_connections: usize,
     /// Pushes a connection may have in flight before the gateway stops reading its frames.
     pub max_inflight_pushes: usize,
+    /// Bytes of push frames a connection may have in flight before the gateway stops reading
+    /// its frames. At least `limits.max_frame_bytes`.
+    pub max_inflight_push_bytes: usize,
+    /// Bytes of push frames the whole node may have in flight (decoded, queued for or in the
+    /// group commit); a connection whose push does not fit waits before reading on. At least
+    /// `limits.max_frame_bytes`.
+    pub node_inflight_push_bytes: usize,
     /// Most mutations committed in one group-commit transaction.
     pub group_commit_max_mutations: usize,
     /// Grace period for connections to drain on shutdown, in milliseconds.
@@ -143,6 +150,8 @@ impl Default for Config {
             catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
             max_inflight_pushes: 16,
+            max_inflight_push_bytes: 4 * 1024 * 1024,
+            node_inflight_push_bytes: 256 * 1024 * 1024,
             group_commit_max_mutations: 5_000,
             shutdown_grace_ms: 5_000,
             database_startup_wait_ms: 60_000,
@@ -297,6 +306,17 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_inflight_pushes == 0 {
             return bad("max_connections and max_inflight_pushes must be positive".into());
+        }
+        let frame = l.max_frame_bytes as usize;
+        if self.max_inflight_push_bytes < frame || self.node_inflight_push_bytes < frame {
+            return bad(
+                "max_inflight_push_bytes and node_inflight_push_bytes must be at least \
+                 limits.max_frame_bytes"
+                    .into(),
+            );
+        }
+        if u32::try_from(frame).is_err() || self.node_inflight_push_bytes > 1 << 40 {
+            return bad("node_inflight_push_bytes must be at most 1 TiB".into());
         }
         if self.group_commit_max_mutations < l.max_mutations_per_batch as usize {
             return bad(

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub catch_up_pages: IntCounterVec,
     /// Snapshot pages read from the database.
     pub snapshot_pages: IntCounter,
+    /// Bytes of push frames in flight on the node (set when metrics are read).
+    pub inflight_push_bytes: IntGauge,
     /// Clients whose later pushes are refused until they replay a batch that was not applied.
     pub fenced_clients: IntGauge,
 }
@@ -133,6 +135,10 @@ impl Metrics {
             snapshot_pages: counter(
                 "syncgate_snapshot_pages_total",
                 "Snapshot pages read from the database",
+            ),
+            inflight_push_bytes: gauge(
+                "syncgate_inflight_push_bytes",
+                "Bytes of push frames in flight on the node (bounded by node_inflight_push_bytes)",
             ),
             fenced_clients: gauge(
                 "syncgate_fenced_clients",

@@ -144,6 +144,7 @@ impl Gateway {
             metrics: metrics.clone(),
             oplog,
             shutdown: shutdown.clone(),
+            push_bytes: Arc::new(Semaphore::new(config.node_inflight_push_bytes)),
             config,
         });
         background.spawn(accept_loop(ws, shared.clone(), connections.clone()));

@@ -34,5 +34,11 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> String {
+    let free = shared.push_bytes.available_permits();
+    let inflight = shared.config.node_inflight_push_bytes.saturating_sub(free);
+    shared
+        .metrics
+        .inflight_push_bytes
+        .set(i64::try_from(inflight).unwrap_or(i64::MAX));
     shared.metrics.render()
 }

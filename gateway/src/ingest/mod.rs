@@ -37,6 +37,8 @@ pub(crate) struct IngestRequest {
     pub job: PushJob,
     /// The outcome, or why the batch was not applied (the client pushes it again, or fixes it).
     pub(crate) reply: oneshot::Sender<Result<PushOutcome, GatewayError>>,
+    /// The frame's share of `node_inflight_push_bytes`, given back once the job is answered.
+    pub(crate) permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Runs until every sender is dropped.
@@ -52,6 +54,7 @@ pub(crate) async fn run_ingest(
     let mut order = ClientOrder::default();
     while let Some(first) = rx.recv().await {
         let mut jobs: Vec<PushJob> = Vec::new();
+        let mut permits = Vec::new();
         let mut replies: Vec<oneshot::Sender<Result<PushOutcome, GatewayError>>> = Vec::new();
         let mut n = 0;
         let mut next = Some(first);
@@ -61,6 +64,9 @@ pub(crate) async fn run_ingest(
                     n += req.job.mutations.len();
                     jobs.push(req.job);
                     replies.push(req.reply);
+                    // Held until the end of this group's turn: the node's push bytes are
+                    // given back only once the job is answered.
+                    permits.push(req.permit);
                 }
                 Err(refusal) => {
                     if let Some(suppressed) = oplog.rejections.allow() {

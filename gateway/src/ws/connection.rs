@@ -38,17 +38,19 @@ use crate::sync::hub::SubEntry;
 /// How long a client has to complete the WebSocket upgrade and send `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type PushReply = Pin<
-    Box<
-        dyn Future<
-                Output = (
-                    u64,
-                    Instant,
-                    Result<Result<PushOutcome, GatewayError>, oneshot::error::RecvError>,
-                ),
-            > + Send,
-    >,
->;
+/// A push on its way; it completes with its [`PushDone`].
+type PushReply = Pin<Box<dyn Future<Output = PushDone> + Send>>;
+
+/// A push whose answer came back.
+struct PushDone {
+    batch: u64,
+    /// The frame's size, counted in `inflight_bytes` until now.
+    size: usize,
+    /// When the push arrived (for `syncgate_push_seconds`).
+    started: Instant,
+    /// The outcome, a refusal, or nothing (ingest stopped).
+    reply: Result<Result<PushOutcome, GatewayError>, oneshot::error::RecvError>,
+}
 
 /// An authenticated session.
 struct Session {
@@ -121,6 +123,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         out: out.clone(),
         session: None,
         subs: HashMap::new(),
+        inflight_bytes: 0,
     };
     let reason = conn.run(&mut stream).await;
     conn.teardown();
@@ -158,6 +161,8 @@ struct Connection {
     out: Arc<Outbound>,
     session: Option<Session>,
     subs: HashMap<u32, ActiveSub>,
+    /// Bytes of push frames in flight (`max_inflight_push_bytes`).
+    inflight_bytes: usize,
 }
 
 impl Connection {
@@ -171,6 +176,7 @@ impl Connection {
         let mut last_seen = Instant::now();
         let mut pushes: FuturesOrdered<PushReply> = FuturesOrdered::new();
         let max_inflight = self.shared.config.max_inflight_pushes;
+        let max_inflight_bytes = self.shared.config.max_inflight_push_bytes;
         let shutdown = self.shared.shutdown.clone();
         loop {
             let deadline = if self.session.is_none() {
@@ -178,7 +184,9 @@ impl Connection {
             } else {
                 last_seen + heartbeat
             };
-            let can_read = pushes.len() < max_inflight && self.out.has_space();
+            let can_read = pushes.len() < max_inflight
+                && self.inflight_bytes < max_inflight_bytes
+                && self.out.has_space();
             // Far away before the handshake (the handshake deadline comes first).
             let token_deadline = self
                 .session
@@ -195,10 +203,10 @@ impl Connection {
                     self.out.close_after_flush(1012, "server shutting down");
                     return "server shutting down".into();
                 }
-                Some((batch, started, reply)) = pushes.next(), if !pushes.is_empty() => {
-                    self.finish_push(batch, started, reply);
-                }
-                _ = self.out.wait_for_space(), if !can_read && pushes.len() < max_inflight => {}
+                Some(done) = pushes.next(), if !pushes.is_empty() => self.finish_push(done),
+                _ = self.out.wait_for_space(), if !can_read
+                    && pushes.len() < max_inflight
+                    && self.inflight_bytes < max_inflight_bytes => {}
                 msg = stream.next(), if can_read => {
                     let Some(msg) = msg else { return "connection ended by the client".into() };
                     match msg {
@@ -301,7 +309,7 @@ impl Connection {
                 }
                 None => self.reply(ErrorReply::from(GatewayError::UnknownSubscription).sub(u.sub)),
             },
-            Frame::Push(p) => return self.push(p),
+            Frame::Push(p) => return self.push(p, bytes.len()).await,
             Frame::Ping(p) => {
                 // `published()` is raised only after every live subscriber's frames up to it
                 // were queued, and this pong goes into the same FIFO queue after them.
@@ -430,8 +438,27 @@ impl Connection {
 
     /// Hands a batch to ingest, which also checks its shape: a refused batch must fence the
     /// client's later batches there (see `ingest::order`).
-    fn push(&mut self, p: Push) -> Option<PushReply> {
+    ///
+    /// The frame's `size` is taken from the node's push budget first; while the node is full
+    /// this connection waits here and reads nothing (its own earlier pushes are answered by
+    /// ingest regardless, which is what gives the budget back).
+    async fn push(&mut self, p: Push, size: usize) -> Option<PushReply> {
         let session = self.session.as_ref()?;
+        let started = Instant::now();
+        let n = u32::try_from(size).unwrap_or(u32::MAX);
+        let Ok(permit) = self.shared.push_bytes.clone().acquire_many_owned(n).await else {
+            // Closed only if the node is gone.
+            let batch = p.batch;
+            return Some(Box::pin(async move {
+                PushDone {
+                    batch,
+                    size,
+                    started,
+                    reply: Ok(Err(GatewayError::Draining)),
+                }
+            }));
+        };
+        self.inflight_bytes += size;
         let (reply, rx) = oneshot::channel();
         let req = IngestRequest {
             job: PushJob {
@@ -441,23 +468,32 @@ impl Connection {
                 mutations: p.mutations,
             },
             reply,
+            permit,
         };
-        let started = Instant::now();
         let ingest = self.shared.ingest.clone();
+        let batch = p.batch;
         Some(Box::pin(async move {
-            if ingest.send(req).await.is_err() {
-                return (p.batch, started, Ok(Err(GatewayError::Draining)));
+            let reply = match ingest.send(req).await {
+                Ok(()) => rx.await,
+                Err(_) => Ok(Err(GatewayError::Draining)),
+            };
+            PushDone {
+                batch,
+                size,
+                started,
+                reply,
             }
-            (p.batch, started, rx.await)
         }))
     }
 
-    fn finish_push(
-        &mut self,
-        batch: u64,
-        started: Instant,
-        reply: Result<Result<PushOutcome, GatewayError>, oneshot::error::RecvError>,
-    ) {
+    fn finish_push(&mut self, done: PushDone) {
+        let PushDone {
+            batch,
+            size,
+            started,
+            reply,
+        } = done;
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(size);
         match reply {
             Ok(Ok(outcome)) => {
                 self.shared

@@ -1103,3 +1103,66 @@ async fn a_session_ends_when_its_token_expires() {
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// With the node's push budget no larger than one frame, two writers that pipeline large
+/// batches are slowed (a push waits for the budget before its connection reads on) but nothing
+/// deadlocks and everything applies exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_push_budget_slows_writers_and_loses_nothing() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = db.config();
+    let frame = config.limits.max_frame_bytes as usize;
+    config.node_inflight_push_bytes = frame;
+    config.max_inflight_push_bytes = frame;
+    let gw = Gateway::start(config).await.unwrap();
+    let text = "y".repeat(60 * 1024);
+    let writer = |w: usize| {
+        let url = ws_url(&gw);
+        let text = text.clone();
+        async move {
+            let (mut c, _) = Connection::connect(&url, &format!("big-{w}"), &token("tester"))
+                .await
+                .unwrap();
+            // 12 batches of 5 documents of 60 KB (~300 KB each), all sent before any ack.
+            let batches: Vec<(u64, Vec<Mutation>)> = (0..12u64)
+                .map(|b| {
+                    let m = (0..5u64)
+                        .map(|i| {
+                            let n = b * 5 + i + 1;
+                            let doc = body(&[("text", Value::from(text.as_str()))]);
+                            put(n, "stock", &format!("w{w}-{n}"), doc)
+                        })
+                        .collect();
+                    (b + 1, m)
+                })
+                .collect();
+            let answers = push_pipelined(&mut c, &batches).await;
+            let mut applied = 0;
+            for (b, answer) in answers {
+                match answer {
+                    Answer::Ack(a) => {
+                        assert!(
+                            a.results
+                                .iter()
+                                .all(|r| r.status == MutationStatus::Applied),
+                            "batch {b}: {a:?}"
+                        );
+                        applied += a.results.len();
+                    }
+                    Answer::Refused(e) => panic!("batch {b} refused: {e:?}"),
+                }
+            }
+            applied
+        }
+    };
+    let (a, b) = tokio::join!(writer(1), writer(2));
+    assert_eq!((a, b), (60, 60));
+    assert_eq!(
+        gw.store.head().await.unwrap(),
+        120,
+        "each mutation applied once"
+    );
+    assert_eq!(server_docs(&gw, "stock").await.len(), 120);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
