@@ -60,6 +60,10 @@ pub struct Config {
     /// group commit); a connection whose push does not fit waits before reading on. At least
     /// `limits.max_frame_bytes`.
     pub node_inflight_push_bytes: usize,
+    /// Most bytes of bodies (new and previous) one push batch may write to the log; a batch
+    /// that would write more is refused whole (`batch_output_too_large`) and the client splits
+    /// it. At least twice `limits.max_document_bytes`, so one mutation always fits.
+    pub max_batch_output_bytes: usize,
     /// Most mutations committed in one group-commit transaction.
     pub group_commit_max_mutations: usize,
     /// Grace period for connections to drain on shutdown, in milliseconds.
@@ -152,6 +156,7 @@ impl Default for Config {
             max_inflight_pushes: 16,
             max_inflight_push_bytes: 4 * 1024 * 1024,
             node_inflight_push_bytes: 256 * 1024 * 1024,
+            max_batch_output_bytes: 16 * 1024 * 1024,
             group_commit_max_mutations: 5_000,
             shutdown_grace_ms: 5_000,
             database_startup_wait_ms: 60_000,
@@ -313,6 +318,11 @@ impl Config {
                 "max_inflight_push_bytes and node_inflight_push_bytes must be at least \
                  limits.max_frame_bytes"
                     .into(),
+            );
+        }
+        if self.max_batch_output_bytes < 2 * l.max_document_bytes as usize {
+            return bad(
+                "max_batch_output_bytes must be at least 2 × limits.max_document_bytes".into(),
             );
         }
         if u32::try_from(frame).is_err() || self.node_inflight_push_bytes > 1 << 40 {

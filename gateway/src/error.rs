@@ -90,6 +90,18 @@ pub(crate) enum GatewayError {
         /// The limit.
         limit: u32,
     },
+    /// A batch that would write more than `max_batch_output_bytes` to the log; nothing of it
+    /// was applied. Its first `fitting` mutations fit.
+    #[error(
+        "the batch would write more than {limit} bytes to the log; nothing of it was applied. \
+         Push it again in smaller batches (its first {fitting} mutations fit)"
+    )]
+    BatchOutputTooLarge {
+        /// The limit.
+        limit: usize,
+        /// How many of the batch's changes fitted.
+        fitting: usize,
+    },
     /// A batch whose mutation ids do not strictly increase.
     #[error("mutation ids must strictly increase")]
     MutationIdsNotIncreasing,
@@ -151,6 +163,7 @@ impl GatewayError {
             GatewayError::InvalidFilter(_) => ErrorCode::InvalidFilter,
             GatewayError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
             GatewayError::MutationIdsNotIncreasing => ErrorCode::MutationIdsNotIncreasing,
+            GatewayError::BatchOutputTooLarge { .. } => ErrorCode::BatchOutputTooLarge,
             GatewayError::ReplayRequired { .. } => ErrorCode::ReplayRequired,
             GatewayError::Storage(_) => ErrorCode::StorageUnavailable,
             GatewayError::Draining => ErrorCode::ServerDraining,

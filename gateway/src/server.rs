@@ -125,6 +125,7 @@ impl Gateway {
         let rules = Rules {
             collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
             limits: config.limits,
+            max_batch_output_bytes: config.max_batch_output_bytes,
         };
         background.spawn(run_ingest(
             store.clone(),

@@ -88,6 +88,9 @@ error_codes! {
     MutationIdsNotIncreasing = 404, "mutation_ids_not_increasing", false;
     /// A patch names a document that does not exist or is deleted.
     DocumentNotFound = 405, "document_not_found", false;
+    /// The batch would write more than the gateway's `max_batch_output_bytes` to the log;
+    /// nothing of it was applied: push the same mutations again in smaller batches.
+    BatchOutputTooLarge = 406, "batch_output_too_large", false;
     /// The gateway failed internally; the request may be retried.
     InternalError = 500, "internal_error", true;
     /// The connection's outbound buffer overflowed; reconnect and resume by cursor.

@@ -164,8 +164,10 @@ pub(crate) struct Machine {
     synced: HashSet<u32>,
     /// Subscriptions the server refused (final for the session).
     refused: HashSet<u32>,
-    /// Unacknowledged batches: (batch id, its last mutation id).
-    inflight: VecDeque<(u64, u64)>,
+    /// Unacknowledged batches: (batch id, its last mutation id, its number of mutations).
+    inflight: VecDeque<(u64, u64, usize)>,
+    /// After `batch_output_too_large`: the batch size the next session should use.
+    batch_hint: Option<u32>,
     /// The highest mutation id sent on this connection.
     sent_upto: u64,
     next_batch: u64,
@@ -206,6 +208,7 @@ impl Machine {
             synced: HashSet::new(),
             refused: HashSet::new(),
             inflight: VecDeque::new(),
+            batch_hint: None,
             sent_upto: 0,
             next_batch: 1,
             reading: false,
@@ -278,11 +281,12 @@ impl Machine {
             Some(last) => {
                 let id = self.next_batch;
                 self.next_batch += 1;
+                let count = batch.len();
                 self.transmit.push_back(Frame::Push(Push {
                     batch: id,
                     mutations: batch,
                 }));
-                self.inflight.push_back((id, last));
+                self.inflight.push_back((id, last, count));
                 self.sent_upto = last;
             }
         }
@@ -319,6 +323,12 @@ impl Machine {
     /// Why the session is over, once it is.
     pub(crate) fn poll_end(&mut self) -> Option<End> {
         self.end.take()
+    }
+
+    /// The batch size the next session should use, if the gateway refused a batch of this
+    /// one for writing too much (`batch_output_too_large`).
+    pub(crate) fn batch_hint(&self) -> Option<u32> {
+        self.batch_hint
     }
 
     fn finish(&mut self, end: End) {
@@ -402,7 +412,7 @@ impl Machine {
             }
             Frame::PushAck(ack) => {
                 match self.inflight.pop_front() {
-                    Some((batch, _)) if batch == ack.batch => {}
+                    Some((batch, _, _)) if batch == ack.batch => {}
                     other => {
                         return Err(End::Lost {
                             reason: format!(
@@ -450,6 +460,14 @@ impl Machine {
                 head: None,
             })),
             Frame::Error(e) => {
+                if e.code == ErrorCode::BatchOutputTooLarge.code()
+                    && let Some(&(_, _, count)) =
+                        self.inflight.iter().find(|(id, _, _)| Some(*id) == e.batch)
+                {
+                    // The batch writes too much to the log as one: the next session sends
+                    // the same mutations in halves (one mutation always fits).
+                    self.batch_hint = Some(u32::try_from(count / 2).unwrap_or(u32::MAX).max(1));
+                }
                 self.work.push_back(Work::Emit(Event::ServerError {
                     code: e.code,
                     name: e.name.clone(),
@@ -796,6 +814,31 @@ mod tests {
         assert_eq!(
             end_of(frame(ErrorCode::UnknownCollection, false, None, Some(1))),
             None
+        );
+    }
+
+    #[test]
+    fn a_batch_that_writes_too_much_is_sent_again_in_halves() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(&welcome(), vec![], limits(), t0);
+        serve_outbox(&mut m, &(1..=8).collect::<Vec<_>>());
+        assert_eq!(pushes(&sent(&mut m)), vec![(1, (1..=8).collect())]);
+        assert_eq!(m.batch_hint(), None);
+        let mut e = ErrorFrame::new(ErrorCode::BatchOutputTooLarge, "too much", false);
+        e.batch = Some(1);
+        m.handle_frame(Frame::Error(e), t0);
+        assert!(matches!(m.poll_end(), Some(End::Lost { .. })));
+        assert_eq!(m.batch_hint(), Some(4));
+        // The next session, with the hint, sends halves.
+        let halves = Limits {
+            batch_size: 4,
+            ..limits()
+        };
+        let mut m = Machine::new(&welcome(), vec![], halves, t0);
+        serve_outbox(&mut m, &(1..=8).collect::<Vec<_>>());
+        assert_eq!(
+            pushes(&sent(&mut m)),
+            vec![(1, vec![1, 2, 3, 4]), (2, vec![5, 6, 7, 8])]
         );
     }
 

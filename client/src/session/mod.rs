@@ -107,6 +107,8 @@ pub(crate) async fn run(
     let mut rng = StdRng::from_os_rng();
     let mut reconnect = Reconnect::default();
     let mut waiting: Vec<SyncRequest> = Vec::new();
+    // Lowered when the gateway refuses a batch for writing too much to its log.
+    let mut batch_size = settings.batch_size;
     loop {
         shared.set_state(ConnectionState::Connecting {
             attempt: reconnect.attempt,
@@ -114,7 +116,7 @@ pub(crate) async fn run(
         let mut connected_at = None;
         let end = tokio::select! {
             _ = cancel.cancelled() => End::Shutdown,
-            end = session(&shared, &settings, &mut sync_rx, &mut waiting, &cancel, &mut connected_at) => end,
+            end = session(&shared, &settings, &mut batch_size, &mut sync_rx, &mut waiting, &cancel, &mut connected_at) => end,
         };
         let up_for = connected_at.map(|t: Instant| t.elapsed());
         let mut asked_now = false;
@@ -192,6 +194,7 @@ pub(crate) async fn run(
 async fn session(
     shared: &Shared,
     settings: &Settings,
+    batch_size: &mut u32,
     sync_rx: &mut mpsc::Receiver<SyncRequest>,
     waiting: &mut Vec<SyncRequest>,
     cancel: &CancellationToken,
@@ -232,7 +235,10 @@ async fn session(
         conn,
         rejected: 0,
     };
-    match shell.run(welcome, settings, sync_rx, waiting, cancel).await {
+    match shell
+        .run(welcome, settings, batch_size, sync_rx, waiting, cancel)
+        .await
+    {
         Ok(end) | Err(end) => end,
     }
 }
@@ -250,6 +256,7 @@ impl Shell<'_> {
         &mut self,
         welcome: syncgate_protocol::Welcome,
         settings: &Settings,
+        batch_size: &mut u32,
         sync_rx: &mut mpsc::Receiver<SyncRequest>,
         waiting: &mut Vec<SyncRequest>,
         cancel: &CancellationToken,
@@ -275,7 +282,7 @@ impl Shell<'_> {
             session: welcome.session.clone(),
         });
         let limits = Limits::negotiate(
-            settings.batch_size,
+            *batch_size,
             settings.heartbeat,
             settings.dead_after,
             &welcome,
@@ -296,6 +303,9 @@ impl Shell<'_> {
                 self.conn.send(&frame).await?;
             }
             if let Some(end) = m.poll_end() {
+                if let Some(hint) = m.batch_hint() {
+                    *batch_size = (*batch_size).min(hint);
+                }
                 return Ok(end);
             }
             let before = waiting.len();

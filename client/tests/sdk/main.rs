@@ -558,6 +558,67 @@ async fn a_token_expiring_mid_session_is_renewed_and_nothing_is_lost() {
     gw.shutdown().await;
 }
 
+/// Patches of a large document write its whole body (and the previous one) to the log each
+/// time: a batch of them is refused as writing too much (406), and the SDK sends the same
+/// mutations again in smaller batches until they fit. Nothing is lost or applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_writes_too_much_is_split_and_nothing_is_lost() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: gw_dir.path().to_owned(),
+        auth: AuthConfig {
+            jwt_secret: SECRET.into(),
+            ..Default::default()
+        },
+        max_batch_output_bytes: 512 * 1024,
+        shutdown_grace_ms: 500,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let builder = builder(&format!("ws://{}", gw.ws_addr), client_dir.path());
+    let mut events = builder.events();
+    let client = builder.open().await.unwrap();
+    let text = "z".repeat(200 * 1024);
+    client
+        .put(COLL, "big", body(&[("text", Value::from(text.as_str()))]))
+        .await
+        .unwrap();
+    client.sync_now(DEADLINE).await.unwrap();
+    // Ten small patches, each writing ~400 KB to the log: 4 MB as one batch.
+    for i in 0..10 {
+        client
+            .patch(COLL, "big", body(&[("n", Value::from(i))]))
+            .await
+            .unwrap();
+    }
+    client.sync_now(DEADLINE).await.unwrap();
+    assert!(
+        client.outbox().await.unwrap().is_empty(),
+        "every patch went up"
+    );
+    assert!(
+        client.rejected().await.unwrap().is_empty(),
+        "none was rejected"
+    );
+    let doc = client.get(COLL, "big").await.unwrap().unwrap();
+    assert_eq!(doc.body["n"], Value::from(9));
+    assert_eq!(
+        doc.version, 11,
+        "one put and ten patches, each applied once"
+    );
+    let mut refused = false;
+    while let Ok(e) = events.try_recv() {
+        refused |= matches!(e, Event::ServerError { code: 406, .. });
+    }
+    assert!(refused, "the first attempt was refused as too large");
+    client.close().await;
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_noticed_and_replaced() {
     let gw_dir = tempfile::tempdir().unwrap();

@@ -105,6 +105,13 @@ pub(crate) async fn run_ingest(
                     let outcome = match outcome {
                         Ok(o) => o,
                         Err(refusal) => {
+                            if matches!(refusal, GatewayError::BatchOutputTooLarge { .. }) {
+                                // Nothing of it was applied: no later batch of the client may
+                                // commit before it is pushed again (in smaller batches).
+                                let first = job.mutations.first().map(|m| m.mutation_id);
+                                order.group_failed([(job.client_id.as_str(), first)]);
+                                metrics.fenced_clients.set(order.len() as i64);
+                            }
                             if let Some(suppressed) = oplog.rejections.allow() {
                                 tracing::info!(
                                     client_id = %crate::oplog::printable(&job.client_id),

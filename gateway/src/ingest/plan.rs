@@ -66,6 +66,8 @@ pub(crate) struct Rules {
     pub collections: HashSet<String>,
     /// Size limits.
     pub limits: Limits,
+    /// Most bytes of bodies (new and previous) one batch may write to the log.
+    pub max_batch_output_bytes: usize,
 }
 
 /// What the planner reads from the database (the prefetch step).
@@ -165,139 +167,39 @@ enum Effect {
 
 /// Plans a group: `head` is the log head read under the head lock, `pre` what was prefetched
 /// for these jobs ([`clients`], then [`wanted`]). Pure: the same inputs give the same plan.
+///
+/// A job is all or nothing at this level: if it would write more than
+/// `rules.max_batch_output_bytes` of bodies to the log, its effects are undone and it is
+/// refused (`batch_output_too_large`), and every later job of the same client in the group is
+/// refused with `replay_required` — a later batch never commits past one that was not applied.
 pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules) -> Plan {
-    let mut next = head;
-    let mut docs: HashMap<(&str, &str), DocNow> = HashMap::new();
-    let mut doc_order: Vec<(&str, &str)> = Vec::new();
-    let mut changes: Vec<ChangeRow> = Vec::new();
-    let mut rejections: Vec<RejectionRow> = Vec::new();
-    // Each client's horizon as the group goes, and the user and order it is written in.
-    let mut horizons: HashMap<&str, (u64, &str)> = HashMap::new();
-    let mut client_order: Vec<&str> = Vec::new();
-    // Outcomes of mutations handled earlier in this same group, for replays within it.
-    let mut in_group: HashMap<(&str, u64), MutationResult> = HashMap::new();
+    let mut g = Group {
+        pre,
+        rules,
+        next: head,
+        docs: HashMap::new(),
+        doc_order: Vec::new(),
+        changes: Vec::new(),
+        rejections: Vec::new(),
+        horizons: HashMap::new(),
+        client_order: Vec::new(),
+        in_group: HashMap::new(),
+        refused: HashMap::new(),
+    };
     let mut outcomes = Vec::with_capacity(jobs.len());
-
     for job in jobs {
-        let client = job.client_id.as_str();
-        // The user that owns the client id: as stored, or as the group's first job of it
-        // claims it. Another user's batch touches nothing of it, not even its horizon.
-        let owner = pre
-            .owners
-            .get(client)
-            .map(String::as_str)
-            .or_else(|| horizons.get(client).map(|(_, user)| *user));
-        if owner.is_some_and(|o| o != job.user) {
-            outcomes.push(Err(GatewayError::ClientIdTaken));
-            continue;
-        }
-        let stored = pre.lasts.get(client).copied().unwrap_or(0);
-        let mut last = match horizons.get(client) {
-            Some((l, _)) => *l,
-            None => {
-                client_order.push(client);
-                stored
-            }
-        };
-        let mut results = Vec::with_capacity(job.mutations.len());
-        for m in &job.mutations {
-            if m.mutation_id <= last {
-                let earlier = if m.mutation_id <= stored {
-                    pre.earlier
-                        .get(client)
-                        .and_then(|ids| ids.get(&m.mutation_id))
-                        .map(|e| e.result(m.mutation_id))
-                } else {
-                    in_group.get(&(client, m.mutation_id)).cloned()
-                };
-                results.push(earlier.unwrap_or_else(|| never_seen(m.mutation_id)));
-                continue;
-            }
-            let key = (m.collection.as_str(), m.id.as_str());
-            let current = match docs.get(&key) {
-                Some(d) => Some(d.clone()),
-                None => pre
-                    .docs
-                    .get(&m.collection)
-                    .and_then(|ids| ids.get(&m.id))
-                    .map(|s| DocNow {
-                        body: s.body.clone(),
-                        encoded: s.encoded.clone(),
-                        version: s.version,
-                        deleted: s.deleted,
-                    }),
-            };
-            let live = current.filter(|d| !d.deleted);
-            let result = match effect(m, live.as_ref().and_then(|d| d.body.as_ref()), rules) {
-                Effect::Change { op, body, encoded } => {
-                    next += 1;
-                    let (prev_body, prev_encoded) = match live {
-                        Some(d) => (d.body, d.encoded),
-                        None => (None, None),
-                    };
-                    let entry = LogEntry::with_encoded_body(
-                        Change {
-                            seq: next,
-                            collection: m.collection.clone(),
-                            id: m.id.clone(),
-                            op,
-                            body: body.clone(),
-                        },
-                        prev_body,
-                        encoded.as_deref(),
-                    );
-                    if docs
-                        .insert(
-                            key,
-                            DocNow {
-                                body,
-                                encoded: encoded.clone(),
-                                version: next,
-                                deleted: op == ChangeOp::Delete,
-                            },
-                        )
-                        .is_none()
-                    {
-                        doc_order.push(key);
-                    }
-                    changes.push(ChangeRow {
-                        entry: Arc::new(entry),
-                        body: encoded,
-                        prev_body: prev_encoded,
-                        origin_client: job.client_id.clone(),
-                        origin_mutation: m.mutation_id,
-                    });
-                    MutationResult::applied(m.mutation_id, next)
-                }
-                Effect::Rejected(code, reason) => {
-                    rejections.push(RejectionRow {
-                        client_id: job.client_id.clone(),
-                        mutation_id: m.mutation_id,
-                        batch: job.batch,
-                        code,
-                        reason: reason.clone(),
-                        mutation: to_msgpack(m),
-                    });
-                    MutationResult::rejected(m.mutation_id, code, reason)
-                }
-            };
-            last = m.mutation_id;
-            in_group.insert((client, m.mutation_id), result.clone());
-            results.push(result);
-        }
-        horizons.insert(client, (last, job.user.as_str()));
-        let visible_at = results
-            .iter()
-            .filter(|r| r.status == MutationStatus::Applied)
-            .filter_map(|r| r.version)
-            .max()
-            .unwrap_or(0);
-        outcomes.push(Ok(PushOutcome {
-            results,
-            visible_at,
-        }));
+        outcomes.push(g.job(job));
     }
-
+    let Group {
+        next,
+        mut docs,
+        doc_order,
+        changes,
+        rejections,
+        horizons,
+        client_order,
+        ..
+    } = g;
     let documents = doc_order
         .into_iter()
         .filter_map(|key| {
@@ -336,6 +238,231 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
             to: next,
             entries,
         },
+    }
+}
+
+/// A group being planned: the state its jobs build up, in job order.
+struct Group<'a> {
+    pre: &'a Prefetched,
+    rules: &'a Rules,
+    /// The last seq handed out.
+    next: u64,
+    /// Documents as the group has left them so far.
+    docs: HashMap<(&'a str, &'a str), DocNow>,
+    /// Documents in the order the group first touched them.
+    doc_order: Vec<(&'a str, &'a str)>,
+    changes: Vec<ChangeRow>,
+    rejections: Vec<RejectionRow>,
+    /// Each client's horizon as the group goes, and the user it is written for.
+    horizons: HashMap<&'a str, (u64, &'a str)>,
+    /// Clients in the order their horizons are written.
+    client_order: Vec<&'a str>,
+    /// Outcomes of mutations handled earlier in this same group, for replays within it.
+    in_group: HashMap<(&'a str, u64), MutationResult>,
+    /// Clients with a job refused in this group, and the first id they must push again.
+    refused: HashMap<&'a str, u64>,
+}
+
+/// What one job changed in a [`Group`], so that it can be undone.
+struct Undo<'a> {
+    next: u64,
+    changes: usize,
+    rejections: usize,
+    doc_order: usize,
+    client_order: usize,
+    /// Each document the job wrote, with what the group held for it before (in order).
+    docs: Vec<((&'a str, &'a str), Option<DocNow>)>,
+    /// Replay outcomes the job recorded.
+    in_group: Vec<(&'a str, u64)>,
+}
+
+impl<'a> Group<'a> {
+    fn job(&mut self, job: &'a PushJob) -> Result<PushOutcome, GatewayError> {
+        let client = job.client_id.as_str();
+        // The user that owns the client id: as stored, or as the group's first job of it
+        // claims it. Another user's batch touches nothing of it, not even its horizon.
+        let owner = self
+            .pre
+            .owners
+            .get(client)
+            .map(String::as_str)
+            .or_else(|| self.horizons.get(client).map(|(_, user)| *user));
+        if owner.is_some_and(|o| o != job.user) {
+            return Err(GatewayError::ClientIdTaken);
+        }
+        if let Some(&fence) = self.refused.get(client) {
+            return Err(GatewayError::ReplayRequired { fence });
+        }
+        let mut undo = Undo {
+            next: self.next,
+            changes: self.changes.len(),
+            rejections: self.rejections.len(),
+            doc_order: self.doc_order.len(),
+            client_order: self.client_order.len(),
+            docs: Vec::new(),
+            in_group: Vec::new(),
+        };
+        let stored = self.pre.lasts.get(client).copied().unwrap_or(0);
+        let mut last = match self.horizons.get(client) {
+            Some((l, _)) => *l,
+            None => {
+                self.client_order.push(client);
+                stored
+            }
+        };
+        let mut results = Vec::with_capacity(job.mutations.len());
+        // Bytes of bodies this job writes to the log, and how many of its changes fit.
+        let mut output = 0usize;
+        let mut fitting = 0usize;
+        for m in &job.mutations {
+            if m.mutation_id <= last {
+                let earlier = if m.mutation_id <= stored {
+                    self.pre
+                        .earlier
+                        .get(client)
+                        .and_then(|ids| ids.get(&m.mutation_id))
+                        .map(|e| e.result(m.mutation_id))
+                } else {
+                    self.in_group.get(&(client, m.mutation_id)).cloned()
+                };
+                results.push(earlier.unwrap_or_else(|| never_seen(m.mutation_id)));
+                continue;
+            }
+            let result = self.mutation(job, m, &mut undo, &mut output);
+            if output > self.rules.max_batch_output_bytes && fitting > 0 {
+                self.undo(undo);
+                let first = job.mutations.first().map_or(0, |m| m.mutation_id);
+                self.refused.insert(client, first);
+                return Err(GatewayError::BatchOutputTooLarge {
+                    limit: self.rules.max_batch_output_bytes,
+                    fitting,
+                });
+            }
+            if result.status == MutationStatus::Applied {
+                fitting += 1;
+            }
+            last = m.mutation_id;
+            self.in_group
+                .insert((client, m.mutation_id), result.clone());
+            undo.in_group.push((client, m.mutation_id));
+            results.push(result);
+        }
+        self.horizons.insert(client, (last, job.user.as_str()));
+        let visible_at = results
+            .iter()
+            .filter(|r| r.status == MutationStatus::Applied)
+            .filter_map(|r| r.version)
+            .max()
+            .unwrap_or(0);
+        Ok(PushOutcome {
+            results,
+            visible_at,
+        })
+    }
+
+    /// Applies or rejects one mutation above its client's horizon; adds the bytes it writes
+    /// to the log to `output`.
+    fn mutation(
+        &mut self,
+        job: &'a PushJob,
+        m: &'a Mutation,
+        undo: &mut Undo<'a>,
+        output: &mut usize,
+    ) -> MutationResult {
+        let key = (m.collection.as_str(), m.id.as_str());
+        let current = match self.docs.get(&key) {
+            Some(d) => Some(d.clone()),
+            None => self
+                .pre
+                .docs
+                .get(&m.collection)
+                .and_then(|ids| ids.get(&m.id))
+                .map(|s| DocNow {
+                    body: s.body.clone(),
+                    encoded: s.encoded.clone(),
+                    version: s.version,
+                    deleted: s.deleted,
+                }),
+        };
+        let live = current.filter(|d| !d.deleted);
+        match effect(m, live.as_ref().and_then(|d| d.body.as_ref()), self.rules) {
+            Effect::Change { op, body, encoded } => {
+                self.next += 1;
+                let next = self.next;
+                let (prev_body, prev_encoded) = match live {
+                    Some(d) => (d.body, d.encoded),
+                    None => (None, None),
+                };
+                *output += encoded.as_ref().map_or(0, Bytes::len)
+                    + prev_encoded.as_ref().map_or(0, Bytes::len);
+                let entry = LogEntry::with_encoded_body(
+                    Change {
+                        seq: next,
+                        collection: m.collection.clone(),
+                        id: m.id.clone(),
+                        op,
+                        body: body.clone(),
+                    },
+                    prev_body,
+                    encoded.as_deref(),
+                );
+                let before = self.docs.insert(
+                    key,
+                    DocNow {
+                        body,
+                        encoded: encoded.clone(),
+                        version: next,
+                        deleted: op == ChangeOp::Delete,
+                    },
+                );
+                if before.is_none() {
+                    self.doc_order.push(key);
+                }
+                undo.docs.push((key, before));
+                self.changes.push(ChangeRow {
+                    entry: Arc::new(entry),
+                    body: encoded,
+                    prev_body: prev_encoded,
+                    origin_client: job.client_id.clone(),
+                    origin_mutation: m.mutation_id,
+                });
+                MutationResult::applied(m.mutation_id, next)
+            }
+            Effect::Rejected(code, reason) => {
+                self.rejections.push(RejectionRow {
+                    client_id: job.client_id.clone(),
+                    mutation_id: m.mutation_id,
+                    batch: job.batch,
+                    code,
+                    reason: reason.clone(),
+                    mutation: to_msgpack(m),
+                });
+                MutationResult::rejected(m.mutation_id, code, reason)
+            }
+        }
+    }
+
+    /// Takes back everything one job did.
+    fn undo(&mut self, undo: Undo<'a>) {
+        self.next = undo.next;
+        self.changes.truncate(undo.changes);
+        self.rejections.truncate(undo.rejections);
+        self.doc_order.truncate(undo.doc_order);
+        self.client_order.truncate(undo.client_order);
+        for (key, before) in undo.docs.into_iter().rev() {
+            match before {
+                Some(d) => {
+                    self.docs.insert(key, d);
+                }
+                None => {
+                    self.docs.remove(&key);
+                }
+            }
+        }
+        for k in undo.in_group {
+            self.in_group.remove(&k);
+        }
+        // The client's horizon is written only when a job completes: nothing to take back.
     }
 }
 
@@ -472,6 +599,7 @@ mod tests {
                 max_document_bytes: 24,
                 ..Limits::default()
             },
+            max_batch_output_bytes: 1 << 20,
         }
     }
 
@@ -902,6 +1030,82 @@ mod tests {
                 deleted: true,
             }]
         );
+    }
+
+    #[test]
+    fn a_batch_that_would_write_too_much_is_undone_whole_and_not_overtaken() {
+        let text = |t: &str| -> Body { [("t".to_owned(), Value::from(t))].into_iter().collect() };
+        let put_text =
+            |mid: u64, id: &str, t: &str| m(mid, "orders", id, MutationOp::Put, Some(text(t)));
+        let db = Db {
+            docs: vec![("o1", stored(3, Some(&[("qty", 1)])))],
+            ..Db::default()
+        };
+        let jobs = vec![
+            // Another client changes o1 first.
+            job("c", 1, vec![put_text(1, "o1", "c")]),
+            // Client a: each put writes a new body of 8 bytes; over o1 also its previous body
+            // (c's, 5 bytes): 8, 21, then 29 > 28.
+            job(
+                "a",
+                1,
+                vec![
+                    put_text(1, "o2", "aaaa"),
+                    put_text(2, "o1", "aaaa"),
+                    put_text(3, "o3", "aaaa"),
+                    put_text(4, "o4", "aaaa"),
+                ],
+            ),
+            job("a", 2, vec![put_text(5, "o5", "a")]),
+            job("b", 1, vec![put_text(1, "o9", "b")]),
+        ];
+        let rules = Rules {
+            max_batch_output_bytes: 28,
+            ..rules()
+        };
+        let plan = plan(&jobs, 10, &db.prefetch(&jobs), &rules);
+        let outcomes: Vec<String> = plan
+            .outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(o) => o.results.iter().map(show).collect::<Vec<_>>().join(","),
+                Err(e) => format!("{e:?}"),
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                "1:applied@11".to_owned(),
+                "BatchOutputTooLarge { limit: 28, fitting: 2 }".to_owned(),
+                "ReplayRequired { fence: 1 }".to_owned(),
+                "1:applied@12".to_owned(),
+            ]
+        );
+        // Nothing of a's batches is written; o1 keeps c's change; seqs stay contiguous.
+        let docs: Vec<(String, u64)> = plan
+            .rows
+            .documents
+            .iter()
+            .map(|d| (d.id.clone(), d.version))
+            .collect();
+        assert_eq!(docs, vec![("o1".to_owned(), 11), ("o9".to_owned(), 12)]);
+        let o1 = plan.rows.documents.first().unwrap();
+        assert_eq!(o1.body, Some(Bytes::from(to_msgpack(&text("c")))));
+        let clients: Vec<&str> = plan
+            .rows
+            .clients
+            .iter()
+            .map(|c| c.client_id.as_str())
+            .collect();
+        assert_eq!(clients, vec!["c", "b"], "a's horizon does not move");
+        let seqs: Vec<u64> = plan
+            .rows
+            .changes
+            .iter()
+            .map(|c| c.entry.change.seq)
+            .collect();
+        assert_eq!(seqs, vec![11, 12]);
+        assert_eq!(plan.committed.to, 12);
     }
 
     #[test]
