@@ -51,6 +51,9 @@ pub struct Config {
     pub catch_up_cache_bytes: usize,
     /// Maximum concurrent WebSocket connections; further connections wait in the kernel backlog.
     pub max_connections: usize,
+    /// Sessions one user (token `sub`) may hold at once on this node; 0 = no limit. Further
+    /// handshakes of that user get `too_many_connections` (204).
+    pub max_connections_per_user: usize,
     /// Pushes a connection may have in flight before the gateway stops reading its frames.
     pub max_inflight_pushes: usize,
     /// Bytes of push frames a connection may have in flight before the gateway stops reading
@@ -153,6 +156,7 @@ impl Default for Config {
             outbound_buffer_bytes: 1024 * 1024,
             catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
+            max_connections_per_user: 0,
             max_inflight_pushes: 16,
             max_inflight_push_bytes: 4 * 1024 * 1024,
             node_inflight_push_bytes: 256 * 1024 * 1024,

@@ -57,6 +57,12 @@ pub(crate) enum GatewayError {
     /// The token was refused (or expired during the session).
     #[error("{0}")]
     Auth(#[from] AuthError),
+    /// The user holds `max_connections_per_user` sessions already.
+    #[error("this user already holds {limit} sessions on this node; retry after one ends")]
+    TooManyConnections {
+        /// The limit.
+        limit: usize,
+    },
     /// The `client_id` belongs to another user.
     #[error(
         "this client_id belongs to another user; use your own installation's client id, or \
@@ -154,6 +160,7 @@ impl GatewayError {
             GatewayError::InvalidClientId { .. } => ErrorCode::InvalidClientId,
             GatewayError::Auth(e) => e.code(),
             GatewayError::ClientIdTaken => ErrorCode::ClientIdTaken,
+            GatewayError::TooManyConnections { .. } => ErrorCode::TooManyConnections,
             GatewayError::DuplicateHello => ErrorCode::DuplicateHello,
             GatewayError::ServerMessage(_) => ErrorCode::UnknownMessage,
             GatewayError::UnknownSubscription => ErrorCode::UnknownSubscription,
@@ -186,6 +193,7 @@ impl GatewayError {
             | GatewayError::InvalidClientId { .. }
             | GatewayError::Auth(_)
             | GatewayError::ClientIdTaken
+            | GatewayError::TooManyConnections { .. }
             | GatewayError::Storage(Step::Handshake) => Ending::AfterFlush,
             _ => Ending::Continue,
         }

@@ -146,6 +146,7 @@ impl Gateway {
             oplog,
             shutdown: shutdown.clone(),
             push_bytes: Arc::new(Semaphore::new(config.node_inflight_push_bytes)),
+            sessions_per_user: Arc::new(dashmap::DashMap::new()),
             config,
         });
         background.spawn(accept_loop(ws, shared.clone(), connections.clone()));

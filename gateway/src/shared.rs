@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) oplog: Arc<OpLog>,
     /// Cancelled when the node starts draining.
     pub(crate) shutdown: CancellationToken,
+    /// Sessions per user, for `max_connections_per_user`.
+    pub(crate) sessions_per_user: Arc<dashmap::DashMap<String, usize>>,
     /// Bytes of push frames the node may still take in (`node_inflight_push_bytes`); a permit
     /// travels with its job and is given back when ingest has answered it.
     pub(crate) push_bytes: Arc<tokio::sync::Semaphore>,

@@ -66,6 +66,9 @@ error_codes! {
     /// The `client_id` belongs to another user (the subject that first used it); an
     /// administrator can reassign it.
     ClientIdTaken = 203, "client_id_taken", false;
+    /// The user already holds `max_connections_per_user` sessions on this node; retry after
+    /// one of them ends.
+    TooManyConnections = 204, "too_many_connections", true;
     /// The collection is not declared on this gateway.
     UnknownCollection = 300, "unknown_collection", false;
     /// The subscription filter is invalid (a field name that is not a string, a nested value).

@@ -61,6 +61,51 @@ struct Session {
     /// When the token expires (plus the leeway): the session ends then with
     /// `token_expired`, and the client reconnects with a fresh token.
     token_deadline: Instant,
+    /// This session's place in its user's count (given back when the session ends).
+    _slot: Option<UserSlot>,
+}
+
+/// One session of a user, counted against `max_connections_per_user` until dropped.
+struct UserSlot {
+    counts: Arc<dashmap::DashMap<String, usize>>,
+    user: String,
+}
+
+impl UserSlot {
+    /// Takes a place for `user`, unless it already holds `limit` (0 = no limit: not counted).
+    fn take(
+        counts: &Arc<dashmap::DashMap<String, usize>>,
+        user: &str,
+        limit: usize,
+    ) -> Result<Option<UserSlot>, GatewayError> {
+        if limit == 0 {
+            return Ok(None);
+        }
+        let mut n = counts.entry(user.to_owned()).or_insert(0);
+        if *n >= limit {
+            return Err(GatewayError::TooManyConnections { limit });
+        }
+        *n += 1;
+        Ok(Some(UserSlot {
+            counts: counts.clone(),
+            user: user.to_owned(),
+        }))
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let gone = match self.counts.get_mut(&self.user) {
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        if gone {
+            self.counts.remove_if(&self.user, |_, n| *n == 0);
+        }
+    }
 }
 
 /// A subscription of this connection.
@@ -350,6 +395,18 @@ impl Connection {
             }
         };
         let user = identity.user;
+        let slot = match UserSlot::take(
+            &self.shared.sessions_per_user,
+            &user,
+            self.shared.config.max_connections_per_user,
+        ) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.refused_handshake(&e, &h.agent);
+                self.reply(e);
+                return;
+            }
+        };
         let claim = self.shared.store.claim_client(&h.client_id, &user).await;
         let last_applied_mutation = match claim {
             Ok(ClientClaim::Owned { last_applied }) => last_applied,
@@ -390,6 +447,7 @@ impl Connection {
             user,
             id: session_id,
             token_deadline,
+            _slot: slot,
         });
     }
 

@@ -1166,3 +1166,48 @@ async fn a_full_push_budget_slows_writers_and_loses_nothing() {
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// One user cannot take every connection slot: beyond `max_connections_per_user` sessions its
+/// handshakes get 204 (retryable), other users are not affected, and a slot comes back when a
+/// session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_at_most_max_connections_per_user() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = db.config();
+    config.max_connections_per_user = 2;
+    let gw = Gateway::start(config).await.unwrap();
+    let url = ws_url(&gw);
+    let (first, _) = Connection::connect(&url, "m-1", &token("mallory"))
+        .await
+        .unwrap();
+    let (_second, _) = Connection::connect(&url, "m-2", &token("mallory"))
+        .await
+        .unwrap();
+    let mut third = syncgate_client::Connection::open(&url).await.unwrap();
+    third
+        .send(&hello_as("m-3", token("mallory")))
+        .await
+        .unwrap();
+    expect_fatal(&mut third, ErrorCode::TooManyConnections).await;
+    // Another user is not affected.
+    let (_alice, _) = Connection::connect(&url, "a-1", &token("alice"))
+        .await
+        .unwrap();
+    // When a session ends its slot comes back.
+    first.close().await;
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match Connection::connect(&url, "m-3", &token("mallory")).await {
+            Ok(_) => break,
+            Err(syncgate_client::ConnError::Server(e))
+                if e.code == ErrorCode::TooManyConnections.code() && Instant::now() < end =>
+            {
+                // The server has not seen the close yet: ask again.
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("expected a session after a slot was freed: {e:?}"),
+        }
+    }
+    gw.shutdown().await;
+    db.cleanup().await;
+}
