@@ -51,6 +51,9 @@ pub struct Config {
     pub catch_up_cache_bytes: usize,
     /// Maximum concurrent WebSocket connections; further connections wait in the kernel backlog.
     pub max_connections: usize,
+    /// How long a new connection has to complete the WebSocket upgrade, and then to send
+    /// `hello`, in milliseconds; a connection that does not is closed.
+    pub handshake_timeout_ms: u64,
     /// Sessions one user (token `sub`) may hold at once on this node; 0 = no limit. Further
     /// handshakes of that user get `too_many_connections` (204).
     pub max_connections_per_user: usize,
@@ -156,6 +159,7 @@ impl Default for Config {
             outbound_buffer_bytes: 1024 * 1024,
             catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
+            handshake_timeout_ms: 10_000,
             max_connections_per_user: 0,
             max_inflight_pushes: 16,
             max_inflight_push_bytes: 4 * 1024 * 1024,
@@ -309,6 +313,9 @@ impl Config {
         }
         if self.outbound_buffer_bytes < l.max_frame_bytes as usize {
             return bad("outbound_buffer_bytes must be at least limits.max_frame_bytes".into());
+        }
+        if self.handshake_timeout_ms < 100 {
+            return bad("handshake_timeout_ms must be at least 100".into());
         }
         if self.heartbeat_ms < 100 {
             return bad("heartbeat_ms must be at least 100".into());

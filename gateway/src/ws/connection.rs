@@ -35,9 +35,6 @@ use crate::shared::Shared;
 use crate::storage::ClientClaim;
 use crate::sync::hub::SubEntry;
 
-/// How long a client has to complete the WebSocket upgrade and send `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A push on its way; it completes with its [`PushDone`].
 type PushReply = Pin<Box<dyn Future<Output = PushDone> + Send>>;
 
@@ -124,6 +121,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         .peer_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let limits = shared.config.limits;
+    // The WebSocket upgrade and then `hello` must each come within this.
+    let handshake_timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
     // A 1 KiB read buffer (tungstenite zero-fills the whole buffer it reads into, and an idle
     // connection keeps it): 10.0 → 6.9 KiB of RSS per idle connection (BENCHMARKS.md, P1); a
     // larger frame grows the buffer as it arrives, and ingest throughput was unchanged.
@@ -136,7 +135,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     // Boxed: a future's size is that of its largest await point, so the upgrade's state
     // machine inline would be carried by every idle connection for its whole life.
     let ws = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
+        handshake_timeout,
         Box::pin(tokio_tungstenite::accept_async_with_config(
             tcp,
             Some(ws_config),
@@ -217,7 +216,8 @@ impl Connection {
         S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
         let heartbeat = Duration::from_millis(u64::from(self.shared.config.heartbeat_ms) * 3);
-        let handshake_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let handshake_deadline =
+            Instant::now() + Duration::from_millis(self.shared.config.handshake_timeout_ms);
         let mut last_seen = Instant::now();
         let mut pushes: FuturesOrdered<PushReply> = FuturesOrdered::new();
         let max_inflight = self.shared.config.max_inflight_pushes;
