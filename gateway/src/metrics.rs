@@ -45,6 +45,8 @@ pub struct Metrics {
     pub snapshot_pages: IntCounter,
     /// Bytes of push frames in flight on the node (set when metrics are read).
     pub inflight_push_bytes: IntGauge,
+    /// Database pings made for `/readyz` (at most one per second, however often it is polled).
+    pub readiness_checks: IntCounter,
     /// Clients whose later pushes are refused until they replay a batch that was not applied.
     pub fenced_clients: IntGauge,
 }
@@ -135,6 +137,10 @@ impl Metrics {
             snapshot_pages: counter(
                 "syncgate_snapshot_pages_total",
                 "Snapshot pages read from the database",
+            ),
+            readiness_checks: counter(
+                "syncgate_readiness_checks_total",
+                "Database pings made for /readyz",
             ),
             inflight_push_bytes: gauge(
                 "syncgate_inflight_push_bytes",

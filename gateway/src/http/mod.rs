@@ -1,7 +1,15 @@
 //! The HTTP listener: liveness (`/healthz`), readiness (`/readyz`: not draining and the
 //! database answers) and Prometheus metrics (`/metrics`).
+//!
+//! Hardened against clients that misuse it: at most [`MAX_HTTP_CONNECTIONS`] connections are
+//! served at once (more are closed at accept), a connection that sends nothing for
+//! [`HTTP_IDLE`] is closed, and readiness asks the database at most once per
+//! [`READINESS_TTL`] however often it is polled (concurrent polls share one ping).
+
+mod idle;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -12,28 +20,63 @@ use tokio_util::sync::CancellationToken;
 
 use crate::shared::Shared;
 
+/// Most HTTP connections served at once; the WebSocket listener's file descriptors are never
+/// spent on silent HTTP sockets.
+pub(crate) const MAX_HTTP_CONNECTIONS: usize = 256;
+/// A connection that sends nothing for this long is closed (between requests too).
+pub(crate) const HTTP_IDLE: Duration = Duration::from_secs(10);
+/// How long a readiness answer is reused.
+const READINESS_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+struct HttpState {
+    shared: Arc<Shared>,
+    /// The last readiness answer and when it was found; the lock makes concurrent polls wait
+    /// for one database ping instead of each sending one.
+    readiness: Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>,
+}
+
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let state = HttpState {
+        shared,
+        readiness: Arc::new(tokio::sync::Mutex::new(None)),
+    };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(shared);
+        .with_state(state);
+    let listener = idle::Bounded::new(listener, MAX_HTTP_CONNECTIONS, HTTP_IDLE);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    if shared.shutdown.is_cancelled() {
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    if state.shared.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
-    match shared.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n"),
+    let ready = {
+        let mut last = state.readiness.lock().await;
+        match *last {
+            Some((at, ready)) if at.elapsed() < READINESS_TTL => ready,
+            _ => {
+                state.shared.metrics.readiness_checks.inc();
+                let ready = state.shared.store.ping().await.is_ok();
+                *last = Some((Instant::now(), ready));
+                ready
+            }
+        }
+    };
+    if ready {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> String {
+async fn metrics(State(state): State<HttpState>) -> String {
+    let shared = &state.shared;
     let free = shared.push_bytes.available_permits();
     let inflight = shared.config.node_inflight_push_bytes.saturating_sub(free);
     shared

@@ -1211,3 +1211,67 @@ async fn a_user_holds_at_most_max_connections_per_user() {
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// A raw HTTP/1.0 GET: the status code and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Polling `/readyz` hard costs the database one ping per second, not one per poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_polls_share_one_database_ping_per_second() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..300 {
+        assert_eq!(http_get(gw.http_addr, "/readyz").await.0, 200);
+    }
+    let checks = gw.metrics.readiness_checks.get();
+    let allowed = started.elapsed().as_secs() + 2;
+    assert!(checks <= allowed, "{checks} pings for 300 polls");
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// Silent HTTP sockets cannot hold the gateway: beyond the cap they are closed at once, the
+/// others after the idle time, and WebSocket clients connect all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_http_sockets_are_closed_and_websockets_still_connect() {
+    use tokio::io::AsyncReadExt;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let mut silent = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
+        silent.spawn(async move {
+            let mut buf = [0u8; 16];
+            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+    }
+    // The WebSocket listener is not affected.
+    let (_c, _) = connect(&gw, "while-flooded").await;
+    let end = Instant::now() + DEADLINE;
+    while !silent.is_empty() {
+        tokio::time::timeout(
+            end.saturating_duration_since(Instant::now()),
+            silent.join_next(),
+        )
+        .await
+        .expect("every silent HTTP socket is closed");
+    }
+    assert_eq!(http_get(gw.http_addr, "/healthz").await.0, 200);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
