@@ -49,6 +49,17 @@ struct PushDone {
     reply: Result<Result<PushOutcome, GatewayError>, oneshot::error::RecvError>,
 }
 
+/// The close code for a WebSocket protocol violation by the peer (RFC 6455 §7.4.1): 1002 for
+/// a malformed or unmasked frame, a reserved bit or opcode; 1007 for text that is not UTF-8.
+/// `None` for errors that are not the peer's protocol violations (the connection is gone).
+fn ws_violation_close_code(e: &WsError) -> Option<u16> {
+    match e {
+        WsError::Protocol(_) => Some(1002),
+        WsError::Utf8(_) => Some(1007),
+        _ => None,
+    }
+}
+
 /// An authenticated session.
 struct Session {
     client_id: String,
@@ -278,6 +289,11 @@ impl Connection {
                             return "frame_too_large".into();
                         }
                         Err(e) => {
+                            // A peer that breaks the WebSocket protocol gets the close code
+                            // RFC 6455 names for it; a vanished one gets nothing.
+                            if let Some(code) = ws_violation_close_code(&e) {
+                                self.out.close(None, code, "websocket protocol violation");
+                            }
                             return format!("read failed: {e}");
                         }
                     }

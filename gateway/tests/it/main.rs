@@ -1275,3 +1275,85 @@ async fn silent_http_sockets_are_closed_and_websockets_still_connect() {
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// Opens a WebSocket by hand (the upgrade request written byte by byte), for frames no client
+/// library would send.
+async fn raw_websocket(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// The close code of the first close frame the server sends (skipping other frames).
+async fn close_code_of(s: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let b0 = s.read_u8().await.unwrap();
+        let mut len = u64::from(s.read_u8().await.unwrap() & 0x7f);
+        if len == 126 {
+            len = u64::from(s.read_u16().await.unwrap());
+        } else if len == 127 {
+            len = s.read_u64().await.unwrap();
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).await.unwrap();
+        if b0 & 0x0f == 0x8 {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+/// Frames that break the WebSocket protocol are closed with the codes RFC 6455 names (1002
+/// protocol error, 1007 invalid text), not with a normal closure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_protocol_violations_get_their_close_codes() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let mask = [1u8, 2, 3, 4];
+    let masked = |b0: u8, payload: &[u8]| {
+        let mut f = vec![b0, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "a reserved bit set",
+            masked(0x80 | 0x40 | 0x2, &[0x90]),
+            1002,
+        ),
+        ("a reserved opcode", masked(0x80 | 0x3, &[]), 1002),
+        ("an unmasked client frame", vec![0x82, 0x01, 0x90], 1002),
+        (
+            "text that is not UTF-8",
+            masked(0x80 | 0x1, &[0xc3, 0x28]),
+            1007,
+        ),
+    ];
+    for (name, frame, code) in cases {
+        let mut s = raw_websocket(gw.ws_addr).await;
+        s.write_all(&frame).await.unwrap();
+        let got = tokio::time::timeout(DEADLINE, close_code_of(&mut s))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no close frame"));
+        assert_eq!(got, code, "{name}");
+    }
+    gw.shutdown().await;
+    db.cleanup().await;
+}
