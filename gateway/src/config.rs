@@ -51,6 +51,9 @@ pub struct Config {
     pub catch_up_cache_bytes: usize,
     /// Maximum concurrent WebSocket connections; further connections wait in the kernel backlog.
     pub max_connections: usize,
+    /// Origins (`scheme://host[:port]`) whose browser pages may open a WebSocket; empty = any.
+    /// Requests without an `Origin` header (clients that are not browsers) are not affected.
+    pub allowed_origins: Vec<String>,
     /// How long a new connection has to complete the WebSocket upgrade, and then to send
     /// `hello`, in milliseconds; a connection that does not is closed.
     pub handshake_timeout_ms: u64,
@@ -159,6 +162,7 @@ impl Default for Config {
             outbound_buffer_bytes: 1024 * 1024,
             catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
+            allowed_origins: Vec::new(),
             handshake_timeout_ms: 10_000,
             max_connections_per_user: 0,
             max_inflight_pushes: 16,

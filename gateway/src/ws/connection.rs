@@ -60,6 +60,40 @@ fn ws_violation_close_code(e: &WsError) -> Option<u16> {
     }
 }
 
+/// Refuses the WebSocket upgrade of a browser page from an origin that is not allowed
+/// (`allowed_origins`; empty = any). Clients that are not browsers send no `Origin` and are
+/// not affected: they authenticate with their token like everyone else.
+struct OriginCheck<'a> {
+    allowed: &'a [String],
+}
+
+impl tokio_tungstenite::tungstenite::handshake::server::Callback for OriginCheck<'_> {
+    fn on_request(
+        self,
+        request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+        response: tokio_tungstenite::tungstenite::handshake::server::Response,
+    ) -> Result<
+        tokio_tungstenite::tungstenite::handshake::server::Response,
+        tokio_tungstenite::tungstenite::handshake::server::ErrorResponse,
+    > {
+        let origin = request
+            .headers()
+            .get("origin")
+            .map(|o| o.to_str().unwrap_or("<not text>"));
+        match origin {
+            Some(o) if !self.allowed.is_empty() && !self.allowed.iter().any(|a| a == o) => {
+                let mut refusal =
+                    tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(Some(
+                        format!("origin {o:?} is not allowed\n"),
+                    ));
+                *refusal.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::FORBIDDEN;
+                Err(refusal)
+            }
+            _ => Ok(response),
+        }
+    }
+}
+
 /// An authenticated session.
 struct Session {
     client_id: String,
@@ -147,8 +181,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     // machine inline would be carried by every idle connection for its whole life.
     let ws = match tokio::time::timeout(
         handshake_timeout,
-        Box::pin(tokio_tungstenite::accept_async_with_config(
+        Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
             tcp,
+            OriginCheck {
+                allowed: &shared.config.allowed_origins,
+            },
             Some(ws_config),
         )),
     )

@@ -1357,3 +1357,31 @@ async fn websocket_protocol_violations_get_their_close_codes() {
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// With `allowed_origins` set, a browser page from another origin cannot open a WebSocket
+/// (HTTP 403); an allowed origin and clients that send no `Origin` can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_from_other_origins_are_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = db.config();
+    config.allowed_origins = vec!["https://erp.example.com".into()];
+    let gw = Gateway::start(config).await.unwrap();
+    let with_origin = |origin: &str| {
+        let mut r = ws_url(&gw).into_client_request().unwrap();
+        r.headers_mut().insert("origin", origin.parse().unwrap());
+        r
+    };
+    match tokio_tungstenite::connect_async(with_origin("https://evil.example.net")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
+    assert!(
+        tokio_tungstenite::connect_async(with_origin("https://erp.example.com"))
+            .await
+            .is_ok()
+    );
+    let (_c, _) = connect(&gw, "native").await;
+    gw.shutdown().await;
+    db.cleanup().await;
+}
