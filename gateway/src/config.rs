@@ -51,6 +51,10 @@ pub struct Config {
     pub catch_up_cache_bytes: usize,
     /// Maximum concurrent WebSocket connections; further connections wait in the kernel backlog.
     pub max_connections: usize,
+    /// Frames per second a connection may send, pushes not counted (a burst of one second's
+    /// worth is allowed); beyond it frames get `rate_limited` (506), and a connection that keeps
+    /// going over it is closed. 0 = no limit.
+    pub max_frames_per_second: u32,
     /// Origins (`scheme://host[:port]`) whose browser pages may open a WebSocket; empty = any.
     /// Requests without an `Origin` header (clients that are not browsers) are not affected.
     pub allowed_origins: Vec<String>,
@@ -162,6 +166,7 @@ impl Default for Config {
             outbound_buffer_bytes: 1024 * 1024,
             catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
+            max_frames_per_second: 1000,
             allowed_origins: Vec::new(),
             handshake_timeout_ms: 10_000,
             max_connections_per_user: 0,

@@ -130,6 +130,16 @@ pub(crate) enum GatewayError {
     /// The ingest task is gone (the node is stopping).
     #[error("ingest stopped; retry the batch")]
     IngestStopped,
+    /// Frames faster than `max_frames_per_second`.
+    #[error("more than {limit} frames a second; retry in {retry_ms} ms")]
+    RateLimited {
+        /// The limit.
+        limit: u32,
+        /// When the next frame would be accepted.
+        retry_ms: u64,
+        /// The connection kept going over the limit: it ends.
+        closing: bool,
+    },
     /// The outbound queue overflowed.
     #[error("outbound buffer full; reconnect and resume from your cursor")]
     SlowConsumer,
@@ -176,6 +186,7 @@ impl GatewayError {
             GatewayError::Draining => ErrorCode::ServerDraining,
             GatewayError::IngestStopped => ErrorCode::InternalError,
             GatewayError::SlowConsumer => ErrorCode::SlowConsumer,
+            GatewayError::RateLimited { .. } => ErrorCode::RateLimited,
         }
     }
 
@@ -194,6 +205,7 @@ impl GatewayError {
             | GatewayError::Auth(_)
             | GatewayError::ClientIdTaken
             | GatewayError::TooManyConnections { .. }
+            | GatewayError::RateLimited { closing: true, .. }
             | GatewayError::Storage(Step::Handshake) => Ending::AfterFlush,
             _ => Ending::Continue,
         }

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub inflight_push_bytes: IntGauge,
     /// Database pings made for `/readyz` (at most one per second, however often it is polled).
     pub readiness_checks: IntCounter,
+    /// Frames refused for going over `max_frames_per_second`.
+    pub rate_limited: IntCounter,
     /// Clients whose later pushes are refused until they replay a batch that was not applied.
     pub fenced_clients: IntGauge,
 }
@@ -137,6 +139,10 @@ impl Metrics {
             snapshot_pages: counter(
                 "syncgate_snapshot_pages_total",
                 "Snapshot pages read from the database",
+            ),
+            rate_limited: counter(
+                "syncgate_rate_limited_frames_total",
+                "Frames refused for going over max_frames_per_second",
             ),
             readiness_checks: counter(
                 "syncgate_readiness_checks_total",

@@ -107,6 +107,9 @@ error_codes! {
     /// An earlier batch of this client was not committed, so this later one was not applied
     /// either (it would overtake it): push again from the first unacknowledged mutation, in order.
     ReplayRequired = 505, "replay_required", true;
+    /// The connection sends frames faster than the gateway's `max_frames_per_second`: the frame
+    /// was not handled (fatal when it keeps going). Pushes are not counted.
+    RateLimited = 506, "rate_limited", true;
 }
 
 impl fmt::Display for ErrorCode {

@@ -33,6 +33,10 @@ use crate::ingest::plan::{PushJob, PushOutcome};
 use crate::outbound::Outbound;
 use crate::shared::Shared;
 use crate::storage::ClientClaim;
+use crate::ws::rate::{Bucket, Verdict};
+
+/// Refusals (less allowed frames since) that close a connection going over the frame rate.
+const MAX_RATE_STRIKES: u32 = 100;
 use crate::sync::hub::SubEntry;
 
 /// A push on its way; it completes with its [`PushDone`].
@@ -216,6 +220,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         session: None,
         subs: HashMap::new(),
         inflight_bytes: 0,
+        rate: Bucket::new(
+            shared.config.max_frames_per_second,
+            shared.config.max_frames_per_second,
+            MAX_RATE_STRIKES,
+            Instant::now(),
+        ),
     };
     let reason = conn.run(&mut stream).await;
     conn.teardown();
@@ -255,6 +265,8 @@ struct Connection {
     subs: HashMap<u32, ActiveSub>,
     /// Bytes of push frames in flight (`max_inflight_push_bytes`).
     inflight_bytes: usize,
+    /// Frames per second (`max_frames_per_second`), pushes not counted.
+    rate: Bucket,
 }
 
 impl Connection {
@@ -381,7 +393,24 @@ impl Connection {
 
     /// Handles one binary frame; returns a pending push acknowledgement, if it was a push.
     async fn handle_binary(&mut self, bytes: &[u8]) -> Option<PushReply> {
-        let frame = match decode_with_limits(bytes, &self.shared.config.limits) {
+        let frame = decode_with_limits(bytes, &self.shared.config.limits);
+        // Pushes are bounded by their acknowledgements (count and bytes in flight); everything
+        // else a client sends is counted against its frame rate.
+        if !matches!(frame, Ok(Frame::Push(_))) {
+            match self.rate.frame(Instant::now()) {
+                Verdict::Allow => {}
+                verdict => {
+                    self.shared.metrics.rate_limited.inc();
+                    self.reply(GatewayError::RateLimited {
+                        limit: self.shared.config.max_frames_per_second,
+                        retry_ms: self.rate.wait().as_millis() as u64,
+                        closing: verdict == Verdict::Close,
+                    });
+                    return None;
+                }
+            }
+        }
+        let frame = match frame {
             Ok(f) => f,
             Err(e) => {
                 // Before the handshake this ends the connection; after it, one bad frame is

@@ -3,4 +3,5 @@
 //! The outbound queue and writer are in [`crate::outbound`], shared with the hub's fan-out.
 
 pub(crate) mod connection;
+pub(crate) mod rate;
 pub(crate) mod subscription;

@@ -1385,3 +1385,56 @@ async fn websockets_from_other_origins_are_refused() {
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// A connection that floods frames is refused frame by frame (506) and closed when it keeps
+/// going; pushes are not counted, and another client goes on undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_connection_is_throttled_then_closed() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = db.config();
+    config.max_frames_per_second = 50;
+    let gw = Gateway::start(config).await.unwrap();
+    let (mut flood, _) = connect(&gw, "flood").await;
+    for nonce in 0..1000 {
+        if flood.send(&Frame::Ping(Ping { nonce })).await.is_err() {
+            break;
+        }
+    }
+    let (mut calm, _) = connect(&gw, "calm").await;
+    // Pushes are not counted: 60 batches in a row on a 50-frames-a-second gateway all apply.
+    for b in 1..=60u64 {
+        let ack = push(
+            &mut calm,
+            b,
+            vec![put(b, "machines", &format!("m{b}"), body(&[]))],
+        )
+        .await;
+        assert_eq!(ack.results[0].status, MutationStatus::Applied);
+    }
+    let mut refused = 0;
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match flood
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Ok(Frame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::RateLimited.code(), "{e:?}");
+                refused += 1;
+                if e.fatal {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("expected a fatal rate_limited, got {e:?}"),
+        }
+    }
+    assert!(refused >= 100, "{refused} refusals before the close");
+    match flood.recv_timeout(DEADLINE).await {
+        Err(syncgate_client::ConnError::Closed(Some(code))) => assert_eq!(code, 4506),
+        other => panic!("expected close 4506, got {other:?}"),
+    }
+    assert!(gw.metrics.rate_limited.get() >= 100);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
