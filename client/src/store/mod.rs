@@ -372,6 +372,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_horizon_at_the_top_of_the_id_range_gives_an_error_not_a_wrapped_id() {
+        let (_dir, s) = store().await;
+        assert!(s.on_welcome("e", u64::MAX - 2).await.unwrap());
+        let id = s
+            .write("c", "a", MutationOp::Put, Some(body(1)))
+            .await
+            .unwrap();
+        assert_eq!(id, u64::MAX - 1);
+        match s.write("c", "b", MutationOp::Put, Some(body(2))).await {
+            Err(StoreError::Corrupt(m)) => assert!(m.contains("exhausted"), "{m}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        // Nothing was written by the refused edit.
+        assert_eq!(s.outbox().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn client_id_is_kept_and_the_directory_is_locked() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::open(dir.path()).await.unwrap();

@@ -26,7 +26,11 @@ impl LocalStore {
             .await?
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| corrupt("next_mutation"))?;
-        set_meta(&txn, "next_mutation", &(next + 1).to_string()).await?;
+        // Ids run out only if the gateway reported a horizon at the very top of the range.
+        let after = next.checked_add(1).ok_or_else(|| {
+            corrupt("mutation ids exhausted: this installation needs a new data directory")
+        })?;
+        set_meta(&txn, "next_mutation", &after.to_string()).await?;
         let base_version = txn
             .query_one_raw(st(
                 "SELECT server_version FROM sgc_docs WHERE collection = ? AND doc_id = ?",
