@@ -64,6 +64,10 @@ enum Command {
         /// Validity in seconds.
         #[arg(long, default_value_t = 30 * 24 * 3600)]
         ttl: u64,
+        /// Another claim, KEY=VALUE (repeatable): `plant=p1`, `roles=["planner"]`. VALUE is
+        /// read as JSON when it parses as JSON (a number, list, true ...), else as a string.
+        #[arg(long = "claim", value_name = "KEY=VALUE", value_parser = parse_claim)]
+        claims: Vec<(String, serde_json::Value)>,
     },
     /// Validate the configuration, print the effective config as TOML and exit.
     CheckConfig,
@@ -191,7 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let epoch = migrate(&config).await?;
             println!("migrations applied; epoch {epoch}");
         }
-        Command::Token { user, ttl } => {
+        Command::Token { user, ttl, claims } => {
             let Some((secret, _)) = load_secret(&config.auth.jwt_secret, &config.data_dir)? else {
                 let path = std::path::absolute(config.data_dir.join("jwt_secret"))
                     .unwrap_or_else(|_| config.data_dir.join("jwt_secret"));
@@ -203,9 +207,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     path.display()
                 );
             };
+            let mut token = syncgate_gateway::auth::Claims::new(user, *ttl);
+            for (k, v) in claims {
+                if matches!(k.as_str(), "sub" | "exp" | "iat" | "nbf" | "iss" | "aud") {
+                    anyhow::bail!(
+                        "--claim {k}: set by syncgate token itself (use --user, --ttl or the config)"
+                    );
+                }
+                token.extra.insert(k.clone(), v.clone());
+            }
             println!(
                 "{}",
-                Authenticator::with_config(&secret, &config.auth).mint(user, *ttl)?
+                Authenticator::with_config(&secret, &config.auth).mint_claims(token)?
             );
         }
         Command::CheckConfig => {
@@ -236,6 +249,18 @@ async fn terminate() {
         }
     }
     std::future::pending::<()>().await
+}
+
+/// `KEY=VALUE` of `syncgate token --claim`.
+fn parse_claim(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::from(v));
+    Ok((k.to_owned(), value))
 }
 
 fn init_tracing(json: bool) {

@@ -36,6 +36,9 @@ pub struct Claims {
     /// Audience.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// Every other claim (a plant, roles ...), for per-collection rules and row scopes.
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Claims {
@@ -49,6 +52,7 @@ impl Claims {
             nbf: None,
             iss: None,
             aud: None,
+            extra: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -87,6 +91,8 @@ impl AuthError {
 pub struct Identity {
     /// The user (`sub`).
     pub user: String,
+    /// The token's other claims (see [`Claims::extra`]).
+    pub claims: std::collections::BTreeMap<String, serde_json::Value>,
     /// When a session on this token must end: `exp` plus the leeway, seconds since the Unix
     /// epoch.
     pub valid_until: u64,
@@ -169,6 +175,7 @@ impl Authenticator {
         }
         Ok(Identity {
             user: claims.sub,
+            claims: claims.extra,
             valid_until: claims.exp.saturating_add(self.validation.leeway),
         })
     }

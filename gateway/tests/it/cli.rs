@@ -623,3 +623,63 @@ async fn connections_that_never_say_hello_are_closed() {
     );
     child.kill().await.unwrap();
 }
+
+/// `syncgate token --claim` puts claims into the token (for roles and row scopes), JSON values
+/// as JSON and anything else as text; the registered claims are not overridable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_claims_are_carried() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out = syncgate(&[
+        "--data-dir",
+        data,
+        "--jwt-secret",
+        SECRET,
+        "token",
+        "--user",
+        "op-7",
+        "--claim",
+        "plant=p1",
+        "--claim",
+        r#"roles=["planner","operator"]"#,
+        "--claim",
+        "level=3",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_owned();
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], "op-7");
+    assert_eq!(claims["plant"], "p1");
+    assert_eq!(claims["roles"], serde_json::json!(["planner", "operator"]));
+    assert_eq!(claims["level"], 3);
+    let id = syncgate_gateway::auth::Authenticator::new(SECRET.as_bytes())
+        .verify(&token)
+        .unwrap();
+    assert_eq!(id.claims["plant"], "p1");
+    let refused = syncgate(&[
+        "--data-dir",
+        data,
+        "--jwt-secret",
+        SECRET,
+        "token",
+        "--user",
+        "op",
+        "--claim",
+        "exp=1",
+    ])
+    .await;
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("--claim exp"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
