@@ -190,6 +190,27 @@ impl Connection {
         }
     }
 
+    /// Receives the next binary message as it arrived, undecoded, or fails after `timeout`
+    /// (tests that check what bytes a client was sent).
+    pub async fn recv_raw(&mut self, timeout: Duration) -> Result<Vec<u8>, ConnError> {
+        let next = async {
+            loop {
+                match self.ws.next().await {
+                    None => return Err(ConnError::Closed(None)),
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
+                    Some(Ok(Message::Close(c))) => {
+                        return Err(ConnError::Closed(c.map(|c| c.code.into())));
+                    }
+                    Some(Ok(_)) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(timeout, next)
+            .await
+            .map_err(|_| ConnError::Timeout)?
+    }
+
     /// Receives the next frame or fails after `timeout`.
     pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Frame, ConnError> {
         tokio::time::timeout(timeout, self.recv())

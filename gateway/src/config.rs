@@ -114,6 +114,9 @@ pub struct AuthConfig {
     /// Required `aud` claim. Empty: a token that names any audience is refused (it was meant
     /// for another service); one without `aud` is accepted.
     pub audience: String,
+    /// The token claim that lists the user's roles (a string or a list of strings), for
+    /// collections' `read_roles` and `write_roles`.
+    pub roles_claim: String,
     /// Clock skew allowed when checking `exp` and `nbf`, in seconds. A session ends when its
     /// token's `exp` plus this leeway has passed.
     pub leeway_secs: u64,
@@ -125,6 +128,7 @@ impl Default for AuthConfig {
             jwt_secret: String::new(),
             issuer: String::new(),
             audience: String::new(),
+            roles_claim: "roles".into(),
             leeway_secs: 5,
         }
     }
@@ -136,6 +140,10 @@ impl Default for AuthConfig {
 pub struct CollectionConfig {
     /// Conflict policy. Only `lww` (server-order last-write-wins) exists so far.
     pub policy: ConflictPolicy,
+    /// Roles (from the token claim `auth.roles_claim`) that may subscribe; empty = any user.
+    pub read_roles: Vec<String>,
+    /// Roles that may write; empty = any user.
+    pub write_roles: Vec<String>,
 }
 
 /// How concurrent writes to one document are resolved.

@@ -87,6 +87,9 @@ pub(crate) enum GatewayError {
     /// A collection that is not declared.
     #[error("collection {0:?} is not declared")]
     UnknownCollection(String),
+    /// The user's roles may not read the collection.
+    #[error("reading {0:?} needs one of the collection's read_roles")]
+    ReadForbidden(String),
     /// A subscription filter that is not valid.
     #[error("{0}")]
     InvalidFilter(String),
@@ -178,6 +181,7 @@ impl GatewayError {
             GatewayError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
             GatewayError::UnknownCollection(_) => ErrorCode::UnknownCollection,
             GatewayError::InvalidFilter(_) => ErrorCode::InvalidFilter,
+            GatewayError::ReadForbidden(_) => ErrorCode::ReadForbidden,
             GatewayError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
             GatewayError::MutationIdsNotIncreasing => ErrorCode::MutationIdsNotIncreasing,
             GatewayError::BatchOutputTooLarge { .. } => ErrorCode::BatchOutputTooLarge,

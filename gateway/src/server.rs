@@ -126,6 +126,12 @@ impl Gateway {
             collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
             limits: config.limits,
             max_batch_output_bytes: config.max_batch_output_bytes,
+            write_roles: config
+                .collections
+                .iter()
+                .filter(|(_, c)| !c.write_roles.is_empty())
+                .map(|(name, c)| (name.clone(), c.write_roles.clone()))
+                .collect(),
         };
         background.spawn(run_ingest(
             store.clone(),

@@ -79,6 +79,8 @@ error_codes! {
     UnknownSubscription = 303, "unknown_subscription", false;
     /// The connection already holds `max_subscriptions` subscriptions.
     TooManySubscriptions = 304, "too_many_subscriptions", false;
+    /// The user's roles do not include one that may read the collection.
+    ReadForbidden = 305, "read_forbidden", false;
     /// The mutation is not well formed (a put or patch without a body, a delete with one ...).
     InvalidMutation = 400, "invalid_mutation", false;
     /// The batch holds more than `max_mutations_per_batch` mutations.
@@ -94,6 +96,9 @@ error_codes! {
     /// The batch would write more than the gateway's `max_batch_output_bytes` to the log;
     /// nothing of it was applied: push the same mutations again in smaller batches.
     BatchOutputTooLarge = 406, "batch_output_too_large", false;
+    /// The user's roles do not include one that may write the collection (the mutation is
+    /// rejected and stored, like any rejection).
+    WriteForbidden = 407, "write_forbidden", false;
     /// The gateway failed internally; the request may be retried.
     InternalError = 500, "internal_error", true;
     /// The connection's outbound buffer overflowed; reconnect and resume by cursor.

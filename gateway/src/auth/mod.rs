@@ -93,6 +93,8 @@ pub struct Identity {
     pub user: String,
     /// The token's other claims (see [`Claims::extra`]).
     pub claims: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The user's roles: the `auth.roles_claim` claim, a string or a list of strings.
+    pub roles: Vec<String>,
     /// When a session on this token must end: `exp` plus the leeway, seconds since the Unix
     /// epoch.
     pub valid_until: u64,
@@ -110,6 +112,8 @@ pub struct Authenticator {
     /// `iss` and `aud` put into minted tokens.
     issuer: Option<String>,
     audience: Option<String>,
+    /// The claim naming the user's roles.
+    roles_claim: String,
 }
 
 impl Authenticator {
@@ -143,6 +147,7 @@ impl Authenticator {
             validation,
             issuer,
             audience,
+            roles_claim: config.roles_claim.clone(),
         }
     }
 
@@ -173,8 +178,17 @@ impl Authenticator {
         {
             return Err(AuthError::BadSubject);
         }
+        let roles = match claims.extra.get(&self.roles_claim) {
+            Some(serde_json::Value::String(r)) => vec![r.clone()],
+            Some(serde_json::Value::Array(rs)) => rs
+                .iter()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Identity {
             user: claims.sub,
+            roles,
             claims: claims.extra,
             valid_until: claims.exp.saturating_add(self.validation.leeway),
         })
@@ -199,6 +213,12 @@ impl Authenticator {
             &self.encoding,
         )?)
     }
+}
+
+/// Whether a user with `roles` may do what `required` guards: an empty list lets every user
+/// with a valid token; otherwise one of the user's roles must be in it.
+pub fn allowed(required: &[String], roles: &[String]) -> bool {
+    required.is_empty() || roles.iter().any(|r| required.contains(r))
 }
 
 /// Seconds since the Unix epoch.

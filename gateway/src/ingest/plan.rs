@@ -31,6 +31,7 @@ use syncgate_protocol::{
     Body, Change, ChangeOp, ErrorCode, Limits, Mutation, MutationResult, MutationStatus,
 };
 
+use crate::auth::allowed;
 use crate::changes::{Committed, LogEntry};
 use crate::error::GatewayError;
 use crate::storage::{
@@ -44,6 +45,8 @@ pub(crate) struct PushJob {
     pub client_id: String,
     /// The authenticated user, recorded with the client.
     pub user: String,
+    /// The user's roles (for the collections' `write_roles`).
+    pub roles: Vec<String>,
     /// The client's batch id, recorded with rejections.
     pub batch: u64,
     /// The mutations, in strictly increasing `mutation_id` (checked by [`super::order`]).
@@ -68,6 +71,8 @@ pub(crate) struct Rules {
     pub limits: Limits,
     /// Most bytes of bodies (new and previous) one batch may write to the log.
     pub max_batch_output_bytes: usize,
+    /// Collections that only some roles may write: collection -> those roles.
+    pub write_roles: HashMap<String, Vec<String>>,
 }
 
 /// What the planner reads from the database (the prefetch step).
@@ -385,7 +390,12 @@ impl<'a> Group<'a> {
                 }),
         };
         let live = current.filter(|d| !d.deleted);
-        match effect(m, live.as_ref().and_then(|d| d.body.as_ref()), self.rules) {
+        match effect(
+            m,
+            &job.roles,
+            live.as_ref().and_then(|d| d.body.as_ref()),
+            self.rules,
+        ) {
             Effect::Change { op, body, encoded } => {
                 self.next += 1;
                 let next = self.next;
@@ -478,11 +488,22 @@ fn never_seen(mutation_id: u64) -> MutationResult {
 
 /// Checks one new mutation against the rules and the document's live body (`None`: it does
 /// not exist or is deleted) and computes its effect.
-fn effect(m: &Mutation, current: Option<&Body>, rules: &Rules) -> Effect {
+fn effect(m: &Mutation, roles: &[String], current: Option<&Body>, rules: &Rules) -> Effect {
     if !rules.collections.contains(&m.collection) {
         return Effect::Rejected(
             ErrorCode::UnknownCollection,
             format!("collection {:?} is not declared", m.collection),
+        );
+    }
+    if let Some(required) = rules.write_roles.get(&m.collection)
+        && !allowed(required, roles)
+    {
+        return Effect::Rejected(
+            ErrorCode::WriteForbidden,
+            format!(
+                "writing {:?} needs one of the roles {required:?}",
+                m.collection
+            ),
         );
     }
     if !is_valid_id(&m.id, rules.limits.max_id_bytes) {
@@ -587,6 +608,7 @@ mod tests {
         PushJob {
             client_id: client.into(),
             user: format!("user-of-{client}"),
+            roles: vec!["operator".into()],
             batch,
             mutations,
         }
@@ -594,12 +616,17 @@ mod tests {
 
     fn rules() -> Rules {
         Rules {
-            collections: ["orders".to_owned()].into_iter().collect(),
+            collections: ["orders".to_owned(), "plans".to_owned()]
+                .into_iter()
+                .collect(),
             limits: Limits {
                 max_document_bytes: 24,
                 ..Limits::default()
             },
             max_batch_output_bytes: 1 << 20,
+            write_roles: [("plans".to_owned(), vec!["planner".to_owned()])]
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -763,6 +790,7 @@ mod tests {
                             ],
                         ),
                         put(8, "ok", &[("x", 1)]),
+                        m(9, "plans", "p1", MutationOp::Put, Some(body(&[("x", 1)]))),
                     ],
                 )],
                 results: vec![vec![
@@ -774,11 +802,13 @@ mod tests {
                     "6:rejected 405",
                     "7:rejected 402",
                     "8:applied@11",
+                    "9:rejected 407",
                 ]],
                 documents: vec!["ok@11"],
-                clients: vec!["a:8"],
+                clients: vec!["a:9"],
                 rejections: vec![
                     "a:1:300", "a:2:403", "a:3:400", "a:4:400", "a:5:400", "a:6:405", "a:7:402",
+                    "a:9:407",
                 ],
             },
             Case {

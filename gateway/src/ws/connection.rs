@@ -26,7 +26,7 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, allowed};
 use crate::error::{ErrorReply, GatewayError, Step};
 use crate::ingest::IngestRequest;
 use crate::ingest::plan::{PushJob, PushOutcome};
@@ -102,6 +102,8 @@ impl tokio_tungstenite::tungstenite::handshake::server::Callback for OriginCheck
 struct Session {
     client_id: String,
     user: String,
+    /// The user's roles (the collections' `read_roles` and `write_roles`).
+    roles: Vec<String>,
     /// The session id sent in `welcome` (as 16 hex digits), for log lines.
     id: u64,
     /// When the token expires (plus the leeway): the session ends then with
@@ -477,6 +479,7 @@ impl Connection {
             }
         };
         let user = identity.user;
+        let roles = identity.roles;
         let slot = match UserSlot::take(
             &self.shared.sessions_per_user,
             &user,
@@ -527,6 +530,7 @@ impl Connection {
         self.session = Some(Session {
             client_id: h.client_id,
             user,
+            roles,
             id: session_id,
             token_deadline,
             _slot: slot,
@@ -549,10 +553,19 @@ impl Connection {
             Some(GatewayError::DuplicateSubscription)
         } else if self.subs.len() >= self.shared.config.limits.max_subscriptions as usize {
             Some(GatewayError::TooManySubscriptions)
-        } else if !self.shared.config.collections.contains_key(&s.collection) {
-            Some(GatewayError::UnknownCollection(s.collection.clone()))
         } else {
-            None
+            match self.shared.config.collections.get(&s.collection) {
+                None => Some(GatewayError::UnknownCollection(s.collection.clone())),
+                Some(c)
+                    if !self
+                        .session
+                        .as_ref()
+                        .is_some_and(|u| allowed(&c.read_roles, &u.roles)) =>
+                {
+                    Some(GatewayError::ReadForbidden(s.collection.clone()))
+                }
+                Some(_) => None,
+            }
         };
         if let Some(e) = refusal {
             self.reply(ErrorReply::from(e).sub(s.sub));
@@ -604,6 +617,7 @@ impl Connection {
             job: PushJob {
                 client_id: session.client_id.clone(),
                 user: session.user.clone(),
+                roles: session.roles.clone(),
                 batch: p.batch,
                 mutations: p.mutations,
             },

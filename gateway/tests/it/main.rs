@@ -1438,3 +1438,117 @@ async fn a_flooding_connection_is_throttled_then_closed() {
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// Per-collection roles: a user whose token lacks a collection's read role cannot subscribe to
+/// it (305, and no byte of its documents reaches them); one without its write role gets every
+/// mutation to it rejected (407, stored like any rejection) while other collections work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_roles_guard_reads_and_writes() {
+    use syncgate_gateway::auth::Claims;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = db.config();
+    let orders = config.collections.get_mut("work_orders").unwrap();
+    orders.read_roles = vec!["operator".into(), "planner".into()];
+    orders.write_roles = vec!["planner".into()];
+    let gw = Gateway::start(config).await.unwrap();
+    let url = ws_url(&gw);
+    let auth = Authenticator::new(SECRET.as_bytes());
+    let with_roles = |user: &str, roles: serde_json::Value| {
+        let mut c = Claims::new(user, 600);
+        c.extra.insert("roles".into(), roles);
+        auth.mint_claims(c).unwrap()
+    };
+    let secret_text = "ORDER-FOR-PLANT-B-0042";
+    let (mut planner, _) = Connection::connect(
+        &url,
+        "planner-1",
+        &with_roles("pat", serde_json::json!("planner")),
+    )
+    .await
+    .unwrap();
+    let ack = push(
+        &mut planner,
+        1,
+        vec![put(
+            1,
+            "work_orders",
+            "wo-1",
+            body(&[("title", Value::from(secret_text))]),
+        )],
+    )
+    .await;
+    assert_eq!(ack.results[0].status, MutationStatus::Applied);
+    // An operator reads work orders, may not write them, and writes machines.
+    let (mut op, _) = Connection::connect(
+        &url,
+        "op-1",
+        &with_roles("olga", serde_json::json!(["operator"])),
+    )
+    .await
+    .unwrap();
+    let ack = push(
+        &mut op,
+        1,
+        vec![
+            put(1, "work_orders", "wo-2", body(&[])),
+            put(2, "machines", "m-1", body(&[])),
+        ],
+    )
+    .await;
+    assert_eq!(ack.results[0].code, Some(ErrorCode::WriteForbidden.code()));
+    assert_eq!(ack.results[1].status, MutationStatus::Applied);
+    op.send(&Frame::Subscribe(Subscribe {
+        sub: 1,
+        collection: "work_orders".into(),
+        filter: Body::new(),
+        cursor: None,
+    }))
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        match op.recv_timeout(DEADLINE).await.unwrap() {
+            Frame::Snapshot(s) => seen.extend(s.docs.into_iter().map(|d| d.id)),
+            Frame::Synced(_) => break,
+            Frame::Error(e) => panic!("the operator may read work orders: {e:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(seen, vec!["wo-1".to_owned()]);
+    // A guest (no roles) is refused the subscription and receives nothing of it.
+    let mut guest = syncgate_client::Connection::open(&url).await.unwrap();
+    guest
+        .send(&hello_as("guest-1", token("guest")))
+        .await
+        .unwrap();
+    guest
+        .send(&Frame::Subscribe(Subscribe {
+            sub: 1,
+            collection: "work_orders".into(),
+            filter: Body::new(),
+            cursor: None,
+        }))
+        .await
+        .unwrap();
+    guest.send(&Frame::Ping(Ping { nonce: 7 })).await.unwrap();
+    let mut refused = false;
+    loop {
+        let raw = guest.recv_raw(DEADLINE).await.unwrap();
+        assert!(
+            !raw.windows(secret_text.len())
+                .any(|w| w == secret_text.as_bytes()),
+            "a byte of the forbidden collection reached the guest"
+        );
+        match syncgate_protocol::codec::decode(&raw).unwrap() {
+            Frame::Error(e) => {
+                assert_eq!((e.code, e.sub), (ErrorCode::ReadForbidden.code(), Some(1)));
+                refused = true;
+            }
+            Frame::Pong(p) if p.nonce == 7 => break,
+            _ => {}
+        }
+    }
+    assert!(refused);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
