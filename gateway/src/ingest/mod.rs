@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //! - this module: the task (the I/O shell).
+//! - `fair`: which queued batches go into the next group — round-robin over clients, so a
+//!   client with many large batches queued delays another by one turn at most (pure).
 //! - [`order`]: which batches may join a group, so that a client's later batch never commits
 //!   past an earlier one that failed (a pure decision).
 //! - [`plan`]: what a group does — each mutation's outcome, the rows to write, the committed
@@ -13,6 +15,7 @@
 //! write and commit ([`commit_group`]); only then are the changes published and the jobs
 //! answered.
 
+mod fair;
 pub(crate) mod order;
 pub(crate) mod plan;
 
@@ -28,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::oplog::OpLog;
 use crate::storage::{Store, StoreError};
 use crate::sync::hub::HubEvent;
+use fair::Fair;
 use order::ClientOrder;
 use plan::{Prefetched, PushJob, PushOutcome, Rules};
 
@@ -52,13 +56,24 @@ pub(crate) async fn run_ingest(
     oplog: Arc<OpLog>,
 ) {
     let mut order = ClientOrder::default();
-    while let Some(first) = rx.recv().await {
+    let mut waiting: Fair<IngestRequest> = Fair::default();
+    loop {
+        // Everything queued waits its turn here (bounded by the channel's capacity and the
+        // node's push bytes); groups are filled round-robin over clients.
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(req) => queue(&mut waiting, req),
+                None => return,
+            }
+        }
+        while let Ok(req) = rx.try_recv() {
+            queue(&mut waiting, req);
+        }
         let mut jobs: Vec<PushJob> = Vec::new();
         let mut permits = Vec::new();
         let mut replies: Vec<oneshot::Sender<Result<PushOutcome, GatewayError>>> = Vec::new();
         let mut n = 0;
-        let mut next = Some(first);
-        while let Some(req) = next.take() {
+        for req in waiting.next_group(max_mutations) {
             match order.admit(&req.job.client_id, &req.job.mutations, &rules.limits) {
                 Ok(()) => {
                     n += req.job.mutations.len();
@@ -82,9 +97,6 @@ pub(crate) async fn run_ingest(
                     }
                     let _ = req.reply.send(Err(refusal));
                 }
-            }
-            if n < max_mutations {
-                next = rx.try_recv().ok();
             }
         }
         metrics.fenced_clients.set(order.len() as i64);
@@ -196,4 +208,11 @@ pub(crate) async fn commit_group(
     let plan = plan::plan(jobs, txn.head(), &pre, rules);
     txn.commit(&plan.rows, plan.committed.to).await?;
     Ok((plan.outcomes, plan.committed))
+}
+
+/// Queues a request for its client's turn.
+fn queue(waiting: &mut Fair<IngestRequest>, req: IngestRequest) {
+    let client = req.job.client_id.clone();
+    let weight = req.job.mutations.len();
+    waiting.push(&client, req, weight);
 }
