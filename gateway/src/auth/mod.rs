@@ -33,9 +33,9 @@ pub struct Claims {
     /// Issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    /// Audience.
+    /// Audience: one string, or a list of them (RFC 7519 §4.1.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<serde_json::Value>,
     /// Every other claim (a plant, roles ...), for per-collection rules and row scopes.
     #[serde(flatten)]
     pub extra: std::collections::BTreeMap<String, serde_json::Value>,
@@ -205,7 +205,7 @@ impl Authenticator {
             claims.iss.clone_from(&self.issuer);
         }
         if claims.aud.is_none() {
-            claims.aud.clone_from(&self.audience);
+            claims.aud = self.audience.clone().map(serde_json::Value::from);
         }
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -516,6 +516,15 @@ mod tests {
                 Err(e) => assert_eq!(e.code(), code, "{name}: {e}"),
             }
         }
+        // A list of audiences that includes ours is accepted.
+        let listed = Claims {
+            aud: Some(serde_json::json!(["billing", "terminals"])),
+            ..good()
+        };
+        assert_eq!(
+            a.verify(&signed(&hs256, &listed, SECRET)).unwrap().user,
+            "alice"
+        );
         // Without a configured audience, a token naming one is still refused.
         let plain = Authenticator::new(SECRET);
         let aud = Claims {
