@@ -32,8 +32,9 @@ const SECRET: &str = "sdk-test-secret";
 const DEADLINE: Duration = Duration::from_secs(60);
 const COLL: &str = "work_orders";
 
-async fn start_gateway(dir: &Path) -> Gateway {
-    Gateway::start(Config {
+/// A test gateway's configuration: ports 0, `dir`, the test secret.
+fn gateway_config(dir: &Path) -> Config {
+    Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_owned(),
@@ -43,9 +44,13 @@ async fn start_gateway(dir: &Path) -> Gateway {
         },
         shutdown_grace_ms: 500,
         ..Config::default()
-    })
-    .await
-    .expect("gateway starts")
+    }
+}
+
+async fn start_gateway(dir: &Path) -> Gateway {
+    Gateway::start(gateway_config(dir))
+        .await
+        .expect("gateway starts")
 }
 
 /// A gateway, and a fault proxy in front of it.
@@ -501,20 +506,9 @@ async fn token_provider_is_asked_again_after_expiry() {
 async fn a_token_expiring_mid_session_is_renewed_and_nothing_is_lost() {
     let gw_dir = tempfile::tempdir().unwrap();
     let client_dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: gw_dir.path().to_owned(),
-        auth: AuthConfig {
-            jwt_secret: SECRET.into(),
-            leeway_secs: 0,
-            ..Default::default()
-        },
-        shutdown_grace_ms: 500,
-        ..Config::default()
-    })
-    .await
-    .unwrap();
+    let mut config = gateway_config(gw_dir.path());
+    config.auth.leeway_secs = 0;
+    let gw = Gateway::start(config).await.unwrap();
     let calls = Arc::new(AtomicU32::new(0));
     let c2 = calls.clone();
     // Every token the provider hands out is valid for one second.
@@ -566,16 +560,8 @@ async fn a_batch_that_writes_too_much_is_split_and_nothing_is_lost() {
     let gw_dir = tempfile::tempdir().unwrap();
     let client_dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: gw_dir.path().to_owned(),
-        auth: AuthConfig {
-            jwt_secret: SECRET.into(),
-            ..Default::default()
-        },
         max_batch_output_bytes: 512 * 1024,
-        shutdown_grace_ms: 500,
-        ..Config::default()
+        ..gateway_config(gw_dir.path())
     })
     .await
     .unwrap();

@@ -45,8 +45,8 @@ pub(crate) struct PushJob {
     pub client_id: String,
     /// The authenticated user, recorded with the client.
     pub user: String,
-    /// The user's roles (for the collections' `write_roles`).
-    pub roles: Vec<String>,
+    /// The user's roles (for the collections' `write_roles`), shared by the session's pushes.
+    pub roles: Arc<[String]>,
     /// The client's batch id, recorded with rejections.
     pub batch: u64,
     /// The mutations, in strictly increasing `mutation_id` (checked by [`super::order`]).
@@ -608,7 +608,7 @@ mod tests {
         PushJob {
             client_id: client.into(),
             user: format!("user-of-{client}"),
-            roles: vec!["operator".into()],
+            roles: vec!["operator".to_owned()].into(),
             batch,
             mutations,
         }

@@ -102,8 +102,9 @@ impl tokio_tungstenite::tungstenite::handshake::server::Callback for OriginCheck
 struct Session {
     client_id: String,
     user: String,
-    /// The user's roles (the collections' `read_roles` and `write_roles`).
-    roles: Vec<String>,
+    /// The user's roles (the collections' `read_roles` and `write_roles`), shared with every
+    /// push of the session.
+    roles: Arc<[String]>,
     /// The session id sent in `welcome` (as 16 hex digits), for log lines.
     id: u64,
     /// When the token expires (plus the leeway): the session ends then with
@@ -479,7 +480,7 @@ impl Connection {
             }
         };
         let user = identity.user;
-        let roles = identity.roles;
+        let roles: Arc<[String]> = identity.roles.into();
         let slot = match UserSlot::take(
             &self.shared.sessions_per_user,
             &user,
