@@ -90,6 +90,15 @@ pub struct Config {
     pub collections: BTreeMap<String, CollectionConfig>,
 }
 
+/// The prefix every claim path of a row scope starts with.
+pub const CLAIM_PREFIX: &str = "claims.";
+
+/// Whether a scope's claim path is well formed: `claims.` then dot-separated non-empty names.
+pub fn is_valid_claim_path(path: &str) -> bool {
+    path.strip_prefix(CLAIM_PREFIX)
+        .is_some_and(|rest| !rest.is_empty() && rest.split('.').all(|p| !p.is_empty()))
+}
+
 /// When SQLite makes a commit durable (see [`Config::sqlite_synchronous`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -144,6 +153,11 @@ pub struct CollectionConfig {
     pub read_roles: Vec<String>,
     /// Roles that may write; empty = any user.
     pub write_roles: Vec<String>,
+    /// Row scope: document field -> token claim path (`claims.NAME`, `claims.sub`, or a dotted
+    /// path into a nested claim). A user sees and writes only documents whose every scoped
+    /// field equals the claim's value (or one of them, for a list claim). Empty = every
+    /// document.
+    pub scope: BTreeMap<String, String>,
 }
 
 /// How concurrent writes to one document are resolved.
@@ -313,6 +327,19 @@ impl Config {
                 return bad(format!(
                     "collection name {name:?} must match [a-z][a-z0-9_]{{0,63}}"
                 ));
+            }
+        }
+        for (name, c) in &self.collections {
+            for (field, claim) in &c.scope {
+                if field.is_empty() {
+                    return bad(format!("collections.{name}.scope: a field name is empty"));
+                }
+                if !is_valid_claim_path(claim) {
+                    return bad(format!(
+                        "collections.{name}.scope.{field} = {claim:?}: a claim path must be \
+                         \"claims.NAME\" (dots walk nested claims; \"claims.sub\" is the user)"
+                    ));
+                }
             }
         }
         let l = &self.limits;

@@ -90,6 +90,14 @@ pub(crate) enum GatewayError {
     /// The user's roles may not read the collection.
     #[error("reading {0:?} needs one of the collection's read_roles")]
     ReadForbidden(String),
+    /// The collection is scoped by a claim the token does not carry.
+    #[error("reading {collection:?} needs the token claim {claim:?} for its scope")]
+    ScopeClaimMissing {
+        /// The collection.
+        collection: String,
+        /// The claim path its scope names.
+        claim: String,
+    },
     /// A subscription filter that is not valid.
     #[error("{0}")]
     InvalidFilter(String),
@@ -181,7 +189,9 @@ impl GatewayError {
             GatewayError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
             GatewayError::UnknownCollection(_) => ErrorCode::UnknownCollection,
             GatewayError::InvalidFilter(_) => ErrorCode::InvalidFilter,
-            GatewayError::ReadForbidden(_) => ErrorCode::ReadForbidden,
+            GatewayError::ReadForbidden(_) | GatewayError::ScopeClaimMissing { .. } => {
+                ErrorCode::ReadForbidden
+            }
             GatewayError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
             GatewayError::MutationIdsNotIncreasing => ErrorCode::MutationIdsNotIncreasing,
             GatewayError::BatchOutputTooLarge { .. } => ErrorCode::BatchOutputTooLarge,

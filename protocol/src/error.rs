@@ -99,6 +99,10 @@ error_codes! {
     /// The user's roles do not include one that may write the collection (the mutation is
     /// rejected and stored, like any rejection).
     WriteForbidden = 407, "write_forbidden", false;
+    /// The document lies outside the user's row scope in its collection, or the mutation
+    /// would put it outside (create it there or move it there), or the token lacks the claim
+    /// the scope needs (the mutation is rejected and stored, like any rejection).
+    OutOfScope = 408, "out_of_scope", false;
     /// The gateway failed internally; the request may be retried.
     InternalError = 500, "internal_error", true;
     /// The connection's outbound buffer overflowed; reconnect and resume by cursor.

@@ -38,8 +38,9 @@ impl Filter {
 }
 
 /// Equality that treats integers by value (a uint 5 equals an int 5) and compares floats by
-/// value, so clients in other languages need not pick the same integer encoding.
-fn values_equal(a: &Value, b: &Value) -> bool {
+/// value, so clients in other languages need not pick the same integer encoding. Filters and
+/// the gateway's row scopes both compare with it.
+pub fn values_equal(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Integer(x), Value::Integer(y)) => {
             x.as_i64() == y.as_i64() && x.as_u64() == y.as_u64()

@@ -6,6 +6,8 @@
 //! one is configured; `aud` equals `auth.audience` when one is configured and is absent
 //! otherwise; `sub` is 1..=[`MAX_SUBJECT_BYTES`] bytes without control characters.
 
+pub(crate) mod scope;
+
 use std::path::Path;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};

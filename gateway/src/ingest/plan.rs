@@ -32,6 +32,7 @@ use syncgate_protocol::{
 };
 
 use crate::auth::allowed;
+use crate::auth::scope::Access;
 use crate::changes::{Committed, LogEntry};
 use crate::error::GatewayError;
 use crate::storage::{
@@ -45,8 +46,8 @@ pub(crate) struct PushJob {
     pub client_id: String,
     /// The authenticated user, recorded with the client.
     pub user: String,
-    /// The user's roles (for the collections' `write_roles`), shared by the session's pushes.
-    pub roles: Arc<[String]>,
+    /// The user's roles and row scopes, shared by the session's pushes.
+    pub access: Arc<Access>,
     /// The client's batch id, recorded with rejections.
     pub batch: u64,
     /// The mutations, in strictly increasing `mutation_id` (checked by [`super::order`]).
@@ -392,7 +393,7 @@ impl<'a> Group<'a> {
         let live = current.filter(|d| !d.deleted);
         match effect(
             m,
-            &job.roles,
+            &job.access,
             live.as_ref().and_then(|d| d.body.as_ref()),
             self.rules,
         ) {
@@ -488,7 +489,7 @@ fn never_seen(mutation_id: u64) -> MutationResult {
 
 /// Checks one new mutation against the rules and the document's live body (`None`: it does
 /// not exist or is deleted) and computes its effect.
-fn effect(m: &Mutation, roles: &[String], current: Option<&Body>, rules: &Rules) -> Effect {
+fn effect(m: &Mutation, access: &Access, current: Option<&Body>, rules: &Rules) -> Effect {
     if !rules.collections.contains(&m.collection) {
         return Effect::Rejected(
             ErrorCode::UnknownCollection,
@@ -496,7 +497,7 @@ fn effect(m: &Mutation, roles: &[String], current: Option<&Body>, rules: &Rules)
         );
     }
     if let Some(required) = rules.write_roles.get(&m.collection)
-        && !allowed(required, roles)
+        && !allowed(required, &access.roles)
     {
         return Effect::Rejected(
             ErrorCode::WriteForbidden,
@@ -518,6 +519,30 @@ fn effect(m: &Mutation, roles: &[String], current: Option<&Body>, rules: &Rules)
     if let Err((code, reason)) = check_shape(m.op, m.body.as_ref()) {
         return Effect::Rejected(code, reason);
     }
+    let scope = access.scope(&m.collection);
+    if let Some(scope) = scope {
+        if let Some(claim) = scope.missing_claim() {
+            return Effect::Rejected(
+                ErrorCode::OutOfScope,
+                format!(
+                    "writing {:?} needs the token claim {claim:?} for its scope",
+                    m.collection
+                ),
+            );
+        }
+        // Nothing about a document out of scope is said: not its body, not its version.
+        if current.is_some_and(|b| !scope.matches(b)) {
+            return Effect::Rejected(
+                ErrorCode::OutOfScope,
+                format!(
+                    "{}/{} is outside your scope ({})",
+                    m.collection,
+                    m.id,
+                    scope.describe()
+                ),
+            );
+        }
+    }
     let body = match apply(current, m.op, m.body.as_ref()) {
         Ok(b) => b,
         Err((ErrorCode::DocumentNotFound, _)) => {
@@ -528,6 +553,20 @@ fn effect(m: &Mutation, roles: &[String], current: Option<&Body>, rules: &Rules)
         }
         Err((code, reason)) => return Effect::Rejected(code, reason),
     };
+    if let (Some(scope), Some(b)) = (scope, &body)
+        && !scope.matches(b)
+    {
+        let verb = if current.is_some() { "move" } else { "create" };
+        return Effect::Rejected(
+            ErrorCode::OutOfScope,
+            format!(
+                "this would {verb} {}/{} outside your scope ({})",
+                m.collection,
+                m.id,
+                scope.describe()
+            ),
+        );
+    }
     let encoded = body.as_ref().map(|b| Bytes::from(to_msgpack(b)));
     if let Some(e) = &encoded
         && e.len() > rules.limits.max_document_bytes as usize
@@ -608,9 +647,40 @@ mod tests {
         PushJob {
             client_id: client.into(),
             user: format!("user-of-{client}"),
-            roles: vec!["operator".to_owned()].into(),
+            access: Access::roles(&["operator"]).into(),
             batch,
             mutations,
+        }
+    }
+
+    /// A job of a user whose token says `plant` (or has no plant claim), writing `orders`
+    /// scoped by `plant = "claims.plant"`.
+    fn plant_job(
+        client: &str,
+        batch: u64,
+        plant: Option<i64>,
+        mutations: Vec<Mutation>,
+    ) -> PushJob {
+        let collections = [(
+            "orders".to_owned(),
+            crate::config::CollectionConfig {
+                scope: [("plant".to_owned(), "claims.plant".to_owned())].into(),
+                ..Default::default()
+            },
+        )]
+        .into();
+        let identity = crate::auth::Identity {
+            user: format!("user-of-{client}"),
+            claims: plant
+                .map(|p| ("plant".to_owned(), serde_json::Value::from(p)))
+                .into_iter()
+                .collect(),
+            roles: vec![],
+            valid_until: u64::MAX,
+        };
+        PushJob {
+            access: Access::new(&identity, &collections).into(),
+            ..job(client, batch, mutations)
         }
     }
 
@@ -728,6 +798,61 @@ mod tests {
                 documents: vec!["o1@11"],
                 clients: vec!["a:1"],
                 rejections: vec![],
+            },
+            Case {
+                name: "a scoped writer creates, edits and deletes only in its scope, and moves nothing out",
+                db: Db {
+                    docs: vec![
+                        ("a1", stored(4, Some(&[("plant", 1), ("qty", 1)]))),
+                        ("a3", stored(5, Some(&[("plant", 1)]))),
+                        ("b1", stored(6, Some(&[("plant", 2), ("qty", 9)]))),
+                        ("gone", stored(7, None)),
+                    ],
+                    ..Db::default()
+                },
+                jobs: vec![
+                    plant_job(
+                        "a",
+                        1,
+                        Some(1),
+                        vec![
+                            put(1, "a2", &[("plant", 1)]),
+                            put(2, "b2", &[("plant", 2)]),
+                            put(3, "x", &[("qty", 1)]),
+                            patch(4, "b1", &[("qty", 1)]),
+                            delete(5, "b1"),
+                            put(6, "b1", &[("plant", 1)]),
+                            patch(7, "a1", &[("plant", 2)]),
+                            put(8, "a1", &[("plant", 2)]),
+                            patch(9, "a1", &[("qty", 5)]),
+                            delete(10, "a3"),
+                            put(11, "gone", &[("plant", 1)]),
+                        ],
+                    ),
+                    plant_job("n", 1, None, vec![put(1, "a9", &[("plant", 1)])]),
+                ],
+                results: vec![
+                    vec![
+                        "1:applied@11",
+                        "2:rejected 408",
+                        "3:rejected 408",
+                        "4:rejected 408",
+                        "5:rejected 408",
+                        "6:rejected 408",
+                        "7:rejected 408",
+                        "8:rejected 408",
+                        "9:applied@12",
+                        "10:applied@13",
+                        "11:applied@14",
+                    ],
+                    vec!["1:rejected 408"],
+                ],
+                documents: vec!["a2@11", "a1@12", "a3@13 deleted", "gone@14"],
+                clients: vec!["a:11", "n:1"],
+                rejections: vec![
+                    "a:2:408", "a:3:408", "a:4:408", "a:5:408", "a:6:408", "a:7:408", "a:8:408",
+                    "n:1:408",
+                ],
             },
             Case {
                 name: "patch and delete of stored documents; a tombstone is not patched",

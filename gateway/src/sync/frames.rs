@@ -5,9 +5,37 @@
 
 use bytes::Bytes;
 use syncgate_protocol::codec::encode_changes_frame;
-use syncgate_protocol::{Cursor, Filter};
+use syncgate_protocol::{Body, Cursor, Filter};
 
+use crate::auth::scope::Scope;
 use crate::changes::LogEntry;
+
+/// What one subscription may see of its collection: the documents that match the client's
+/// filter *and* lie in the user's row scope (when the collection has one). The scope is the
+/// server's; the client cannot widen it.
+#[derive(Debug, Clone)]
+pub(crate) struct View {
+    filter: Filter,
+    scope: Option<Scope>,
+}
+
+impl View {
+    /// The client's `filter` within the user's `scope`.
+    pub(crate) fn new(filter: Filter, scope: Option<Scope>) -> View {
+        View { filter, scope }
+    }
+
+    /// Whether every document is visible (no filter, no scope): then no change needs its
+    /// previous body to be judged.
+    pub(crate) fn is_everything(&self) -> bool {
+        self.filter.is_empty() && self.scope.is_none()
+    }
+
+    /// Whether a document with `body` is visible.
+    pub(crate) fn matches(&self, body: &Body) -> bool {
+        self.filter.matches(body) && self.scope.as_ref().is_none_or(|s| s.matches(body))
+    }
+}
 
 /// How many bytes of changes one `Changes` (or `Snapshot`) frame carries at most: a quarter of
 /// the smaller of the frame limit and the outbound cap, so a frame always fits both and a
@@ -61,16 +89,17 @@ pub(crate) fn changes_frames(
     frames
 }
 
-/// What a subscriber with `filter` receives for `e`: the change itself if the document matches
-/// after the change, a delete if it matched only before (it left the filter), nothing otherwise.
-pub(crate) fn deliverable<'a>(e: &'a LogEntry, filter: &Filter) -> Option<&'a [u8]> {
-    if filter.is_empty() {
+/// What a subscriber with `view` receives for `e`: the change itself if the document is
+/// visible after the change, a delete if it was visible only before (it left the filter or the
+/// scope), nothing otherwise — so a document never seen is never mentioned, not even its id.
+pub(crate) fn deliverable<'a>(e: &'a LogEntry, view: &View) -> Option<&'a [u8]> {
+    if view.is_everything() {
         return Some(&e.encoded);
     }
-    if e.change.body.as_ref().is_some_and(|b| filter.matches(b)) {
+    if e.change.body.as_ref().is_some_and(|b| view.matches(b)) {
         return Some(&e.encoded);
     }
-    if e.prev_body.as_ref().is_some_and(|b| filter.matches(b)) {
+    if e.prev_body.as_ref().is_some_and(|b| view.matches(b)) {
         Some(e.leave_encoded())
     } else {
         None

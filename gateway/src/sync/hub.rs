@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use syncgate_protocol::codec::encode;
-use syncgate_protocol::{Cursor, Filter, Frame, Synced};
+use syncgate_protocol::{Cursor, Frame, Synced};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +32,7 @@ use crate::error::{ErrorReply, GatewayError};
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::storage::{Page, Store};
-use crate::sync::frames::{changes_frames, deliverable};
+use crate::sync::frames::{View, changes_frames, deliverable};
 
 /// One subscription of one connection.
 pub(crate) struct SubEntry {
@@ -42,25 +42,20 @@ pub(crate) struct SubEntry {
     pub sub: u32,
     /// The followed collection.
     pub collection: String,
-    /// The subscription's filter.
-    pub filter: Filter,
+    /// What the subscription may see: the client's filter within the user's scope.
+    pub view: View,
     /// Set (under the publish lock) once the subscription receives live chunks.
     live: AtomicBool,
 }
 
 impl SubEntry {
     /// A subscription that is not live yet.
-    pub(crate) fn new(
-        out: Arc<Outbound>,
-        sub: u32,
-        collection: String,
-        filter: Filter,
-    ) -> SubEntry {
+    pub(crate) fn new(out: Arc<Outbound>, sub: u32, collection: String, view: View) -> SubEntry {
         SubEntry {
             out,
             sub,
             collection,
-            filter,
+            view,
             live: AtomicBool::new(false),
         }
     }
@@ -310,7 +305,7 @@ impl Hub {
                 }
                 let parts: Vec<(u64, &[u8])> = changes
                     .iter()
-                    .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.filter)?)))
+                    .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.view)?)))
                     .collect();
                 if parts.is_empty() {
                     continue;

@@ -26,6 +26,7 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::auth::scope::Access;
 use crate::auth::{AuthError, allowed};
 use crate::error::{ErrorReply, GatewayError, Step};
 use crate::ingest::IngestRequest;
@@ -37,6 +38,7 @@ use crate::ws::rate::{Bucket, Verdict};
 
 /// Refusals (less allowed frames since) that close a connection going over the frame rate.
 const MAX_RATE_STRIKES: u32 = 100;
+use crate::sync::frames::View;
 use crate::sync::hub::SubEntry;
 
 /// A push on its way; it completes with its [`PushDone`].
@@ -102,9 +104,8 @@ impl tokio_tungstenite::tungstenite::handshake::server::Callback for OriginCheck
 struct Session {
     client_id: String,
     user: String,
-    /// The user's roles (the collections' `read_roles` and `write_roles`), shared with every
-    /// push of the session.
-    roles: Arc<[String]>,
+    /// The user's roles and row scopes, shared with every push of the session.
+    access: Arc<Access>,
     /// The session id sent in `welcome` (as 16 hex digits), for log lines.
     id: u64,
     /// When the token expires (plus the leeway): the session ends then with
@@ -479,8 +480,8 @@ impl Connection {
                 return;
             }
         };
+        let access = Arc::new(Access::new(&identity, &self.shared.config.collections));
         let user = identity.user;
-        let roles: Arc<[String]> = identity.roles.into();
         let slot = match UserSlot::take(
             &self.shared.sessions_per_user,
             &user,
@@ -531,7 +532,7 @@ impl Connection {
         self.session = Some(Session {
             client_id: h.client_id,
             user,
-            roles,
+            access,
             id: session_id,
             token_deadline,
             _slot: slot,
@@ -550,6 +551,10 @@ impl Connection {
     }
 
     fn subscribe(&mut self, s: Subscribe) {
+        let Some(access) = self.session.as_ref().map(|u| u.access.clone()) else {
+            return;
+        };
+        let scope = access.scope(&s.collection).cloned();
         let refusal = if self.subs.contains_key(&s.sub) {
             Some(GatewayError::DuplicateSubscription)
         } else if self.subs.len() >= self.shared.config.limits.max_subscriptions as usize {
@@ -557,15 +562,16 @@ impl Connection {
         } else {
             match self.shared.config.collections.get(&s.collection) {
                 None => Some(GatewayError::UnknownCollection(s.collection.clone())),
-                Some(c)
-                    if !self
-                        .session
-                        .as_ref()
-                        .is_some_and(|u| allowed(&c.read_roles, &u.roles)) =>
-                {
+                Some(c) if !allowed(&c.read_roles, &access.roles) => {
                     Some(GatewayError::ReadForbidden(s.collection.clone()))
                 }
-                Some(_) => None,
+                Some(_) => scope.as_ref().and_then(|sc| {
+                    sc.missing_claim()
+                        .map(|claim| GatewayError::ScopeClaimMissing {
+                            collection: s.collection.clone(),
+                            claim: claim.to_owned(),
+                        })
+                }),
             }
         };
         if let Some(e) = refusal {
@@ -579,7 +585,8 @@ impl Connection {
                 return;
             }
         };
-        let entry = Arc::new(SubEntry::new(self.out.clone(), s.sub, s.collection, filter));
+        let view = View::new(filter, scope);
+        let entry = Arc::new(SubEntry::new(self.out.clone(), s.sub, s.collection, view));
         self.shared.hub.register(entry.clone());
         let task = tokio::spawn(crate::ws::subscription::start(
             self.shared.clone(),
@@ -618,7 +625,7 @@ impl Connection {
             job: PushJob {
                 client_id: session.client_id.clone(),
                 user: session.user.clone(),
-                roles: session.roles.clone(),
+                access: session.access.clone(),
                 batch: p.batch,
                 mutations: p.mutations,
             },

@@ -98,9 +98,9 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
                     .catch_up_pages
                     .with_label_values(&["database"])
                     .inc();
-                // A filtered subscriber needs the previous bodies (to see documents leave its
-                // filter); an unfiltered one is never made to hold them.
-                let with_prev = !entry.filter.is_empty();
+                // A filtered or scoped subscriber needs the previous bodies (to see documents
+                // leave its view); one that sees everything is never made to hold them.
+                let with_prev = !entry.view.is_everything();
                 let page = shared
                     .store
                     .read_changes(
@@ -125,7 +125,7 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
         let page = page.items;
         let parts: Vec<(u64, &[u8])> = page
             .iter()
-            .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.filter)?)))
+            .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.view)?)))
             .collect();
         for frame in changes_frames(entry.sub, &parts, hub.epoch(), upto, hub.frame_budget()) {
             entry.out.wait_for_space().await;
@@ -175,7 +175,7 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
         after = page.last().map(|d| d.id.clone());
         let docs: Vec<_> = page
             .into_iter()
-            .filter(|d| entry.filter.matches(&d.body))
+            .filter(|d| entry.view.matches(&d.body))
             .collect();
         // Chunks of at most the frame budget (a single larger document goes alone).
         let mut chunks: Vec<Vec<_>> = Vec::new();

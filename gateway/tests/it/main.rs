@@ -41,6 +41,9 @@ macro_rules! on_both_backends {
     )*};
 }
 
+mod scopes;
+use scopes::a_plant_scoped_terminal_sees_and_writes_only_its_plant;
+
 on_both_backends!(
     concurrent_writers_reach_every_subscriber_once_in_order,
     resume_from_cursor_after_disconnect,
@@ -55,6 +58,7 @@ on_both_backends!(
     failed_group_is_never_overtaken_by_a_later_batch,
     a_client_id_belongs_to_the_user_that_first_used_it,
     hostile_tokens_get_nothing,
+    a_plant_scoped_terminal_sees_and_writes_only_its_plant,
 );
 
 const WRITERS: u64 = 4;
