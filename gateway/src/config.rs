@@ -129,6 +129,38 @@ pub struct AuthConfig {
     /// Clock skew allowed when checking `exp` and `nbf`, in seconds. A session ends when its
     /// token's `exp` plus this leeway has passed.
     pub leeway_secs: u64,
+    /// Identity providers whose RS256 / ES256 tokens are accepted, each with its own public
+    /// keys (`[[auth.trusted_issuers]]`). A token naming one of these issuers is verified only
+    /// with that issuer's keys, selected by the token's `kid`; HS256 tokens (signed with
+    /// `jwt_secret`) may not name them.
+    pub trusted_issuers: Vec<TrustedIssuer>,
+}
+
+/// One identity provider that signs tokens with public-key algorithms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustedIssuer {
+    /// The `iss` its tokens carry (required, unique).
+    pub issuer: String,
+    /// The algorithms it signs with (RS256, ES256); a token with any other `alg` is refused.
+    pub algorithms: Vec<KeyAlgorithm>,
+    /// A JWKS file (`{"keys": [...]}`) with its public keys; re-read whenever it changes on
+    /// disk, so keys rotate without a restart (replace the file atomically: write, rename).
+    /// Keys without `kid` are used only by tokens without `kid`.
+    pub jwks_file: PathBuf,
+    /// Instead of `jwks_file`: one PEM public key (RSA or P-256).
+    pub public_key_file: PathBuf,
+    /// With `public_key_file`: the `kid` tokens must name (empty: tokens name none).
+    pub kid: String,
+}
+
+/// A public-key JWT algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyAlgorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256 (RSA keys).
+    RS256,
+    /// ECDSA on P-256 with SHA-256 (EC P-256 keys).
+    ES256,
 }
 
 impl Default for AuthConfig {
@@ -139,6 +171,7 @@ impl Default for AuthConfig {
             audience: String::new(),
             roles_claim: "roles".into(),
             leeway_secs: 5,
+            trusted_issuers: Vec::new(),
         }
     }
 }
@@ -340,6 +373,43 @@ impl Config {
                          \"claims.NAME\" (dots walk nested claims; \"claims.sub\" is the user)"
                     ));
                 }
+            }
+        }
+        let mut issuers = std::collections::HashSet::new();
+        for t in &self.auth.trusted_issuers {
+            let name = &t.issuer;
+            if name.is_empty() {
+                return bad("auth.trusted_issuers: every entry needs an issuer".into());
+            }
+            if !issuers.insert(name) {
+                return bad(format!(
+                    "auth.trusted_issuers: issuer {name:?} is listed twice"
+                ));
+            }
+            if *name == self.auth.issuer {
+                return bad(format!(
+                    "auth.trusted_issuers: {name:?} is also auth.issuer (the issuer of HS256 \
+                     tokens); a token's issuer selects exactly one kind of key"
+                ));
+            }
+            if t.algorithms.is_empty() {
+                return bad(format!(
+                    "auth.trusted_issuers {name:?}: algorithms must name RS256 and/or ES256"
+                ));
+            }
+            let jwks = !t.jwks_file.as_os_str().is_empty();
+            let pem = !t.public_key_file.as_os_str().is_empty();
+            if jwks == pem {
+                return bad(format!(
+                    "auth.trusted_issuers {name:?}: set exactly one of jwks_file and \
+                     public_key_file"
+                ));
+            }
+            if jwks && !t.kid.is_empty() {
+                return bad(format!(
+                    "auth.trusted_issuers {name:?}: kid belongs to public_key_file; a JWKS \
+                     names its keys' kids itself"
+                ));
             }
         }
         let l = &self.limits;

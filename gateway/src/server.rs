@@ -72,6 +72,7 @@ impl Gateway {
         }
         let (secret, secret_source) =
             load_or_create_secret_reporting(&config.auth.jwt_secret, &config.data_dir)?;
+        let auth = Authenticator::load(&secret, &config.auth)?;
         let store = open_store(&config).await?;
         let ws = bind(config.listen, WS_BACKLOG)
             .with_context(|| format!("binding WebSocket listener {}", config.listen))?;
@@ -144,7 +145,7 @@ impl Gateway {
         ));
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         let shared = Arc::new(Shared {
-            auth: Authenticator::with_config(&secret, &config.auth),
+            auth,
             store: store.clone(),
             hub,
             ingest: ingest_tx,

@@ -1,11 +1,18 @@
-//! Client authentication: HS256 JWTs whose `sub` claim names the user.
+//! Client authentication: JWTs whose `sub` claim names the user, signed either with the
+//! gateway's HS256 secret or by a trusted identity provider's RS256 / ES256 key ([`keys`]).
 //!
-//! A token is accepted only if: its header names HS256 and no `crit` extension (none is
-//! understood here); its signature verifies with the gateway's secret; `exp` is present and,
+//! A token is accepted only if: its header names no `crit` extension (none is understood
+//! here); if its `iss` names a trusted issuer, its `alg` is one that issuer signs with and its
+//! signature verifies with that issuer's key of the token's `kid` (never another issuer's, never
+//! the HS256 secret); otherwise its `alg` is HS256 and its signature verifies with the
+//! gateway's secret; `exp` is present and,
 //! like `nbf` when present, holds within `auth.leeway_secs`; `iss` equals `auth.issuer` when
 //! one is configured; `aud` equals `auth.audience` when one is configured and is absent
 //! otherwise; `sub` is 1..=[`MAX_SUBJECT_BYTES`] bytes without control characters.
 
+#[cfg(test)]
+mod issuer_tests;
+pub(crate) mod keys;
 pub(crate) mod scope;
 
 use std::path::Path;
@@ -116,6 +123,15 @@ pub struct Authenticator {
     audience: Option<String>,
     /// The claim naming the user's roles.
     roles_claim: String,
+    /// Identity providers with public keys, each checked against its own keys only.
+    trusted: std::sync::Arc<Vec<keys::IssuerKeys>>,
+}
+
+/// The one claim read before a token is verified: which issuer's keys to verify it with.
+#[derive(Deserialize)]
+struct Issuer {
+    #[serde(default)]
+    iss: Option<String>,
 }
 
 impl Authenticator {
@@ -150,7 +166,22 @@ impl Authenticator {
             issuer,
             audience,
             roles_claim: config.roles_claim.clone(),
+            trusted: std::sync::Arc::new(Vec::new()),
         }
+    }
+
+    /// Like [`Authenticator::with_config`], and trusts `config.trusted_issuers` too: reads
+    /// their PEM and JWKS files (an unreadable file, or one without a usable key, is an error).
+    pub fn load(secret: &[u8], config: &AuthConfig) -> anyhow::Result<Authenticator> {
+        let trusted = config
+            .trusted_issuers
+            .iter()
+            .map(keys::IssuerKeys::load)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Authenticator {
+            trusted: std::sync::Arc::new(trusted),
+            ..Authenticator::with_config(secret, config)
+        })
     }
 
     /// The user named by a valid token, and when a session on it must end.
@@ -164,7 +195,49 @@ impl Authenticator {
                     .into(),
             ));
         }
-        let claims = match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
+        // Which keys may verify it is decided by the issuer it names, before anything else.
+        let named = jsonwebtoken::dangerous::insecure_decode_claims::<Issuer>(token)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?
+            .iss;
+        let trusted = named
+            .as_deref()
+            .and_then(|iss| self.trusted.iter().find(|t| t.issuer == iss));
+        let decoded = match trusted {
+            Some(t) => {
+                let keys = t.keys();
+                let key = keys::select(
+                    &t.issuer,
+                    &t.algorithms,
+                    &keys,
+                    header.alg,
+                    header.kid.as_deref(),
+                )
+                .map_err(|e| AuthError::Invalid(e.to_string()))?;
+                let mut validation = self.validation.clone();
+                validation.algorithms = vec![key.alg];
+                validation.set_issuer(&[&t.issuer]);
+                let mut required = vec!["exp", "sub", "iss"];
+                if self.audience.is_some() {
+                    required.push("aud");
+                }
+                validation.set_required_spec_claims(&required);
+                jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
+            }
+            None if header.alg != Algorithm::HS256 => {
+                return Err(AuthError::Invalid(match named {
+                    Some(iss) => {
+                        format!("{:?} tokens of issuer {iss:?} are not trusted", header.alg)
+                    }
+                    None => format!(
+                        "a {:?} token must name a trusted issuer (iss); without one only HS256 \
+                         is accepted",
+                        header.alg
+                    ),
+                }));
+            }
+            None => jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation),
+        };
+        let claims = match decoded {
             Ok(data) => data.claims,
             Err(e) => {
                 return Err(match e.kind() {

@@ -42,6 +42,7 @@ macro_rules! on_both_backends {
 }
 
 mod scopes;
+mod tokens;
 use scopes::a_plant_scoped_terminal_sees_and_writes_only_its_plant;
 
 on_both_backends!(
