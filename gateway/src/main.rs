@@ -1,4 +1,4 @@
-//! The `syncgate` binary: `serve`, `migrate`, `token`, `check-config`.
+//! The `syncgate` binary: `serve`, `migrate`, `token`, `check-config`, `admin`.
 
 use std::path::PathBuf;
 
@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
-use syncgate_gateway::server::{migrate, reassign_client};
+use syncgate_gateway::server::{
+    ApiKeyRequest, create_api_key, list_api_keys, migrate, reassign_client, revoke_api_key,
+};
 use syncgate_gateway::{Config, Gateway};
 
 /// mimalloc instead of glibc's malloc: under ingest load glibc spent a third of the gateway's
@@ -84,6 +86,42 @@ enum Admin {
     Clients {
         #[command(subcommand)]
         command: AdminClients,
+    },
+    /// API keys for backend services (WebSocket `hello`, and the HTTP API).
+    ApiKeys {
+        #[command(subcommand)]
+        command: AdminApiKeys,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminApiKeys {
+    /// Create a key and print it once (only a hash of its secret is stored).
+    Create {
+        /// Unique name: which service holds it.
+        #[arg(long)]
+        name: String,
+        /// The user its sessions act as (owns their client ids); default: the name. Give
+        /// a rotated key the same user so it keeps the service's installations.
+        #[arg(long, default_value = "")]
+        user: String,
+        /// A role it grants (repeatable).
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
+        /// A claim for row scopes, KEY=VALUE (repeatable), as with `syncgate token`.
+        #[arg(long = "claim", value_name = "KEY=VALUE", value_parser = parse_claim)]
+        claims: Vec<(String, serde_json::Value)>,
+    },
+    /// List keys (id, name, user, roles, claims, created, revoked); never a secret.
+    List {
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id or name: it opens no further session.
+    Revoke {
+        /// The key's id or name.
+        key: String,
     },
 }
 
@@ -234,6 +272,71 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             None => anyhow::bail!(
                 "client {client_id:?} has never connected; it belongs to whoever uses it first"
             ),
+        },
+        Command::Admin {
+            command: Admin::ApiKeys { command },
+        } => api_keys(&config, command).await?,
+    }
+    Ok(())
+}
+
+async fn api_keys(config: &Config, command: &AdminApiKeys) -> anyhow::Result<()> {
+    if config.database_url().starts_with("sqlite:") {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    }
+    match command {
+        AdminApiKeys::Create {
+            name,
+            user,
+            roles,
+            claims,
+        } => {
+            let (key, stored) = create_api_key(
+                config,
+                ApiKeyRequest {
+                    name: name.clone(),
+                    user: user.clone(),
+                    roles: roles.clone(),
+                    claims: claims.iter().cloned().collect(),
+                },
+            )
+            .await?;
+            println!("{key}");
+            eprintln!(
+                "API key {:?} (id {}) created for user {:?}. It is shown only now: store it \
+                 in the service's secret store. Use it as the `token` of hello.",
+                stored.name, stored.id, stored.user
+            );
+        }
+        AdminApiKeys::List { json } => {
+            let keys = list_api_keys(config).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                println!(
+                    "ID                NAME                 USER                 ROLES / CLAIMS                 STATE"
+                );
+                for k in keys {
+                    let grants = format!(
+                        "{} {}",
+                        serde_json::to_string(&k.roles)?,
+                        serde_json::to_string(&k.claims)?
+                    );
+                    let state = match k.revoked_at_ms {
+                        Some(ms) => format!("revoked at {ms} ms"),
+                        None => "active".to_owned(),
+                    };
+                    println!(
+                        "{:<17} {:<20} {:<20} {grants:<30} {state}",
+                        k.id, k.name, k.user
+                    );
+                }
+            }
+        }
+        AdminApiKeys::Revoke { key } => match revoke_api_key(config, key).await? {
+            Some(k) => println!("API key {:?} (id {}) is revoked", k.name, k.id),
+            None => anyhow::bail!("no API key has the id or name {key:?}"),
         },
     }
     Ok(())

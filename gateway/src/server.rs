@@ -12,6 +12,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::api_key::ApiKey;
 use crate::auth::{Authenticator, SecretSource, load_or_create_secret_reporting};
 use crate::config::{Config, redact_url};
 use crate::ingest::plan::Rules;
@@ -248,6 +249,77 @@ pub async fn reassign_client(
     let previous = store.reassign_client(client_id, user).await;
     store.close().await;
     Ok(previous?)
+}
+
+/// What `syncgate admin api-keys create` makes.
+#[derive(Debug, Clone)]
+pub struct ApiKeyRequest {
+    /// Unique name (which service holds it): 1..=64 of `A-Z a-z 0-9 _ . -`.
+    pub name: String,
+    /// The user its sessions act as; empty = the name.
+    pub user: String,
+    /// Roles it grants.
+    pub roles: Vec<String>,
+    /// Further claims (row scopes).
+    pub claims: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// Creates an API key: returns the full key (to show once) and what was stored.
+pub async fn create_api_key(
+    config: &Config,
+    request: ApiKeyRequest,
+) -> anyhow::Result<(String, ApiKey)> {
+    let name_ok = (1..=64).contains(&request.name.len())
+        && request
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !name_ok {
+        anyhow::bail!(
+            "API key name {:?} must be 1..=64 of A-Z a-z 0-9 _ . -",
+            request.name
+        );
+    }
+    let user = if request.user.is_empty() {
+        request.name.clone()
+    } else {
+        request.user
+    };
+    if user.len() > crate::auth::MAX_SUBJECT_BYTES || user.chars().any(char::is_control) {
+        anyhow::bail!("--user must be at most 256 bytes without control characters");
+    }
+    let new = crate::auth::api_key::generate();
+    let key = ApiKey {
+        id: new.id,
+        name: request.name,
+        user,
+        roles: request.roles,
+        claims: request.claims,
+        created_at_ms: crate::storage::now_ms(),
+        revoked_at_ms: None,
+        secret_hash: new.secret_hash,
+    };
+    let store = open_store(config).await?;
+    let created = store.create_api_key(&key).await;
+    store.close().await;
+    created?;
+    Ok((new.key, key))
+}
+
+/// Every API key (never a secret): `syncgate admin api-keys list`.
+pub async fn list_api_keys(config: &Config) -> anyhow::Result<Vec<ApiKey>> {
+    let store = open_store(config).await?;
+    let keys = store.api_keys().await;
+    store.close().await;
+    Ok(keys?)
+}
+
+/// Revokes a key by id or name: `syncgate admin api-keys revoke`. `None`: no such key.
+pub async fn revoke_api_key(config: &Config, id_or_name: &str) -> anyhow::Result<Option<ApiKey>> {
+    let store = open_store(config).await?;
+    let revoked = store.revoke_api_key(id_or_name).await;
+    store.close().await;
+    Ok(revoked?)
 }
 
 /// Opens the configured database, retrying with capped exponential backoff for up to

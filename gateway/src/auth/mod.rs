@@ -10,6 +10,7 @@
 //! one is configured; `aud` equals `auth.audience` when one is configured and is absent
 //! otherwise; `sub` is 1..=[`MAX_SUBJECT_BYTES`] bytes without control characters.
 
+pub mod api_key;
 #[cfg(test)]
 mod issuer_tests;
 pub(crate) mod keys;

@@ -12,6 +12,7 @@
 //! PostgreSQL with several gateway nodes as on SQLite. Group commit keeps the cost of this
 //! serialisation to one lock per group, not one per mutation.
 
+mod api_keys;
 mod group_write;
 mod schema;
 

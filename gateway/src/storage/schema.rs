@@ -45,6 +45,15 @@ const TABLES: &[&str] = &[
         mutation {BLOB} NOT NULL,
         created_at BIGINT NOT NULL,
         PRIMARY KEY (client_id, mutation_id))",
+    "CREATE TABLE IF NOT EXISTS sg_api_keys (
+        key_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        claims TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        revoked_at BIGINT)",
     "INSERT INTO sg_head (id, seq) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
 ];
 

@@ -470,7 +470,22 @@ impl Connection {
             self.reply(e);
             return;
         }
-        let identity = match self.shared.auth.verify(&h.token) {
+        let verified = match crate::auth::api_key::parse(&h.token) {
+            // A backend service's API key: looked up at every hello, so a revoked key opens
+            // no further session.
+            Some((key_id, secret)) => match self.shared.store.api_key(key_id).await {
+                Ok(key) => key
+                    .and_then(|k| k.identity(secret))
+                    .ok_or_else(|| AuthError::Invalid("unknown or revoked API key".into())),
+                Err(e) => {
+                    tracing::error!(error = %e, "reading an API key failed");
+                    self.reply(GatewayError::Storage(Step::Handshake));
+                    return;
+                }
+            },
+            None => self.shared.auth.verify(&h.token),
+        };
+        let identity = match verified {
             Ok(id) => id,
             Err(e) => {
                 // The token itself is never logged.
@@ -511,7 +526,11 @@ impl Connection {
             }
         };
         let token_left = identity.valid_until.saturating_sub(crate::auth::unix_now());
-        let token_deadline = Instant::now() + Duration::from_secs(token_left);
+        // An API key never expires: its session has no deadline worth the name.
+        let now = Instant::now();
+        let token_deadline = now
+            .checked_add(Duration::from_secs(token_left))
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         let session_id = rand::random::<u64>();
         let session = format!("{session_id:016x}");
         if let Some(suppressed) = self.shared.oplog.connections.allow() {

@@ -683,3 +683,65 @@ async fn token_claims_are_carried() {
         text(&refused.stderr)
     );
 }
+
+/// `syncgate admin api-keys`: `create` prints the key once (stdout) and how to use it
+/// (stderr), `list` never shows it, `revoke` takes a name, and an unknown key is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_keys_create_list_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let created = syncgate(&[
+        "--data-dir",
+        data,
+        "admin",
+        "api-keys",
+        "create",
+        "--name",
+        "erp",
+        "--role",
+        "planner",
+        "--claim",
+        "plant=A",
+    ])
+    .await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let key = text(&created.stdout).trim().to_owned();
+    assert!(key.starts_with("sgk_"), "{key}");
+    assert!(text(&created.stderr).contains("shown only now"));
+    let listed = syncgate(&["--data-dir", data, "admin", "api-keys", "list", "--json"]).await;
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(list[0]["name"], "erp");
+    assert_eq!(list[0]["roles"], serde_json::json!(["planner"]));
+    assert_eq!(list[0]["claims"], serde_json::json!({"plant": "A"}));
+    assert!(list[0]["revoked_at_ms"].is_null());
+    let secret = key.rsplit_once('_').unwrap().1;
+    assert!(!text(&listed.stdout).contains(secret));
+    let revoked = syncgate(&["--data-dir", data, "admin", "api-keys", "revoke", "erp"]).await;
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    let table = syncgate(&["--data-dir", data, "admin", "api-keys", "list"]).await;
+    assert!(
+        text(&table.stdout).contains("revoked at"),
+        "{}",
+        text(&table.stdout)
+    );
+    let unknown = syncgate(&["--data-dir", data, "admin", "api-keys", "revoke", "nope"]).await;
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("no API key"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    let bad = syncgate(&[
+        "--data-dir",
+        data,
+        "admin",
+        "api-keys",
+        "create",
+        "--name",
+        "a b",
+    ])
+    .await;
+    assert!(!bad.status.success());
+}

@@ -41,8 +41,10 @@ macro_rules! on_both_backends {
     )*};
 }
 
+mod api_keys;
 mod scopes;
 mod tokens;
+use api_keys::api_keys_grant_roles_and_claims_until_revoked;
 use scopes::a_plant_scoped_terminal_sees_and_writes_only_its_plant;
 
 on_both_backends!(
@@ -60,6 +62,7 @@ on_both_backends!(
     a_client_id_belongs_to_the_user_that_first_used_it,
     hostile_tokens_get_nothing,
     a_plant_scoped_terminal_sees_and_writes_only_its_plant,
+    api_keys_grant_roles_and_claims_until_revoked,
 );
 
 const WRITERS: u64 = 4;
