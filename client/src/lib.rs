@@ -54,4 +54,4 @@ pub use conn::{ConnError, Connection};
 pub use sdk::{
     Client, ClientBuilder, ClientError, ConnectionState, Event, Status, SyncReport, TokenProvider,
 };
-pub use store::{LocalDoc, OutboxEntry, OutboxState, Rejection};
+pub use store::{EncryptionKey, LocalDoc, OutboxEntry, OutboxState, Rejection};

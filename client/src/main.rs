@@ -15,7 +15,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use syncgate_client::json::{body_to_json, parse_body, to_value};
 use syncgate_client::{
-    Client, ClientBuilder, ClientError, ConnectionState, Event, OutboxState, SyncReport,
+    Client, ClientBuilder, ClientError, ConnectionState, EncryptionKey, Event, OutboxState,
+    SyncReport,
 };
 use syncgate_protocol::{Body, MutationOp};
 
@@ -58,10 +59,27 @@ struct Common {
     /// the new filter); `unsubscribe` removes one.
     #[arg(long = "sub", global = true, value_parser = parse_sub)]
     subs: Vec<(String, Body)>,
+    /// Encrypt the data directory at rest with the key in this file (32 bytes, or 64 hex
+    /// digits; `syncgate-client keygen` makes one). A new directory is created encrypted; an
+    /// encrypted one opens only with its key.
+    #[arg(long, global = true, env = "SYNCGATE_CLIENT_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// The encryption key itself, as 64 hex digits (prefer --key-file: a command line is
+    /// visible to other users of the machine).
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCGATE_CLIENT_KEY",
+        hide_env_values = true,
+        conflicts_with = "key_file"
+    )]
+    key: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print a new random encryption key (64 hex digits) for --key-file.
+    Keygen,
     /// Upload the outbox and download every subscription, once or periodically.
     Sync {
         /// Sync once; the exit status says whether everything was uploaded and downloaded.
@@ -252,17 +270,31 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A builder for the data directory: `--sub` subscriptions are added to the stored ones.
-fn builder(common: &Common) -> ClientBuilder {
+fn builder(common: &Common) -> anyhow::Result<ClientBuilder> {
     let mut b = Client::builder(&common.url)
         .data_dir(&common.data_dir)
         .keep_subscriptions(true);
+    if let Some(key) = encryption_key(common)? {
+        b = b.encryption_key(key);
+    }
     if let Some(t) = &common.token {
         b = b.token(t.clone());
     }
     for (c, f) in &common.subs {
         b = b.subscribe(c.clone(), f.clone());
     }
-    b
+    Ok(b)
+}
+
+/// The key of `--key-file` or `--key` (or their environment variables), if any.
+fn encryption_key(common: &Common) -> anyhow::Result<Option<EncryptionKey>> {
+    let key = match (&common.key_file, &common.key) {
+        (Some(path), _) => Some(EncryptionKey::from_file(path)),
+        (None, Some(hex)) => Some(EncryptionKey::from_hex(hex)),
+        (None, None) => None,
+    };
+    key.transpose()
+        .map_err(|e| usage(format!("encryption key: {e}")))
 }
 
 fn need_token(common: &Common) -> anyhow::Result<()> {
@@ -317,7 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             filters,
         } => {
             need_token(common)?;
-            let mut b = builder(common);
+            let mut b = builder(common)?;
             if let Some(c) = collection {
                 b = b.subscribe(c, terms_to_body(&filters));
             }
@@ -354,8 +386,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             id,
             upload,
         } => write(common, &upload, collection, id, MutationOp::Delete, None).await,
+        Command::Keygen => {
+            println!("{}", EncryptionKey::generate().to_hex());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Get { collection, id } => {
-            let client = builder(common).open_local().await?;
+            let client = builder(common)?.open_local().await?;
             let doc = client.get(&collection, &id).await?;
             client.close().await;
             match doc {
@@ -377,7 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             collection,
             filters,
         } => {
-            let client = builder(common).open_local().await?;
+            let client = builder(common)?.open_local().await?;
             let docs = client.query(&collection, &terms_to_body(&filters)).await?;
             client.close().await;
             for d in docs {
@@ -390,7 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Unsubscribe { collections } => {
-            let local = builder(common).open_local().await?;
+            let local = builder(common)?.open_local().await?;
             let stored = local.status().await?.subscriptions;
             let mut keep = Vec::new();
             let mut removed = Vec::new();
@@ -411,8 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(unknown) = collections.iter().find(|c| !removed.contains(c)) {
                 return Err(usage(format!("{unknown} is not a followed collection")));
             }
-            Client::builder(&common.url)
-                .data_dir(&common.data_dir)
+            builder(common)?
                 .replace_subscriptions(keep)
                 .open_local()
                 .await?
@@ -428,7 +463,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Outbox => {
-            let client = builder(common).open_local().await?;
+            let client = builder(common)?.open_local().await?;
             let entries = client.outbox().await?;
             client.close().await;
             for e in &entries {
@@ -453,7 +488,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
-            let client = builder(common).open_local().await?;
+            let client = builder(common)?.open_local().await?;
             let st = client.status().await?;
             let rejected = client.rejected().await?;
             client.close().await;
@@ -496,7 +531,7 @@ fn op_name(op: MutationOp) -> &'static str {
 
 /// One `sync --once` round: exit 0 when everything was uploaded and downloaded.
 async fn sync_round(common: &Common, timeout: Duration) -> anyhow::Result<ExitCode> {
-    let b = builder(common);
+    let b = builder(common)?;
     let mut events = b.events();
     let client = b.open().await?;
     let result = client.sync_now(timeout).await;
@@ -555,7 +590,7 @@ async fn write(
     let upload_now = !upload.no_upload && common.token.is_some();
     // A gateway that does not even answer the TCP handshake (a dead Wi-Fi link drops the
     // packets) is given up on after this, not after the SDK's default 10 s.
-    let b = builder(common).connect_timeout(WRITE_CONNECT_TIMEOUT);
+    let b = builder(common)?.connect_timeout(WRITE_CONNECT_TIMEOUT);
     let mut events = b.events();
     let client = if upload_now {
         b.open().await?

@@ -285,6 +285,7 @@ pub struct ClientBuilder {
     backoff: Backoff,
     batch_size: u32,
     events: broadcast::Sender<Event>,
+    encryption_key: Option<crate::store::EncryptionKey>,
 }
 
 impl ClientBuilder {
@@ -303,6 +304,7 @@ impl ClientBuilder {
             backoff: Backoff::default(),
             batch_size: 500,
             events: broadcast::channel(4096).0,
+            encryption_key: None,
         }
     }
 
@@ -329,6 +331,16 @@ impl ClientBuilder {
         Fut: Future<Output = Result<String, String>> + Send + 'static,
     {
         self.token = Some(Arc::new(move || Box::pin(f()) as TokenFuture));
+        self
+    }
+
+    /// Encrypts the local store at rest (AES-256-GCM): bodies, outbox and rejected mutations
+    /// and subscription filters; collection names, document ids and versions stay readable.
+    /// A new data directory is created encrypted; an encrypted one opens only with its key
+    /// (`StoreError::WrongKey`, `StoreError::KeyRequired`), and a plain one that holds data
+    /// is never opened with a key (`StoreError::NotEncrypted`).
+    pub fn encryption_key(mut self, key: crate::store::EncryptionKey) -> ClientBuilder {
+        self.encryption_key = Some(key);
         self
     }
 
@@ -406,7 +418,7 @@ impl ClientBuilder {
                 Filter::new(f).map_err(|m| invalid(ErrorCode::InvalidFilter, m))?;
             }
         }
-        let store = LocalStore::open(&self.data_dir).await?;
+        let store = LocalStore::open_with(&self.data_dir, self.encryption_key.as_ref()).await?;
         if let Some(subs) = &self.subscriptions {
             if self.keep_subscriptions {
                 let mut all: Vec<(String, Body)> = store

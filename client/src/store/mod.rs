@@ -29,6 +29,10 @@
 mod model;
 mod outbox;
 mod replica;
+mod seal;
+
+pub use seal::EncryptionKey;
+use seal::{Kind, Sealer};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -59,6 +63,18 @@ pub enum StoreError {
     /// A stored value could not be decoded (the file was damaged or written by a newer version).
     #[error("corrupt local value: {0}")]
     Corrupt(String),
+    /// The store is encrypted with another key (or a stored value was tampered with).
+    #[error("the local store is encrypted with another key (or was tampered with)")]
+    WrongKey,
+    /// The store is encrypted and no key was given.
+    #[error("the local store is encrypted: give its key (encryption_key / --key-file)")]
+    KeyRequired,
+    /// A key was given for a store that holds unencrypted data; it is not mixed.
+    #[error(
+        "the local store was created without encryption and holds data; refusing to mix \
+         encrypted values into it (sync, then start a new data directory with the key)"
+    )]
+    NotEncrypted,
 }
 
 /// A document as the application sees it: the optimistic state.
@@ -187,6 +203,7 @@ pub struct LocalStore {
     db: DatabaseConnection,
     client_id: std::sync::Arc<str>,
     dir: std::sync::Arc<DirLock>,
+    sealer: std::sync::Arc<Sealer>,
 }
 
 /// The exclusive lock on the data directory.
@@ -209,14 +226,28 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
-fn decode_body(bytes: Option<Vec<u8>>) -> Result<Option<Body>, StoreError> {
-    bytes
-        .map(|b| from_msgpack::<Body>(&b).map_err(corrupt))
-        .transpose()
+/// A stored body (sealed when the store is encrypted).
+fn decode_body(s: &Sealer, bytes: Option<Vec<u8>>) -> Result<Option<Body>, StoreError> {
+    bytes.map(|b| unseal::<Body>(s, Kind::Body, &b)).transpose()
 }
 
-fn encode_body(body: Option<&Body>) -> DbValue {
-    DbValue::Bytes(body.map(to_msgpack))
+/// The stored form of a body.
+fn encode_body(s: &Sealer, body: Option<&Body>) -> DbValue {
+    DbValue::Bytes(body.map(|b| s.seal(Kind::Body, to_msgpack(b))))
+}
+
+/// The stored form of a value of `kind`.
+fn sealed<T: serde::Serialize>(s: &Sealer, kind: Kind, value: &T) -> Vec<u8> {
+    s.seal(kind, to_msgpack(value))
+}
+
+/// A stored value of `kind`.
+fn unseal<T: serde::de::DeserializeOwned>(
+    s: &Sealer,
+    kind: Kind,
+    stored: &[u8],
+) -> Result<T, StoreError> {
+    from_msgpack::<T>(&s.open(kind, stored)?).map_err(corrupt)
 }
 
 fn get_u64(r: &QueryResult, col: &str) -> Result<u64, StoreError> {
@@ -226,6 +257,17 @@ fn get_u64(r: &QueryResult, col: &str) -> Result<u64, StoreError> {
 impl LocalStore {
     /// Opens (creating if needed) the store in `dir` and locks the directory.
     pub async fn open(dir: &Path) -> Result<LocalStore, StoreError> {
+        LocalStore::open_with(dir, None).await
+    }
+
+    /// Opens the store in `dir`, encrypted with `key` (see [`EncryptionKey`]): a new store is
+    /// created encrypted; an encrypted one must be given its key ([`StoreError::KeyRequired`],
+    /// [`StoreError::WrongKey`]); a plain one that holds data is not opened with a key
+    /// ([`StoreError::NotEncrypted`]).
+    pub async fn open_with(
+        dir: &Path,
+        key: Option<&EncryptionKey>,
+    ) -> Result<LocalStore, StoreError> {
         let dir_err = |message: String| StoreError::DataDir {
             path: dir.to_owned(),
             message,
@@ -277,6 +319,11 @@ impl LocalStore {
         let client_id = meta(&db, "client_id")
             .await?
             .ok_or_else(|| corrupt("no client id"))?;
+        let sealer = Sealer::new(key);
+        if let Err(e) = check_encryption(&db, &sealer).await {
+            let _ = db.close().await;
+            return Err(e);
+        }
         Ok(LocalStore {
             db,
             client_id: client_id.into(),
@@ -284,7 +331,13 @@ impl LocalStore {
                 path: dir.to_owned(),
                 _file: file,
             }),
+            sealer: std::sync::Arc::new(sealer),
         })
+    }
+
+    /// Whether values are encrypted at rest.
+    pub fn is_encrypted(&self) -> bool {
+        self.sealer.encrypts()
     }
 
     /// The client id, created with the store.
@@ -310,6 +363,56 @@ impl LocalStore {
     /// Writes a metadata value.
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         set_meta(&self.db, key, value).await
+    }
+}
+
+/// Records a new store's encryption, or checks that the key fits the store: the encrypted
+/// mark and a sealed check value (hex) live in `sgc_meta`.
+async fn check_encryption(db: &DatabaseConnection, sealer: &Sealer) -> Result<(), StoreError> {
+    let check = meta(db, "key_check").await?;
+    match (meta(db, "encryption").await?.as_deref(), sealer.encrypts()) {
+        (Some("aes-256-gcm"), false) => Err(StoreError::KeyRequired),
+        (Some("aes-256-gcm"), true) => {
+            let stored = check
+                .and_then(|h| hex::decode(h).ok())
+                .ok_or_else(|| corrupt("encrypted store without its key check"))?;
+            if sealer.verify_check(&stored) {
+                Ok(())
+            } else {
+                Err(StoreError::WrongKey)
+            }
+        }
+        (Some("none"), true) => Err(StoreError::NotEncrypted),
+        (Some("none"), false) => Ok(()),
+        (Some(other), _) => Err(corrupt(format!("unknown store encryption {other:?}"))),
+        // A store from before encryption existed, or a new one: a new one (no data yet) takes
+        // the key; an old one with data stays plain.
+        (None, encrypt) => {
+            let mut has_data = false;
+            for table in [
+                "sgc_docs",
+                "sgc_outbox",
+                "sgc_rejected",
+                "sgc_subscriptions",
+            ] {
+                has_data |= db
+                    .query_one_raw(st(&format!("SELECT 1 AS x FROM {table} LIMIT 1"), []))
+                    .await?
+                    .is_some();
+            }
+            if encrypt && has_data {
+                return Err(StoreError::NotEncrypted);
+            }
+            if encrypt {
+                set_meta(db, "key_check", &hex::encode(sealer.check_value())).await?;
+            }
+            set_meta(
+                db,
+                "encryption",
+                if encrypt { "aes-256-gcm" } else { "none" },
+            )
+            .await
+        }
     }
 }
 

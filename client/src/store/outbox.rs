@@ -1,14 +1,13 @@
 //! The outbox: local writes, what goes up, what the server answered.
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, TransactionTrait};
-use syncgate_protocol::codec::{from_msgpack, to_msgpack};
 use syncgate_protocol::{Body, Mutation, MutationOp, MutationResult};
 
 use super::model::{self, AckAction, ServerState};
 use super::replica::{drop_seen_acks, rebase};
 use super::{
-    AckOutcome, LocalStore, OutboxEntry, OutboxState, Rejection, StoreError, corrupt, decode_body,
-    encode_body, get_u64, meta, now_ms, set_meta, st,
+    AckOutcome, Kind, LocalStore, OutboxEntry, OutboxState, Rejection, Sealer, StoreError, corrupt,
+    decode_body, encode_body, get_u64, meta, now_ms, sealed, set_meta, st, unseal,
 };
 
 impl LocalStore {
@@ -55,12 +54,12 @@ impl LocalStore {
                 (next as i64).into(),
                 collection.into(),
                 id.into(),
-                to_msgpack(&m).into(),
+                sealed(&self.sealer, Kind::Mutation, &m).into(),
                 now_ms().into(),
             ],
         ))
         .await?;
-        rebase(&txn, collection, id).await?;
+        rebase(&txn, &self.sealer, collection, id).await?;
         txn.commit().await?;
         Ok(next)
     }
@@ -74,7 +73,7 @@ impl LocalStore {
                 [],
             ))
             .await?;
-        rows.iter().map(outbox_entry).collect()
+        rows.iter().map(|r| outbox_entry(&self.sealer, r)).collect()
     }
 
     /// Pending (unacknowledged) mutations with an id above `after`, oldest first: at most
@@ -100,7 +99,7 @@ impl LocalStore {
         let n = model::batch_len(raws.iter().map(Vec::len), max_bytes);
         raws.iter()
             .take(n)
-            .map(|raw| from_msgpack::<Mutation>(raw).map_err(corrupt))
+            .map(|raw| unseal::<Mutation>(&self.sealer, Kind::Mutation, raw))
             .collect()
     }
 
@@ -140,7 +139,7 @@ impl LocalStore {
             .map(|r| {
                 let raw: Vec<u8> = r.try_get("", "mutation")?;
                 Ok(Rejection {
-                    mutation: from_msgpack(&raw).map_err(corrupt)?,
+                    mutation: unseal(&self.sealer, Kind::Mutation, &raw)?,
                     code: get_u64(r, "code")? as u16,
                     reason: r.try_get("", "reason")?,
                 })
@@ -175,7 +174,7 @@ impl LocalStore {
                 for r in &rows {
                     let c: String = r.try_get("", "collection")?;
                     let d: String = r.try_get("", "doc_id")?;
-                    rebase(&txn, &c, &d).await?;
+                    rebase(&txn, &self.sealer, &c, &d).await?;
                 }
             }
             set_meta(&txn, "epoch", epoch).await?;
@@ -216,7 +215,7 @@ impl LocalStore {
                 continue;
             };
             let raw: Vec<u8> = row.try_get("", "mutation")?;
-            let m: Mutation = from_msgpack(&raw).map_err(corrupt)?;
+            let m: Mutation = unseal(&self.sealer, Kind::Mutation, &raw)?;
             let id = (r.mutation_id as i64).into();
             match model::ack_action(r, followed.contains(&m.collection)) {
                 AckAction::Acked { version } => {
@@ -232,7 +231,7 @@ impl LocalStore {
                     // the writer knows of the document at that version (its own writes, in
                     // order) becomes the replica's server state, so it can read back what it
                     // wrote without following the collection.
-                    keep_own_write(&txn, &m, version).await?;
+                    keep_own_write(&txn, &self.sealer, &m, version).await?;
                     txn.execute_raw(st("DELETE FROM sgc_outbox WHERE mutation_id = ?", [id]))
                         .await?;
                     out.applied.push((r.mutation_id, version));
@@ -263,18 +262,18 @@ impl LocalStore {
                 }
             }
             drop_seen_acks(&txn, &m.collection, &m.id).await?;
-            rebase(&txn, &m.collection, &m.id).await?;
+            rebase(&txn, &self.sealer, &m.collection, &m.id).await?;
         }
         txn.commit().await?;
         Ok(out)
     }
 }
 
-fn outbox_entry(r: &QueryResult) -> Result<OutboxEntry, StoreError> {
+fn outbox_entry(s: &Sealer, r: &QueryResult) -> Result<OutboxEntry, StoreError> {
     let raw: Vec<u8> = r.try_get("", "mutation")?;
     let acked: Option<i64> = r.try_get("", "acked_version")?;
     Ok(OutboxEntry {
-        mutation: from_msgpack(&raw).map_err(corrupt)?,
+        mutation: unseal(s, Kind::Mutation, &raw)?,
         state: match acked {
             None => OutboxState::Pending,
             Some(v) => OutboxState::Acked { version: v as u64 },
@@ -288,6 +287,7 @@ fn outbox_entry(r: &QueryResult) -> Result<OutboxEntry, StoreError> {
 /// (A patch of a document the replica never had leaves it unknown.)
 async fn keep_own_write(
     txn: &DatabaseTransaction,
+    s: &Sealer,
     m: &Mutation,
     version: u64,
 ) -> Result<(), StoreError> {
@@ -299,7 +299,7 @@ async fn keep_own_write(
         .await?;
     let previous = match &row {
         Some(r) => ServerState {
-            body: decode_body(r.try_get("", "server_body")?)?,
+            body: decode_body(s, r.try_get("", "server_body")?)?,
             version: get_u64(r, "server_version")?,
             stale: false,
         },
@@ -315,7 +315,7 @@ async fn keep_own_write(
         [
             m.collection.as_str().into(),
             m.id.as_str().into(),
-            encode_body(known.body.as_ref()),
+            encode_body(s, known.body.as_ref()),
             (known.version as i64).into(),
         ],
     ))

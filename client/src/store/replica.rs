@@ -2,13 +2,13 @@
 //! and incoming server data.
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, TransactionTrait};
-use syncgate_protocol::codec::{from_msgpack, to_msgpack};
+use syncgate_protocol::codec::to_msgpack;
 use syncgate_protocol::{Body, Change, ChangeOp, Cursor, Doc, Filter};
 
 use super::model::{self, Entry, ServerState, SubscriptionChange};
 use super::{
-    Applied, LocalDoc, LocalStore, StoreError, StoredSubscription, corrupt, decode_body,
-    encode_body, get_u64, st,
+    Applied, Kind, LocalDoc, LocalStore, Sealer, StoreError, StoredSubscription, decode_body,
+    encode_body, get_u64, st, unseal,
 };
 
 impl LocalStore {
@@ -21,7 +21,7 @@ impl LocalStore {
                 [collection.into(), id.into()],
             ))
             .await?;
-        Ok(docs_from_rows(&rows)?.into_iter().next())
+        Ok(docs_from_rows(&self.sealer, &rows)?.into_iter().next())
     }
 
     /// Every live document of a collection matching an equality filter, by id.
@@ -37,7 +37,7 @@ impl LocalStore {
                 [collection.into()],
             ))
             .await?;
-        Ok(docs_from_rows(&rows)?
+        Ok(docs_from_rows(&self.sealer, &rows)?
             .into_iter()
             .filter(|d| filter.matches(&d.body))
             .collect())
@@ -59,7 +59,7 @@ impl LocalStore {
                 let seq: Option<i64> = r.try_get("", "cursor_seq")?;
                 Ok(StoredSubscription {
                     collection: r.try_get("", "collection")?,
-                    filter: from_msgpack(&filter).map_err(corrupt)?,
+                    filter: unseal(&self.sealer, Kind::Filter, &filter)?,
                     cursor: epoch.zip(seq).map(|(epoch, seq)| Cursor {
                         epoch,
                         seq: seq as u64,
@@ -83,14 +83,20 @@ impl LocalStore {
             .collect();
         for r in &current {
             let c: String = r.try_get("", "collection")?;
-            let f: Vec<u8> = r.try_get("", "filter")?;
+            // Compared as plain MessagePack: sealed bytes differ on every write.
+            let f = self
+                .sealer
+                .open(Kind::Filter, &r.try_get::<Vec<u8>>("", "filter")?)?;
             match model::subscription_change(&c, &f, &wanted) {
                 SubscriptionChange::Keep => {}
                 SubscriptionChange::Refilter(filter) => {
                     txn.execute_raw(st(
                         "UPDATE sgc_subscriptions SET filter = ?, cursor_epoch = NULL, cursor_seq = NULL \
                          WHERE collection = ?",
-                        [filter.into(), c.as_str().into()],
+                        [
+                            self.sealer.seal(Kind::Filter, filter).into(),
+                            c.as_str().into(),
+                        ],
                     ))
                     .await?;
                 }
@@ -100,14 +106,14 @@ impl LocalStore {
                         [c.as_str().into()],
                     ))
                     .await?;
-                    forget_server_state(&txn, &c).await?;
+                    forget_server_state(&txn, &self.sealer, &c).await?;
                 }
             }
         }
         for (c, f) in wanted {
             txn.execute_raw(st(
                 "INSERT OR IGNORE INTO sgc_subscriptions (collection, filter) VALUES (?, ?)",
-                [c.into(), f.into()],
+                [c.into(), self.sealer.seal(Kind::Filter, f).into()],
             ))
             .await?;
         }
@@ -146,7 +152,7 @@ impl LocalStore {
             .await?;
             for r in &rows {
                 let d: String = r.try_get("", "doc_id")?;
-                rebase(&txn, collection, &d).await?;
+                rebase(&txn, &self.sealer, collection, &d).await?;
             }
         }
         txn.commit().await?;
@@ -162,8 +168,15 @@ impl LocalStore {
         let txn = self.db.begin().await?;
         let mut out = Vec::with_capacity(docs.len());
         for d in docs {
-            if let Some(a) =
-                apply_server_version(&txn, collection, &d.id, d.version, Some(&d.body)).await?
+            if let Some(a) = apply_server_version(
+                &txn,
+                &self.sealer,
+                collection,
+                &d.id,
+                d.version,
+                Some(&d.body),
+            )
+            .await?
             {
                 out.push(a);
             }
@@ -186,11 +199,13 @@ impl LocalStore {
                 ChangeOp::Upsert => c.body.as_ref(),
                 ChangeOp::Delete => None,
             };
-            if let Some(a) = apply_server_version(&txn, collection, &c.id, c.seq, body).await? {
+            if let Some(a) =
+                apply_server_version(&txn, &self.sealer, collection, &c.id, c.seq, body).await?
+            {
                 out.push(a);
             }
         }
-        advance_cursor(&txn, collection, cursor).await?;
+        advance_cursor(&txn, &self.sealer, collection, cursor).await?;
         txn.commit().await?;
         Ok(out)
     }
@@ -218,7 +233,7 @@ impl LocalStore {
                 [collection.into(), id.as_str().into()],
             ))
             .await?;
-            let concurrent_pending = rebase(&txn, collection, &id).await?;
+            let concurrent_pending = rebase(&txn, &self.sealer, collection, &id).await?;
             out.push(Applied {
                 collection: collection.to_owned(),
                 id,
@@ -227,7 +242,7 @@ impl LocalStore {
                 concurrent_pending,
             });
         }
-        advance_cursor(&txn, collection, cursor).await?;
+        advance_cursor(&txn, &self.sealer, collection, cursor).await?;
         txn.commit().await?;
         Ok(out)
     }
@@ -235,7 +250,7 @@ impl LocalStore {
     /// Moves a live subscription's cursor forward to `cursor` (a `pong` head), if it is ahead.
     pub async fn advance(&self, collection: &str, cursor: &Cursor) -> Result<(), StoreError> {
         let txn = self.db.begin().await?;
-        advance_cursor(&txn, collection, cursor).await?;
+        advance_cursor(&txn, &self.sealer, collection, cursor).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -246,10 +261,10 @@ const DOC_SELECT: &str = "SELECT d.collection, d.doc_id, d.local_body, d.server_
              AND o.acked_version IS NULL) AS pending \
      FROM sgc_docs d";
 
-fn docs_from_rows(rows: &[QueryResult]) -> Result<Vec<LocalDoc>, StoreError> {
+fn docs_from_rows(s: &Sealer, rows: &[QueryResult]) -> Result<Vec<LocalDoc>, StoreError> {
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        let Some(body) = decode_body(r.try_get("", "local_body")?)? else {
+        let Some(body) = decode_body(s, r.try_get("", "local_body")?)? else {
             continue;
         };
         out.push(LocalDoc {
@@ -267,6 +282,7 @@ fn docs_from_rows(rows: &[QueryResult]) -> Result<Vec<LocalDoc>, StoreError> {
 /// holds (a snapshot may already be newer than the catch-up that follows it), then rebases.
 async fn apply_server_version(
     txn: &DatabaseTransaction,
+    s: &Sealer,
     collection: &str,
     id: &str,
     version: u64,
@@ -297,13 +313,13 @@ async fn apply_server_version(
         [
             collection.into(),
             id.into(),
-            encode_body(body),
+            encode_body(s, body),
             (version as i64).into(),
         ],
     ))
     .await?;
     drop_seen_acks(txn, collection, id).await?;
-    let concurrent_pending = rebase(txn, collection, id).await?;
+    let concurrent_pending = rebase(txn, s, collection, id).await?;
     Ok(Some(Applied {
         collection: collection.to_owned(),
         id: id.to_owned(),
@@ -333,6 +349,7 @@ pub(super) async fn drop_seen_acks(
 /// filter. Their documents are rebased.
 async fn advance_cursor(
     txn: &DatabaseTransaction,
+    s: &Sealer,
     collection: &str,
     cursor: &Cursor,
 ) -> Result<(), StoreError> {
@@ -365,7 +382,7 @@ async fn advance_cursor(
     .await?;
     for r in &rows {
         let d: String = r.try_get("", "doc_id")?;
-        rebase(txn, collection, &d).await?;
+        rebase(txn, s, collection, &d).await?;
     }
     Ok(())
 }
@@ -373,6 +390,7 @@ async fn advance_cursor(
 /// Forgets the server's data of a collection that is no longer followed.
 async fn forget_server_state(
     txn: &DatabaseTransaction,
+    s: &Sealer,
     collection: &str,
 ) -> Result<(), StoreError> {
     txn.execute_raw(st(
@@ -393,7 +411,7 @@ async fn forget_server_state(
         .await?;
     for r in &rows {
         let d: String = r.try_get("", "doc_id")?;
-        rebase(txn, collection, &d).await?;
+        rebase(txn, s, collection, &d).await?;
     }
     Ok(())
 }
@@ -402,6 +420,7 @@ async fn forget_server_state(
 /// row when nothing is left of it. Returns the number of pending entries.
 pub(super) async fn rebase(
     txn: &DatabaseTransaction,
+    s: &Sealer,
     collection: &str,
     id: &str,
 ) -> Result<u64, StoreError> {
@@ -413,7 +432,7 @@ pub(super) async fn rebase(
         .await?;
     let server = match &row {
         Some(r) => ServerState {
-            body: decode_body(r.try_get("", "server_body")?)?,
+            body: decode_body(s, r.try_get("", "server_body")?)?,
             version: get_u64(r, "server_version")?,
             stale: r.try_get::<i64>("", "stale")? != 0,
         },
@@ -431,7 +450,7 @@ pub(super) async fn rebase(
             let raw: Vec<u8> = r.try_get("", "mutation")?;
             let acked: Option<i64> = r.try_get("", "acked_version")?;
             Ok(Entry {
-                mutation: from_msgpack(&raw).map_err(corrupt)?,
+                mutation: unseal(s, Kind::Mutation, &raw)?,
                 acked_version: acked.map(|v| v as u64),
             })
         })
@@ -450,7 +469,7 @@ pub(super) async fn rebase(
             [
                 collection.into(),
                 id.into(),
-                encode_body(rebased.local_body.as_ref()),
+                encode_body(s, rebased.local_body.as_ref()),
             ],
         ))
         .await?;

@@ -295,3 +295,61 @@ async fn usage_errors_exit_2_and_bodies_come_from_files() {
     let out = run(dir.path(), url, None, &["get", COLL, "missing"], b"").await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
+
+/// `--key-file` encrypts the data directory: `keygen` makes a key, a write offline is stored
+/// encrypted, reading it needs the key, and the wrong key or none is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_encrypts_the_data_directory() {
+    let url = "ws://127.0.0.1:9"; // never contacted: no token, so nothing uploads
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let keygen = run(&data, url, None, &["keygen"], b"").await;
+    assert_eq!(keygen.status.code(), Some(0), "{keygen:?}");
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, stdout(&keygen)).unwrap();
+    let key = key_file.to_str().unwrap();
+    let out = run(
+        &data,
+        url,
+        None,
+        &[
+            "--key-file",
+            key,
+            "put",
+            COLL,
+            "wo-1",
+            r#"{"note": "CLI-SECRET"}"#,
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(4), "queued, not uploaded: {out:?}");
+    let out = run(
+        &data,
+        url,
+        None,
+        &["--key-file", key, "get", COLL, "wo-1"],
+        b"",
+    )
+    .await;
+    assert!(stdout(&out).contains("CLI-SECRET"), "{out:?}");
+    let out = run(&data, url, None, &["get", COLL, "wo-1"], b"").await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("encrypted"), "{out:?}");
+    let other = dir.path().join("other");
+    std::fs::write(&other, [9u8; 32]).unwrap();
+    let out = run(
+        &data,
+        url,
+        None,
+        &["--key-file", other.to_str().unwrap(), "get", COLL, "wo-1"],
+        b"",
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("another key"), "{out:?}");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!bytes.windows(10).any(|w| w == b"CLI-SECRET"));
+    }
+}

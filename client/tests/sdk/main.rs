@@ -9,6 +9,7 @@
 )]
 
 mod cli;
+mod encrypted;
 mod proxy;
 
 use std::collections::BTreeMap;
