@@ -1,17 +1,21 @@
 //! A single protocol connection.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use rustls::{ClientConfig, ClientConnection};
 use syncgate_protocol::codec::{decode_with_limits, encode};
+use syncgate_protocol::tls::Transport;
 use syncgate_protocol::{
     DecodeError, ErrorFrame, Frame, Hello, Limits, SUPPORTED_VERSIONS, Welcome,
 };
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Why a connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,57 @@ pub enum ConnError {
     /// The server broke the protocol (for example no `Welcome` after `Hello`).
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// The URL cannot be used (scheme, host, port).
+    #[error("{0}")]
+    Url(String),
+    /// TLS failed: the CA file, or the server's certificate (not trusted, wrong name, expired).
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The client TLS configuration used for `wss://` URLs when none is given: the public web PKI
+/// (Mozilla's roots, built in).
+fn default_tls() -> Result<Arc<ClientConfig>, ConnError> {
+    static DEFAULT: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
+    DEFAULT
+        .get_or_init(|| {
+            syncgate_protocol::tls::client_config(None)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(ConnError::Tls)
+}
+
+/// Where a `ws://` or `wss://` URL points.
+struct Target {
+    tls: bool,
+    host: String,
+    port: u16,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, ConnError> {
+        let bad = |why: &str| {
+            ConnError::Url(format!(
+                "{url}: {why} (use ws://HOST:PORT or wss://HOST:PORT)"
+            ))
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(bad("the scheme must be ws or wss")),
+        };
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        // An IPv6 literal comes bracketed; names and sockets want it bare.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Target { tls, host, port })
+    }
 }
 
 fn io_err(e: std::io::Error) -> ConnError {
@@ -42,7 +97,7 @@ fn io_err(e: std::io::Error) -> ConnError {
 
 /// One connection to a gateway.
 pub struct Connection {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: WebSocketStream<Transport<TcpStream, ClientConnection>>,
     /// Limits the server announced (defaults until `Welcome`).
     limits: Limits,
 }
@@ -68,26 +123,34 @@ impl Connection {
         local: Option<IpAddr>,
         recv_buffer: Option<u32>,
     ) -> Result<Connection, ConnError> {
+        Connection::open_tls(url, local, recv_buffer, None).await
+    }
+
+    /// Opens the WebSocket at a `ws://` or `wss://` URL; `wss://` verifies the server with
+    /// `tls` (default: the public web PKI; see [`syncgate_protocol::tls::client_config`] for a
+    /// private CA).
+    pub async fn open_tls(
+        url: &str,
+        local: Option<IpAddr>,
+        recv_buffer: Option<u32>,
+        tls: Option<Arc<ClientConfig>>,
+    ) -> Result<Connection, ConnError> {
         let config = WebSocketConfig::default()
             .read_buffer_size(16 * 1024)
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
-        let ws = match (local, recv_buffer) {
-            (None, None) => {
-                tokio_tungstenite::connect_async_with_config(url, Some(config), true)
-                    .await?
-                    .0
-            }
+        let target = Target::parse(url)?;
+        let stream = match (local, recv_buffer) {
+            (None, None) => TcpStream::connect((target.host.as_str(), target.port))
+                .await
+                .map_err(io_err)?,
             (local, recv_buffer) => {
-                let addr: SocketAddr = url
-                    .strip_prefix("ws://")
-                    .and_then(|rest| rest.split('/').next())
-                    .and_then(|hostport| hostport.parse().ok())
-                    .ok_or_else(|| {
-                        ConnError::Protocol(format!(
-                            "{url}: a source address or receive buffer needs a ws://IP:PORT URL"
-                        ))
-                    })?;
+                let ip: IpAddr = target.host.parse().map_err(|_| {
+                    ConnError::Url(format!(
+                        "{url}: a source address or receive buffer needs an IP address as host"
+                    ))
+                })?;
+                let addr = SocketAddr::new(ip, target.port);
                 let socket = if addr.is_ipv4() {
                     TcpSocket::new_v4()
                 } else {
@@ -100,17 +163,25 @@ impl Connection {
                 if let Some(size) = recv_buffer {
                     socket.set_recv_buffer_size(size).map_err(io_err)?;
                 }
-                let stream = socket.connect(addr).await.map_err(io_err)?;
-                stream.set_nodelay(true).map_err(io_err)?;
-                tokio_tungstenite::client_async_with_config(
-                    url,
-                    MaybeTlsStream::Plain(stream),
-                    Some(config),
-                )
-                .await?
-                .0
+                socket.connect(addr).await.map_err(io_err)?
             }
         };
+        stream.set_nodelay(true).map_err(io_err)?;
+        let transport = if target.tls {
+            let tls = match tls {
+                Some(c) => c,
+                None => default_tls()?,
+            };
+            let stream = syncgate_protocol::tls::connect(stream, &target.host, tls)
+                .await
+                .map_err(|e| ConnError::Tls(e.to_string()))?;
+            Transport::Tls(Box::new(stream))
+        } else {
+            Transport::Plain(stream)
+        };
+        let ws = tokio_tungstenite::client_async_with_config(url, transport, Some(config))
+            .await?
+            .0;
         Ok(Connection {
             ws,
             limits: Limits {
@@ -127,6 +198,17 @@ impl Connection {
         token: &str,
     ) -> Result<(Connection, Welcome), ConnError> {
         Connection::connect_from(url, None, client_id, token).await
+    }
+
+    /// [`Connection::connect`] verifying a `wss://` server with `tls`.
+    pub async fn connect_tls(
+        url: &str,
+        tls: Option<Arc<ClientConfig>>,
+        client_id: &str,
+        token: &str,
+    ) -> Result<(Connection, Welcome), ConnError> {
+        let c = Connection::open_tls(url, None, None, tls).await?;
+        c.handshake(client_id, token).await
     }
 
     /// [`Connection::connect`] from a chosen local address (see [`Connection::open_from`]).

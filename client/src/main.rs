@@ -59,6 +59,10 @@ struct Common {
     /// the new filter); `unsubscribe` removes one.
     #[arg(long = "sub", global = true, value_parser = parse_sub)]
     subs: Vec<(String, Body)>,
+    /// For wss:// URLs: trust the CA certificates in this PEM file (a private CA) instead of
+    /// the public web PKI.
+    #[arg(long, global = true, env = "SYNCGATE_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Encrypt the data directory at rest with the key in this file (32 bytes, or 64 hex
     /// digits; `syncgate-client keygen` makes one). A new directory is created encrypted; an
     /// encrypted one opens only with its key.
@@ -276,6 +280,9 @@ fn builder(common: &Common) -> anyhow::Result<ClientBuilder> {
         .keep_subscriptions(true);
     if let Some(key) = encryption_key(common)? {
         b = b.encryption_key(key);
+    }
+    if let Some(ca) = &common.ca_file {
+        b = b.tls_ca_file(ca);
     }
     if let Some(t) = &common.token {
         b = b.token(t.clone());

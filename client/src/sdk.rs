@@ -230,6 +230,8 @@ pub(crate) struct Settings {
     pub(crate) connect_timeout: Duration,
     pub(crate) backoff: Backoff,
     pub(crate) batch_size: u32,
+    /// How `wss://` servers are verified (`None`: the public web PKI).
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A `sync_now` request: answered once every mutation up to `upto` has its outcome and the
@@ -286,6 +288,7 @@ pub struct ClientBuilder {
     batch_size: u32,
     events: broadcast::Sender<Event>,
     encryption_key: Option<crate::store::EncryptionKey>,
+    tls_ca_file: Option<PathBuf>,
 }
 
 impl ClientBuilder {
@@ -305,6 +308,7 @@ impl ClientBuilder {
             batch_size: 500,
             events: broadcast::channel(4096).0,
             encryption_key: None,
+            tls_ca_file: None,
         }
     }
 
@@ -341,6 +345,13 @@ impl ClientBuilder {
     /// is never opened with a key (`StoreError::NotEncrypted`).
     pub fn encryption_key(mut self, key: crate::store::EncryptionKey) -> ClientBuilder {
         self.encryption_key = Some(key);
+        self
+    }
+
+    /// For `wss://` URLs: trust the CA certificates in this PEM file (a private CA) instead of
+    /// the public web PKI.
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> ClientBuilder {
+        self.tls_ca_file = Some(path.into());
         self
     }
 
@@ -442,9 +453,17 @@ impl ClientBuilder {
         let token = self.token.clone().ok_or_else(|| {
             ClientError::Config("no token or token provider: the gateway needs one".into())
         })?;
+        let tls = match &self.tls_ca_file {
+            Some(path) => Some(Arc::new(
+                syncgate_protocol::tls::client_config(Some(path))
+                    .map_err(|e| ClientError::Config(format!("TLS CA file: {e}")))?,
+            )),
+            None => None,
+        };
         let store = self.open_store().await?;
         let settings = Settings {
             url: self.url.clone(),
+            tls,
             token,
             heartbeat: self.heartbeat,
             dead_after: self.dead_after.unwrap_or(self.heartbeat * 3),

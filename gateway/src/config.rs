@@ -37,6 +37,9 @@ pub struct Config {
     pub sqlite_synchronous: SqliteSynchronous,
     /// Authentication settings.
     pub auth: AuthConfig,
+    /// TLS for both listeners (`wss://`, `https://`). Off unless a certificate is given; plain
+    /// listeners are for use behind a proxy that terminates TLS.
+    pub tls: TlsConfig,
     /// Limits announced in `Welcome` and enforced on every connection. Each key of the
     /// `[limits]` table defaults on its own.
     #[serde(with = "limits_table")]
@@ -109,6 +112,16 @@ pub enum SqliteSynchronous {
     /// Commits are durable against process crashes; the WAL is synced at checkpoints
     /// (`synchronous=NORMAL`).
     Normal,
+}
+
+/// TLS certificate and key files (PEM). Both are read again when either changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first. Empty: TLS is off.
+    pub cert_file: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// Authentication settings.
@@ -216,6 +229,7 @@ impl Default for Config {
             database_pool_size: 8,
             sqlite_synchronous: SqliteSynchronous::Full,
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
             limits: Limits::default(),
             heartbeat_ms: 15_000,
             outbound_buffer_bytes: 1024 * 1024,
@@ -374,6 +388,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
+            return bad("tls.cert_file and tls.key_file go together: set both or neither".into());
         }
         let mut issuers = std::collections::HashSet::new();
         for t in &self.auth.trusted_issuers {

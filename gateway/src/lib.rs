@@ -20,6 +20,7 @@ pub mod auth;
 mod changes;
 pub mod config;
 mod error;
+mod files;
 mod http;
 mod ingest;
 mod metrics;
@@ -29,6 +30,7 @@ pub mod server;
 mod shared;
 mod storage;
 mod sync;
+mod tls;
 mod ws;
 
 pub use config::Config;

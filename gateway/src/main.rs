@@ -191,10 +191,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let data_dir =
                 std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
             let database = redact_url(&config.database_url());
+            let (ws, http) = if config.tls.cert_file.as_os_str().is_empty() {
+                ("ws", "http")
+            } else {
+                ("wss", "https")
+            };
             let gw = Gateway::start(config).await?;
             // The first line is machine-read (the load harness takes the addresses from it).
             println!(
-                "syncgate listening: ws://{} (WebSocket), http://{} (/healthz /readyz /metrics)",
+                "syncgate listening: {ws}://{} (WebSocket), {http}://{} (/healthz /readyz /metrics)",
                 gw.ws_addr, gw.http_addr
             );
             println!("  data directory: {}", data_dir.display());

@@ -74,6 +74,7 @@ impl Gateway {
         let (secret, secret_source) =
             load_or_create_secret_reporting(&config.auth.jwt_secret, &config.data_dir)?;
         let auth = Authenticator::load(&secret, &config.auth)?;
+        let tls = crate::tls::server_config(&config.tls)?;
         let store = open_store(&config).await?;
         let ws = bind(config.listen, WS_BACKLOG)
             .with_context(|| format!("binding WebSocket listener {}", config.listen))?;
@@ -155,6 +156,7 @@ impl Gateway {
             shutdown: shutdown.clone(),
             push_bytes: Arc::new(Semaphore::new(config.node_inflight_push_bytes)),
             sessions_per_user: Arc::new(dashmap::DashMap::new()),
+            tls,
             config,
         });
         background.spawn(accept_loop(ws, shared.clone(), connections.clone()));

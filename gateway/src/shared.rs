@@ -33,4 +33,6 @@ pub(crate) struct Shared {
     /// Bytes of push frames the node may still take in (`node_inflight_push_bytes`); a permit
     /// travels with its job and is given back when ingest has answered it.
     pub(crate) push_bytes: Arc<tokio::sync::Semaphore>,
+    /// TLS for both listeners (`None`: plain).
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }

@@ -5,7 +5,8 @@
 //! PROTOCOL.md at the repository root is the normative description; this crate is its reference
 //! implementation and the tests check the two agree byte for byte.
 //!
-//! The crate does no I/O, owns no runtime and never reads the clock.
+//! The crate does no I/O, owns no runtime and never reads the clock — except the optional
+//! `tls` module (feature `tls`): the TLS transport the gateway and the SDK share.
 //!
 //! # Layout
 //! - [`messages`]: every frame and the value types they carry (`Mutation`, `Change`, `Cursor` ...).
@@ -23,6 +24,8 @@ pub mod error;
 pub mod filter;
 pub mod limits;
 pub mod messages;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use codec::{DecodeError, decode, decode_with_limits, encode};
 pub use error::ErrorCode;

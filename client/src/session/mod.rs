@@ -77,6 +77,13 @@ impl From<ConnError> for End {
                 code: None,
                 reason: format!("not a usable WebSocket URL ({e}): use ws://HOST:PORT"),
             },
+            ConnError::Url(reason) => End::Refused { code: None, reason },
+            // An untrusted certificate is not retried in silence: it is either a configuration
+            // to fix (the CA file) or someone in between.
+            ConnError::Tls(reason) => End::Refused {
+                code: None,
+                reason: format!("TLS: {reason}"),
+            },
             ConnError::Ws(WsError::Http(response))
                 if response.status().is_client_error()
                     && !matches!(response.status().as_u16(), 408 | 429) =>
@@ -208,7 +215,12 @@ async fn session(
             };
         }
     };
-    let connect = Connection::connect(&settings.url, shared.store.client_id(), &token);
+    let connect = Connection::connect_tls(
+        &settings.url,
+        settings.tls.clone(),
+        shared.store.client_id(),
+        &token,
+    );
     let (conn, welcome) = match tokio::time::timeout(settings.connect_timeout, connect).await {
         Err(_) => {
             return End::Lost {

@@ -11,6 +11,7 @@
 mod cli;
 mod encrypted;
 mod proxy;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use anyhow::{Context, bail};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
@@ -17,6 +16,7 @@ use spki::der::DecodePem;
 use spki::{ObjectIdentifier, SubjectPublicKeyInfoOwned};
 
 use crate::config::{KeyAlgorithm, TrustedIssuer};
+use crate::files::{Stamp, stamp};
 
 /// One verification key.
 #[derive(Clone)]
@@ -168,19 +168,6 @@ fn algorithm(a: KeyAlgorithm) -> Algorithm {
         KeyAlgorithm::RS256 => Algorithm::RS256,
         KeyAlgorithm::ES256 => Algorithm::ES256,
     }
-}
-
-/// What identifies one version of a file: modification time, length and (on Unix) inode, so
-/// a replacement by rename is seen even within the file system's timestamp granularity.
-type Stamp = (SystemTime, u64, u64);
-
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    let m = std::fs::metadata(path)?;
-    #[cfg(unix)]
-    let ino = std::os::unix::fs::MetadataExt::ino(&m);
-    #[cfg(not(unix))]
-    let ino = 0;
-    Ok((m.modified()?, m.len(), ino))
 }
 
 /// `rsaEncryption` (RFC 8017).

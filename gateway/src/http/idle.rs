@@ -1,6 +1,7 @@
 //! A listener for the HTTP server that bounds what silent clients can hold: connections over
 //! the cap are closed at accept, and a connection is closed when it sends nothing for the idle
-//! time (a read that stays pending that long fails with `TimedOut`).
+//! time (a read that stays pending that long fails with `TimedOut`) — a TLS handshake included,
+//! which happens on the connection's first read, never in the accept loop.
 
 use std::io;
 use std::pin::Pin;
@@ -8,6 +9,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustls::{ServerConfig, ServerConnection};
+use syncgate_protocol::tls::Transport;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -18,14 +21,21 @@ pub(crate) struct Bounded {
     listener: TcpListener,
     slots: Arc<Semaphore>,
     idle: Duration,
+    tls: Option<Arc<ServerConfig>>,
 }
 
 impl Bounded {
-    pub(crate) fn new(listener: TcpListener, cap: usize, idle: Duration) -> Bounded {
+    pub(crate) fn new(
+        listener: TcpListener,
+        cap: usize,
+        idle: Duration,
+        tls: Option<Arc<ServerConfig>>,
+    ) -> Bounded {
         Bounded {
             listener,
             slots: Arc::new(Semaphore::new(cap)),
             idle,
+            tls,
         }
     }
 }
@@ -48,7 +58,8 @@ impl axum::serve::Listener for Bounded {
             match self.slots.clone().try_acquire_owned() {
                 Ok(slot) => {
                     let _ = tcp.set_nodelay(true);
-                    return (IdleStream::new(tcp, slot, self.idle), addr);
+                    let io = Transport::accept(tcp, self.tls.clone());
+                    return (IdleStream::new(io, slot, self.idle), addr);
                 }
                 // Over the cap: closed at once (dropped), the listener goes on.
                 Err(_) => drop(tcp),
@@ -64,14 +75,18 @@ impl axum::serve::Listener for Bounded {
 /// A TCP stream whose reads fail with `TimedOut` after `idle` without a byte, holding one of
 /// the listener's slots until it is dropped.
 pub(crate) struct IdleStream {
-    tcp: TcpStream,
+    tcp: Transport<TcpStream, ServerConnection>,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl IdleStream {
-    fn new(tcp: TcpStream, slot: OwnedSemaphorePermit, idle: Duration) -> IdleStream {
+    fn new(
+        tcp: Transport<TcpStream, ServerConnection>,
+        slot: OwnedSemaphorePermit,
+        idle: Duration,
+    ) -> IdleStream {
         IdleStream {
             tcp,
             idle,

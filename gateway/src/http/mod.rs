@@ -37,6 +37,7 @@ struct HttpState {
 }
 
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let tls = shared.tls.clone();
     let state = HttpState {
         shared,
         readiness: Arc::new(tokio::sync::Mutex::new(None)),
@@ -46,7 +47,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    let listener = idle::Bounded::new(listener, MAX_HTTP_CONNECTIONS, HTTP_IDLE);
+    let listener = idle::Bounded::new(listener, MAX_HTTP_CONNECTIONS, HTTP_IDLE, tls);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;

@@ -17,6 +17,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{Future, StreamExt};
 use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::limits::is_valid_id;
+use syncgate_protocol::tls::Transport;
 use syncgate_protocol::{
     Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome, negotiate_version,
 };
@@ -190,7 +191,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     let ws = match tokio::time::timeout(
         handshake_timeout,
         Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
-            tcp,
+            // A TLS handshake, if any, runs on the first read: within this same timeout.
+            Transport::accept(tcp, shared.tls.clone()),
             OriginCheck {
                 allowed: &shared.config.allowed_origins,
             },
