@@ -67,6 +67,9 @@ pub struct Config {
     /// Sessions one user (token `sub`) may hold at once on this node; 0 = no limit. Further
     /// handshakes of that user get `too_many_connections` (204).
     pub max_connections_per_user: usize,
+    /// Client ids (installations) one user may own; a `hello` with a new one beyond it gets
+    /// `client_quota_exceeded` (205). 0 = no limit.
+    pub max_client_ids_per_user: u64,
     /// Pushes a connection may have in flight before the gateway stops reading its frames.
     pub max_inflight_pushes: usize,
     /// Bytes of push frames a connection may have in flight before the gateway stops reading
@@ -239,6 +242,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             handshake_timeout_ms: 10_000,
             max_connections_per_user: 0,
+            max_client_ids_per_user: 100,
             max_inflight_pushes: 16,
             max_inflight_push_bytes: 4 * 1024 * 1024,
             node_inflight_push_bytes: 256 * 1024 * 1024,

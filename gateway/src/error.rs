@@ -69,6 +69,15 @@ pub(crate) enum GatewayError {
          ask an administrator to reassign it (syncgate admin clients reassign)"
     )]
     ClientIdTaken,
+    /// A new client id beyond the user's `max_client_ids_per_user`.
+    #[error(
+        "this user owns {limit} client ids already (max_client_ids_per_user); reuse an \
+         installation's client id, or ask an administrator"
+    )]
+    ClientQuota {
+        /// The quota.
+        limit: u64,
+    },
     /// A second `hello`.
     #[error("session already established")]
     DuplicateHello,
@@ -181,6 +190,7 @@ impl GatewayError {
             GatewayError::InvalidClientId { .. } => ErrorCode::InvalidClientId,
             GatewayError::Auth(e) => e.code(),
             GatewayError::ClientIdTaken => ErrorCode::ClientIdTaken,
+            GatewayError::ClientQuota { .. } => ErrorCode::ClientQuotaExceeded,
             GatewayError::TooManyConnections { .. } => ErrorCode::TooManyConnections,
             GatewayError::DuplicateHello => ErrorCode::DuplicateHello,
             GatewayError::ServerMessage(_) => ErrorCode::UnknownMessage,
@@ -218,6 +228,7 @@ impl GatewayError {
             | GatewayError::InvalidClientId { .. }
             | GatewayError::Auth(_)
             | GatewayError::ClientIdTaken
+            | GatewayError::ClientQuota { .. }
             | GatewayError::TooManyConnections { .. }
             | GatewayError::RateLimited { closing: true, .. }
             | GatewayError::Storage(Step::Handshake) => Ending::AfterFlush,

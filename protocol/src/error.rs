@@ -69,6 +69,9 @@ error_codes! {
     /// The user already holds `max_connections_per_user` sessions on this node; retry after
     /// one of them ends.
     TooManyConnections = 204, "too_many_connections", true;
+    /// The user already owns `max_client_ids_per_user` client ids and this one is new: reuse
+    /// an installation's id, or ask an administrator to raise the quota or reassign ids.
+    ClientQuotaExceeded = 205, "client_quota_exceeded", false;
     /// The collection is not declared on this gateway.
     UnknownCollection = 300, "unknown_collection", false;
     /// The subscription filter is invalid (a field name that is not a string, a nested value).

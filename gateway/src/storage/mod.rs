@@ -69,6 +69,8 @@ pub enum ClientClaim {
     },
     /// Another user holds it.
     Taken,
+    /// It is new, and the user owns the most client ids allowed already.
+    OverQuota,
 }
 
 /// Storage failures.
@@ -287,9 +289,26 @@ impl Store {
         &self,
         client_id: &str,
         user: &str,
+        quota: u64,
     ) -> Result<ClientClaim, StoreError> {
         if let Some(claim) = self.client_owner(client_id, user).await? {
             return Ok(claim);
+        }
+        if quota > 0 {
+            let count = Query::select()
+                .expr_as(Expr::col(Asterisk).count(), "n")
+                .from("sg_clients")
+                .and_where(Expr::col("user_id").eq(user))
+                .to_owned();
+            let owned: i64 = match self.db.query_one_raw(self.backend.build(&count)).await? {
+                Some(r) => r.try_get("", "n")?,
+                None => 0,
+            };
+            // Two new installations racing may both pass: the quota bounds the count to
+            // about its value, which is what it is for (no user fills the table).
+            if owned as u64 >= quota {
+                return Ok(ClientClaim::OverQuota);
+            }
         }
         let insert = Query::insert()
             .into_table("sg_clients")

@@ -36,6 +36,7 @@ const TABLES: &[&str] = &[
         last_mutation BIGINT NOT NULL,
         user_id TEXT NOT NULL,
         updated_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS sg_clients_user ON sg_clients (user_id)",
     "CREATE TABLE IF NOT EXISTS sg_sync_errors (
         client_id TEXT NOT NULL,
         mutation_id BIGINT NOT NULL,

@@ -511,9 +511,20 @@ impl Connection {
                 return;
             }
         };
-        let claim = self.shared.store.claim_client(&h.client_id, &user).await;
+        let quota = self.shared.config.max_client_ids_per_user;
+        let claim = self
+            .shared
+            .store
+            .claim_client(&h.client_id, &user, quota)
+            .await;
         let last_applied_mutation = match claim {
             Ok(ClientClaim::Owned { last_applied }) => last_applied,
+            Ok(ClientClaim::OverQuota) => {
+                let e = GatewayError::ClientQuota { limit: quota };
+                self.refused_handshake(&e, &h.agent);
+                self.reply(e);
+                return;
+            }
             Ok(ClientClaim::Taken) => {
                 // Nothing of the other user's installation is revealed, not even its horizon.
                 let e = GatewayError::ClientIdTaken;

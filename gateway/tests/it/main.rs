@@ -64,6 +64,7 @@ on_both_backends!(
     hostile_tokens_get_nothing,
     a_plant_scoped_terminal_sees_and_writes_only_its_plant,
     api_keys_grant_roles_and_claims_until_revoked,
+    a_user_owns_at_most_max_client_ids,
 );
 
 const WRITERS: u64 = 4;
@@ -1172,6 +1173,39 @@ async fn a_full_push_budget_slows_writers_and_loses_nothing() {
         "each mutation applied once"
     );
     assert_eq!(server_docs(&gw, "stock").await.len(), 120);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// One user cannot fill the client table: beyond `max_client_ids_per_user`, a new client id
+/// is refused (205); the user's existing installations and other users are not affected.
+async fn a_user_owns_at_most_max_client_ids(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut config = db.config();
+    config.max_client_ids_per_user = 3;
+    let gw = Gateway::start(config).await.unwrap();
+    let url = ws_url(&gw);
+    for i in 0..3 {
+        Connection::connect(&url, &format!("m-{i}"), &token("mallory"))
+            .await
+            .unwrap();
+    }
+    let mut fourth = syncgate_client::Connection::open(&url).await.unwrap();
+    fourth
+        .send(&hello_as("m-3", token("mallory")))
+        .await
+        .unwrap();
+    expect_fatal(&mut fourth, ErrorCode::ClientQuotaExceeded).await;
+    let (_again, welcome) = Connection::connect(&url, "m-1", &token("mallory"))
+        .await
+        .unwrap();
+    assert_eq!(
+        welcome.last_applied_mutation, 0,
+        "an existing installation still connects"
+    );
+    Connection::connect(&url, "a-0", &token("alice"))
+        .await
+        .unwrap();
     gw.shutdown().await;
     db.cleanup().await;
 }
