@@ -68,7 +68,8 @@ pub struct Config {
     /// handshakes of that user get `too_many_connections` (204).
     pub max_connections_per_user: usize,
     /// Client ids (installations) one user may own; a `hello` with a new one beyond it gets
-    /// `client_quota_exceeded` (205). 0 = no limit.
+    /// `client_quota_exceeded` (205). 0 = no limit (the default: a shared service account
+    /// or a load test may drive thousands); set it where each person has their own user.
     pub max_client_ids_per_user: u64,
     /// Pushes a connection may have in flight before the gateway stops reading its frames.
     pub max_inflight_pushes: usize,
@@ -242,7 +243,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             handshake_timeout_ms: 10_000,
             max_connections_per_user: 0,
-            max_client_ids_per_user: 100,
+            max_client_ids_per_user: 0,
             max_inflight_pushes: 16,
             max_inflight_push_bytes: 4 * 1024 * 1024,
             node_inflight_push_bytes: 256 * 1024 * 1024,

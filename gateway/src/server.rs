@@ -125,6 +125,12 @@ impl Gateway {
             });
         }
         let (ingest_tx, ingest_rx) = mpsc::channel::<IngestRequest>(4096);
+        let (claims_tx, claims_rx) = mpsc::channel(crate::storage::claims::QUEUE);
+        background.spawn(crate::storage::claims::run(
+            store.clone(),
+            claims_rx,
+            config.max_client_ids_per_user,
+        ));
         let rules = Rules {
             collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
             limits: config.limits,
@@ -157,6 +163,7 @@ impl Gateway {
             push_bytes: Arc::new(Semaphore::new(config.node_inflight_push_bytes)),
             sessions_per_user: Arc::new(dashmap::DashMap::new()),
             tls,
+            claims: claims_tx,
             config,
         });
         background.spawn(accept_loop(ws, shared.clone(), connections.clone()));

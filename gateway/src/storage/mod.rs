@@ -13,15 +13,14 @@
 //! serialisation to one lock per group, not one per mutation.
 
 mod api_keys;
+pub(crate) mod claims;
 mod group_write;
 mod schema;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::sea_query::{
-    Asterisk, Expr, ExprTrait, Func, OnConflict, Order, Query, SelectStatement,
-};
+use sea_orm::sea_query::{Asterisk, Expr, ExprTrait, Func, Order, Query, SelectStatement};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     AccessMode, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr,
@@ -59,7 +58,7 @@ pub struct Page<T> {
     pub more: bool,
 }
 
-/// Who holds a client id, as [`Store::claim_client`] found it.
+/// Who holds a client id, as [`Store::client_owner`] or [`Store::claim_clients`] found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientClaim {
     /// The asking user holds it; this is its exactly-once horizon.
@@ -282,49 +281,8 @@ impl Store {
         Ok(row.try_get::<i64>("", "seq")? as u64)
     }
 
-    /// Binds `client_id` to `user` if nobody holds it yet, and says who holds it: the user
-    /// that first used a client id owns it (its exactly-once record, its horizon) until an
-    /// administrator reassigns it ([`Store::reassign_client`]).
-    pub async fn claim_client(
-        &self,
-        client_id: &str,
-        user: &str,
-        quota: u64,
-    ) -> Result<ClientClaim, StoreError> {
-        if let Some(claim) = self.client_owner(client_id, user).await? {
-            return Ok(claim);
-        }
-        if quota > 0 {
-            let count = Query::select()
-                .expr_as(Expr::col(Asterisk).count(), "n")
-                .from("sg_clients")
-                .and_where(Expr::col("user_id").eq(user))
-                .to_owned();
-            let owned: i64 = match self.db.query_one_raw(self.backend.build(&count)).await? {
-                Some(r) => r.try_get("", "n")?,
-                None => 0,
-            };
-            // Two new installations racing may both pass: the quota bounds the count to
-            // about its value, which is what it is for (no user fills the table).
-            if owned as u64 >= quota {
-                return Ok(ClientClaim::OverQuota);
-            }
-        }
-        let insert = Query::insert()
-            .into_table("sg_clients")
-            .columns(["client_id", "last_mutation", "user_id", "updated_at"])
-            .values([client_id.into(), 0i64.into(), user.into(), now_ms().into()])
-            .map_err(|e| StoreError::Statement(e.to_string()))?
-            .on_conflict(OnConflict::column("client_id").do_nothing().to_owned())
-            .to_owned();
-        self.db.execute_raw(self.backend.build(&insert)).await?;
-        // Another hello may have won the race: read who holds it now.
-        self.client_owner(client_id, user)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("client {client_id:?} vanished")))
-    }
-
-    async fn client_owner(
+    /// Who holds `client_id`, as seen by `user`, without writing; `None`: nobody yet.
+    pub(crate) async fn client_owner(
         &self,
         client_id: &str,
         user: &str,

@@ -290,19 +290,16 @@ impl Connection {
         let max_inflight_bytes = self.shared.config.max_inflight_push_bytes;
         let shutdown = self.shared.shutdown.clone();
         loop {
-            let deadline = if self.session.is_none() {
-                handshake_deadline
-            } else {
-                last_seen + heartbeat
+            // One timer per connection: the handshake deadline, then the earlier of the
+            // heartbeat and the token's expiry.
+            let token_deadline = self.session.as_ref().map(|s| s.token_deadline);
+            let deadline = match token_deadline {
+                None => handshake_deadline,
+                Some(token) => (last_seen + heartbeat).min(token),
             };
             let can_read = pushes.len() < max_inflight
                 && self.inflight_bytes < max_inflight_bytes
                 && self.out.has_space();
-            // Far away before the handshake (the handshake deadline comes first).
-            let token_deadline = self
-                .session
-                .as_ref()
-                .map_or(handshake_deadline, |s| s.token_deadline);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -354,15 +351,15 @@ impl Connection {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
+                    if token_deadline.is_some_and(|t| Instant::now() >= t) {
+                        // The server says why before closing; the client renews and resumes.
+                        self.reply(GatewayError::Auth(AuthError::Expired));
+                        return "token expired".into();
+                    }
                     let e = GatewayError::Timeout { established: self.session.is_some() };
                     let name = e.code().name();
                     self.reply(e);
                     return name.into();
-                }
-                _ = tokio::time::sleep_until(token_deadline.into()), if self.session.is_some() => {
-                    // The server says why before closing; the client renews and resumes.
-                    self.reply(GatewayError::Auth(AuthError::Expired));
-                    return "token expired".into();
                 }
                 _ = self.out.closed() => return self.close_reason(),
             }
@@ -512,11 +509,7 @@ impl Connection {
             }
         };
         let quota = self.shared.config.max_client_ids_per_user;
-        let claim = self
-            .shared
-            .store
-            .claim_client(&h.client_id, &user, quota)
-            .await;
+        let claim = self.claim_client(&h.client_id, &user).await;
         let last_applied_mutation = match claim {
             Ok(ClientClaim::Owned { last_applied }) => last_applied,
             Ok(ClientClaim::OverQuota) => {
@@ -532,8 +525,7 @@ impl Connection {
                 self.reply(e);
                 return;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "reading the client's last mutation failed");
+            Err(()) => {
                 self.reply(GatewayError::Storage(Step::Handshake));
                 return;
             }
@@ -569,6 +561,29 @@ impl Connection {
             token_deadline,
             _slot: slot,
         });
+    }
+
+    /// Who holds `client_id` after this hello: read directly when someone holds it already (a
+    /// known installation reconnecting), else claimed through the group queue.
+    async fn claim_client(&self, client_id: &str, user: &str) -> Result<ClientClaim, ()> {
+        match self.shared.store.client_owner(client_id, user).await {
+            Ok(Some(claim)) => return Ok(claim),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "reading the client's owner failed");
+                return Err(());
+            }
+        }
+        let (reply, answer) = oneshot::channel();
+        let claim = crate::storage::claims::Claim {
+            client_id: client_id.to_owned(),
+            user: user.to_owned(),
+            reply,
+        };
+        if self.shared.claims.send(claim).await.is_err() {
+            return Err(());
+        }
+        answer.await.ok().flatten().ok_or(())
     }
 
     /// The log line of a refused handshake (rate-limited; never the token).

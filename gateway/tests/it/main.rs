@@ -65,6 +65,7 @@ on_both_backends!(
     a_plant_scoped_terminal_sees_and_writes_only_its_plant,
     api_keys_grant_roles_and_claims_until_revoked,
     a_user_owns_at_most_max_client_ids,
+    concurrent_new_client_ids_are_claimed_once_each,
 );
 
 const WRITERS: u64 = 4;
@@ -1173,6 +1174,49 @@ async fn a_full_push_budget_slows_writers_and_loses_nothing() {
         "each mutation applied once"
     );
     assert_eq!(server_docs(&gw, "stock").await.len(), 120);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// New installations that say `hello` at the same moment are claimed in groups: every one of
+/// 200 concurrent new client ids is owned by its user, and of two users racing for one id
+/// exactly one gets it (the other 203) — also across the group boundary.
+async fn concurrent_new_client_ids_are_claimed_once_each(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let url = ws_url(&gw);
+    let hello = |client_id: String, user: &'static str| {
+        let url = url.clone();
+        async move {
+            match Connection::connect(&url, &client_id, &token(user)).await {
+                Ok((_, w)) => Ok(w.last_applied_mutation),
+                Err(syncgate_client::ConnError::Server(e)) => Err(e.code),
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    };
+    let mut all = Vec::new();
+    for i in 0..200 {
+        all.push(hello(format!("new-{i}"), "alice"));
+        if i % 20 == 0 {
+            all.push(hello(format!("contested-{i}"), "alice"));
+            all.push(hello(format!("contested-{i}"), "bob"));
+        }
+    }
+    let results = futures_util::future::join_all(all).await;
+    let owned = results.iter().filter(|r| r.is_ok()).count();
+    let taken = results
+        .iter()
+        .filter(|r| **r == Err(ErrorCode::ClientIdTaken.code()))
+        .count();
+    assert_eq!((owned, taken, results.len()), (210, 10, 220), "{results:?}");
+    // Each contested id belongs to exactly one of the two, who keeps it.
+    for i in (0..200).step_by(20) {
+        let id = format!("contested-{i}");
+        let a = hello(id.clone(), "alice").await.is_ok();
+        let b = hello(id, "bob").await.is_ok();
+        assert!(a != b, "contested-{i}: alice {a}, bob {b}");
+    }
     gw.shutdown().await;
     db.cleanup().await;
 }
