@@ -67,6 +67,10 @@ pub struct Config {
     /// Sessions one user (token `sub`) may hold at once on this node; 0 = no limit. Further
     /// handshakes of that user get `too_many_connections` (204).
     pub max_connections_per_user: usize,
+    /// Documents one user may hold (created minus deleted, counted from when this gateway
+    /// version first ran); a create beyond it is rejected with `quota_exceeded` (409). 0 = no
+    /// limit.
+    pub max_documents_per_user: u64,
     /// Client ids (installations) one user may own; a `hello` with a new one beyond it gets
     /// `client_quota_exceeded` (205). 0 = no limit (the default: a shared service account
     /// or a load test may drive thousands); set it where each person has their own user.
@@ -244,6 +248,7 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             max_connections_per_user: 0,
             max_client_ids_per_user: 0,
+            max_documents_per_user: 0,
             max_inflight_pushes: 16,
             max_inflight_push_bytes: 4 * 1024 * 1024,
             node_inflight_push_bytes: 256 * 1024 * 1024,

@@ -132,6 +132,7 @@ impl Gateway {
             config.max_client_ids_per_user,
         ));
         let rules = Rules {
+            max_documents_per_user: config.max_documents_per_user,
             collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
             limits: config.limits,
             max_batch_output_bytes: config.max_batch_output_bytes,

@@ -106,6 +106,9 @@ error_codes! {
     /// would put it outside (create it there or move it there), or the token lacks the claim
     /// the scope needs (the mutation is rejected and stored, like any rejection).
     OutOfScope = 408, "out_of_scope", false;
+    /// A create beyond the writer's `max_documents_per_user` (the mutation is rejected and
+    /// stored, like any rejection): delete documents first, or ask an administrator.
+    QuotaExceeded = 409, "quota_exceeded", false;
     /// The gateway failed internally; the request may be retried.
     InternalError = 500, "internal_error", true;
     /// The connection's outbound buffer overflowed; reconnect and resume by cursor.

@@ -199,6 +199,9 @@ pub(crate) async fn commit_group(
         pre.lasts.insert(client.clone(), stored.last_mutation);
         pre.owners.insert(client, stored.owner);
     }
+    if rules.max_documents_per_user > 0 {
+        pre.documents_held = txn.documents_held(&plan::users(jobs)).await?;
+    }
     let wanted = plan::wanted(jobs, &pre.lasts);
     pre.docs = txn.documents(&wanted.docs).await?;
     for (client, ids) in &wanted.earlier {

@@ -36,7 +36,7 @@ use crate::auth::scope::Access;
 use crate::changes::{Committed, LogEntry};
 use crate::error::GatewayError;
 use crate::storage::{
-    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc,
+    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc, UsageRow,
 };
 
 /// One client's push batch, as the connection hands it to ingest.
@@ -74,6 +74,8 @@ pub(crate) struct Rules {
     pub max_batch_output_bytes: usize,
     /// Collections that only some roles may write: collection -> those roles.
     pub write_roles: HashMap<String, Vec<String>>,
+    /// Documents one user may hold (created minus deleted); 0 = no limit.
+    pub max_documents_per_user: u64,
 }
 
 /// What the planner reads from the database (the prefetch step).
@@ -89,6 +91,8 @@ pub(crate) struct Prefetched {
     /// client -> mutation id -> the stored outcome of each mutation in [`Wanted::earlier`]
     /// that has one.
     pub earlier: HashMap<String, HashMap<u64, Earlier>>,
+    /// Documents each pushing user holds (read only when a document quota is set).
+    pub documents_held: HashMap<String, i64>,
 }
 
 /// What to prefetch once the horizons are known.
@@ -110,6 +114,15 @@ pub(crate) struct Plan {
     pub rows: GroupRows,
     /// The changes for fan-out once the rows are committed (`to` is the new head).
     pub committed: Committed,
+}
+
+/// Every pushing user, each once.
+pub(crate) fn users(jobs: &[PushJob]) -> Vec<&str> {
+    let mut seen = HashSet::new();
+    jobs.iter()
+        .map(|j| j.user.as_str())
+        .filter(|u| seen.insert(*u))
+        .collect()
 }
 
 /// Every pushing client, each once.
@@ -191,6 +204,8 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
         client_order: Vec::new(),
         in_group: HashMap::new(),
         refused: HashMap::new(),
+        usage: HashMap::new(),
+        usage_order: Vec::new(),
     };
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -204,8 +219,21 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
         rejections,
         horizons,
         client_order,
+        usage,
+        usage_order,
         ..
     } = g;
+    let usage = usage_order
+        .into_iter()
+        .filter_map(|user| {
+            let (documents, sync_errors) = usage.get(user).copied()?;
+            ((documents, sync_errors) != (0, 0)).then(|| UsageRow {
+                user: user.to_owned(),
+                documents,
+                sync_errors,
+            })
+        })
+        .collect();
     let documents = doc_order
         .into_iter()
         .filter_map(|key| {
@@ -238,6 +266,7 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
             documents,
             rejections,
             clients,
+            usage,
         },
         committed: Committed {
             from: head,
@@ -267,6 +296,10 @@ struct Group<'a> {
     in_group: HashMap<(&'a str, u64), MutationResult>,
     /// Clients with a job refused in this group, and the first id they must push again.
     refused: HashMap<&'a str, u64>,
+    /// Per user, what the group changed: (documents created minus deleted, rejections).
+    usage: HashMap<&'a str, (i64, i64)>,
+    /// Users in the order their usage first changed.
+    usage_order: Vec<&'a str>,
 }
 
 /// What one job changed in a [`Group`], so that it can be undone.
@@ -280,6 +313,10 @@ struct Undo<'a> {
     docs: Vec<((&'a str, &'a str), Option<DocNow>)>,
     /// Replay outcomes the job recorded.
     in_group: Vec<(&'a str, u64)>,
+    /// The job's user, and its usage before the job.
+    user: &'a str,
+    usage: Option<(i64, i64)>,
+    usage_order: usize,
 }
 
 impl<'a> Group<'a> {
@@ -307,6 +344,9 @@ impl<'a> Group<'a> {
             client_order: self.client_order.len(),
             docs: Vec::new(),
             in_group: Vec::new(),
+            user: job.user.as_str(),
+            usage: self.usage.get(job.user.as_str()).copied(),
+            usage_order: self.usage_order.len(),
         };
         let stored = self.pre.lasts.get(client).copied().unwrap_or(0);
         let mut last = match self.horizons.get(client) {
@@ -391,13 +431,40 @@ impl<'a> Group<'a> {
                 }),
         };
         let live = current.filter(|d| !d.deleted);
-        match effect(
+        let mut effect = effect(
             m,
             &job.access,
             live.as_ref().and_then(|d| d.body.as_ref()),
             self.rules,
-        ) {
+        );
+        // What the document count of the writer changes by: a create adds one, a delete of
+        // a live document takes one away. A create beyond the writer's quota is refused.
+        let held = match &effect {
+            Effect::Change { op, .. } => match (live.is_some(), op) {
+                (false, ChangeOp::Upsert) => 1,
+                (true, ChangeOp::Delete) => -1,
+                _ => 0,
+            },
+            Effect::Rejected(..) => 0,
+        };
+        let quota = self.rules.max_documents_per_user;
+        if held > 0 && quota > 0 {
+            let user = job.user.as_str();
+            let before = self.pre.documents_held.get(user).copied().unwrap_or(0)
+                + self.usage.get(user).map_or(0, |u| u.0);
+            if before >= i64::try_from(quota).unwrap_or(i64::MAX) {
+                effect = Effect::Rejected(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "this user holds {before} documents, the most allowed \
+                         (max_documents_per_user = {quota}); delete some first"
+                    ),
+                );
+            }
+        }
+        match effect {
             Effect::Change { op, body, encoded } => {
+                self.count_usage(job.user.as_str(), held, 0);
                 self.next += 1;
                 let next = self.next;
                 let (prev_body, prev_encoded) = match live {
@@ -440,6 +507,7 @@ impl<'a> Group<'a> {
                 MutationResult::applied(m.mutation_id, next)
             }
             Effect::Rejected(code, reason) => {
+                self.count_usage(job.user.as_str(), 0, 1);
                 self.rejections.push(RejectionRow {
                     client_id: job.client_id.clone(),
                     mutation_id: m.mutation_id,
@@ -451,6 +519,19 @@ impl<'a> Group<'a> {
                 MutationResult::rejected(m.mutation_id, code, reason)
             }
         }
+    }
+
+    /// Adds to a user's usage change in this group.
+    fn count_usage(&mut self, user: &'a str, documents: i64, sync_errors: i64) {
+        if documents == 0 && sync_errors == 0 {
+            return;
+        }
+        let u = self.usage.entry(user).or_insert_with(|| (0, 0));
+        if *u == (0, 0) && !self.usage_order.contains(&user) {
+            self.usage_order.push(user);
+        }
+        u.0 += documents;
+        u.1 += sync_errors;
     }
 
     /// Takes back everything one job did.
@@ -472,6 +553,15 @@ impl<'a> Group<'a> {
         }
         for k in undo.in_group {
             self.in_group.remove(&k);
+        }
+        self.usage_order.truncate(undo.usage_order);
+        match undo.usage {
+            Some(before) => {
+                self.usage.insert(undo.user, before);
+            }
+            None => {
+                self.usage.remove(undo.user);
+            }
         }
         // The client's horizon is written only when a job completes: nothing to take back.
     }
@@ -697,7 +787,69 @@ mod tests {
             write_roles: [("plans".to_owned(), vec!["planner".to_owned()])]
                 .into_iter()
                 .collect(),
+            max_documents_per_user: 0,
         }
+    }
+
+    /// The document quota: a user holding `quota` documents creates no more until a delete
+    /// frees one; edits of existing documents go on; a refused job's usage is taken back;
+    /// the usage rows say what the group changed per user.
+    #[test]
+    fn creates_beyond_the_document_quota_are_refused() {
+        let db = Db {
+            docs: vec![("o1", stored(4, Some(&[("qty", 1)])))],
+            ..Db::default()
+        };
+        let jobs = vec![
+            job(
+                "a",
+                1,
+                vec![
+                    put(1, "n1", &[("qty", 1)]),
+                    put(2, "n2", &[("qty", 2)]),
+                    patch(3, "o1", &[("qty", 3)]),
+                    delete(4, "n1"),
+                    put(5, "n3", &[("qty", 4)]),
+                    put(6, "n4", &[("qty", 5)]),
+                ],
+            ),
+            // Another user has a quota of its own.
+            job("b", 1, vec![put(1, "m1", &[("qty", 1)])]),
+        ];
+        let mut pre = db.prefetch(&jobs);
+        pre.documents_held.insert("user-of-a".into(), 1);
+        let rules = Rules {
+            max_documents_per_user: 3,
+            ..rules()
+        };
+        let plan = plan(&jobs, 10, &pre, &rules);
+        let results: Vec<String> = plan
+            .outcomes
+            .iter()
+            .map(|o| {
+                o.as_ref()
+                    .unwrap()
+                    .results
+                    .iter()
+                    .map(show)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        assert_eq!(
+            results,
+            [
+                "1:applied@11,2:applied@12,3:applied@13,4:applied@14,5:applied@15,6:rejected 409",
+                "1:applied@16",
+            ]
+        );
+        let usage: Vec<(&str, i64, i64)> = plan
+            .rows
+            .usage
+            .iter()
+            .map(|u| (u.user.as_str(), u.documents, u.sync_errors))
+            .collect();
+        assert_eq!(usage, [("user-of-a", 2, 1), ("user-of-b", 1, 0)]);
     }
 
     fn stored(version: u64, fields: Option<&[(&str, i64)]>) -> StoredDoc {
@@ -1253,6 +1405,18 @@ mod tests {
             .map(|c| c.client_id.as_str())
             .collect();
         assert_eq!(clients, vec!["c", "b"], "a's horizon does not move");
+        let usage: Vec<(&str, i64)> = plan
+            .rows
+            .usage
+            .iter()
+            .map(|u| (u.user.as_str(), u.documents))
+            .collect();
+        // c edited an existing document; a's two creates were taken back with its batch.
+        assert_eq!(
+            usage,
+            vec![("user-of-b", 1)],
+            "a's documents are not counted"
+        );
         let seqs: Vec<u64> = plan
             .rows
             .changes

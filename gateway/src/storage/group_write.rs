@@ -133,6 +133,17 @@ pub struct ClientRow {
     pub user: String,
 }
 
+/// What a group changes in one user's usage (`sg_usage`, for per-user quotas).
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageRow {
+    /// The user.
+    pub user: String,
+    /// Documents created minus documents deleted.
+    pub documents: i64,
+    /// Rejected mutations stored.
+    pub sync_errors: i64,
+}
+
 /// Every row a group writes.
 #[derive(Debug, Default)]
 pub struct GroupRows {
@@ -144,6 +155,8 @@ pub struct GroupRows {
     pub rejections: Vec<RejectionRow>,
     /// Every pushing client's new horizon.
     pub clients: Vec<ClientRow>,
+    /// Usage changes per user (only users whose usage changed).
+    pub usage: Vec<UsageRow>,
 }
 
 const INSERT_CHUNK: usize = 200;
@@ -207,6 +220,25 @@ impl GroupTxn {
             }
         }
         Ok(lasts)
+    }
+
+    /// How many documents each of `users` holds (`sg_usage`; absent: none).
+    pub async fn documents_held(&self, users: &[&str]) -> Result<HashMap<String, i64>, StoreError> {
+        let mut held = HashMap::new();
+        for chunk in users.chunks(INSERT_CHUNK) {
+            let select = Query::select()
+                .columns(["user_id", "documents"])
+                .from("sg_usage")
+                .and_where(Expr::col("user_id").is_in(chunk.iter().copied()))
+                .to_owned();
+            for r in self.txn.query_all_raw(self.backend.build(&select)).await? {
+                held.insert(
+                    r.try_get::<String>("", "user_id")?,
+                    r.try_get::<i64>("", "documents")?,
+                );
+            }
+        }
+        Ok(held)
     }
 
     /// The stored state of the given documents that exist: collection -> id -> state.
@@ -542,6 +574,28 @@ async fn write_rows(txn: &Txn, backend: DbBackend, rows: &GroupRows) -> Result<(
             .update_columns(["last_mutation", "updated_at"])
             .to_owned();
         let statement = insert(backend, "sg_clients", &columns, values, Some(upsert))?;
+        txn.execute_raw(statement).await?;
+    }
+    for chunk in rows.usage.chunks(INSERT_CHUNK) {
+        let values = chunk.iter().map(|u| {
+            vec![
+                u.user.clone().into(),
+                u.documents.into(),
+                u.sync_errors.into(),
+            ]
+        });
+        let columns = ["user_id", "documents", "sync_errors"];
+        let add = OnConflict::column("user_id")
+            .value(
+                "documents",
+                Expr::cust("sg_usage.documents + excluded.documents"),
+            )
+            .value(
+                "sync_errors",
+                Expr::cust("sg_usage.sync_errors + excluded.sync_errors"),
+            )
+            .to_owned();
+        let statement = insert(backend, "sg_usage", &columns, values, Some(add))?;
         txn.execute_raw(statement).await?;
     }
     Ok(())

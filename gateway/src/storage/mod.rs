@@ -32,7 +32,7 @@ pub(crate) use crate::changes::LogEntry;
 use syncgate_protocol::{Body, Change, ChangeOp, Doc};
 
 pub(crate) use group_write::{
-    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc,
+    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc, UsageRow,
 };
 
 /// The PostgreSQL NOTIFY channel on which committed heads are announced.

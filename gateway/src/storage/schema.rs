@@ -55,6 +55,10 @@ const TABLES: &[&str] = &[
         secret_hash TEXT NOT NULL,
         created_at BIGINT NOT NULL,
         revoked_at BIGINT)",
+    "CREATE TABLE IF NOT EXISTS sg_usage (
+        user_id TEXT PRIMARY KEY,
+        documents BIGINT NOT NULL,
+        sync_errors BIGINT NOT NULL)",
     "INSERT INTO sg_head (id, seq) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
 ];
 

@@ -66,6 +66,7 @@ on_both_backends!(
     api_keys_grant_roles_and_claims_until_revoked,
     a_user_owns_at_most_max_client_ids,
     concurrent_new_client_ids_are_claimed_once_each,
+    a_user_holds_at_most_max_documents,
 );
 
 const WRITERS: u64 = 4;
@@ -1217,6 +1218,54 @@ async fn concurrent_new_client_ids_are_claimed_once_each(backend: Backend) {
         let b = hello(id, "bob").await.is_ok();
         assert!(a != b, "contested-{i}: alice {a}, bob {b}");
     }
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// One user cannot fill the database: beyond `max_documents_per_user`, a create is rejected
+/// with 409 (edits go on), a delete frees room, the count survives a restart, and other
+/// users are not affected.
+async fn a_user_holds_at_most_max_documents(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut config = db.config();
+    config.max_documents_per_user = 3;
+    let gw = Gateway::start(config.clone()).await.unwrap();
+    let (mut m, _) = Connection::connect(&ws_url(&gw), "m-1", &token("mallory"))
+        .await
+        .unwrap();
+    let doc = |n: i64| body(&[("n", Value::from(n))]);
+    let ack = push(
+        &mut m,
+        1,
+        (1..=4)
+            .map(|i| put(i, "stock", &format!("s{i}"), doc(i as i64)))
+            .chain([patch(5, "stock", "s1", doc(9))])
+            .collect(),
+    )
+    .await;
+    let codes: Vec<_> = ack.results.iter().map(|r| r.code).collect();
+    let over = Some(ErrorCode::QuotaExceeded.code());
+    assert_eq!(codes, [None, None, None, over, None]);
+    let ack = push(
+        &mut m,
+        2,
+        vec![delete(6, "stock", "s2"), put(7, "stock", "s4", doc(4))],
+    )
+    .await;
+    assert!(ack.results.iter().all(|r| r.code.is_none()), "{ack:?}");
+    drop(m);
+    gw.shutdown().await;
+    let gw = Gateway::start(config).await.unwrap();
+    let (mut m, _) = Connection::connect(&ws_url(&gw), "m-1", &token("mallory"))
+        .await
+        .unwrap();
+    let ack = push(&mut m, 3, vec![put(8, "stock", "s5", doc(5))]).await;
+    assert_eq!(ack.results[0].code, over, "the count survived the restart");
+    let (mut a, _) = Connection::connect(&ws_url(&gw), "a-1", &token("alice"))
+        .await
+        .unwrap();
+    let ack = push(&mut a, 1, vec![put(1, "stock", "a1", doc(1))]).await;
+    assert_eq!(ack.results[0].code, None);
     gw.shutdown().await;
     db.cleanup().await;
 }
