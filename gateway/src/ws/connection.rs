@@ -35,12 +35,12 @@ use crate::ingest::plan::{PushJob, PushOutcome};
 use crate::outbound::Outbound;
 use crate::shared::Shared;
 use crate::storage::ClientClaim;
+use crate::sync::frames::View;
+use crate::sync::hub::SubEntry;
 use crate::ws::rate::{Bucket, Verdict};
 
 /// Refusals (less allowed frames since) that close a connection going over the frame rate.
 const MAX_RATE_STRIKES: u32 = 100;
-use crate::sync::frames::View;
-use crate::sync::hub::SubEntry;
 
 /// A push on its way; it completes with its [`PushDone`].
 type PushReply = Pin<Box<dyn Future<Output = PushDone> + Send>>;
