@@ -71,6 +71,11 @@ pub struct Config {
     /// version first ran); a create beyond it is rejected with `quota_exceeded` (409). 0 = no
     /// limit.
     pub max_documents_per_user: u64,
+    /// Rejected mutations stored per user (counted from when this gateway version first
+    /// ran); beyond it a rejection is still answered with its code but no longer stored (a
+    /// replay of it after a lost acknowledgement gets 400), so one client that keeps sending
+    /// bad mutations cannot fill the disk. 0 = no limit.
+    pub max_sync_errors_per_user: u64,
     /// Client ids (installations) one user may own; a `hello` with a new one beyond it gets
     /// `client_quota_exceeded` (205). 0 = no limit (the default: a shared service account
     /// or a load test may drive thousands); set it where each person has their own user.
@@ -249,6 +254,7 @@ impl Default for Config {
             max_connections_per_user: 0,
             max_client_ids_per_user: 0,
             max_documents_per_user: 0,
+            max_sync_errors_per_user: 0,
             max_inflight_pushes: 16,
             max_inflight_push_bytes: 4 * 1024 * 1024,
             node_inflight_push_bytes: 256 * 1024 * 1024,

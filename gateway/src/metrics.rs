@@ -51,6 +51,9 @@ pub struct Metrics {
     pub rate_limited: IntCounter,
     /// Clients whose later pushes are refused until they replay a batch that was not applied.
     pub fenced_clients: IntGauge,
+    /// What the per-user quotas refused, by quota: `documents` (creates rejected with 409),
+    /// `client_ids` (hellos refused with 205), `sync_errors` (rejections not stored).
+    pub quota_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -139,6 +142,11 @@ impl Metrics {
             snapshot_pages: counter(
                 "syncgate_snapshot_pages_total",
                 "Snapshot pages read from the database",
+            ),
+            quota_refusals: counter_vec(
+                "syncgate_quota_refusals_total",
+                "What per-user quotas refused, by quota (documents, client_ids, sync_errors)",
+                &["quota"],
             ),
             rate_limited: counter(
                 "syncgate_rate_limited_frames_total",

@@ -133,6 +133,7 @@ impl Gateway {
         ));
         let rules = Rules {
             max_documents_per_user: config.max_documents_per_user,
+            max_sync_errors_per_user: config.max_sync_errors_per_user,
             collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
             limits: config.limits,
             max_batch_output_bytes: config.max_batch_output_bytes,

@@ -139,7 +139,19 @@ pub(crate) async fn run_ingest(
                             continue;
                         }
                     };
+                    if outcome.unstored_rejections > 0 {
+                        metrics
+                            .quota_refusals
+                            .with_label_values(&["sync_errors"])
+                            .inc_by(outcome.unstored_rejections as u64);
+                    }
                     for (r, m) in outcome.results.iter().zip(&job.mutations) {
+                        if r.code == Some(syncgate_protocol::ErrorCode::QuotaExceeded.code()) {
+                            metrics
+                                .quota_refusals
+                                .with_label_values(&["documents"])
+                                .inc();
+                        }
                         let status = match r.status {
                             MutationStatus::Applied => "applied",
                             MutationStatus::Rejected => "rejected",
@@ -199,8 +211,8 @@ pub(crate) async fn commit_group(
         pre.lasts.insert(client.clone(), stored.last_mutation);
         pre.owners.insert(client, stored.owner);
     }
-    if rules.max_documents_per_user > 0 {
-        pre.documents_held = txn.documents_held(&plan::users(jobs)).await?;
+    if rules.max_documents_per_user > 0 || rules.max_sync_errors_per_user > 0 {
+        pre.usage = txn.usage(&plan::users(jobs)).await?;
     }
     let wanted = plan::wanted(jobs, &pre.lasts);
     pre.docs = txn.documents(&wanted.docs).await?;

@@ -61,6 +61,8 @@ pub(crate) struct PushOutcome {
     pub results: Vec<MutationResult>,
     /// The highest seq the batch wrote (0 if it wrote nothing).
     pub visible_at: u64,
+    /// Rejections answered but not stored (the user is at `max_sync_errors_per_user`).
+    pub unstored_rejections: usize,
 }
 
 /// What a mutation is checked against.
@@ -76,6 +78,9 @@ pub(crate) struct Rules {
     pub write_roles: HashMap<String, Vec<String>>,
     /// Documents one user may hold (created minus deleted); 0 = no limit.
     pub max_documents_per_user: u64,
+    /// Rejections stored per user; beyond it a rejection is answered but not stored. 0 = no
+    /// limit.
+    pub max_sync_errors_per_user: u64,
 }
 
 /// What the planner reads from the database (the prefetch step).
@@ -91,8 +96,9 @@ pub(crate) struct Prefetched {
     /// client -> mutation id -> the stored outcome of each mutation in [`Wanted::earlier`]
     /// that has one.
     pub earlier: HashMap<String, HashMap<u64, Earlier>>,
-    /// Documents each pushing user holds (read only when a document quota is set).
-    pub documents_held: HashMap<String, i64>,
+    /// What each pushing user holds: (documents, stored rejections) — read only when a
+    /// quota is set.
+    pub usage: HashMap<String, (i64, i64)>,
 }
 
 /// What to prefetch once the horizons are known.
@@ -206,6 +212,7 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
         refused: HashMap::new(),
         usage: HashMap::new(),
         usage_order: Vec::new(),
+        unstored: 0,
     };
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -300,6 +307,8 @@ struct Group<'a> {
     usage: HashMap<&'a str, (i64, i64)>,
     /// Users in the order their usage first changed.
     usage_order: Vec<&'a str>,
+    /// Rejections answered but not stored, so far.
+    unstored: usize,
 }
 
 /// What one job changed in a [`Group`], so that it can be undone.
@@ -356,6 +365,7 @@ impl<'a> Group<'a> {
                 stored
             }
         };
+        let unstored_before = self.unstored;
         let mut results = Vec::with_capacity(job.mutations.len());
         // Bytes of bodies this job writes to the log, and how many of its changes fit.
         let mut output = 0usize;
@@ -403,6 +413,7 @@ impl<'a> Group<'a> {
         Ok(PushOutcome {
             results,
             visible_at,
+            unstored_rejections: self.unstored - unstored_before,
         })
     }
 
@@ -450,7 +461,7 @@ impl<'a> Group<'a> {
         let quota = self.rules.max_documents_per_user;
         if held > 0 && quota > 0 {
             let user = job.user.as_str();
-            let before = self.pre.documents_held.get(user).copied().unwrap_or(0)
+            let before = self.pre.usage.get(user).map_or(0, |u| u.0)
                 + self.usage.get(user).map_or(0, |u| u.0);
             if before >= i64::try_from(quota).unwrap_or(i64::MAX) {
                 effect = Effect::Rejected(
@@ -507,7 +518,17 @@ impl<'a> Group<'a> {
                 MutationResult::applied(m.mutation_id, next)
             }
             Effect::Rejected(code, reason) => {
-                self.count_usage(job.user.as_str(), 0, 1);
+                let user = job.user.as_str();
+                let stored = self.pre.usage.get(user).map_or(0, |u| u.1)
+                    + self.usage.get(user).map_or(0, |u| u.1);
+                let quota = self.rules.max_sync_errors_per_user;
+                if quota > 0 && stored >= i64::try_from(quota).unwrap_or(i64::MAX) {
+                    // Answered, not kept: the client has the rejection (the SDK keeps it in
+                    // its own rejected list); a replay of this id after a lost ack gets 400.
+                    self.unstored += 1;
+                    return MutationResult::rejected(m.mutation_id, code, reason);
+                }
+                self.count_usage(user, 0, 1);
                 self.rejections.push(RejectionRow {
                     client_id: job.client_id.clone(),
                     mutation_id: m.mutation_id,
@@ -788,6 +809,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             max_documents_per_user: 0,
+            max_sync_errors_per_user: 0,
         }
     }
 
@@ -817,7 +839,7 @@ mod tests {
             job("b", 1, vec![put(1, "m1", &[("qty", 1)])]),
         ];
         let mut pre = db.prefetch(&jobs);
-        pre.documents_held.insert("user-of-a".into(), 1);
+        pre.usage.insert("user-of-a".into(), (1, 0));
         let rules = Rules {
             max_documents_per_user: 3,
             ..rules()
@@ -850,6 +872,51 @@ mod tests {
             .map(|u| (u.user.as_str(), u.documents, u.sync_errors))
             .collect();
         assert_eq!(usage, [("user-of-a", 2, 1), ("user-of-b", 1, 0)]);
+    }
+
+    /// The stored-rejection quota: beyond it a rejection is answered with its code but not
+    /// kept, and counted as unstored.
+    #[test]
+    fn rejections_beyond_the_quota_are_answered_not_stored() {
+        let jobs = vec![job(
+            "a",
+            1,
+            vec![
+                patch(1, "x1", &[("qty", 1)]),
+                patch(2, "x2", &[("qty", 1)]),
+                put(3, "ok", &[("qty", 1)]),
+                patch(4, "x3", &[("qty", 1)]),
+            ],
+        )];
+        let mut pre = Db::default().prefetch(&jobs);
+        pre.usage.insert("user-of-a".into(), (0, 1));
+        let rules = Rules {
+            max_sync_errors_per_user: 2,
+            ..rules()
+        };
+        let plan = plan(&jobs, 10, &pre, &rules);
+        let outcome = plan.outcomes[0].as_ref().unwrap();
+        let results: Vec<String> = outcome.results.iter().map(show).collect();
+        assert_eq!(
+            results,
+            [
+                "1:rejected 405",
+                "2:rejected 405",
+                "3:applied@11",
+                "4:rejected 405"
+            ]
+        );
+        let stored: Vec<u64> = plan.rows.rejections.iter().map(|r| r.mutation_id).collect();
+        assert_eq!(stored, [1], "one more fits the quota of 2");
+        assert_eq!(outcome.unstored_rejections, 2);
+        assert_eq!(
+            plan.rows.usage,
+            [UsageRow {
+                user: "user-of-a".into(),
+                documents: 1,
+                sync_errors: 1
+            }]
+        );
     }
 
     fn stored(version: u64, fields: Option<&[(&str, i64)]>) -> StoredDoc {

@@ -222,19 +222,23 @@ impl GroupTxn {
         Ok(lasts)
     }
 
-    /// How many documents each of `users` holds (`sg_usage`; absent: none).
-    pub async fn documents_held(&self, users: &[&str]) -> Result<HashMap<String, i64>, StoreError> {
+    /// What each of `users` holds (`sg_usage`; absent: nothing): documents created minus
+    /// deleted, and rejections stored.
+    pub async fn usage(&self, users: &[&str]) -> Result<HashMap<String, (i64, i64)>, StoreError> {
         let mut held = HashMap::new();
         for chunk in users.chunks(INSERT_CHUNK) {
             let select = Query::select()
-                .columns(["user_id", "documents"])
+                .columns(["user_id", "documents", "sync_errors"])
                 .from("sg_usage")
                 .and_where(Expr::col("user_id").is_in(chunk.iter().copied()))
                 .to_owned();
             for r in self.txn.query_all_raw(self.backend.build(&select)).await? {
                 held.insert(
                     r.try_get::<String>("", "user_id")?,
-                    r.try_get::<i64>("", "documents")?,
+                    (
+                        r.try_get::<i64>("", "documents")?,
+                        r.try_get::<i64>("", "sync_errors")?,
+                    ),
                 );
             }
         }

@@ -513,6 +513,11 @@ impl Connection {
         let last_applied_mutation = match claim {
             Ok(ClientClaim::Owned { last_applied }) => last_applied,
             Ok(ClientClaim::OverQuota) => {
+                self.shared
+                    .metrics
+                    .quota_refusals
+                    .with_label_values(&["client_ids"])
+                    .inc();
                 let e = GatewayError::ClientQuota { limit: quota };
                 self.refused_handshake(&e, &h.agent);
                 self.reply(e);

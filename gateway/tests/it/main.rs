@@ -67,6 +67,7 @@ on_both_backends!(
     a_user_owns_at_most_max_client_ids,
     concurrent_new_client_ids_are_claimed_once_each,
     a_user_holds_at_most_max_documents,
+    rejections_beyond_the_quota_are_answered_not_stored,
 );
 
 const WRITERS: u64 = 4;
@@ -1266,6 +1267,41 @@ async fn a_user_holds_at_most_max_documents(backend: Backend) {
         .unwrap();
     let ack = push(&mut a, 1, vec![put(1, "stock", "a1", doc(1))]).await;
     assert_eq!(ack.results[0].code, None);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// Beyond `max_sync_errors_per_user`, rejections are still answered with their codes but no
+/// longer stored: a replay of the batch gets the stored outcomes for the first ones and 400
+/// (never seen) for the rest.
+async fn rejections_beyond_the_quota_are_answered_not_stored(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut config = db.config();
+    config.max_sync_errors_per_user = 2;
+    let gw = Gateway::start(config).await.unwrap();
+    let (mut m, _) = Connection::connect(&ws_url(&gw), "m-1", &token("mallory"))
+        .await
+        .unwrap();
+    let bad = |i: u64| {
+        patch(
+            i,
+            "stock",
+            &format!("missing-{i}"),
+            body(&[("qty", Value::from(1))]),
+        )
+    };
+    let batch = vec![bad(1), bad(2), bad(3)];
+    let ack = push(&mut m, 1, batch.clone()).await;
+    let codes: Vec<_> = ack.results.iter().map(|r| r.code).collect();
+    let missing = Some(ErrorCode::DocumentNotFound.code());
+    assert_eq!(codes, [missing, missing, missing]);
+    let replay = push(&mut m, 2, batch).await;
+    let codes: Vec<_> = replay.results.iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        [missing, missing, Some(ErrorCode::InvalidMutation.code())],
+        "the third was not stored"
+    );
     gw.shutdown().await;
     db.cleanup().await;
 }
