@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use syncgate_protocol::ErrorCode;
 
@@ -18,20 +17,13 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The DER inside a PEM file.
-fn pem_der(name: &str) -> Vec<u8> {
-    let text = std::fs::read_to_string(fixture(name)).unwrap();
-    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap()
-}
-
+/// The private key of fixture `name` (PKCS#1 for RSA, PKCS#8 for EC: what jsonwebtoken reads).
 fn signer(name: &str) -> EncodingKey {
+    let key = syncgate_protocol::tls::load_key(&fixture(&format!("{name}.key.pem"))).unwrap();
     if name.starts_with("rs-") {
-        EncodingKey::from_rsa_der(&pem_der(&format!("{name}.key.pem")))
+        EncodingKey::from_rsa_der(key.secret_der())
     } else {
-        EncodingKey::from_ec_der(&pem_der(&format!("{name}.key.pem")))
+        EncodingKey::from_ec_der(key.secret_der())
     }
 }
 

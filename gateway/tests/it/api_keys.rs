@@ -7,11 +7,9 @@ use syncgate_gateway::server::{ApiKeyRequest, create_api_key, list_api_keys, rev
 use super::*;
 
 async fn hello_code(gw: &Gateway, client_id: &str, key: &str) -> Result<Connection, u16> {
-    match Connection::connect(&ws_url(gw), client_id, key).await {
-        Ok((conn, _)) => Ok(conn),
-        Err(syncgate_client::ConnError::Server(e)) => Err(e.code),
-        Err(other) => panic!("{other:?}"),
-    }
+    connect_code(&ws_url(gw), client_id, key)
+        .await
+        .map(|(c, _)| c)
 }
 
 pub(crate) async fn api_keys_grant_roles_and_claims_until_revoked(backend: Backend) {

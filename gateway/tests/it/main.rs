@@ -1190,11 +1190,9 @@ async fn concurrent_new_client_ids_are_claimed_once_each(backend: Backend) {
     let hello = |client_id: String, user: &'static str| {
         let url = url.clone();
         async move {
-            match Connection::connect(&url, &client_id, &token(user)).await {
-                Ok((_, w)) => Ok(w.last_applied_mutation),
-                Err(syncgate_client::ConnError::Server(e)) => Err(e.code),
-                Err(e) => panic!("{e:?}"),
-            }
+            connect_code(&url, &client_id, &token(user))
+                .await
+                .map(|(_, w)| w.last_applied_mutation)
         }
     };
     let mut all = Vec::new();
@@ -1616,7 +1614,6 @@ async fn a_flooding_connection_is_throttled_then_closed() {
 /// mutation to it rejected (407, stored like any rejection) while other collections work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collection_roles_guard_reads_and_writes() {
-    use syncgate_gateway::auth::Claims;
     let db = TestDb::new(Backend::Sqlite).await;
     let mut config = db.config();
     let orders = config.collections.get_mut("work_orders").unwrap();
@@ -1624,11 +1621,8 @@ async fn collection_roles_guard_reads_and_writes() {
     orders.write_roles = vec!["planner".into()];
     let gw = Gateway::start(config).await.unwrap();
     let url = ws_url(&gw);
-    let auth = Authenticator::new(SECRET.as_bytes());
     let with_roles = |user: &str, roles: serde_json::Value| {
-        let mut c = Claims::new(user, 600);
-        c.extra.insert("roles".into(), roles);
-        auth.mint_claims(c).unwrap()
+        token_with(user, serde_json::json!({ "roles": roles }))
     };
     let secret_text = "ORDER-FOR-PLANT-B-0042";
     let (mut planner, _) = Connection::connect(

@@ -5,22 +5,11 @@
 //! receives is checked for B's data.
 
 use super::*;
-use syncgate_gateway::auth::Claims;
 
 /// Text that only plant B's documents carry.
 const B_SECRET: &str = "SECRET-OF-PLANT-B";
 /// Ids of plant B's documents (never mentioned to plant A outside its own push acks).
 const B_ID: &str = "bbb-";
-
-fn token_with(user: &str, claims: serde_json::Value) -> String {
-    let mut c = Claims::new(user, 600);
-    if let serde_json::Value::Object(m) = claims {
-        c.extra.extend(m);
-    }
-    Authenticator::new(SECRET.as_bytes())
-        .mint_claims(c)
-        .unwrap()
-}
 
 fn order(plant: &str, text: &str) -> Body {
     body(&[("plant", Value::from(plant)), ("text", Value::from(text))])

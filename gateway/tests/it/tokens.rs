@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use syncgate_gateway::auth::Claims;
 use syncgate_gateway::config::{KeyAlgorithm, TrustedIssuer};
@@ -20,18 +19,19 @@ fn fixture(name: &str) -> std::path::PathBuf {
 }
 
 fn rs256(key: &str, kid: &str) -> String {
-    let text = std::fs::read_to_string(fixture(&format!("{key}.key.pem"))).unwrap();
-    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap();
+    let der = syncgate_protocol::tls::load_key(&fixture(&format!("{key}.key.pem"))).unwrap();
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.into());
     let claims = Claims {
         iss: Some(ISSUER.into()),
         ..Claims::new("olga", 600)
     };
-    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_der(&der)).unwrap()
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_rsa_der(der.secret_der()),
+    )
+    .unwrap()
 }
 
 fn publish(jwks: &Path, keys: &[(&str, &str)]) {
@@ -67,13 +67,9 @@ async fn a_providers_rs256_tokens_work_and_its_key_rotation_needs_no_restart() {
     let hello = |token: String| {
         let url = url.clone();
         async move {
-            Connection::connect(&url, "term-olga", &token)
+            connect_code(&url, "term-olga", &token)
                 .await
                 .map(|(_, w)| w.session)
-                .map_err(|e| match e {
-                    syncgate_client::ConnError::Server(e) => e.code,
-                    other => panic!("{other:?}"),
-                })
         }
     };
     let old = rs256("rs-a1", "2026-11");

@@ -102,6 +102,30 @@ pub fn token(user: &str) -> String {
         .unwrap()
 }
 
+/// A token for `user` carrying `claims` (a JSON object: roles, a plant ...).
+pub fn token_with(user: &str, claims: serde_json::Value) -> String {
+    let mut c = syncgate_gateway::auth::Claims::new(user, 600);
+    if let serde_json::Value::Object(m) = claims {
+        c.extra.extend(m);
+    }
+    Authenticator::new(SECRET.as_bytes())
+        .mint_claims(c)
+        .unwrap()
+}
+
+/// Opens a session, or says with which code the server refused it.
+pub async fn connect_code(
+    url: &str,
+    client_id: &str,
+    token: &str,
+) -> Result<(Connection, Welcome), u16> {
+    match Connection::connect(url, client_id, token).await {
+        Ok(c) => Ok(c),
+        Err(syncgate_client::ConnError::Server(e)) => Err(e.code),
+        Err(e) => panic!("connecting {client_id}: {e:?}"),
+    }
+}
+
 pub fn ws_url(gw: &Gateway) -> String {
     format!("ws://{}", gw.ws_addr)
 }
