@@ -58,6 +58,23 @@ pub struct Config {
     /// worth is allowed); beyond it frames get `rate_limited` (506), and a connection that keeps
     /// going over it is closed. 0 = no limit.
     pub max_frames_per_second: u32,
+    /// Mutations per second a connection may push (a burst of one second's worth). Pushes
+    /// beyond it are not refused: the connection stops reading until it is back under the
+    /// rate, so a flooding client is slowed by backpressure and loses nothing. 0 = no limit.
+    pub max_push_mutations_per_second: u32,
+    /// Bytes of push frames per second a connection may send, paced like
+    /// `max_push_mutations_per_second` (a burst of one second's worth, at least one frame).
+    /// 0 = no limit.
+    pub max_push_bytes_per_second: u64,
+    /// Subscriptions per second a connection may start (a burst of `limits.max_subscriptions`
+    /// or one second's worth, whichever is more). A subscription beyond it is accepted and its
+    /// snapshot or catch-up waits for its turn, so subscribe/unsubscribe churn cannot scan the
+    /// database faster than this. 0 = no limit.
+    pub max_subscribes_per_second: u32,
+    /// Snapshot and catch-up pages the whole node reads from the database (and encodes) at
+    /// once; further pages wait for a turn, so subscriptions starting cannot take every core
+    /// and pool connection from the group commit. 0 = half the machine's cores (at least one).
+    pub node_concurrent_reads: usize,
     /// Origins (`scheme://host[:port]`) whose browser pages may open a WebSocket; empty = any.
     /// Requests without an `Origin` header (clients that are not browsers) are not affected.
     pub allowed_origins: Vec<String>,
@@ -249,6 +266,10 @@ impl Default for Config {
             catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
             max_frames_per_second: 1000,
+            max_push_mutations_per_second: 5_000,
+            max_push_bytes_per_second: 4 * 1024 * 1024,
+            max_subscribes_per_second: 20,
+            node_concurrent_reads: 0,
             allowed_origins: Vec::new(),
             handshake_timeout_ms: 10_000,
             max_connections_per_user: 0,
@@ -379,6 +400,14 @@ impl Config {
             format!("sqlite://{}/syncgate.db", self.data_dir.display())
         } else {
             self.database.clone()
+        }
+    }
+
+    /// `node_concurrent_reads`, 0 resolved to half the machine's cores (at least one).
+    pub fn concurrent_reads(&self) -> usize {
+        match self.node_concurrent_reads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
         }
     }
 

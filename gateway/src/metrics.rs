@@ -54,6 +54,10 @@ pub struct Metrics {
     /// What the per-user quotas refused, by quota: `documents` (creates rejected with 409),
     /// `client_ids` (hellos refused with 205), `sync_errors` (rejections not stored).
     pub quota_refusals: IntCounterVec,
+    /// Work held back to its rate instead of refused, by kind: `push` (a connection stopped
+    /// reading for `max_push_*_per_second`), `subscribe` (a subscription start waited for
+    /// `max_subscribes_per_second`), `read` (a page read waited for `node_concurrent_reads`).
+    pub paced: IntCounterVec,
 }
 
 impl Metrics {
@@ -147,6 +151,11 @@ impl Metrics {
                 "syncgate_quota_refusals_total",
                 "What per-user quotas refused, by quota (documents, client_ids, sync_errors)",
                 &["quota"],
+            ),
+            paced: counter_vec(
+                "syncgate_paced_total",
+                "Work held back to its rate, by kind (push, subscribe, read)",
+                &["kind"],
             ),
             rate_limited: counter(
                 "syncgate_rate_limited_frames_total",

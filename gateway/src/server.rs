@@ -163,6 +163,7 @@ impl Gateway {
             oplog,
             shutdown: shutdown.clone(),
             push_bytes: Arc::new(Semaphore::new(config.node_inflight_push_bytes)),
+            reads: Arc::new(Semaphore::new(config.concurrent_reads())),
             sessions_per_user: Arc::new(dashmap::DashMap::new()),
             tls,
             claims: claims_tx,

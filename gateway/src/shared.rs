@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     /// Bytes of push frames the node may still take in (`node_inflight_push_bytes`); a permit
     /// travels with its job and is given back when ingest has answered it.
     pub(crate) push_bytes: Arc<tokio::sync::Semaphore>,
+    /// Turns for snapshot and catch-up pages read from the database (`node_concurrent_reads`).
+    pub(crate) reads: Arc<tokio::sync::Semaphore>,
     /// Claims of client ids nobody holds yet, answered in groups (`storage::claims`).
     pub(crate) claims: mpsc::Sender<crate::storage::claims::Claim>,
     /// TLS for both listeners (`None`: plain).

@@ -8,6 +8,8 @@
 //!   change of the run exactly once and in per-writer order; write→delivery latency.
 //! - [`ingest`]: writers push batches as fast as acks come back; every mutation acknowledged
 //!   once, in order, as applied, and visible afterwards; mutations/s.
+//! - [`fairness`]: a calm writer's push→ack latency alone and beside a flooding or
+//!   subscribe-churning aggressor; everything acknowledged once, every snapshot complete.
 //! - [`connect`]: ramp and hold idle subscribed connections; connect rate, gateway RSS per
 //!   connection; every idle connection must receive a final probe exactly once.
 //! - [`storm`]: the reconnect storm; every client must receive exactly the changes it missed.
@@ -25,6 +27,7 @@
 pub mod chaos;
 pub mod common;
 pub mod connect;
+pub mod fairness;
 pub mod fanout;
 pub mod ingest;
 pub mod mixed;

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use syncgate_loadtest::chaos::ChaosConfig;
 use syncgate_loadtest::common::{Report, Target};
 use syncgate_loadtest::connect::ConnectConfig;
+use syncgate_loadtest::fairness::{Aggressor, FairnessConfig};
 use syncgate_loadtest::fanout::FanoutConfig;
 use syncgate_loadtest::ingest::IngestConfig;
 use syncgate_loadtest::mixed::MixedConfig;
@@ -117,6 +118,37 @@ enum Scenario {
         /// Internal: run as one worker of a `--workers` run.
         #[arg(long, hide = true)]
         worker: bool,
+    },
+    /// A calm writer's push→ack latency alone, then beside an aggressor (`flood`: large
+    /// batches, many in flight; `churn`: subscribe, snapshot, unsubscribe, again).
+    Fairness {
+        #[arg(long, value_enum, default_value_t = Aggressor::Flood)]
+        aggressor: Aggressor,
+        /// Aggressor connections.
+        #[arg(long, default_value_t = 2)]
+        aggressors: usize,
+        /// Batches the calm writer pushes in each of its two runs.
+        #[arg(long, default_value_t = 300)]
+        calm_batches: u64,
+        /// Mutations per calm batch.
+        #[arg(long, default_value_t = 10)]
+        calm_batch: usize,
+        #[arg(long, default_value_t = 1000)]
+        flood_batch: usize,
+        #[arg(long, default_value_t = 16)]
+        flood_inflight: usize,
+        /// Padding bytes per flooded document.
+        #[arg(long, default_value_t = 0)]
+        flood_pad: usize,
+        /// Documents seeded for the churners to snapshot.
+        #[arg(long, default_value_t = 5000)]
+        seed_docs: u64,
+        /// Padding bytes per seeded document.
+        #[arg(long, default_value_t = 200)]
+        seed_pad: usize,
+        /// Milliseconds the aggressor runs before the calm writer's second run starts.
+        #[arg(long, default_value_t = 2000)]
+        warmup_ms: u64,
     },
     /// N clients drop, K changes are committed, all reconnect at once: time to catch up.
     ReconnectStorm {
@@ -406,6 +438,35 @@ async fn scenario(
                 gateway_pid,
                 deadline,
                 worker,
+            })
+            .await?
+        }
+        Scenario::Fairness {
+            aggressor,
+            aggressors,
+            calm_batches,
+            calm_batch,
+            flood_batch,
+            flood_inflight,
+            flood_pad,
+            seed_docs,
+            seed_pad,
+            warmup_ms,
+        } => {
+            syncgate_loadtest::fairness::run(&FairnessConfig {
+                target,
+                collection,
+                aggressor,
+                calm_batches,
+                calm_batch,
+                aggressors,
+                flood_batch,
+                flood_inflight,
+                flood_pad,
+                seed_docs,
+                seed_pad,
+                warmup: Duration::from_millis(warmup_ms),
+                deadline,
             })
             .await?
         }

@@ -37,7 +37,7 @@ use crate::shared::Shared;
 use crate::storage::ClientClaim;
 use crate::sync::frames::View;
 use crate::sync::hub::SubEntry;
-use crate::ws::rate::{Bucket, Verdict};
+use crate::ws::rate::{Bucket, Pace, Verdict};
 
 /// Refusals (less allowed frames since) that close a connection going over the frame rate.
 const MAX_RATE_STRIKES: u32 = 100;
@@ -232,6 +232,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
             MAX_RATE_STRIKES,
             Instant::now(),
         ),
+        pace: Pacing::new(&shared.config, Instant::now()),
     };
     let reason = conn.run(&mut stream).await;
     conn.teardown();
@@ -273,6 +274,42 @@ struct Connection {
     inflight_bytes: usize,
     /// Frames per second (`max_frames_per_second`), pushes not counted.
     rate: Bucket,
+    /// What pushes and subscription starts may cost per second.
+    pace: Pacing,
+}
+
+/// A connection's pushes (mutations and bytes) and subscription starts per second, and the
+/// pause its pushes put it in: while paused, the connection reads no frame.
+struct Pacing {
+    mutations: Pace,
+    bytes: Pace,
+    subscribes: Pace,
+    /// When the pause began and when it ends.
+    paused: Option<(Instant, Instant)>,
+}
+
+impl Pacing {
+    fn new(config: &crate::config::Config, now: Instant) -> Pacing {
+        let limits = &config.limits;
+        let mutations = u64::from(config.max_push_mutations_per_second);
+        let bytes = config.max_push_bytes_per_second;
+        let subscribes = u64::from(config.max_subscribes_per_second);
+        Pacing {
+            // Bursts of one second's worth, and always at least one largest batch or frame.
+            mutations: Pace::new(
+                mutations,
+                mutations.max(u64::from(limits.max_mutations_per_batch)),
+                now,
+            ),
+            bytes: Pace::new(bytes, bytes.max(u64::from(limits.max_frame_bytes)), now),
+            subscribes: Pace::new(
+                subscribes,
+                subscribes.max(u64::from(limits.max_subscriptions)),
+                now,
+            ),
+            paused: None,
+        }
+    }
 }
 
 impl Connection {
@@ -297,7 +334,13 @@ impl Connection {
                 None => handshake_deadline,
                 Some(token) => (last_seen + heartbeat).min(token),
             };
-            let can_read = pushes.len() < max_inflight
+            let deadline = match self.pace.paused {
+                Some((_, until)) => deadline.min(until),
+                None => deadline,
+            };
+            let paused = self.pace.paused.is_some();
+            let can_read = !paused
+                && pushes.len() < max_inflight
                 && self.inflight_bytes < max_inflight_bytes
                 && self.out.has_space();
             tokio::select! {
@@ -313,6 +356,7 @@ impl Connection {
                 }
                 Some(done) = pushes.next(), if !pushes.is_empty() => self.finish_push(done),
                 _ = self.out.wait_for_space(), if !can_read
+                    && !paused
                     && pushes.len() < max_inflight
                     && self.inflight_bytes < max_inflight_bytes => {}
                 msg = stream.next(), if can_read => {
@@ -351,6 +395,14 @@ impl Connection {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
+                    if let Some((from, until)) = self.pace.paused
+                        && Instant::now() >= until
+                    {
+                        // The pause was the server's doing: it does not count as silence.
+                        self.pace.paused = None;
+                        last_seen += until.saturating_duration_since(from);
+                        continue;
+                    }
                     if token_deadline.is_some_and(|t| Instant::now() >= t) {
                         // The server says why before closing; the client renews and resumes.
                         self.reply(GatewayError::Auth(AuthError::Expired));
@@ -637,6 +689,16 @@ impl Connection {
                 return;
             }
         };
+        // Over the connection's subscription rate: accepted, and its reads wait for their turn
+        // (an unsubscribe before then costs the database nothing).
+        let not_before = self.pace.subscribes.take(1, Instant::now());
+        if not_before.is_some() {
+            self.shared
+                .metrics
+                .paced
+                .with_label_values(&["subscribe"])
+                .inc();
+        }
         let view = View::new(filter, scope);
         let entry = Arc::new(SubEntry::new(self.out.clone(), s.sub, s.collection, view));
         self.shared.hub.register(entry.clone());
@@ -644,6 +706,7 @@ impl Connection {
             self.shared.clone(),
             entry.clone(),
             s.cursor,
+            not_before,
         ))
         .abort_handle();
         self.subs.insert(s.sub, ActiveSub { entry, task });
@@ -684,6 +747,17 @@ impl Connection {
             reply,
             permit,
         };
+        // Over the connection's push rate: this batch goes on, the next frame waits.
+        let now = Instant::now();
+        let mutations = req.job.mutations.len() as u64;
+        let until = Ord::max(
+            self.pace.mutations.take(mutations, now),
+            self.pace.bytes.take(size as u64, now),
+        );
+        if let Some(until) = until {
+            self.shared.metrics.paced.with_label_values(&["push"]).inc();
+            self.pace.paused = Some((now, until));
+        }
         let ingest = self.shared.ingest.clone();
         let batch = p.batch;
         Some(Box::pin(async move {

@@ -1,7 +1,12 @@
-//! How many frames a connection may send: a token bucket per connection (a pure decision; the
-//! connection asks it for every frame it reads). A frame over the rate is answered with
-//! `rate_limited` and not handled; a connection that keeps going over it is closed, so one
-//! client cannot spend the node's time on others' behalf.
+//! How fast a connection may make the node work (pure decisions; the connection asks them for
+//! every frame it reads):
+//! - [`Bucket`]: frames other than pushes. A frame over the rate is answered with
+//!   `rate_limited` and not handled; a connection that keeps going over it is closed.
+//! - [`Pace`]: what pushes and subscription starts cost (mutations, bytes, snapshots). Nothing
+//!   is refused: work over the rate runs into debt, and the connection stops reading (pushes)
+//!   or the subscription waits (snapshots) until the debt is paid. So a flooding client is
+//!   slowed to its rate by TCP backpressure, loses nothing, and cannot take the group commit
+//!   or the database from other clients.
 
 use std::time::{Duration, Instant};
 
@@ -72,6 +77,44 @@ impl Bucket {
     }
 }
 
+/// A token bucket that may go into debt: `rate` tokens per second, at most `burst` saved up.
+/// Taking more than there is is allowed once; the caller then waits until the debt is paid.
+#[derive(Debug, Clone)]
+pub(crate) struct Pace {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Pace {
+    /// A full bucket. `rate` 0 means no limit.
+    pub(crate) fn new(rate: u64, burst: u64, now: Instant) -> Pace {
+        let burst = burst.max(1) as f64;
+        Pace {
+            rate: rate as f64,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes `n` tokens at `now`; returns when the debt, if any, is paid (the time before
+    /// which the caller should start no more work of this kind).
+    pub(crate) fn take(&mut self, n: u64, now: Instant) -> Option<Instant> {
+        if self.rate <= 0.0 {
+            return None;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - n as f64;
+        if self.tokens >= 0.0 {
+            return None;
+        }
+        Some(now + Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +175,39 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Bucket::new(0, 1, 1, t0);
         assert!((0..1000).all(|_| b.frame(t0) == Verdict::Allow));
+    }
+
+    #[test]
+    fn a_pace_lets_a_burst_through_then_holds_work_to_its_rate() {
+        let t0 = Instant::now();
+        // 1,000 mutations a second, a burst of 1,000.
+        let mut p = Pace::new(1000, 1000, t0);
+        assert_eq!(p.take(600, t0), None);
+        assert_eq!(p.take(400, t0), None, "the burst is used up exactly");
+        // A batch beyond it runs into debt: 500 mutations wait half a second.
+        assert_eq!(p.take(500, t0), Some(t0 + Duration::from_millis(500)));
+        // Taken when the debt is paid, the next batch waits for its own cost only.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(p.take(100, t1), Some(t1 + Duration::from_millis(100)));
+        // A client that waits as told is held to the rate: 100 batches of 100 take 10 s.
+        let mut now = t1 + Duration::from_millis(100);
+        for _ in 0..100 {
+            if let Some(until) = p.take(100, now) {
+                now = until;
+            }
+        }
+        let took = now.duration_since(t1).as_secs_f64();
+        assert!((10.0..10.2).contains(&took), "{took}");
+        // A long idle time refills only up to the burst.
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(p.take(1000, later), None);
+        assert!(p.take(1, later).is_some());
+    }
+
+    #[test]
+    fn a_pace_of_rate_zero_never_waits() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(0, 1, t0);
+        assert!((0..1000).all(|_| p.take(1_000_000, t0).is_none()));
     }
 }

@@ -30,8 +30,18 @@ fn page_bytes(shared: &Shared) -> usize {
     shared.config.outbound_buffer_bytes
 }
 
-/// Runs until the subscription is live (or the connection goes away and this task is aborted).
-pub(crate) async fn start(shared: Arc<Shared>, entry: Arc<SubEntry>, cursor: Option<Cursor>) {
+/// Runs until the subscription is live (or the connection goes away, or the client
+/// unsubscribes, and this task is aborted). Reads nothing before `not_before` (the connection's
+/// `max_subscribes_per_second`).
+pub(crate) async fn start(
+    shared: Arc<Shared>,
+    entry: Arc<SubEntry>,
+    cursor: Option<Cursor>,
+    not_before: Option<std::time::Instant>,
+) {
+    if let Some(t) = not_before {
+        tokio::time::sleep_until(t.into()).await;
+    }
     if let Err(e) = run(&shared, &entry, cursor).await {
         tracing::error!(error = %e, sub = entry.sub, "subscription start failed");
         ErrorReply::from(GatewayError::Storage(Step::Subscription))
@@ -83,14 +93,16 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
             CATCH_UP_PAGE as usize,
             budget,
         );
-        let page = match tail {
+        // A page read from the database is read and encoded within one turn of the node's
+        // reads; a page from memory needs none.
+        let (page, turn) = match tail {
             Some(page) => {
                 shared
                     .metrics
                     .catch_up_pages
                     .with_label_values(&["memory"])
                     .inc();
-                page
+                (page, None)
             }
             None => {
                 shared
@@ -101,6 +113,7 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
                 // A filtered or scoped subscriber needs the previous bodies (to see documents
                 // leave its view); one that sees everything is never made to hold them.
                 let with_prev = !entry.view.is_everything();
+                let turn = read_turn(shared).await;
                 let page = shared
                     .store
                     .read_changes(
@@ -112,10 +125,11 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
                         with_prev,
                     )
                     .await?;
-                Page {
+                let page = Page {
                     items: page.items.into_iter().map(Arc::new).collect(),
                     more: page.more,
-                }
+                };
+                (page, turn)
             }
         };
         let upto = match page.items.last() {
@@ -127,12 +141,27 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
             .iter()
             .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.view)?)))
             .collect();
-        for frame in changes_frames(entry.sub, &parts, hub.epoch(), upto, hub.frame_budget()) {
+        let frames = changes_frames(entry.sub, &parts, hub.epoch(), upto, hub.frame_budget());
+        drop(parts);
+        drop(page);
+        // Never held while waiting for a client to read.
+        drop(turn);
+        for frame in frames {
             entry.out.wait_for_space().await;
             entry.out.push(frame);
         }
         position = upto;
     }
+}
+
+/// A turn to read one page from the database and encode it (`node_concurrent_reads`).
+async fn read_turn(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    if let Ok(turn) = shared.reads.try_acquire() {
+        return Some(turn);
+    }
+    shared.metrics.paced.with_label_values(&["read"]).inc();
+    // Closed only if the node is gone; the read then fails on its own.
+    shared.reads.acquire().await.ok()
 }
 
 fn resync(shared: &Shared, entry: &SubEntry, reason: &str, cursor: &Cursor) {
@@ -160,6 +189,7 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
     let position = shared.store.head().await?;
     let mut after: Option<String> = None;
     loop {
+        let turn = read_turn(shared).await;
         let page = shared
             .store
             .documents_page(
@@ -173,14 +203,13 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
         let full = page.more;
         let page = page.items;
         after = page.last().map(|d| d.id.clone());
-        let docs: Vec<_> = page
-            .into_iter()
-            .filter(|d| entry.view.matches(&d.body))
-            .collect();
         // Chunks of at most the frame budget (a single larger document goes alone).
         let mut chunks: Vec<Vec<_>> = Vec::new();
         let mut bytes = usize::MAX;
-        for d in docs {
+        for d in page {
+            if !entry.view.matches(&d.body) {
+                continue;
+            }
             let size = to_msgpack(&d.body).len() + d.id.len() + 16;
             if bytes.saturating_add(size) > shared.hub.frame_budget() {
                 chunks.push(Vec::new());
@@ -195,14 +224,19 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
             // The last page always sends a chunk, even an empty one.
             chunks.push(Vec::new());
         }
+        let mut frames: Vec<Bytes> = Vec::with_capacity(chunks.len());
         for docs in chunks {
+            frames.push(Bytes::from(encode(&Frame::Snapshot(Snapshot {
+                sub: entry.sub,
+                docs,
+            }))));
+        }
+        // The page was read, filtered and encoded within one turn; never held while waiting
+        // for a client to read.
+        drop(turn);
+        for frame in frames {
             entry.out.wait_for_space().await;
-            entry
-                .out
-                .push(Bytes::from(encode(&Frame::Snapshot(Snapshot {
-                    sub: entry.sub,
-                    docs,
-                }))));
+            entry.out.push(frame);
         }
         if !full {
             return Ok(position);

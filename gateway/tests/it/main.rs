@@ -43,6 +43,7 @@ macro_rules! on_both_backends {
 
 mod api_keys;
 mod fuzz;
+mod pacing;
 mod scopes;
 mod tokens;
 use api_keys::api_keys_grant_roles_and_claims_until_revoked;
