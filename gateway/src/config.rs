@@ -234,6 +234,41 @@ pub struct CollectionConfig {
     /// field equals the claim's value (or one of them, for a list claim). Empty = every
     /// document.
     pub scope: BTreeMap<String, String>,
+    /// Field types checked on every write: field -> `string`, `integer`, `number` (integer or
+    /// float), `boolean`, `array`, `map`, `binary` or `any`. Fields not named here are not
+    /// checked; a nil value counts as absent. A write that gives a named field another type
+    /// is rejected with `wrong_type` (411).
+    pub schema: BTreeMap<String, FieldType>,
+    /// Fields every document must hold (not nil) after each write; a write that would leave
+    /// one out is rejected with `missing_field` (410). Deletes are not checked.
+    pub required: Vec<String>,
+    /// Reference fields: field -> the declared collection whose document id it holds. A write
+    /// that sets such a field to an id its target collection does not have (live, or created
+    /// earlier in the same batch) is rejected with `dangling_reference` (412); a value that is
+    /// not a string id gets `wrong_type`. Deleting a referenced document is not checked.
+    pub references: BTreeMap<String, String>,
+}
+
+/// The type a collection's `schema` declares for a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    /// UTF-8 text.
+    String,
+    /// A whole number.
+    Integer,
+    /// A whole number or a float.
+    Number,
+    /// `true` or `false`.
+    Boolean,
+    /// A list.
+    Array,
+    /// A nested document (string keys).
+    Map,
+    /// Raw bytes.
+    Binary,
+    /// Anything (for `required` fields of any type, or to document a field).
+    Any,
 }
 
 /// How concurrent writes to one document are resolved.
@@ -247,10 +282,15 @@ pub enum ConflictPolicy {
 
 impl Default for Config {
     fn default() -> Self {
-        let collections = ["work_orders", "machines", "stock", "feedback"]
-            .into_iter()
-            .map(|c| (c.to_owned(), CollectionConfig::default()))
-            .collect();
+        let mut collections: BTreeMap<String, CollectionConfig> =
+            ["work_orders", "machines", "stock", "feedback"]
+                .into_iter()
+                .map(|c| (c.to_owned(), CollectionConfig::default()))
+                .collect();
+        // The sample's work orders name the machine they run on.
+        if let Some(w) = collections.get_mut("work_orders") {
+            w.references.insert("machine".into(), "machines".into());
+        }
         Config {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
             http_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_HTTP_PORT)),
@@ -430,6 +470,32 @@ impl Config {
                     return bad(format!(
                         "collections.{name}.scope.{field} = {claim:?}: a claim path must be \
                          \"claims.NAME\" (dots walk nested claims; \"claims.sub\" is the user)"
+                    ));
+                }
+            }
+            let mut named = c
+                .schema
+                .keys()
+                .chain(&c.required)
+                .chain(c.references.keys());
+            if named.any(String::is_empty) {
+                return bad(format!(
+                    "collections.{name}: a field name in schema, required or references is empty"
+                ));
+            }
+            for (field, target) in &c.references {
+                if !self.collections.contains_key(target) {
+                    return bad(format!(
+                        "collections.{name}.references.{field} = {target:?}: not a declared \
+                         collection"
+                    ));
+                }
+                if let Some(t) = c.schema.get(field)
+                    && !matches!(t, FieldType::String | FieldType::Any)
+                {
+                    return bad(format!(
+                        "collections.{name}: {field} is a reference (a document id, a string) \
+                         but its schema type is {t:?}"
                     ));
                 }
             }
@@ -623,5 +689,43 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn schema_required_and_references_are_checked_with_a_clear_message() {
+        let invalid = |toml: &str, says: &str| {
+            let err = match Config::from_toml(toml) {
+                Err(e) => e.to_string(),
+                Ok(c) => c.validate().expect_err(toml).to_string(),
+            };
+            assert!(err.contains(says), "{toml}: {err}");
+        };
+        invalid(
+            "[collections.orders]\nreferences = { machine = \"machinez\" }",
+            "collections.orders.references.machine = \"machinez\": not a declared collection",
+        );
+        invalid(
+            "[collections.orders]\nschema = { qty = \"int\" }",
+            "unknown variant `int`",
+        );
+        invalid(
+            "[collections.orders]\nrequired = [\"\"]",
+            "a field name in schema, required or references is empty",
+        );
+        invalid(
+            "[collections.machines]\n[collections.orders]\nreferences = { machine = \"machines\" }\n\
+             schema = { machine = \"integer\" }",
+            "machine is a reference (a document id, a string) but its schema type is Integer",
+        );
+        let ok = Config::from_toml(
+            "[collections.machines]\n[collections.orders]\nreferences = { machine = \"machines\" }\n\
+             schema = { machine = \"string\", qty = \"integer\", weight = \"number\" }\n\
+             required = [\"plant\"]",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        let orders = &ok.collections["orders"];
+        assert_eq!(orders.schema["qty"], FieldType::Integer);
+        assert_eq!(orders.required, ["plant"]);
     }
 }

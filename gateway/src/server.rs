@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::api_key::ApiKey;
 use crate::auth::{Authenticator, SecretSource, load_or_create_secret_reporting};
 use crate::config::{Config, redact_url};
+use crate::ingest::checks::DocChecks;
 use crate::ingest::plan::Rules;
 use crate::ingest::{IngestRequest, run_ingest};
 use crate::metrics::Metrics;
@@ -142,6 +143,11 @@ impl Gateway {
                 .iter()
                 .filter(|(_, c)| !c.write_roles.is_empty())
                 .map(|(name, c)| (name.clone(), c.write_roles.clone()))
+                .collect(),
+            checks: config
+                .collections
+                .iter()
+                .filter_map(|(name, c)| Some((name.clone(), DocChecks::from_config(c)?)))
                 .collect(),
         };
         background.spawn(run_ingest(

@@ -109,6 +109,16 @@ error_codes! {
     /// A create beyond the writer's `max_documents_per_user` (the mutation is rejected and
     /// stored, like any rejection): delete documents first, or ask an administrator.
     QuotaExceeded = 409, "quota_exceeded", false;
+    /// The document would lack a field its collection's `required` list names (or hold it as
+    /// nil); the mutation is rejected and stored, like any rejection.
+    MissingField = 410, "missing_field", false;
+    /// A field the mutation writes has another type than its collection's `schema` declares,
+    /// or a reference field holds something other than a string id; rejected and stored.
+    WrongType = 411, "wrong_type", false;
+    /// A reference field the mutation writes names a document its target collection does not
+    /// have (and that no earlier mutation of the batch created); rejected and stored, and the
+    /// mutations after it still apply.
+    DanglingReference = 412, "dangling_reference", false;
     /// The gateway failed internally; the request may be retried.
     InternalError = 500, "internal_error", true;
     /// The connection's outbound buffer overflowed; reconnect and resume by cursor.

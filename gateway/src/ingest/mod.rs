@@ -6,6 +6,8 @@
 //! - this module: the task (the I/O shell).
 //! - `fair`: which queued batches go into the next group — round-robin over clients, so a
 //!   client with many large batches queued delays another by one turn at most (pure).
+//! - [`checks`]: a collection's declared field types, required fields and references, and
+//!   the check of one write against them (pure).
 //! - [`order`]: which batches may join a group, so that a client's later batch never commits
 //!   past an earlier one that failed (a pure decision).
 //! - [`plan`]: what a group does — each mutation's outcome, the rows to write, the committed
@@ -15,6 +17,7 @@
 //! write and commit ([`commit_group`]); only then are the changes published and the jobs
 //! answered.
 
+pub(crate) mod checks;
 mod fair;
 pub(crate) mod order;
 pub(crate) mod plan;
@@ -214,7 +217,7 @@ pub(crate) async fn commit_group(
     if rules.max_documents_per_user > 0 || rules.max_sync_errors_per_user > 0 {
         pre.usage = txn.usage(&plan::users(jobs)).await?;
     }
-    let wanted = plan::wanted(jobs, &pre.lasts);
+    let wanted = plan::wanted(jobs, &pre.lasts, rules);
     pre.docs = txn.documents(&wanted.docs).await?;
     for (client, ids) in &wanted.earlier {
         let outcomes = txn.earlier_outcomes(client, ids).await?;

@@ -35,6 +35,7 @@ use crate::auth::allowed;
 use crate::auth::scope::Access;
 use crate::changes::{Committed, LogEntry};
 use crate::error::GatewayError;
+use crate::ingest::checks::DocChecks;
 use crate::storage::{
     ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc, UsageRow,
 };
@@ -81,6 +82,8 @@ pub(crate) struct Rules {
     /// Rejections stored per user; beyond it a rejection is answered but not stored. 0 = no
     /// limit.
     pub max_sync_errors_per_user: u64,
+    /// Collections that declare a schema, required fields or references: collection -> them.
+    pub checks: HashMap<String, DocChecks>,
 }
 
 /// What the planner reads from the database (the prefetch step).
@@ -141,8 +144,12 @@ pub(crate) fn clients(jobs: &[PushJob]) -> Vec<&str> {
 }
 
 /// What to read, given each client's stored horizon: the documents that mutations above it
-/// touch, and the stored outcomes of mutations at or below it.
-pub(crate) fn wanted<'a>(jobs: &'a [PushJob], lasts: &HashMap<String, u64>) -> Wanted<'a> {
+/// touch or refer to (`references`), and the stored outcomes of mutations at or below it.
+pub(crate) fn wanted<'a>(
+    jobs: &'a [PushJob],
+    lasts: &HashMap<String, u64>,
+    rules: &'a Rules,
+) -> Wanted<'a> {
     let mut docs = Vec::new();
     let mut seen_docs = HashSet::new();
     let mut earlier: Vec<(&str, Vec<u64>)> = Vec::new();
@@ -155,6 +162,15 @@ pub(crate) fn wanted<'a>(jobs: &'a [PushJob], lasts: &HashMap<String, u64>) -> W
                 let key = (m.collection.as_str(), m.id.as_str());
                 if seen_docs.insert(key) {
                     docs.push(key);
+                }
+                if let (Some(checks), Some(written)) =
+                    (rules.checks.get(&m.collection), m.body.as_ref())
+                {
+                    for (_, collection, id) in checks.targets(written) {
+                        if seen_docs.insert((collection, id)) {
+                            docs.push((collection, id));
+                        }
+                    }
                 }
             } else if seen_ids.insert((job.client_id.as_str(), m.mutation_id)) {
                 let i = *index.entry(job.client_id.as_str()).or_insert_with(|| {
@@ -458,6 +474,21 @@ impl<'a> Group<'a> {
             },
             Effect::Rejected(..) => 0,
         };
+        if let Effect::Change { .. } = &effect
+            && let (Some(checks), Some(written)) =
+                (self.rules.checks.get(&m.collection), m.body.as_ref())
+            && let Some((field, target, id)) = checks
+                .targets(written)
+                .find(|(_, target, id)| !self.is_live(target, id))
+        {
+            effect = Effect::Rejected(
+                ErrorCode::DanglingReference,
+                format!(
+                    "{}/{}: field {field:?} refers to {target}/{id}, which does not exist",
+                    m.collection, m.id
+                ),
+            );
+        }
         let quota = self.rules.max_documents_per_user;
         if held > 0 && quota > 0 {
             let user = job.user.as_str();
@@ -539,6 +570,19 @@ impl<'a> Group<'a> {
                 });
                 MutationResult::rejected(m.mutation_id, code, reason)
             }
+        }
+    }
+
+    /// Whether a document exists and is not deleted, as the group has left it so far.
+    fn is_live(&self, collection: &'a str, id: &'a str) -> bool {
+        match self.docs.get(&(collection, id)) {
+            Some(d) => !d.deleted,
+            None => self
+                .pre
+                .docs
+                .get(collection)
+                .and_then(|ids| ids.get(id))
+                .is_some_and(|d| !d.deleted),
         }
     }
 
@@ -678,6 +722,11 @@ fn effect(m: &Mutation, access: &Access, current: Option<&Body>, rules: &Rules) 
             ),
         );
     }
+    if let (Some(checks), Some(b)) = (rules.checks.get(&m.collection), &body)
+        && let Err((code, reason)) = checks.check(b)
+    {
+        return Effect::Rejected(code, format!("{}/{}: {reason}", m.collection, m.id));
+    }
     let encoded = body.as_ref().map(|b| Bytes::from(to_msgpack(b)));
     if let Some(e) = &encoded
         && e.len() > rules.limits.max_document_bytes as usize
@@ -810,6 +859,7 @@ mod tests {
                 .collect(),
             max_documents_per_user: 0,
             max_sync_errors_per_user: 0,
+            checks: HashMap::new(),
         }
     }
 
@@ -939,15 +989,20 @@ mod tests {
     }
 
     impl Db {
-        /// Answers exactly what the planner says it wants, as storage does.
+        /// Answers exactly what the planner says it wants under [`rules`], as storage does.
         fn prefetch(&self, jobs: &[PushJob]) -> Prefetched {
+            self.prefetch_for(jobs, &rules())
+        }
+
+        /// Answers exactly what the planner says it wants under `rules`.
+        fn prefetch_for(&self, jobs: &[PushJob], rules: &Rules) -> Prefetched {
             let lasts: HashMap<String, u64> = self
                 .lasts
                 .iter()
                 .filter(|(c, _)| clients(jobs).contains(c))
                 .map(|(c, l)| ((*c).to_owned(), *l))
                 .collect();
-            let w = wanted(jobs, &lasts);
+            let w = wanted(jobs, &lasts, rules);
             let mut pre = Prefetched {
                 lasts,
                 owners: self
@@ -1508,11 +1563,109 @@ mod tests {
         let lasts: HashMap<String, u64> = [("a".to_owned(), 5)].into_iter().collect();
         assert_eq!(clients(&jobs), vec!["a", "b"]);
         assert_eq!(
-            wanted(&jobs, &lasts),
+            wanted(&jobs, &lasts, &rules()),
             Wanted {
                 docs: vec![("orders", "o1"), ("orders", "o3"), ("orders", "o4")],
                 earlier: vec![("a", vec![3, 5, 4])],
             }
+        );
+    }
+
+    /// References and schema checks: a dangling reference, a missing required field and a
+    /// wrong type are each rejected with their code and stored, and the mutations after them
+    /// still apply; a reference to a document created earlier in the batch, or stored and
+    /// live, is fine; one to a stored but deleted document dangles; a patch that does not
+    /// write the reference is not checked for it. Every referenced id is prefetched.
+    #[test]
+    fn references_and_schema_checks_reject_one_mutation_and_the_rest_apply() {
+        use crate::config::{CollectionConfig, FieldType};
+        let config = CollectionConfig {
+            schema: [("p".to_owned(), FieldType::Integer)].into(),
+            required: vec!["p".into()],
+            references: [("m".to_owned(), "machines".to_owned())].into(),
+            ..CollectionConfig::default()
+        };
+        let rules = Rules {
+            collections: ["orders".to_owned(), "machines".to_owned()]
+                .into_iter()
+                .collect(),
+            checks: [(
+                "orders".to_owned(),
+                DocChecks::from_config(&config).unwrap(),
+            )]
+            .into(),
+            ..rules()
+        };
+        let order = |mid: u64, id: &str, machine: Option<&str>, p: Option<Value>| {
+            let mut b = Body::new();
+            if let Some(p) = p {
+                b.insert("p".into(), p);
+            }
+            if let Some(machine) = machine {
+                b.insert("m".into(), Value::from(machine));
+            }
+            m(mid, "orders", id, MutationOp::Put, Some(b))
+        };
+        let jobs = vec![job(
+            "a",
+            1,
+            vec![
+                order(1, "o1", Some("M1"), Some(Value::from(1))),
+                m(2, "machines", "M1", MutationOp::Put, Some(Body::new())),
+                order(3, "o2", Some("M1"), Some(Value::from(1))),
+                order(4, "o3", Some("M1"), None),
+                order(5, "o4", None, Some(Value::from("x"))),
+                patch(6, "o2", &[("q", 2)]),
+                order(7, "o5", Some("M9"), Some(Value::from(1))),
+                order(8, "o6", Some("MD"), Some(Value::from(1))),
+            ],
+        )];
+        let db = Db {
+            docs: vec![("M9", stored(3, Some(&[]))), ("MD", stored(4, None))],
+            ..Db::default()
+        };
+        let lasts = HashMap::new();
+        let w = wanted(&jobs, &lasts, &rules);
+        for key in [("machines", "M1"), ("machines", "M9"), ("machines", "MD")] {
+            assert!(
+                w.docs.contains(&key),
+                "{key:?} not prefetched: {:?}",
+                w.docs
+            );
+        }
+        let pre = db.prefetch_for(&jobs, &rules);
+        let plan = plan(&jobs, 10, &pre, &rules);
+        let results: Vec<String> = plan.outcomes[0]
+            .as_ref()
+            .unwrap()
+            .results
+            .iter()
+            .map(show)
+            .collect();
+        assert_eq!(
+            results,
+            [
+                "1:rejected 412",
+                "2:applied@11",
+                "3:applied@12",
+                "4:rejected 410",
+                "5:rejected 411",
+                "6:applied@13",
+                "7:applied@14",
+                "8:rejected 412",
+            ]
+        );
+        let stored: Vec<(u64, u16)> = plan
+            .rows
+            .rejections
+            .iter()
+            .map(|r| (r.mutation_id, r.code.code()))
+            .collect();
+        assert_eq!(stored, [(1, 412), (4, 410), (5, 411), (8, 412)]);
+        let reason = &plan.rows.rejections[0].reason;
+        assert!(
+            reason.contains("\"m\"") && reason.contains("machines/M1"),
+            "{reason}"
         );
     }
 }

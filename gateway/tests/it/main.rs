@@ -42,11 +42,13 @@ macro_rules! on_both_backends {
 }
 
 mod api_keys;
+mod checks;
 mod fuzz;
 mod pacing;
 mod scopes;
 mod tokens;
 use api_keys::api_keys_grant_roles_and_claims_until_revoked;
+use checks::references_and_schema_checks_reject_and_the_rest_apply;
 use scopes::a_plant_scoped_terminal_sees_and_writes_only_its_plant;
 
 on_both_backends!(
@@ -69,6 +71,7 @@ on_both_backends!(
     concurrent_new_client_ids_are_claimed_once_each,
     a_user_holds_at_most_max_documents,
     rejections_beyond_the_quota_are_answered_not_stored,
+    references_and_schema_checks_reject_and_the_rest_apply,
 );
 
 const WRITERS: u64 = 4;

@@ -1,0 +1,81 @@
+//! References and schema checks over real connections: each violation is rejected with its
+//! code and stored as a sync error, the mutations after it apply, and a replay of the batch
+//! gets the same answers without applying anything twice.
+
+use super::*;
+
+pub async fn references_and_schema_checks_reject_and_the_rest_apply(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut config = db.config();
+    // The default config already declares `work_orders.machine` a reference to `machines`.
+    let orders = config.collections.get_mut("work_orders").unwrap();
+    assert_eq!(orders.references["machine"], "machines");
+    orders.required = vec!["plant".into()];
+    orders
+        .schema
+        .insert("qty".into(), syncgate_gateway::config::FieldType::Integer);
+    let gw = Gateway::start(config).await.unwrap();
+    let order =
+        |mid: u64, id: &str, fields: &[(&str, Value)]| put(mid, "work_orders", id, body(fields));
+    let batch = vec![
+        // The machine does not exist yet: dangling.
+        order(
+            1,
+            "wo-1",
+            &[("plant", Value::from("A")), ("machine", Value::from("M1"))],
+        ),
+        put(2, "machines", "M1", body(&[("name", Value::from("press"))])),
+        // Created earlier in the batch: fine.
+        order(
+            3,
+            "wo-2",
+            &[("plant", Value::from("A")), ("machine", Value::from("M1"))],
+        ),
+        order(4, "wo-3", &[("machine", Value::from("M1"))]),
+        order(
+            5,
+            "wo-4",
+            &[("plant", Value::from("A")), ("qty", Value::from("five"))],
+        ),
+        patch(6, "work_orders", "wo-2", body(&[("qty", Value::from(5))])),
+    ];
+    let mut acks = Vec::new();
+    for _ in 0..2 {
+        let (mut c, _) = connect(&gw, "terminal-checks").await;
+        acks.push(push(&mut c, 1, batch.clone()).await);
+        c.close().await;
+    }
+    assert_eq!(acks[0], acks[1], "a replay gets the stored answers");
+    let codes: Vec<Option<u16>> = acks[0].results.iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        [
+            Some(ErrorCode::DanglingReference.code()),
+            None,
+            None,
+            Some(ErrorCode::MissingField.code()),
+            Some(ErrorCode::WrongType.code()),
+            None,
+        ]
+    );
+    let dangling = acks[0].results[0].reason.as_deref().unwrap();
+    assert!(
+        dangling.contains("\"machine\"") && dangling.contains("machines/M1"),
+        "{dangling}"
+    );
+    assert_eq!(
+        gw.store.head().await.unwrap(),
+        3,
+        "M1, wo-2 and its patch, once each"
+    );
+    assert_eq!(
+        gw.store.sync_error_count("terminal-checks").await.unwrap(),
+        3,
+        "each rejection is stored"
+    );
+    let docs = server_docs(&gw, "work_orders").await;
+    assert_eq!(docs.keys().collect::<Vec<_>>(), ["wo-2"]);
+    assert_eq!(docs["wo-2"].0["qty"], Value::from(5));
+    gw.shutdown().await;
+    db.cleanup().await;
+}
