@@ -52,6 +52,7 @@ pub mod store;
 pub use backoff::Backoff;
 pub use conn::{ConnError, Connection};
 pub use sdk::{
-    Client, ClientBuilder, ClientError, ConnectionState, Event, Status, SyncReport, TokenProvider,
+    Client, ClientBuilder, ClientError, ConnectionState, Event, Fetched, Status, SyncReport,
+    TokenProvider,
 };
 pub use store::{EncryptionKey, LocalDoc, OutboxEntry, OutboxState, Rejection};

@@ -145,6 +145,19 @@ enum Command {
         /// The document id.
         id: String,
     },
+    /// Read documents from the gateway by id, once, and keep them in the local replica (the
+    /// way to read a collection whose mode is `never`); prints each as a JSON line. Exit 1 if
+    /// some id was not found (never written, deleted, or outside your scope).
+    Fetch {
+        /// The collection.
+        collection: String,
+        /// The document ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Give up after this long.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        timeout: Duration,
+    },
     /// Print the documents of a collection from the local replica, optionally filtered.
     Query {
         /// The collection.
@@ -415,6 +428,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Command::Fetch {
+            collection,
+            ids,
+            timeout,
+        } => {
+            need_token(common)?;
+            let client = builder(common)?.open_local().await?;
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let fetched = client.fetch(&collection, &ids, timeout).await;
+            client.close().await;
+            let fetched = fetched?;
+            for d in &fetched.docs {
+                println!(
+                    "{}",
+                    serde_json::json!({"collection": collection, "id": d.id,
+                        "version": d.version, "body": body_to_json(&d.body)})
+                );
+            }
+            for id in &fetched.missing {
+                eprintln!("{collection}/{id}: not on the server (or outside your scope)");
+            }
+            Ok(if fetched.missing.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Query {
             collection,

@@ -450,33 +450,16 @@ impl ClientBuilder {
 
     /// Opens the local store and starts the background task.
     pub async fn open(self) -> Result<Client, ClientError> {
-        let token = self.token.clone().ok_or_else(|| {
+        let settings = self.settings()?.ok_or_else(|| {
             ClientError::Config("no token or token provider: the gateway needs one".into())
         })?;
-        let tls = match &self.tls_ca_file {
-            Some(path) => Some(Arc::new(
-                syncgate_protocol::tls::client_config(Some(path))
-                    .map_err(|e| ClientError::Config(format!("TLS CA file: {e}")))?,
-            )),
-            None => None,
-        };
         let store = self.open_store().await?;
-        let settings = Settings {
-            url: self.url.clone(),
-            tls,
-            token,
-            heartbeat: self.heartbeat,
-            dead_after: self.dead_after.unwrap_or(self.heartbeat * 3),
-            connect_timeout: self.connect_timeout,
-            backoff: self.backoff,
-            batch_size: self.batch_size,
-        };
         let shared = shared(store, self.events.clone());
         let (sync_tx, sync_rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(crate::session::run(
             shared.clone(),
-            settings,
+            settings.clone(),
             sync_rx,
             cancel.clone(),
         ));
@@ -485,19 +468,47 @@ impl ClientBuilder {
             sync_tx: Some(sync_tx),
             task: Some(task),
             cancel: Some(cancel.clone().drop_guard()),
+            settings: Some(settings),
         })
     }
 
     /// Opens the local store only: reads, writes to the outbox and status work; nothing is
-    /// sent. For command-line tools that inspect or queue without connecting.
+    /// sent in the background. For command-line tools that inspect or queue without
+    /// connecting ([`Client::fetch`] still works when a token was given).
     pub async fn open_local(self) -> Result<Client, ClientError> {
+        let settings = self.settings()?;
         let store = self.open_store().await?;
         Ok(Client {
             shared: shared(store, self.events.clone()),
             sync_tx: None,
             task: None,
             cancel: None,
+            settings,
         })
+    }
+
+    /// How to reach the gateway; `None` without a token.
+    fn settings(&self) -> Result<Option<Settings>, ClientError> {
+        let Some(token) = self.token.clone() else {
+            return Ok(None);
+        };
+        let tls = match &self.tls_ca_file {
+            Some(path) => Some(Arc::new(
+                syncgate_protocol::tls::client_config(Some(path))
+                    .map_err(|e| ClientError::Config(format!("TLS CA file: {e}")))?,
+            )),
+            None => None,
+        };
+        Ok(Some(Settings {
+            url: self.url.clone(),
+            tls,
+            token,
+            heartbeat: self.heartbeat,
+            dead_after: self.dead_after.unwrap_or(self.heartbeat * 3),
+            connect_timeout: self.connect_timeout,
+            backoff: self.backoff,
+            batch_size: self.batch_size,
+        }))
     }
 }
 
@@ -508,6 +519,66 @@ fn shared(store: LocalStore, events: broadcast::Sender<Event>) -> Arc<Shared> {
         state: watch::channel(ConnectionState::Connecting { attempt: 0 }).0,
         wake: Notify::new(),
     })
+}
+
+/// Why one fetch did not get its answer.
+enum FetchError {
+    /// No connection, or it broke: nothing to blame the request for.
+    Offline(String),
+    /// The server refused the request (or the session) with this error.
+    Refused(syncgate_protocol::ErrorFrame),
+}
+
+/// One connection, one `fetch`, every `fetched` frame until `done`.
+async fn fetch_once(
+    settings: &Settings,
+    client: &Client,
+    collection: &str,
+    ids: &[&str],
+) -> Result<Fetched, FetchError> {
+    use syncgate_protocol::Frame;
+    let token = (settings.token)()
+        .await
+        .map_err(|e| FetchError::Offline(format!("token provider: {e}")))?;
+    let (mut conn, _) = crate::conn::Connection::connect_tls(
+        &settings.url,
+        settings.tls.clone(),
+        client.client_id(),
+        &token,
+    )
+    .await
+    .map_err(|e| match e {
+        crate::conn::ConnError::Server(e) => FetchError::Refused(e),
+        other => FetchError::Offline(other.to_string()),
+    })?;
+    let request = syncgate_protocol::Fetch {
+        req: 1,
+        collection: collection.to_owned(),
+        ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+    };
+    conn.send(&Frame::Fetch(request))
+        .await
+        .map_err(|e| FetchError::Offline(e.to_string()))?;
+    let mut out = Fetched {
+        docs: Vec::new(),
+        missing: Vec::new(),
+    };
+    loop {
+        // The caller's timeout bounds the whole fetch.
+        match conn.recv_timeout(Duration::from_secs(3600)).await {
+            Ok(Frame::Fetched(f)) => {
+                out.docs.extend(f.docs);
+                out.missing.extend(f.missing);
+                if f.done {
+                    conn.close().await;
+                    return Ok(out);
+                }
+            }
+            Ok(Frame::Error(e)) => return Err(FetchError::Refused(e)),
+            Ok(_) => {}
+            Err(e) => return Err(FetchError::Offline(e.to_string())),
+        }
+    }
 }
 
 fn invalid(code: ErrorCode, message: impl Into<String>) -> ClientError {
@@ -523,6 +594,17 @@ pub struct Client {
     sync_tx: Option<mpsc::Sender<SyncRequest>>,
     task: Option<JoinHandle<()>>,
     cancel: Option<DropGuard>,
+    /// How to reach the gateway (`None`: opened with `open_local`).
+    settings: Option<Settings>,
+}
+
+/// What [`Client::fetch`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fetched {
+    /// The documents that exist and that this user may see, now in the local replica.
+    pub docs: Vec<syncgate_protocol::Doc>,
+    /// Ids the server does not have (never written, deleted, or outside the user's scope).
+    pub missing: Vec<String>,
 }
 
 impl Client {
@@ -719,6 +801,49 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// Reads documents by id from the gateway, once, and keeps them in the local replica (so
+    /// [`get`](Self::get) finds them offline afterwards; local edits not yet acknowledged stay
+    /// on top). The way to read a collection whose mode is `never`, and a selective read of
+    /// any collection this user may read. Uses a connection of its own, so it does not wait
+    /// for the background sync. Fails with [`ClientError::Offline`] when the gateway cannot be
+    /// reached or does not answer within `timeout`, and with [`ClientError::Invalid`]
+    /// carrying the server's code when the fetch is refused (`not_downloadable`,
+    /// `read_forbidden`, `invalid_fetch` ...).
+    pub async fn fetch(
+        &self,
+        collection: &str,
+        ids: &[&str],
+        timeout: Duration,
+    ) -> Result<Fetched, ClientError> {
+        let settings = self.settings.as_ref().ok_or(ClientError::NotSyncing)?;
+        let offline = |reason: String| async {
+            Err(ClientError::Offline {
+                reason,
+                pending: self.shared.store.pending_count().await?,
+            })
+        };
+        let answer = tokio::time::timeout(timeout, fetch_once(settings, self, collection, ids));
+        let fetched = match answer.await {
+            Err(_) => return offline(format!("no answer within {timeout:?}")).await,
+            Ok(Err(FetchError::Offline(reason))) => return offline(reason).await,
+            Ok(Err(FetchError::Refused(e))) => {
+                return Err(match ErrorCode::from_code(e.code) {
+                    Some(code) => invalid(code, e.message),
+                    None => ClientError::Refused {
+                        code: Some(e.code),
+                        reason: e.message,
+                    },
+                });
+            }
+            Ok(Ok(f)) => f,
+        };
+        self.shared
+            .store
+            .apply_snapshot(collection, &fetched.docs)
+            .await?;
+        Ok(fetched)
     }
 
     /// Stops the background task, waits for it, and closes the store (releasing the data

@@ -225,6 +225,10 @@ impl Default for AuthConfig {
 pub struct CollectionConfig {
     /// Conflict policy. Only `lww` (server-order last-write-wins) exists so far.
     pub policy: ConflictPolicy,
+    /// What clients download: `all` (subscriptions and `fetch`), `upload_only` (clients
+    /// write, never read: subscribing and fetching get `not_downloadable`, 306) or `never`
+    /// (not part of automatic sync: subscribing gets 306, clients `fetch` the ids they need).
+    pub mode: SyncMode,
     /// Roles (from the token claim `auth.roles_claim`) that may subscribe; empty = any user.
     pub read_roles: Vec<String>,
     /// Roles that may write; empty = any user.
@@ -247,6 +251,31 @@ pub struct CollectionConfig {
     /// earlier in the same batch) is rejected with `dangling_reference` (412); a value that is
     /// not a string id gets `wrong_type`. Deleting a referenced document is not checked.
     pub references: BTreeMap<String, String>,
+}
+
+/// What clients download from a collection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Subscriptions and `fetch`.
+    #[default]
+    All,
+    /// Clients write, never read (for example feedback forms).
+    UploadOnly,
+    /// No subscriptions; clients `fetch` explicit ids.
+    Never,
+}
+
+impl SyncMode {
+    /// Whether a client may subscribe.
+    pub fn subscribable(self) -> bool {
+        self == SyncMode::All
+    }
+
+    /// Whether a client may `fetch`.
+    pub fn fetchable(self) -> bool {
+        self != SyncMode::UploadOnly
+    }
 }
 
 /// The type a collection's `schema` declares for a field.
@@ -290,6 +319,10 @@ impl Default for Config {
         // The sample's work orders name the machine they run on.
         if let Some(w) = collections.get_mut("work_orders") {
             w.references.insert("machine".into(), "machines".into());
+        }
+        // Feedback forms go up and never come back down.
+        if let Some(f) = collections.get_mut("feedback") {
+            f.mode = SyncMode::UploadOnly;
         }
         Config {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),

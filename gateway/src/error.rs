@@ -21,6 +21,8 @@ pub(crate) enum Step {
     Subscription,
     /// A group commit: only the batch fails; the client pushes it again, with every later one.
     Push,
+    /// Reading the documents of a `fetch`: only that request fails; the client asks again.
+    Fetch,
 }
 
 /// Everything the gateway refuses or fails with, as a client sees it.
@@ -110,6 +112,20 @@ pub(crate) enum GatewayError {
     /// A subscription filter that is not valid.
     #[error("{0}")]
     InvalidFilter(String),
+    /// The collection's mode sends nothing down (subscribe: `upload_only` and `never`;
+    /// fetch: `upload_only`).
+    #[error("collection {collection:?} is {mode}: {what}")]
+    NotDownloadable {
+        /// The collection.
+        collection: String,
+        /// Its mode, as configured.
+        mode: &'static str,
+        /// What the client may do instead.
+        what: &'static str,
+    },
+    /// A `fetch` that names no ids, too many, or an invalid one.
+    #[error("{0}")]
+    InvalidFetch(String),
     /// A batch with more mutations than `max_mutations_per_batch`.
     #[error("at most {limit} mutations per batch")]
     BatchTooLarge {
@@ -172,6 +188,7 @@ fn storage_message(step: Step) -> &'static str {
         Step::Push => {
             "the batch was not committed; push it again (with every later batch, in order)"
         }
+        Step::Fetch => "database unavailable; fetch again",
     }
 }
 
@@ -199,6 +216,8 @@ impl GatewayError {
             GatewayError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
             GatewayError::UnknownCollection(_) => ErrorCode::UnknownCollection,
             GatewayError::InvalidFilter(_) => ErrorCode::InvalidFilter,
+            GatewayError::NotDownloadable { .. } => ErrorCode::NotDownloadable,
+            GatewayError::InvalidFetch(_) => ErrorCode::InvalidFetch,
             GatewayError::ReadForbidden(_) | GatewayError::ScopeClaimMissing { .. } => {
                 ErrorCode::ReadForbidden
             }
@@ -251,6 +270,8 @@ pub(crate) enum About {
     Subscription(u32),
     /// One push batch.
     Batch(u64),
+    /// One `fetch` request.
+    Fetch(u32),
 }
 
 /// Whether and how the connection ends after the error frame.
@@ -308,6 +329,12 @@ impl ErrorReply {
         self
     }
 
+    /// About one `fetch` request.
+    pub(crate) fn req(mut self, req: u32) -> ErrorReply {
+        self.about = About::Fetch(req);
+        self
+    }
+
     /// Whether the connection ends.
     pub(crate) fn is_fatal(&self) -> bool {
         self.ending != Ending::Continue
@@ -320,6 +347,7 @@ impl ErrorReply {
             About::Connection => {}
             About::Subscription(s) => e.sub = Some(s),
             About::Batch(b) => e.batch = Some(b),
+            About::Fetch(r) => e.req = Some(r),
         }
         e
     }
@@ -381,6 +409,7 @@ mod tests {
             (Step::Handshake, Ending::AfterFlush),
             (Step::Subscription, Ending::DropQueued),
             (Step::Push, Ending::Continue),
+            (Step::Fetch, Ending::Continue),
         ];
         for (step, ending) in cases {
             let e = GatewayError::Storage(step);

@@ -84,6 +84,11 @@ error_codes! {
     TooManySubscriptions = 304, "too_many_subscriptions", false;
     /// The user's roles do not include one that may read the collection.
     ReadForbidden = 305, "read_forbidden", false;
+    /// The collection's `mode` does not send documents down: `upload_only` (no subscription,
+    /// no fetch) or `never` (no subscription; `fetch` its documents by id).
+    NotDownloadable = 306, "not_downloadable", false;
+    /// A `fetch` names no ids, more than `max_mutations_per_batch`, or an invalid id.
+    InvalidFetch = 307, "invalid_fetch", false;
     /// The mutation is not well formed (a put or patch without a body, a delete with one ...).
     InvalidMutation = 400, "invalid_mutation", false;
     /// The batch holds more than `max_mutations_per_batch` mutations.

@@ -71,6 +71,10 @@ pub struct Welcome {
     /// The client should send a frame (a `Ping` if idle) at least this often; the server closes
     /// connections silent for three intervals.
     pub heartbeat_ms: u32,
+    /// Collections whose mode is `upload_only`: written by clients, never sent down. A client
+    /// forgets its copy of such a document once the write is acknowledged. Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upload_only: Vec<String>,
 }
 
 /// Client → server: start receiving a collection (optionally filtered).
@@ -105,6 +109,33 @@ pub struct Doc {
     pub body: Body,
     /// The `seq` of the change that last wrote the document.
     pub version: u64,
+}
+
+/// Client → server: read documents by id, once (no subscription). The way into a collection
+/// whose `mode` is `never`, and a selective read of any collection the user may read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fetch {
+    /// Client-chosen id of the request; the answers carry it.
+    pub req: u32,
+    /// The collection to read.
+    pub collection: String,
+    /// The document ids (at most `max_mutations_per_batch`).
+    pub ids: Vec<String>,
+}
+
+/// Server → client: part of the answer to a `fetch`, in one or more frames; the last has
+/// `done`. Every requested id is in exactly one frame's `docs` or `missing`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fetched {
+    /// The request answered.
+    pub req: u32,
+    /// Documents that exist (live) and that the user may see.
+    pub docs: Vec<Doc>,
+    /// Ids with no such document: never written, deleted, or outside the user's scope (the
+    /// three are not told apart).
+    pub missing: Vec<String>,
+    /// Whether this is the answer's last frame.
+    pub done: bool,
 }
 
 /// Server → client: one chunk of a subscription's initial snapshot.
@@ -303,6 +334,9 @@ pub struct ErrorFrame {
     /// The push batch concerned, if any.
     #[serde(default)]
     pub batch: Option<u64>,
+    /// The `fetch` request concerned, if any (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<u32>,
 }
 
 impl ErrorFrame {
@@ -315,6 +349,7 @@ impl ErrorFrame {
             fatal,
             sub: None,
             batch: None,
+            req: None,
         }
     }
 }
@@ -393,4 +428,6 @@ frames! {
     Error(ErrorFrame) = "error",
     Resync(Resync) = "resync",
     GoAway(GoAway) = "goaway",
+    Fetch(Fetch) = "fetch",
+    Fetched(Fetched) = "fetched",
 }

@@ -140,6 +140,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                         last_applied_mutation,
                         limits,
                         heartbeat_ms,
+                        upload_only: Vec::new(),
                     })
                 }
             ),

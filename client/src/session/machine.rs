@@ -515,6 +515,7 @@ mod tests {
             last_applied_mutation: 0,
             limits: ServerLimits::default(),
             heartbeat_ms: 15_000,
+            upload_only: Vec::new(),
         }
     }
 

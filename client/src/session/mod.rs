@@ -290,6 +290,10 @@ impl Shell<'_> {
                 &welcome.limits.max_document_bytes.to_string(),
             )
             .await?;
+        // Acknowledged writes to these collections are forgotten locally (`on_ack`).
+        store
+            .set_meta("upload_only", &welcome.upload_only.join("\n"))
+            .await?;
         self.shared.set_state(ConnectionState::Connected {
             session: welcome.session.clone(),
         });

@@ -104,17 +104,22 @@ pub(crate) enum AckAction {
     /// Applied at `version` to a collection the replica does not follow: record the write as
     /// the document's server state ([`own_write`]) and drop the entry.
     AckedUnfollowed { version: u64 },
+    /// Applied at `version` to an `upload_only` collection: nothing of it ever comes back, so
+    /// the local copy is forgotten with the entry.
+    AckedUploadOnly { version: u64 },
     /// Refused: move the entry to the rejected table with the code and reason.
     Rejected { code: u16, reason: String },
 }
 
 /// Decides [`AckAction`] for a result whose mutation is in a collection that is (`followed`)
-/// or is not subscribed.
-pub(crate) fn ack_action(r: &MutationResult, followed: bool) -> AckAction {
+/// or is not subscribed, and is or is not `upload_only`.
+pub(crate) fn ack_action(r: &MutationResult, followed: bool, upload_only: bool) -> AckAction {
     match r.status {
         MutationStatus::Applied => {
             let version = r.version.unwrap_or(0);
-            if followed {
+            if upload_only {
+                AckAction::AckedUploadOnly { version }
+            } else if followed {
                 AckAction::Acked { version }
             } else {
                 AckAction::AckedUnfollowed { version }
@@ -338,14 +343,21 @@ mod tests {
     #[test]
     fn acks_keep_drop_or_reject() {
         let applied = MutationResult::applied(3, 8);
-        assert_eq!(ack_action(&applied, true), AckAction::Acked { version: 8 });
         assert_eq!(
-            ack_action(&applied, false),
+            ack_action(&applied, true, false),
+            AckAction::Acked { version: 8 }
+        );
+        assert_eq!(
+            ack_action(&applied, false, true),
+            AckAction::AckedUploadOnly { version: 8 }
+        );
+        assert_eq!(
+            ack_action(&applied, false, false),
             AckAction::AckedUnfollowed { version: 8 }
         );
         let rejected = MutationResult::rejected(3, ErrorCode::DocumentTooLarge, "big");
         assert_eq!(
-            ack_action(&rejected, true),
+            ack_action(&rejected, true, true),
             AckAction::Rejected {
                 code: 402,
                 reason: "big".into()

@@ -195,6 +195,14 @@ impl LocalStore {
     /// when the replica already holds their version or does not follow their collection),
     /// rejected ones move to the `rejected` table; the documents are rebased.
     pub async fn on_ack(&self, results: &[MutationResult]) -> Result<AckOutcome, StoreError> {
+        // Collections the gateway sends nothing of (its `welcome.upload_only`).
+        let upload_only: std::collections::HashSet<String> = self
+            .meta("upload_only")
+            .await?
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
         let txn = self.db.begin().await?;
         let mut out = AckOutcome::default();
         let followed: std::collections::HashSet<String> = txn
@@ -217,7 +225,12 @@ impl LocalStore {
             let raw: Vec<u8> = row.try_get("", "mutation")?;
             let m: Mutation = unseal(&self.sealer, Kind::Mutation, &raw)?;
             let id = (r.mutation_id as i64).into();
-            match model::ack_action(r, followed.contains(&m.collection)) {
+            let decision = model::ack_action(
+                r,
+                followed.contains(&m.collection),
+                upload_only.contains(&m.collection),
+            );
+            match decision {
                 AckAction::Acked { version } => {
                     txn.execute_raw(st(
                         "UPDATE sgc_outbox SET acked_version = ? WHERE mutation_id = ?",
@@ -232,6 +245,18 @@ impl LocalStore {
                     // order) becomes the replica's server state, so it can read back what it
                     // wrote without following the collection.
                     keep_own_write(&txn, &self.sealer, &m, version).await?;
+                    txn.execute_raw(st("DELETE FROM sgc_outbox WHERE mutation_id = ?", [id]))
+                        .await?;
+                    out.applied.push((r.mutation_id, version));
+                }
+                AckAction::AckedUploadOnly { version } => {
+                    // Nothing of it ever comes back: forget the local copy with the entry
+                    // (later edits of the same document still pending stay on their own).
+                    txn.execute_raw(st(
+                        "DELETE FROM sgc_docs WHERE collection = ? AND doc_id = ?",
+                        [m.collection.as_str().into(), m.id.as_str().into()],
+                    ))
+                    .await?;
                     txn.execute_raw(st("DELETE FROM sgc_outbox WHERE mutation_id = ?", [id]))
                         .await?;
                     out.applied.push((r.mutation_id, version));

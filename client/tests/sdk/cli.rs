@@ -353,3 +353,51 @@ async fn a_key_file_encrypts_the_data_directory() {
         assert!(!bytes.windows(10).any(|w| w == b"CLI-SECRET"));
     }
 }
+
+/// `fetch` reads named documents from the gateway into another data directory (exit 1 when
+/// one is missing), `get` then finds them offline, and an upload-only collection is refused
+/// with its code (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_reads_documents_by_id_as_a_person_would() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(gw_dir.path()).await;
+    let url = format!("ws://{}", gw.ws_addr);
+    let tok = token();
+    let writer = tempfile::tempdir().unwrap();
+    let out = run(
+        writer.path(),
+        &url,
+        Some(&tok),
+        &["put", "machines", "m-1", r#"{"state": "idle"}"#],
+        b"",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let reader = tempfile::tempdir().unwrap();
+    let args = ["fetch", "machines", "m-1", "m-404"];
+    let out = run(reader.path(), &url, Some(&tok), &args, b"").await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(
+        (doc["id"].as_str(), doc["version"].as_u64()),
+        (Some("m-1"), Some(1))
+    );
+    assert!(
+        stderr(&out).contains("machines/m-404: not on the server"),
+        "{out:?}"
+    );
+    let out = run(
+        reader.path(),
+        &url,
+        Some(&tok),
+        &["fetch", "feedback", "f-1"],
+        b"",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("not_downloadable"), "{out:?}");
+    gw.shutdown().await;
+    let out = run(reader.path(), &url, None, &["get", "machines", "m-1"], b"").await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout(&out).contains("idle"), "{out:?}");
+}

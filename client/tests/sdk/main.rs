@@ -10,6 +10,7 @@
 
 mod cli;
 mod encrypted;
+mod fetch;
 mod proxy;
 mod tls;
 

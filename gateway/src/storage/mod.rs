@@ -17,6 +17,7 @@ pub(crate) mod claims;
 mod group_write;
 mod schema;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -550,6 +551,39 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// The stored state of the documents among `ids` that exist in `collection` (deleted
+    /// ones too): id -> state. One statement.
+    pub async fn documents_by_id(
+        &self,
+        collection: &str,
+        ids: &[&str],
+    ) -> Result<HashMap<String, StoredDoc>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let select = Query::select()
+            .columns(["doc_id", "body", "version", "deleted"])
+            .from("sg_documents")
+            .and_where(Expr::col("collection").eq(collection))
+            .and_where(Expr::col("doc_id").is_in(ids.iter().copied()))
+            .to_owned();
+        let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
+        rows.into_iter()
+            .map(|r| {
+                let raw: Option<Vec<u8>> = r.try_get("", "body")?;
+                Ok((
+                    r.try_get::<String>("", "doc_id")?,
+                    StoredDoc {
+                        body: decode_body(raw.as_deref())?,
+                        encoded: raw.map(bytes::Bytes::from),
+                        version: r.try_get::<i64>("", "version")? as u64,
+                        deleted: r.try_get::<i64>("", "deleted")? != 0,
+                    },
+                ))
+            })
+            .collect()
     }
 
     /// Counts stored sync errors (rejected mutations) of a client.

@@ -19,7 +19,7 @@ use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::tls::Transport;
 use syncgate_protocol::{
-    Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome, negotiate_version,
+    Fetch, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome, negotiate_version,
 };
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::auth::scope::Access;
 use crate::auth::{AuthError, allowed};
+use crate::config::SyncMode;
 use crate::error::{ErrorReply, GatewayError, Step};
 use crate::ingest::IngestRequest;
 use crate::ingest::plan::{PushJob, PushOutcome};
@@ -233,6 +234,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
             Instant::now(),
         ),
         pace: Pacing::new(&shared.config, Instant::now()),
+        fetches: Vec::new(),
     };
     let reason = conn.run(&mut stream).await;
     conn.teardown();
@@ -276,6 +278,26 @@ struct Connection {
     rate: Bucket,
     /// What pushes and subscription starts may cost per second.
     pace: Pacing,
+    /// Answers to `fetch` being sent.
+    fetches: Vec<tokio::task::AbortHandle>,
+}
+
+/// `fetch` requests one connection may have answered at once.
+const MAX_FETCHES_IN_FLIGHT: usize = 8;
+
+/// The refusal for a collection whose mode sends nothing down (the way of this request).
+fn not_downloadable(collection: &str, mode: SyncMode) -> GatewayError {
+    let (mode, what) = match mode {
+        SyncMode::Never => ("mode \"never\"", "fetch its documents by id"),
+        SyncMode::UploadOnly | SyncMode::All => {
+            ("mode \"upload_only\"", "clients write it and never read it")
+        }
+    };
+    GatewayError::NotDownloadable {
+        collection: collection.to_owned(),
+        mode,
+        what,
+    }
 }
 
 /// A connection's pushes (mutations and bytes) and subscription starts per second, and the
@@ -429,6 +451,9 @@ impl Connection {
     }
 
     fn teardown(&mut self) {
+        for t in self.fetches.drain(..) {
+            t.abort();
+        }
         for (_, s) in self.subs.drain() {
             s.task.abort();
             self.shared.hub.unregister(&s.entry);
@@ -492,6 +517,7 @@ impl Connection {
                 None => self.reply(ErrorReply::from(GatewayError::UnknownSubscription).sub(u.sub)),
             },
             Frame::Push(p) => return self.push(p, bytes.len()).await,
+            Frame::Fetch(f) => self.fetch(f),
             Frame::Ping(p) => {
                 // `published()` is raised only after every live subscriber's frames up to it
                 // were queued, and this pong goes into the same FIFO queue after them.
@@ -609,6 +635,14 @@ impl Connection {
             last_applied_mutation,
             limits: self.shared.config.limits,
             heartbeat_ms: self.shared.config.heartbeat_ms,
+            upload_only: self
+                .shared
+                .config
+                .collections
+                .iter()
+                .filter(|(_, c)| c.mode == SyncMode::UploadOnly)
+                .map(|(name, _)| name.clone())
+                .collect(),
         }));
         self.session = Some(Session {
             client_id: h.client_id,
@@ -664,19 +698,7 @@ impl Connection {
         } else if self.subs.len() >= self.shared.config.limits.max_subscriptions as usize {
             Some(GatewayError::TooManySubscriptions)
         } else {
-            match self.shared.config.collections.get(&s.collection) {
-                None => Some(GatewayError::UnknownCollection(s.collection.clone())),
-                Some(c) if !allowed(&c.read_roles, &access.roles) => {
-                    Some(GatewayError::ReadForbidden(s.collection.clone()))
-                }
-                Some(_) => scope.as_ref().and_then(|sc| {
-                    sc.missing_claim()
-                        .map(|claim| GatewayError::ScopeClaimMissing {
-                            collection: s.collection.clone(),
-                            claim: claim.to_owned(),
-                        })
-                }),
-            }
+            self.read_refusal(&s.collection, &access, SyncMode::subscribable)
         };
         if let Some(e) = refusal {
             self.reply(ErrorReply::from(e).sub(s.sub));
@@ -710,6 +732,87 @@ impl Connection {
         ))
         .abort_handle();
         self.subs.insert(s.sub, ActiveSub { entry, task });
+    }
+
+    /// Why `access` may not read `collection` this way (`mode_allows`: subscribe or fetch),
+    /// if it may not: undeclared, no read role, the collection's mode, a scope claim missing.
+    fn read_refusal(
+        &self,
+        collection: &str,
+        access: &Access,
+        mode_allows: fn(SyncMode) -> bool,
+    ) -> Option<GatewayError> {
+        match self.shared.config.collections.get(collection) {
+            None => Some(GatewayError::UnknownCollection(collection.to_owned())),
+            Some(c) if !allowed(&c.read_roles, &access.roles) => {
+                Some(GatewayError::ReadForbidden(collection.to_owned()))
+            }
+            Some(c) if !mode_allows(c.mode) => Some(not_downloadable(collection, c.mode)),
+            Some(_) => access.scope(collection).and_then(|sc| {
+                sc.missing_claim()
+                    .map(|claim| GatewayError::ScopeClaimMissing {
+                        collection: collection.to_owned(),
+                        claim: claim.to_owned(),
+                    })
+            }),
+        }
+    }
+
+    /// Checks a `fetch` and starts its answer (`ws::fetch`) beside the reader loop.
+    fn fetch(&mut self, f: Fetch) {
+        let Some(access) = self.session.as_ref().map(|u| u.access.clone()) else {
+            return;
+        };
+        self.fetches.retain(|t| !t.is_finished());
+        let limits = &self.shared.config.limits;
+        let max_ids = limits.max_mutations_per_batch as usize;
+        let scope = access.scope(&f.collection).cloned();
+        let refusal = self
+            .read_refusal(&f.collection, &access, SyncMode::fetchable)
+            .or_else(|| {
+                if f.ids.is_empty() || f.ids.len() > max_ids {
+                    return Some(GatewayError::InvalidFetch(format!(
+                        "a fetch names 1..={max_ids} ids"
+                    )));
+                }
+                if self.fetches.len() >= MAX_FETCHES_IN_FLIGHT {
+                    return Some(GatewayError::InvalidFetch(format!(
+                        "at most {MAX_FETCHES_IN_FLIGHT} fetches in flight per connection"
+                    )));
+                }
+                let bad = f
+                    .ids
+                    .iter()
+                    .find(|id| !is_valid_id(id, limits.max_id_bytes))?;
+                Some(GatewayError::InvalidFetch(format!(
+                    "invalid document id {:?}",
+                    crate::oplog::printable(bad)
+                )))
+            });
+        if let Some(e) = refusal {
+            self.reply(ErrorReply::from(e).req(f.req));
+            return;
+        }
+        // A fetch costs like a subscription start.
+        if self.pace.subscribes.take(1, Instant::now()).is_some() {
+            self.shared
+                .metrics
+                .paced
+                .with_label_values(&["subscribe"])
+                .inc();
+        }
+        let job = crate::ws::fetch::FetchJob {
+            req: f.req,
+            view: View::new(Filter::default(), scope),
+            collection: f.collection,
+            ids: f.ids,
+        };
+        let task = tokio::spawn(crate::ws::fetch::answer(
+            self.shared.clone(),
+            self.out.clone(),
+            job,
+        ));
+        self.fetches.push(task.abort_handle());
     }
 
     /// Hands a batch to ingest, which also checks its shape: a refused batch must fence the

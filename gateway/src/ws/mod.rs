@@ -1,7 +1,9 @@
 //! One WebSocket connection: the handshake and reader loop ([`connection`]) and the start of
 //! each of its subscriptions — snapshot, catch-up from the log, go-live ([`subscription`]).
-//! The outbound queue and writer are in [`crate::outbound`], shared with the hub's fan-out.
+//! Answers to `fetch` ([`fetch`]). The outbound queue and writer are in [`crate::outbound`],
+//! shared with the hub's fan-out.
 
 pub(crate) mod connection;
+pub(crate) mod fetch;
 pub(crate) mod rate;
 pub(crate) mod subscription;

@@ -155,7 +155,7 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
 }
 
 /// A turn to read one page from the database and encode it (`node_concurrent_reads`).
-async fn read_turn(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
+pub(crate) async fn read_turn(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
     if let Ok(turn) = shared.reads.try_acquire() {
         return Some(turn);
     }

@@ -491,7 +491,7 @@ async fn subscriptions_that_never_read_hold_one_page_each() {
     for (batch, ids) in (0..DOCS).collect::<Vec<_>>().chunks(4).enumerate() {
         let mutations = ids
             .iter()
-            .map(|i| put(*i as u64 + 1, "feedback", &format!("f-{i:03}"), big(*i)))
+            .map(|i| put(*i as u64 + 1, "stock", &format!("f-{i:03}"), big(*i)))
             .collect();
         push(&mut writer, batch as u64 + 1, mutations).await;
     }
@@ -510,7 +510,7 @@ async fn subscriptions_that_never_read_hold_one_page_each() {
         });
         hog.send(&Frame::Subscribe(Subscribe {
             sub: 1,
-            collection: "feedback".into(),
+            collection: "stock".into(),
             filter: Body::new(),
             cursor,
         }))

@@ -44,11 +44,13 @@ macro_rules! on_both_backends {
 mod api_keys;
 mod checks;
 mod fuzz;
+mod modes;
 mod pacing;
 mod scopes;
 mod tokens;
 use api_keys::api_keys_grant_roles_and_claims_until_revoked;
 use checks::references_and_schema_checks_reject_and_the_rest_apply;
+use modes::modes_and_fetch;
 use scopes::a_plant_scoped_terminal_sees_and_writes_only_its_plant;
 
 on_both_backends!(
@@ -72,6 +74,7 @@ on_both_backends!(
     a_user_holds_at_most_max_documents,
     rejections_beyond_the_quota_are_answered_not_stored,
     references_and_schema_checks_reject_and_the_rest_apply,
+    modes_and_fetch,
 );
 
 const WRITERS: u64 = 4;

@@ -122,13 +122,14 @@ impl Spy {
         }
     }
 
-    /// No frame ever carried B's text; none but A's own push acks named a B id.
+    /// No frame ever carried B's text; none but A's own push acks and fetch answers (ids she
+    /// named herself, answered as missing) named a B id.
     fn assert_nothing_of_b_leaked(&self) {
         for raw in &self.received {
             let has = |needle: &str| raw.windows(needle.len()).any(|w| w == needle.as_bytes());
             assert!(!has(B_SECRET), "B's data reached plant A: {raw:?}");
             let frame = syncgate_protocol::codec::decode(raw).unwrap();
-            if !matches!(frame, Frame::PushAck(_)) {
+            if !matches!(frame, Frame::PushAck(_) | Frame::Fetched(_)) {
                 assert!(!has(B_ID), "a B id reached plant A: {frame:?}");
             }
         }
@@ -324,6 +325,32 @@ pub(crate) async fn a_plant_scoped_terminal_sees_and_writes_only_its_plant(backe
             ("aaa-1".to_owned(), ChangeOp::Upsert)
         ]
     );
+    // Fetching B's ids by name: every one is "missing", like an id never written.
+    let wanted: Vec<String> = ["aaa-1", "bbb-1", "bbb-2", "bbb-3", "bbb-9", "aaa-3"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    alice
+        .conn
+        .send(&Frame::Fetch(Fetch {
+            req: 1,
+            collection: "work_orders".into(),
+            ids: wanted,
+        }))
+        .await
+        .unwrap();
+    let frames = alice
+        .until(|f| matches!(f, Frame::Fetched(a) if a.done))
+        .await;
+    let (mut got, mut missing) = (Vec::new(), Vec::new());
+    for f in frames {
+        if let Frame::Fetched(a) = f {
+            got.extend(a.docs.into_iter().map(|d| d.id));
+            missing.extend(a.missing);
+        }
+    }
+    assert_eq!(got, ["aaa-1", "aaa-3"]);
+    assert_eq!(missing.len(), 4, "{missing:?}");
     alice.assert_nothing_of_b_leaked();
     central.close().await;
     drop(alice);

@@ -1,0 +1,91 @@
+//! `Client::fetch`: a `never` collection is read by id into the local replica (and `get`
+//! finds it offline afterwards), with local edits kept on top; a refusal carries its code.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_reads_named_documents_into_the_replica() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let mut config = gateway_config(gw_dir.path());
+    config.collections.insert(
+        "manuals".into(),
+        syncgate_gateway::config::CollectionConfig {
+            mode: syncgate_gateway::config::SyncMode::Never,
+            ..Default::default()
+        },
+    );
+    let gw = Gateway::start(config).await.unwrap();
+    let url = format!("ws://{}", gw.ws_addr);
+    // An author writes two manuals (acknowledged once its sync is done).
+    let author_dir = tempfile::tempdir().unwrap();
+    let author = builder(&url, author_dir.path()).open().await.unwrap();
+    for (id, title) in [("m-1", "Press"), ("m-2", "Lathe")] {
+        author
+            .put("manuals", id, body(&[("title", Value::from(title))]))
+            .await
+            .unwrap();
+    }
+    author.sync_now(DEADLINE).await.unwrap();
+    author.close().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let client = builder(&url, dir.path()).open().await.unwrap();
+    assert!(client.get("manuals", "m-1").await.unwrap().is_none());
+    let fetched = client
+        .fetch("manuals", &["m-1", "m-404"], DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(fetched.docs.len(), 1);
+    assert_eq!(fetched.docs[0].body["title"], Value::from("Press"));
+    assert_eq!(fetched.missing, ["m-404"]);
+    // A local edit not yet uploaded stays on top of a later fetch.
+    client
+        .patch("manuals", "m-1", body(&[("note", Value::from("mine"))]))
+        .await
+        .unwrap();
+    let _ = client.fetch("manuals", &["m-1"], DEADLINE).await.unwrap();
+    let doc = client.get("manuals", "m-1").await.unwrap().unwrap();
+    assert_eq!(doc.body["title"], Value::from("Press"));
+    assert_eq!(doc.body["note"], Value::from("mine"));
+    // An upload-only collection cannot be fetched: the server's code comes back.
+    match client.fetch("feedback", &["f-1"], DEADLINE).await {
+        Err(syncgate_client::ClientError::Invalid { code, .. }) => {
+            assert_eq!(code, syncgate_protocol::ErrorCode::NotDownloadable)
+        }
+        other => panic!("{other:?}"),
+    }
+    client.close().await;
+    // Offline afterwards, the fetched document is still there.
+    gw.shutdown().await;
+    let local = builder(&url, dir.path()).open_local().await.unwrap();
+    assert!(local.get("manuals", "m-1").await.unwrap().is_some());
+    local.close().await;
+}
+
+/// An `upload_only` collection (the default's `feedback`): the write reaches the server once,
+/// and the client forgets its copy once the write is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_only_write_is_forgotten_once_acknowledged() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(gw_dir.path()).await;
+    let url = format!("ws://{}", gw.ws_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let client = builder(&url, dir.path()).open().await.unwrap();
+    // Before any sync the write is readable locally (pending).
+    client
+        .put("feedback", "f-1", body(&[("stars", Value::from(5))]))
+        .await
+        .unwrap();
+    assert!(client.get("feedback", "f-1").await.unwrap().is_some());
+    client.sync_now(DEADLINE).await.unwrap();
+    assert!(
+        client.get("feedback", "f-1").await.unwrap().is_none(),
+        "the local copy is forgotten"
+    );
+    assert!(client.outbox().await.unwrap().is_empty());
+    let stored = gw.store.document("feedback", "f-1").await.unwrap().unwrap();
+    assert_eq!(stored.body.unwrap()["stars"], Value::from(5));
+    assert_eq!(stored.version, 1, "applied once");
+    client.close().await;
+    gw.shutdown().await;
+}
