@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
 use syncgate_gateway::server::{
-    ApiKeyRequest, create_api_key, list_api_keys, migrate, reassign_client, revoke_api_key,
+    ApiKeyRequest, create_api_key, list_api_keys, list_sync_errors, migrate, reassign_client,
+    revoke_api_key,
 };
 use syncgate_gateway::{Config, Gateway};
 
@@ -91,6 +92,19 @@ enum Admin {
     ApiKeys {
         #[command(subcommand)]
         command: AdminApiKeys,
+    },
+    /// List stored sync errors (rejected mutations, each with its code, reason and the whole
+    /// mutation), oldest first. Reads the database the gateway uses; works while it runs.
+    SyncErrors {
+        /// Only this client's.
+        #[arg(long)]
+        client: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u64,
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -281,6 +295,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin {
             command: Admin::ApiKeys { command },
         } => api_keys(&config, command).await?,
+        Command::Admin {
+            command:
+                Admin::SyncErrors {
+                    client,
+                    limit,
+                    json,
+                },
+        } => {
+            let errors = list_sync_errors(&config, client.as_deref(), *limit).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&errors)?);
+            } else {
+                println!(
+                    "CLIENT               MUTATION  CODE  COLLECTION/ID                  REASON"
+                );
+                for e in errors {
+                    let name =
+                        syncgate_protocol::ErrorCode::from_code(e.code).map_or("?", |c| c.name());
+                    let doc = format!("{}/{}", e.mutation.collection, e.mutation.id);
+                    println!(
+                        "{:<20} {:>8}  {:>4}  {doc:<30} {name}: {}",
+                        e.client_id, e.mutation_id, e.code, e.reason
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -12,6 +12,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::storage::SyncError;
+
 use crate::auth::api_key::ApiKey;
 use crate::auth::{Authenticator, SecretSource, load_or_create_secret_reporting};
 use crate::config::{Config, redact_url};
@@ -330,6 +332,18 @@ pub async fn list_api_keys(config: &Config) -> anyhow::Result<Vec<ApiKey>> {
     let keys = store.api_keys().await;
     store.close().await;
     Ok(keys?)
+}
+
+/// Stored sync errors (rejected mutations), oldest first: `syncgate admin sync-errors`.
+pub async fn list_sync_errors(
+    config: &Config,
+    client_id: Option<&str>,
+    limit: u64,
+) -> anyhow::Result<Vec<crate::storage::SyncError>> {
+    let store = open_store(config).await?;
+    let errors = store.sync_errors(client_id, limit).await;
+    store.close().await;
+    Ok(errors?)
 }
 
 /// Revokes a key by id or name: `syncgate admin api-keys revoke`. `None`: no such key.

@@ -586,6 +586,50 @@ impl Store {
             .collect()
     }
 
+    /// Stored sync errors (rejected mutations), oldest first, of one client or of all; at
+    /// most `limit`.
+    pub async fn sync_errors(
+        &self,
+        client_id: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<SyncError>, StoreError> {
+        let mut select = Query::select()
+            .columns([
+                "client_id",
+                "mutation_id",
+                "batch",
+                "code",
+                "reason",
+                "mutation",
+                "created_at",
+            ])
+            .from("sg_sync_errors")
+            .order_by("created_at", Order::Asc)
+            .order_by("client_id", Order::Asc)
+            .order_by("mutation_id", Order::Asc)
+            .limit(limit)
+            .to_owned();
+        if let Some(c) = client_id {
+            select.and_where(Expr::col("client_id").eq(c));
+        }
+        let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
+        rows.into_iter()
+            .map(|r| {
+                let raw: Vec<u8> = r.try_get("", "mutation")?;
+                Ok(SyncError {
+                    client_id: r.try_get("", "client_id")?,
+                    mutation_id: r.try_get::<i64>("", "mutation_id")? as u64,
+                    batch: r.try_get::<i64>("", "batch")? as u64,
+                    code: u16::try_from(r.try_get::<i64>("", "code")?).unwrap_or(0),
+                    reason: r.try_get("", "reason")?,
+                    mutation: from_msgpack(&raw)
+                        .map_err(|e| StoreError::Corrupt(format!("sync error mutation: {e}")))?,
+                    created_at_ms: r.try_get::<i64>("", "created_at")? as u64,
+                })
+            })
+            .collect()
+    }
+
     /// Counts stored sync errors (rejected mutations) of a client.
     pub async fn sync_error_count(&self, client_id: &str) -> Result<u64, StoreError> {
         let select = Query::select()
@@ -599,6 +643,25 @@ impl Store {
             None => 0,
         })
     }
+}
+
+/// A rejected mutation as stored (`sg_sync_errors`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SyncError {
+    /// The client that pushed it.
+    pub client_id: String,
+    /// Its id.
+    pub mutation_id: u64,
+    /// The batch it came in.
+    pub batch: u64,
+    /// The rejection's code.
+    pub code: u16,
+    /// Why, for a person.
+    pub reason: String,
+    /// The whole mutation.
+    pub mutation: syncgate_protocol::Mutation,
+    /// When it was rejected (Unix milliseconds).
+    pub created_at_ms: u64,
 }
 
 fn decode_body(bytes: Option<&[u8]>) -> Result<Option<Body>, StoreError> {

@@ -748,3 +748,78 @@ async fn admin_api_keys_create_list_revoke() {
     .await;
     assert!(!bad.status.success());
 }
+
+/// `admin sync-errors` lists what the gateway rejected — code, reason and the whole mutation
+/// as JSON — while the gateway runs, filtered by client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_sync_errors_lists_rejections_with_the_whole_mutation() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = db.config();
+    let gw = Gateway::start(config.clone()).await.unwrap();
+    let (mut c, _) = connect(&gw, "terminal-9").await;
+    let ack = push(
+        &mut c,
+        1,
+        vec![
+            put(
+                1,
+                "work_orders",
+                "wo-1",
+                body(&[
+                    ("plant", Value::from("A")),
+                    ("machine", Value::from("M-404")),
+                ]),
+            ),
+            put(2, "stock", "s-1", body(&[("qty", Value::from(3))])),
+            patch(3, "stock", "nope", body(&[("qty", Value::from(1))])),
+        ],
+    )
+    .await;
+    let codes: Vec<_> = ack.results.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [Some(412), None, Some(405)]);
+    let (mut other, _) = connect(&gw, "terminal-10").await;
+    let ack = push(
+        &mut other,
+        1,
+        vec![patch(
+            1,
+            "stock",
+            "never-was",
+            body(&[("qty", Value::from(1))]),
+        )],
+    )
+    .await;
+    assert_eq!(ack.results[0].code, Some(405));
+    let data = config.data_dir.to_str().unwrap();
+    let out = syncgate(&[
+        "--data-dir",
+        data,
+        "admin",
+        "sync-errors",
+        "--client",
+        "terminal-9",
+        "--json",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[0]["mutation_id"], 1);
+    assert_eq!(list[0]["code"], 412);
+    assert!(
+        list[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("machines/M-404")
+    );
+    assert_eq!(list[0]["mutation"]["collection"], "work_orders");
+    assert_eq!(list[0]["mutation"]["body"]["machine"], "M-404");
+    assert_eq!(list[1]["code"], 405);
+    let table = syncgate(&["--data-dir", data, "admin", "sync-errors"]).await;
+    assert!(table.status.success(), "{}", text(&table.stderr));
+    let table = text(&table.stdout);
+    assert!(table.contains("dangling_reference"), "{table}");
+    assert!(table.contains("terminal-10"), "{table}");
+    gw.shutdown().await;
+}
