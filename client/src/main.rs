@@ -18,7 +18,7 @@ use syncgate_client::{
     Client, ClientBuilder, ClientError, ConnectionState, EncryptionKey, Event, OutboxState,
     SyncReport,
 };
-use syncgate_protocol::{Body, MutationOp};
+use syncgate_protocol::{Body, ErrorCode, MutationOp};
 
 #[derive(Parser)]
 #[command(
@@ -176,6 +176,16 @@ enum Command {
     },
     /// Print the outbox: mutations waiting for the server.
     Outbox,
+    /// Print the mutations the server rejected (code, reason, the whole mutation), one JSON
+    /// line each; with --ack, forget the named ones (or --ack-all) once dealt with.
+    Rejected {
+        /// Forget these rejected mutations (their mutation ids).
+        #[arg(long = "ack", value_name = "MUTATION_ID", num_args = 1.., conflicts_with = "ack_all")]
+        ack: Vec<u64>,
+        /// Forget every rejected mutation.
+        #[arg(long)]
+        ack_all: bool,
+    },
     /// Print the client id, subscriptions and cursors, pending and rejected counts.
     Status,
 }
@@ -532,6 +542,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 entries.len(),
                 if entries.len() == 1 { "y" } else { "ies" }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rejected { ack, ack_all } => {
+            let client = builder(common)?.open_local().await?;
+            if ack_all || !ack.is_empty() {
+                let ids = (!ack_all).then_some(ack.as_slice());
+                let n = client.acknowledge_rejected(ids).await;
+                client.close().await;
+                eprintln!("{} rejected mutation(s) forgotten", n?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rejected = client.rejected().await;
+            client.close().await;
+            for r in rejected? {
+                let m = &r.mutation;
+                let name = ErrorCode::from_code(r.code).map_or("?", |c| c.name());
+                println!(
+                    "{}",
+                    serde_json::json!({"mutation_id": m.mutation_id, "code": r.code, "name": name,
+                        "reason": r.reason, "collection": m.collection, "id": m.id,
+                        "op": op_name(m.op), "body": m.body.as_ref().map(body_to_json)})
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {

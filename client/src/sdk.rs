@@ -705,9 +705,19 @@ impl Client {
         Ok(self.shared.store.outbox().await?)
     }
 
-    /// Mutations the server rejected.
+    /// Mutations the server rejected, kept until the application acknowledges them.
     pub async fn rejected(&self) -> Result<Vec<Rejection>, ClientError> {
         Ok(self.shared.store.rejected().await?)
+    }
+
+    /// Forgets rejected mutations the application has dealt with (shown to the operator,
+    /// fixed and written again ...): those with these ids, or every one (`None`). Returns
+    /// how many were removed.
+    pub async fn acknowledge_rejected(
+        &self,
+        mutation_ids: Option<&[u64]>,
+    ) -> Result<u64, ClientError> {
+        Ok(self.shared.store.acknowledge_rejected(mutation_ids).await?)
     }
 
     /// The events stream.

@@ -147,6 +147,37 @@ impl LocalStore {
             .collect()
     }
 
+    /// Forgets rejected mutations the application has dealt with (`None`: all of them).
+    /// Returns how many were removed.
+    pub async fn acknowledge_rejected(
+        &self,
+        mutation_ids: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        let result = match mutation_ids {
+            None => {
+                self.db
+                    .execute_raw(st("DELETE FROM sgc_rejected", []))
+                    .await?
+            }
+            Some(ids) => {
+                let txn = self.db.begin().await?;
+                let mut n = 0;
+                for id in ids {
+                    n += txn
+                        .execute_raw(st(
+                            "DELETE FROM sgc_rejected WHERE mutation_id = ?",
+                            [(*id as i64).into()],
+                        ))
+                        .await?
+                        .rows_affected();
+                }
+                txn.commit().await?;
+                return Ok(n);
+            }
+        };
+        Ok(result.rows_affected())
+    }
+
     /// Records a `Welcome`: the server's epoch and the last mutation it applied for this client.
     ///
     /// - If the epoch changed (the server's database was replaced), acknowledged entries refer

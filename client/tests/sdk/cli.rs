@@ -401,3 +401,53 @@ async fn fetch_reads_documents_by_id_as_a_person_would() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(stdout(&out).contains("idle"), "{out:?}");
 }
+
+/// A mutation the server rejects (a dangling reference) is reported by the sync (exit 3),
+/// listed by `rejected` with its code and the whole mutation until `rejected --ack` forgets
+/// it; the mutation after it in the outbox applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_lists_refused_edits_until_acknowledged() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(gw_dir.path()).await;
+    let url = format!("ws://{}", gw.ws_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let tok = token();
+    for (id, body) in [
+        ("wo-1", r#"{"plant": "p1", "machine": "press-9"}"#),
+        ("wo-2", r#"{"plant": "p1"}"#),
+    ] {
+        let args = ["put", "--no-upload", "work_orders", id, body];
+        let out = run(dir.path(), &url, Some(&tok), &args, b"").await;
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    }
+    let out = run(dir.path(), &url, Some(&tok), &["sync", "--once"], b"").await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = run(dir.path(), &url, None, &["rejected"], b"").await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["name"], "dangling_reference");
+    assert_eq!(lines[0]["code"], 412);
+    assert_eq!(lines[0]["id"], "wo-1");
+    assert_eq!(lines[0]["body"]["machine"], "press-9");
+    let mid = lines[0]["mutation_id"].as_u64().unwrap().to_string();
+    assert!(
+        gw.store
+            .document("work_orders", "wo-2")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let out = run(dir.path(), &url, None, &["rejected", "--ack", &mid], b"").await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stderr(&out).contains("1 rejected mutation(s) forgotten"),
+        "{out:?}"
+    );
+    let out = run(dir.path(), &url, None, &["rejected"], b"").await;
+    assert!(stdout(&out).trim().is_empty(), "{out:?}");
+    gw.shutdown().await;
+}
