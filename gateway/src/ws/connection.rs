@@ -801,11 +801,18 @@ impl Connection {
                 .with_label_values(&["subscribe"])
                 .inc();
         }
+        // An id named twice is answered once.
+        let mut seen = std::collections::HashSet::new();
+        let ids = f
+            .ids
+            .into_iter()
+            .filter(|id| seen.insert(id.clone()))
+            .collect();
         let job = crate::ws::fetch::FetchJob {
             req: f.req,
             view: View::new(Filter::default(), scope),
             collection: f.collection,
-            ids: f.ids,
+            ids,
         };
         let task = tokio::spawn(crate::ws::fetch::answer(
             self.shared.clone(),

@@ -124,6 +124,7 @@ pub async fn modes_and_fetch(backend: Backend) {
     // Fetching manuals: every id once, the deleted and the unknown ones missing.
     let mut wanted: Vec<String> = (0..40).map(|n| format!("m-{n:02}")).collect();
     wanted.push("m-none".into());
+    wanted.push("m-07".into()); // named twice, answered once
     let (docs, missing, frames) = fetch(&mut c, 2, "manuals", &wanted).await.unwrap();
     assert_eq!(docs.len(), 39);
     assert_eq!(missing, ["m-39", "m-none"]);
