@@ -126,6 +126,9 @@ pub(crate) enum GatewayError {
     /// A `fetch` that names no ids, too many, or an invalid one.
     #[error("{0}")]
     InvalidFetch(String),
+    /// A `refresh` whose token cannot replace the session's (the session goes on).
+    #[error("refresh refused: {0}; the session ends when its current token expires")]
+    RefreshRefused(String),
     /// A batch with more mutations than `max_mutations_per_batch`.
     #[error("at most {limit} mutations per batch")]
     BatchTooLarge {
@@ -218,6 +221,7 @@ impl GatewayError {
             GatewayError::InvalidFilter(_) => ErrorCode::InvalidFilter,
             GatewayError::NotDownloadable { .. } => ErrorCode::NotDownloadable,
             GatewayError::InvalidFetch(_) => ErrorCode::InvalidFetch,
+            GatewayError::RefreshRefused(_) => ErrorCode::RefreshRefused,
             GatewayError::ReadForbidden(_) | GatewayError::ScopeClaimMissing { .. } => {
                 ErrorCode::ReadForbidden
             }

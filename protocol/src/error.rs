@@ -72,6 +72,9 @@ error_codes! {
     /// The user already owns `max_client_ids_per_user` client ids and this one is new: reuse
     /// an installation's id, or ask an administrator to raise the quota or reassign ids.
     ClientQuotaExceeded = 205, "client_quota_exceeded", false;
+    /// A `refresh` was refused (an invalid or expired token, another user, other rights, an
+    /// API key): the session goes on until its current token expires.
+    RefreshRefused = 206, "refresh_refused", false;
     /// The collection is not declared on this gateway.
     UnknownCollection = 300, "unknown_collection", false;
     /// The subscription filter is invalid (a field name that is not a string, a nested value).

@@ -75,6 +75,25 @@ pub struct Welcome {
     /// forgets its copy of such a document once the write is acknowledged. Absent when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upload_only: Vec<String>,
+    /// Milliseconds until the session's token expires (and the session with it, unless a
+    /// `refresh` brings a newer token first). Absent for an API key, which does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_valid_ms: Option<u64>,
+}
+
+/// Client → server: a newer token for the running session (same user, same roles and scope
+/// claims), so that the session outlives the token it began with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refresh {
+    /// The new token (a JWT; an API key does not expire and is not refreshed).
+    pub token: String,
+}
+
+/// Server → client: the `refresh` was accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refreshed {
+    /// Milliseconds until the new token expires, and the session with it.
+    pub token_valid_ms: u64,
 }
 
 /// Client → server: start receiving a collection (optionally filtered).
@@ -430,4 +449,6 @@ frames! {
     GoAway(GoAway) = "goaway",
     Fetch(Fetch) = "fetch",
     Fetched(Fetched) = "fetched",
+    Refresh(Refresh) = "refresh",
+    Refreshed(Refreshed) = "refreshed",
 }

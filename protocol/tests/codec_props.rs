@@ -141,6 +141,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                         limits,
                         heartbeat_ms,
                         upload_only: Vec::new(),
+                        token_valid_ms: None,
                     })
                 }
             ),

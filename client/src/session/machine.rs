@@ -481,6 +481,8 @@ impl Machine {
                     self.refused.insert(sub);
                 }
             }
+            // The shell schedules the next `refresh` from it; nothing for the machine.
+            Frame::Refreshed(_) => {}
             Frame::GoAway(g) => {
                 return Err(End::GoAway {
                     reason: g.reason,
@@ -516,6 +518,7 @@ mod tests {
             limits: ServerLimits::default(),
             heartbeat_ms: 15_000,
             upload_only: Vec::new(),
+            token_valid_ms: None,
         }
     }
 

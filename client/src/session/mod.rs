@@ -311,6 +311,11 @@ impl Shell<'_> {
         );
         // Callers may have asked before this session began (during the backoff wait).
         m.set_waiting(!waiting.is_empty());
+        // A fresh token is sent before the session's one expires (`refresh`), so the session
+        // does not end with `token_expired` and a reconnect.
+        let mut refresh_at = welcome
+            .token_valid_ms
+            .map(|ms| Instant::now() + refresh_after(ms));
         loop {
             while let Some(work) = m.poll_work() {
                 self.carry_out(work, &mut m, waiting).await?;
@@ -333,7 +338,27 @@ impl Shell<'_> {
             let deadline = m.poll_timeout().map(Instant::from_std);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(End::Shutdown),
-                frame = self.conn.recv() => m.handle_frame(frame?, Instant::now().into_std()),
+                frame = self.conn.recv() => {
+                    let frame = frame?;
+                    if let syncgate_protocol::Frame::Refreshed(r) = &frame {
+                        refresh_at = Some(Instant::now() + refresh_after(r.token_valid_ms));
+                    }
+                    m.handle_frame(frame, Instant::now().into_std());
+                }
+                _ = sleep_until(refresh_at) => {
+                    // One attempt per token; a refusal leaves the session to its current
+                    // token, and its expiry to the usual reconnect with a new one.
+                    refresh_at = None;
+                    match (settings.token)().await {
+                        Ok(token) => {
+                            let frame = syncgate_protocol::Frame::Refresh(
+                                syncgate_protocol::Refresh { token },
+                            );
+                            self.conn.send(&frame).await?;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "token provider failed; the session ends when its token expires"),
+                    }
+                }
                 r = sync_rx.recv() => match r {
                     Some(r) => {
                         waiting.push(r);
@@ -446,6 +471,13 @@ impl Shell<'_> {
             });
         }
     }
+}
+
+/// How long after learning that its token is valid for `valid_ms` a session sends a newer
+/// one: at three quarters of the validity, so a slow token provider or network still has a
+/// quarter left.
+fn refresh_after(valid_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(valid_ms / 4 * 3)
 }
 
 /// Sleeps until `deadline`, or forever without one.

@@ -514,11 +514,15 @@ async fn a_token_expiring_mid_session_is_renewed_and_nothing_is_lost() {
     let gw = Gateway::start(config).await.unwrap();
     let calls = Arc::new(AtomicU32::new(0));
     let c2 = calls.clone();
-    // Every token the provider hands out is valid for one second.
+    // Every token the provider hands out is valid for one second; its second call (the
+    // session's attempt to refresh) fails, so the first session runs into its expiry.
     let builder =
         builder(&format!("ws://{}", gw.ws_addr), client_dir.path()).token_provider(move || {
-            c2.fetch_add(1, Ordering::SeqCst);
+            let n = c2.fetch_add(1, Ordering::SeqCst);
             async move {
+                if n == 1 {
+                    return Err("identity provider unreachable".into());
+                }
                 Ok(Authenticator::new(SECRET.as_bytes())
                     .mint("operator", 1)
                     .unwrap())
@@ -551,6 +555,59 @@ async fn a_token_expiring_mid_session_is_renewed_and_nothing_is_lost() {
         let doc = client.get(COLL, id).await.unwrap().expect(id);
         assert!(doc.version > 0, "{id} reached the server");
     }
+    client.close().await;
+    gw.shutdown().await;
+}
+
+/// A session sends a newer token before its own expires (`refresh` at three quarters of its
+/// validity): with tokens valid for two seconds, it outlives several of them without a
+/// `token_expired` or a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_refreshes_its_token_before_it_expires() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let mut config = gateway_config(gw_dir.path());
+    config.auth.leeway_secs = 0;
+    let gw = Gateway::start(config).await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c2 = calls.clone();
+    let builder =
+        builder(&format!("ws://{}", gw.ws_addr), client_dir.path()).token_provider(move || {
+            c2.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok(Authenticator::new(SECRET.as_bytes())
+                    .mint("operator", 2)
+                    .unwrap())
+            }
+        });
+    let mut events = builder.events();
+    let client = builder.open().await.unwrap();
+    // The hello's token, then three refreshes: more than the first token's two seconds.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut connected = 0;
+    let mut look = |e: Event| match e {
+        Event::ServerError { code, .. } => panic!("server error {code} during the session"),
+        Event::Connection(ConnectionState::Connected { .. }) => connected += 1,
+        _ => {}
+    };
+    while calls.load(Ordering::SeqCst) < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for four tokens"
+        );
+        if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await {
+            look(e);
+        }
+    }
+    while let Ok(e) = events.try_recv() {
+        look(e);
+    }
+    assert_eq!(connected, 1, "one session throughout");
+    client
+        .put(COLL, "wo-1", body(&[("a", Value::from(1))]))
+        .await
+        .unwrap();
+    client.sync_now(DEADLINE).await.unwrap();
     client.close().await;
     gw.shutdown().await;
 }

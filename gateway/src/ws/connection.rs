@@ -19,7 +19,8 @@ use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::tls::Transport;
 use syncgate_protocol::{
-    Fetch, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Subscribe, Welcome, negotiate_version,
+    Fetch, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Refreshed, Subscribe, Welcome,
+    negotiate_version,
 };
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -285,6 +286,18 @@ struct Connection {
 /// `fetch` requests one connection may have answered at once.
 const MAX_FETCHES_IN_FLIGHT: usize = 8;
 
+/// When a session whose token is valid until `valid_until` (Unix seconds, leeway included)
+/// must end, and how many milliseconds that is from now (`None`: beyond any deadline worth
+/// the name, as for an API key).
+fn token_deadline(valid_until: u64) -> (Instant, Option<u64>) {
+    let left = valid_until.saturating_sub(crate::auth::unix_now());
+    let now = Instant::now();
+    match now.checked_add(Duration::from_secs(left)) {
+        Some(deadline) if left < 100 * 365 * 24 * 3600 => (deadline, Some(left * 1000)),
+        _ => (now + Duration::from_secs(100 * 365 * 24 * 3600), None),
+    }
+}
+
 /// The refusal for a collection whose mode sends nothing down (the way of this request).
 fn not_downloadable(collection: &str, mode: SyncMode) -> GatewayError {
     let (mode, what) = match mode {
@@ -518,6 +531,7 @@ impl Connection {
             },
             Frame::Push(p) => return self.push(p, bytes.len()).await,
             Frame::Fetch(f) => self.fetch(f),
+            Frame::Refresh(r) => self.refresh(&r.token),
             Frame::Ping(p) => {
                 // `published()` is raised only after every live subscriber's frames up to it
                 // were queued, and this pong goes into the same FIFO queue after them.
@@ -547,6 +561,7 @@ impl Connection {
             self.reply(e);
             return;
         }
+        let is_api_key = crate::auth::api_key::parse(&h.token).is_some();
         let verified = match crate::auth::api_key::parse(&h.token) {
             // A backend service's API key: looked up at every hello, so a revoked key opens
             // no further session.
@@ -613,12 +628,9 @@ impl Connection {
                 return;
             }
         };
-        let token_left = identity.valid_until.saturating_sub(crate::auth::unix_now());
-        // An API key never expires: its session has no deadline worth the name.
-        let now = Instant::now();
-        let token_deadline = now
-            .checked_add(Duration::from_secs(token_left))
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let (token_deadline, token_valid_ms) = token_deadline(identity.valid_until);
+        // An API key never expires: its session has no deadline worth announcing.
+        let token_valid_ms = token_valid_ms.filter(|_| !is_api_key);
         let session_id = rand::random::<u64>();
         let session = format!("{session_id:016x}");
         if let Some(suppressed) = self.shared.oplog.connections.allow() {
@@ -643,6 +655,7 @@ impl Connection {
                 .filter(|(_, c)| c.mode == SyncMode::UploadOnly)
                 .map(|(name, _)| name.clone())
                 .collect(),
+            token_valid_ms,
         }));
         self.session = Some(Session {
             client_id: h.client_id,
@@ -732,6 +745,48 @@ impl Connection {
         ))
         .abort_handle();
         self.subs.insert(s.sub, ActiveSub { entry, task });
+    }
+
+    /// Replaces the session's token with a newer one of the same user and rights: the
+    /// session then ends when the new token expires. Anything else is refused (206) and the
+    /// session goes on until its current token expires.
+    fn refresh(&mut self, token: &str) {
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
+        let refused = |why: String| Some(GatewayError::RefreshRefused(why));
+        let refusal = if crate::auth::api_key::parse(token).is_some() {
+            refused("an API key does not expire and is not refreshed".into())
+        } else {
+            match self.shared.auth.verify(token) {
+                // The token itself is never logged or echoed.
+                Err(e) => refused(e.to_string()),
+                Ok(identity) if identity.user != session.user => {
+                    refused("the token names another user".into())
+                }
+                Ok(identity) => {
+                    let access = Access::new(&identity, &self.shared.config.collections);
+                    if access != *session.access {
+                        refused(
+                            "the token grants other roles or scope claims; reconnect with it"
+                                .into(),
+                        )
+                    } else {
+                        let (deadline, valid_ms) = token_deadline(identity.valid_until);
+                        if let Some(s) = self.session.as_mut() {
+                            s.token_deadline = deadline;
+                        }
+                        self.send(Frame::Refreshed(Refreshed {
+                            token_valid_ms: valid_ms.unwrap_or(u64::MAX),
+                        }));
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(e) = refusal {
+            self.reply(e);
+        }
     }
 
     /// Why `access` may not read `collection` this way (`mode_allows`: subscribe or fetch),
