@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
 use syncgate_gateway::server::{
-    ApiKeyRequest, create_api_key, list_api_keys, list_sync_errors, migrate, reassign_client,
-    revoke_api_key,
+    ApiKeyRequest, create_api_key, discard_sync_error, list_api_keys, list_sync_errors, migrate,
+    reassign_client, revoke_api_key,
 };
 use syncgate_gateway::{Config, Gateway};
 
@@ -93,18 +93,36 @@ enum Admin {
         #[command(subcommand)]
         command: AdminApiKeys,
     },
-    /// List stored sync errors (rejected mutations, each with its code, reason and the whole
-    /// mutation), oldest first. Reads the database the gateway uses; works while it runs.
+    /// List stored sync errors (rejected mutations, each with its code, reason, state and the
+    /// whole mutation), oldest first; `discard` marks one as dealt with. Uses the database the
+    /// gateway uses; works while it runs.
     SyncErrors {
+        #[command(subcommand)]
+        command: Option<AdminSyncErrors>,
         /// Only this client's.
         #[arg(long)]
         client: Option<String>,
+        /// Only those not discarded.
+        #[arg(long)]
+        open: bool,
         /// At most this many.
         #[arg(long, default_value_t = 1000)]
         limit: u64,
         /// Print JSON (one array) instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminSyncErrors {
+    /// Mark a sync error as dealt with (the data was fixed, or the edit is not wanted): it
+    /// stays stored, as `discarded`, and no longer shows with `--open`.
+    Discard {
+        /// The client that pushed the mutation.
+        client_id: String,
+        /// The mutation's id.
+        mutation_id: u64,
     },
 }
 
@@ -298,12 +316,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin {
             command:
                 Admin::SyncErrors {
+                    command:
+                        Some(AdminSyncErrors::Discard {
+                            client_id,
+                            mutation_id,
+                        }),
+                    ..
+                },
+        } => {
+            if !discard_sync_error(&config, client_id, *mutation_id).await? {
+                anyhow::bail!(
+                    "no sync error of client {client_id:?} has mutation id {mutation_id}"
+                );
+            }
+            println!("sync error {client_id}/{mutation_id} discarded");
+        }
+        Command::Admin {
+            command:
+                Admin::SyncErrors {
+                    command: None,
                     client,
+                    open,
                     limit,
                     json,
                 },
         } => {
-            let errors = list_sync_errors(&config, client.as_deref(), *limit).await?;
+            let errors = list_sync_errors(&config, client.as_deref(), *open, *limit).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&errors)?);
             } else {
@@ -315,8 +353,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         syncgate_protocol::ErrorCode::from_code(e.code).map_or("?", |c| c.name());
                     let doc = format!("{}/{}", e.mutation.collection, e.mutation.id);
                     println!(
-                        "{:<20} {:>8}  {:>4}  {doc:<30} {name}: {}",
-                        e.client_id, e.mutation_id, e.code, e.reason
+                        "{:<20} {:>8}  {:>4}  {:<9}  {doc:<30} {name}: {}",
+                        e.client_id, e.mutation_id, e.code, e.state, e.reason
                     );
                 }
             }

@@ -338,12 +338,26 @@ pub async fn list_api_keys(config: &Config) -> anyhow::Result<Vec<ApiKey>> {
 pub async fn list_sync_errors(
     config: &Config,
     client_id: Option<&str>,
+    open_only: bool,
     limit: u64,
 ) -> anyhow::Result<Vec<crate::storage::SyncError>> {
     let store = open_store(config).await?;
-    let errors = store.sync_errors(client_id, limit).await;
+    let errors = store.sync_errors(client_id, open_only, limit).await;
     store.close().await;
     Ok(errors?)
+}
+
+/// Marks a sync error as dealt with: `syncgate admin sync-errors discard`. `false`: no such
+/// sync error.
+pub async fn discard_sync_error(
+    config: &Config,
+    client_id: &str,
+    mutation_id: u64,
+) -> anyhow::Result<bool> {
+    let store = open_store(config).await?;
+    let done = store.discard_sync_error(client_id, mutation_id).await;
+    store.close().await;
+    Ok(done?)
 }
 
 /// Revokes a key by id or name: `syncgate admin api-keys revoke`. `None`: no such key.

@@ -586,11 +586,12 @@ impl Store {
             .collect()
     }
 
-    /// Stored sync errors (rejected mutations), oldest first, of one client or of all; at
-    /// most `limit`.
+    /// Stored sync errors (rejected mutations), oldest first, of one client or of all, only
+    /// those nobody discarded when `open_only`; at most `limit`.
     pub async fn sync_errors(
         &self,
         client_id: Option<&str>,
+        open_only: bool,
         limit: u64,
     ) -> Result<Vec<SyncError>, StoreError> {
         let mut select = Query::select()
@@ -612,13 +613,57 @@ impl Store {
         if let Some(c) = client_id {
             select.and_where(Expr::col("client_id").eq(c));
         }
+        if open_only {
+            let handled = Query::select()
+                .expr(Expr::val(1))
+                .from("sg_sync_error_state")
+                .and_where(
+                    Expr::col(("sg_sync_error_state", "client_id"))
+                        .equals(("sg_sync_errors", "client_id")),
+                )
+                .and_where(
+                    Expr::col(("sg_sync_error_state", "mutation_id"))
+                        .equals(("sg_sync_errors", "mutation_id")),
+                )
+                .to_owned();
+            select.and_where(Expr::exists(handled).not());
+        }
+        let mut states = Query::select()
+            .columns(["client_id", "mutation_id", "state"])
+            .from("sg_sync_error_state")
+            .to_owned();
+        if let Some(c) = client_id {
+            states.and_where(Expr::col("client_id").eq(c));
+        }
+        let states: HashMap<(String, u64), String> = self
+            .db
+            .query_all_raw(self.backend.build(&states))
+            .await?
+            .into_iter()
+            .map(|r| {
+                Ok((
+                    (
+                        r.try_get::<String>("", "client_id")?,
+                        r.try_get::<i64>("", "mutation_id")? as u64,
+                    ),
+                    r.try_get::<String>("", "state")?,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
         let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
         rows.into_iter()
             .map(|r| {
                 let raw: Vec<u8> = r.try_get("", "mutation")?;
+                let client_id: String = r.try_get("", "client_id")?;
+                let mutation_id = r.try_get::<i64>("", "mutation_id")? as u64;
+                let state = states
+                    .get(&(client_id.clone(), mutation_id))
+                    .cloned()
+                    .unwrap_or_else(|| "open".to_owned());
                 Ok(SyncError {
-                    client_id: r.try_get("", "client_id")?,
-                    mutation_id: r.try_get::<i64>("", "mutation_id")? as u64,
+                    state,
+                    client_id,
+                    mutation_id,
                     batch: r.try_get::<i64>("", "batch")? as u64,
                     code: u16::try_from(r.try_get::<i64>("", "code")?).unwrap_or(0),
                     reason: r.try_get("", "reason")?,
@@ -628,6 +673,46 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Marks a stored sync error as dealt with (`discarded`): it no longer shows among the
+    /// open ones. `false`: there is no such sync error.
+    pub async fn discard_sync_error(
+        &self,
+        client_id: &str,
+        mutation_id: u64,
+    ) -> Result<bool, StoreError> {
+        let exists = Query::select()
+            .expr(Expr::val(1))
+            .from("sg_sync_errors")
+            .and_where(Expr::col("client_id").eq(client_id))
+            .and_where(Expr::col("mutation_id").eq(mutation_id as i64))
+            .to_owned();
+        if self
+            .db
+            .query_one_raw(self.backend.build(&exists))
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        let upsert = Query::insert()
+            .into_table("sg_sync_error_state")
+            .columns(["client_id", "mutation_id", "state", "updated_at"])
+            .values_panic([
+                client_id.into(),
+                (mutation_id as i64).into(),
+                "discarded".into(),
+                now_ms().into(),
+            ])
+            .on_conflict(
+                sea_orm::sea_query::OnConflict::columns(["client_id", "mutation_id"])
+                    .update_columns(["state", "updated_at"])
+                    .to_owned(),
+            )
+            .to_owned();
+        self.db.execute_raw(self.backend.build(&upsert)).await?;
+        Ok(true)
     }
 
     /// Counts stored sync errors (rejected mutations) of a client.
@@ -648,6 +733,8 @@ impl Store {
 /// A rejected mutation as stored (`sg_sync_errors`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SyncError {
+    /// `open`, or `discarded` (dealt with: `syncgate admin sync-errors discard`).
+    pub state: String,
     /// The client that pushed it.
     pub client_id: String,
     /// Its id.

@@ -46,6 +46,12 @@ const TABLES: &[&str] = &[
         mutation {BLOB} NOT NULL,
         created_at BIGINT NOT NULL,
         PRIMARY KEY (client_id, mutation_id))",
+    "CREATE TABLE IF NOT EXISTS sg_sync_error_state (
+        client_id TEXT NOT NULL,
+        mutation_id BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (client_id, mutation_id))",
     "CREATE TABLE IF NOT EXISTS sg_api_keys (
         key_id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,

@@ -73,6 +73,33 @@ pub async fn references_and_schema_checks_reject_and_the_rest_apply(backend: Bac
         3,
         "each rejection is stored"
     );
+    // An operator discards the first one (`syncgate admin sync-errors discard`): it stays
+    // stored, marked, and leaves the open ones.
+    assert!(
+        gw.store
+            .discard_sync_error("terminal-checks", 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !gw.store
+            .discard_sync_error("terminal-checks", 2)
+            .await
+            .unwrap()
+    );
+    let open = gw
+        .store
+        .sync_errors(Some("terminal-checks"), true, 100)
+        .await
+        .unwrap();
+    let open: Vec<u64> = open.iter().map(|e| e.mutation_id).collect();
+    assert_eq!(open, [4, 5]);
+    let all = gw.store.sync_errors(None, false, 100).await.unwrap();
+    let states: Vec<(u64, &str)> = all
+        .iter()
+        .map(|e| (e.mutation_id, e.state.as_str()))
+        .collect();
+    assert_eq!(states, [(1, "discarded"), (4, "open"), (5, "open")]);
     let docs = server_docs(&gw, "work_orders").await;
     assert_eq!(docs.keys().collect::<Vec<_>>(), ["wo-2"]);
     assert_eq!(docs["wo-2"].0["qty"], Value::from(5));

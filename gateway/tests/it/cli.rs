@@ -816,10 +816,51 @@ async fn admin_sync_errors_lists_rejections_with_the_whole_mutation() {
     assert_eq!(list[0]["mutation"]["collection"], "work_orders");
     assert_eq!(list[0]["mutation"]["body"]["machine"], "M-404");
     assert_eq!(list[1]["code"], 405);
+    assert_eq!(list[0]["state"], "open");
     let table = syncgate(&["--data-dir", data, "admin", "sync-errors"]).await;
     assert!(table.status.success(), "{}", text(&table.stderr));
     let table = text(&table.stdout);
     assert!(table.contains("dangling_reference"), "{table}");
     assert!(table.contains("terminal-10"), "{table}");
+    // Discarding one: it stays stored, marked, and leaves the open ones.
+    let admin = |args: &'static [&'static str]| {
+        let mut all = vec!["--data-dir", data, "admin", "sync-errors"];
+        all.extend_from_slice(args);
+        async move { syncgate(&all).await }
+    };
+    let out = admin(&["discard", "terminal-9", "1"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = admin(&["--open", "--json"]).await;
+    let open: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut open: Vec<_> = open
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["client_id"].as_str().unwrap().to_owned(),
+                e["mutation_id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // Sorted: the two clients' rows may carry the same millisecond.
+    open.sort();
+    assert_eq!(
+        open,
+        [("terminal-10".to_owned(), 1), ("terminal-9".to_owned(), 3)]
+    );
+    let out = admin(&["--client", "terminal-9", "--json"]).await;
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all[0]["state"], "discarded");
+    let out = admin(&["discard", "terminal-9", "2"]).await;
+    assert!(
+        !out.status.success(),
+        "mutation 2 was applied, not rejected"
+    );
+    assert!(
+        text(&out.stderr).contains("no sync error"),
+        "{}",
+        text(&out.stderr)
+    );
     gw.shutdown().await;
 }
