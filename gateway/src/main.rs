@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
 use syncgate_gateway::server::{
-    ApiKeyRequest, create_api_key, discard_sync_error, list_api_keys, list_sync_errors, migrate,
-    reassign_client, revoke_api_key,
+    ApiKeyRequest, Retried, create_api_key, discard_sync_error, list_api_keys, list_sync_errors,
+    migrate, reassign_client, retry_sync_error, revoke_api_key,
 };
 use syncgate_gateway::{Config, Gateway};
 
@@ -116,6 +116,15 @@ enum Admin {
 
 #[derive(Subcommand)]
 enum AdminSyncErrors {
+    /// Push the rejected mutation again (after the data was fixed), through the same checks
+    /// as a client's push but with an operator's rights, exactly once however often it is
+    /// run; applied, it is marked `retried`.
+    Retry {
+        /// The client that pushed the mutation.
+        client_id: String,
+        /// The mutation's id.
+        mutation_id: u64,
+    },
     /// Mark a sync error as dealt with (the data was fixed, or the edit is not wanted): it
     /// stays stored, as `discarded`, and no longer shows with `--open`.
     Discard {
@@ -331,6 +340,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("sync error {client_id}/{mutation_id} discarded");
         }
+        Command::Admin {
+            command:
+                Admin::SyncErrors {
+                    command:
+                        Some(AdminSyncErrors::Retry {
+                            client_id,
+                            mutation_id,
+                        }),
+                    ..
+                },
+        } => match retry_sync_error(&config, client_id, *mutation_id).await? {
+            Retried::Applied { version } => {
+                println!(
+                    "sync error {client_id}/{mutation_id} retried: applied at version {version}"
+                );
+            }
+            Retried::Rejected { code, reason } => {
+                let name = syncgate_protocol::ErrorCode::from_code(code).map_or("?", |c| c.name());
+                anyhow::bail!("retried and rejected again: {name} ({code}): {reason}");
+            }
+            Retried::NotFound => {
+                anyhow::bail!("no sync error of client {client_id:?} has mutation id {mutation_id}")
+            }
+        },
         Command::Admin {
             command:
                 Admin::SyncErrors {

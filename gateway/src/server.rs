@@ -14,6 +14,8 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::storage::SyncError;
 
+use sha2::Digest;
+
 use crate::auth::api_key::ApiKey;
 use crate::auth::{Authenticator, SecretSource, load_or_create_secret_reporting};
 use crate::config::{Config, redact_url};
@@ -134,24 +136,7 @@ impl Gateway {
             claims_rx,
             config.max_client_ids_per_user,
         ));
-        let rules = Rules {
-            max_documents_per_user: config.max_documents_per_user,
-            max_sync_errors_per_user: config.max_sync_errors_per_user,
-            collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
-            limits: config.limits,
-            max_batch_output_bytes: config.max_batch_output_bytes,
-            write_roles: config
-                .collections
-                .iter()
-                .filter(|(_, c)| !c.write_roles.is_empty())
-                .map(|(name, c)| (name.clone(), c.write_roles.clone()))
-                .collect(),
-            checks: config
-                .collections
-                .iter()
-                .filter_map(|(name, c)| Some((name.clone(), DocChecks::from_config(c)?)))
-                .collect(),
-        };
+        let rules = rules(&config);
         background.spawn(run_ingest(
             store.clone(),
             rules,
@@ -332,6 +317,134 @@ pub async fn list_api_keys(config: &Config) -> anyhow::Result<Vec<ApiKey>> {
     let keys = store.api_keys().await;
     store.close().await;
     Ok(keys?)
+}
+
+/// What every mutation is checked against, from the configuration.
+fn rules(config: &Config) -> Rules {
+    Rules {
+        max_documents_per_user: config.max_documents_per_user,
+        max_sync_errors_per_user: config.max_sync_errors_per_user,
+        collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
+        limits: config.limits,
+        max_batch_output_bytes: config.max_batch_output_bytes,
+        write_roles: config
+            .collections
+            .iter()
+            .filter(|(_, c)| !c.write_roles.is_empty())
+            .map(|(name, c)| (name.clone(), c.write_roles.clone()))
+            .collect(),
+        checks: config
+            .collections
+            .iter()
+            .filter_map(|(name, c)| Some((name.clone(), DocChecks::from_config(c)?)))
+            .collect(),
+    }
+}
+
+/// What `syncgate admin sync-errors retry` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retried {
+    /// Applied (now, or by an earlier retry of the same sync error) at this version.
+    Applied {
+        /// The document's version (the change's seq).
+        version: u64,
+    },
+    /// Rejected again (kept as a new sync error of the retry's client id); the original stays
+    /// open.
+    Rejected {
+        /// The code.
+        code: u16,
+        /// Why.
+        reason: String,
+    },
+    /// No such sync error.
+    NotFound,
+}
+
+/// Pushes a stored rejected mutation again, through the same planner and group commit as a
+/// client's push (schema, references, quotas), with an operator's rights (no role or scope
+/// check), as the client id `retry-<16 hex>` derived from the original client id, mutation id
+/// and the number of earlier retries that were rejected again, mutation id 1: running the
+/// same retry twice (two operators, or a crash before the answer was recorded) is a replay
+/// and applies nothing twice, while a retry after a rejected one is a new attempt. An
+/// applied retry marks the sync error `retried`. A running gateway publishes the
+/// change when it next reads the log (at once on PostgreSQL, within a second on SQLite).
+pub async fn retry_sync_error(
+    config: &Config,
+    client_id: &str,
+    mutation_id: u64,
+) -> anyhow::Result<Retried> {
+    let store = open_store(config).await?;
+    let result = retry_with(&store, config, client_id, mutation_id).await;
+    store.close().await;
+    result
+}
+
+async fn retry_with(
+    store: &Store,
+    config: &Config,
+    client_id: &str,
+    mutation_id: u64,
+) -> anyhow::Result<Retried> {
+    let Some(error) = store
+        .sync_errors(Some(client_id), false, u64::MAX)
+        .await?
+        .into_iter()
+        .find(|e| e.mutation_id == mutation_id)
+    else {
+        return Ok(Retried::NotFound);
+    };
+    let user = store
+        .owner_of(client_id)
+        .await?
+        .unwrap_or_else(|| "syncgate-admin".to_owned());
+    let attempts = store
+        .sync_error_state(client_id, mutation_id)
+        .await?
+        .map_or(0, |(_, a)| a);
+    let digest = sha2::Sha256::digest(format!("{client_id}\n{mutation_id}\n{attempts}").as_bytes());
+    let short: Vec<u8> = digest.iter().take(8).copied().collect();
+    let retry_client = format!("retry-{}", hex::encode(short));
+    let mut mutation = error.mutation;
+    mutation.mutation_id = 1;
+    let job = crate::ingest::plan::PushJob {
+        client_id: retry_client,
+        user,
+        access: Arc::new(crate::auth::scope::Access::operator(&config.collections)),
+        batch: 1,
+        mutations: vec![mutation],
+    };
+    let (outcomes, _) = crate::ingest::commit_group(store, &[job], &rules(config)).await?;
+    let outcome = outcomes
+        .into_iter()
+        .next()
+        .context("the group answered no job")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let result = outcome
+        .results
+        .into_iter()
+        .next()
+        .context("the job answered no mutation")?;
+    Ok(match result.status {
+        syncgate_protocol::MutationStatus::Applied => {
+            store
+                .set_sync_error_state(client_id, mutation_id, "retried", attempts)
+                .await?;
+            Retried::Applied {
+                version: result.version.unwrap_or(0),
+            }
+        }
+        syncgate_protocol::MutationStatus::Rejected => {
+            // The next retry is a new attempt, under a new client id.
+            store
+                .set_sync_error_state(client_id, mutation_id, "open", attempts + 1)
+                .await?;
+            Retried::Rejected {
+                code: result.code.unwrap_or(0),
+                reason: result.reason.unwrap_or_default(),
+            }
+        }
+    })
 }
 
 /// Stored sync errors (rejected mutations), oldest first: `syncgate admin sync-errors`.

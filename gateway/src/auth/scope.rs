@@ -137,6 +137,22 @@ impl Access {
         }
     }
 
+    /// An operator's access (an administrator's command, not a client session): every role
+    /// any collection names, no row scope.
+    pub(crate) fn operator(collections: &BTreeMap<String, CollectionConfig>) -> Access {
+        let mut roles: Vec<String> = collections
+            .values()
+            .flat_map(|c| c.read_roles.iter().chain(&c.write_roles))
+            .cloned()
+            .collect();
+        roles.sort();
+        roles.dedup();
+        Access {
+            roles,
+            scopes: HashMap::new(),
+        }
+    }
+
     /// Roles only, every collection unscoped (tests and tools).
     #[cfg(test)]
     pub(crate) fn roles(roles: &[&str]) -> Access {

@@ -608,7 +608,8 @@ impl Store {
             .order_by("created_at", Order::Asc)
             .order_by("client_id", Order::Asc)
             .order_by("mutation_id", Order::Asc)
-            .limit(limit)
+            // The drivers bind a limit as a signed integer (a larger one panics inside them).
+            .limit(Ord::min(limit, i64::MAX as u64))
             .to_owned();
         if let Some(c) = client_id {
             select.and_where(Expr::col("client_id").eq(c));
@@ -625,6 +626,7 @@ impl Store {
                     Expr::col(("sg_sync_error_state", "mutation_id"))
                         .equals(("sg_sync_errors", "mutation_id")),
                 )
+                .and_where(Expr::col(("sg_sync_error_state", "state")).ne("open"))
                 .to_owned();
             select.and_where(Expr::exists(handled).not());
         }
@@ -682,6 +684,48 @@ impl Store {
         client_id: &str,
         mutation_id: u64,
     ) -> Result<bool, StoreError> {
+        let attempts = self
+            .sync_error_state(client_id, mutation_id)
+            .await?
+            .map_or(0, |(_, a)| a);
+        self.set_sync_error_state(client_id, mutation_id, "discarded", attempts)
+            .await
+    }
+
+    /// What became of a stored sync error so far: its state and how many retries of it were
+    /// rejected again. `None`: open, never retried (or no such sync error).
+    pub async fn sync_error_state(
+        &self,
+        client_id: &str,
+        mutation_id: u64,
+    ) -> Result<Option<(String, u64)>, StoreError> {
+        let select = Query::select()
+            .columns(["state", "attempts"])
+            .from("sg_sync_error_state")
+            .and_where(Expr::col("client_id").eq(client_id))
+            .and_where(Expr::col("mutation_id").eq(mutation_id as i64))
+            .to_owned();
+        self.db
+            .query_one_raw(self.backend.build(&select))
+            .await?
+            .map(|r| {
+                Ok((
+                    r.try_get::<String>("", "state")?,
+                    r.try_get::<i64>("", "attempts")? as u64,
+                ))
+            })
+            .transpose()
+    }
+
+    /// Records what became of a stored sync error (`open`, `discarded`, `retried`) and how
+    /// many retries of it were rejected again. `false`: there is no such sync error.
+    pub async fn set_sync_error_state(
+        &self,
+        client_id: &str,
+        mutation_id: u64,
+        state: &str,
+        attempts: u64,
+    ) -> Result<bool, StoreError> {
         let exists = Query::select()
             .expr(Expr::val(1))
             .from("sg_sync_errors")
@@ -698,21 +742,42 @@ impl Store {
         }
         let upsert = Query::insert()
             .into_table("sg_sync_error_state")
-            .columns(["client_id", "mutation_id", "state", "updated_at"])
+            .columns([
+                "client_id",
+                "mutation_id",
+                "state",
+                "attempts",
+                "updated_at",
+            ])
             .values_panic([
                 client_id.into(),
                 (mutation_id as i64).into(),
-                "discarded".into(),
+                state.into(),
+                i64::try_from(attempts).unwrap_or(i64::MAX).into(),
                 now_ms().into(),
             ])
             .on_conflict(
                 sea_orm::sea_query::OnConflict::columns(["client_id", "mutation_id"])
-                    .update_columns(["state", "updated_at"])
+                    .update_columns(["state", "attempts", "updated_at"])
                     .to_owned(),
             )
             .to_owned();
         self.db.execute_raw(self.backend.build(&upsert)).await?;
         Ok(true)
+    }
+
+    /// The user that owns `client_id`; `None`: nobody yet.
+    pub async fn owner_of(&self, client_id: &str) -> Result<Option<String>, StoreError> {
+        let select = Query::select()
+            .column("user_id")
+            .from("sg_clients")
+            .and_where(Expr::col("client_id").eq(client_id))
+            .to_owned();
+        self.db
+            .query_one_raw(self.backend.build(&select))
+            .await?
+            .map(|r| r.try_get::<String>("", "user_id").map_err(StoreError::from))
+            .transpose()
     }
 
     /// Counts stored sync errors (rejected mutations) of a client.

@@ -50,6 +50,7 @@ const TABLES: &[&str] = &[
         client_id TEXT NOT NULL,
         mutation_id BIGINT NOT NULL,
         state TEXT NOT NULL,
+        attempts BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
         PRIMARY KEY (client_id, mutation_id))",
     "CREATE TABLE IF NOT EXISTS sg_api_keys (

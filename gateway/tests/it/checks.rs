@@ -100,8 +100,50 @@ pub async fn references_and_schema_checks_reject_and_the_rest_apply(backend: Bac
         .map(|e| (e.mutation_id, e.state.as_str()))
         .collect();
     assert_eq!(states, [(1, "discarded"), (4, "open"), (5, "open")]);
+    // Machine M1 exists now (mutation 2 created it): the operator retries the dangling wo-1
+    // (`syncgate admin sync-errors retry`) and it applies — once, however often it is run;
+    // wo-3 still lacks its plant and is rejected again.
+    let mut config = db.config();
+    config.collections.get_mut("work_orders").unwrap().required = vec!["plant".into()];
+    use syncgate_gateway::server::{Retried, retry_sync_error};
+    let again = retry_sync_error(&config, "terminal-checks", 4)
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, Retried::Rejected { code: 410, .. }),
+        "still missing its plant: {again:?}"
+    );
+    let first = retry_sync_error(&config, "terminal-checks", 1)
+        .await
+        .unwrap();
+    let Retried::Applied { version } = first else {
+        panic!("{first:?}")
+    };
+    let head = gw.store.head().await.unwrap();
+    assert_eq!(head, version);
+    let second = retry_sync_error(&config, "terminal-checks", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        second,
+        Retried::Applied { version },
+        "a replay, not a second write"
+    );
+    assert_eq!(gw.store.head().await.unwrap(), head);
+    assert_eq!(
+        retry_sync_error(&config, "terminal-checks", 99)
+            .await
+            .unwrap(),
+        Retried::NotFound
+    );
+    let all = gw
+        .store
+        .sync_errors(Some("terminal-checks"), false, 100)
+        .await
+        .unwrap();
+    assert_eq!(all[0].state, "retried");
     let docs = server_docs(&gw, "work_orders").await;
-    assert_eq!(docs.keys().collect::<Vec<_>>(), ["wo-2"]);
+    assert_eq!(docs.keys().collect::<Vec<_>>(), ["wo-1", "wo-2"]);
     assert_eq!(docs["wo-2"].0["qty"], Value::from(5));
     gw.shutdown().await;
     db.cleanup().await;

@@ -852,6 +852,30 @@ async fn admin_sync_errors_lists_rejections_with_the_whole_mutation() {
     let out = admin(&["--client", "terminal-9", "--json"]).await;
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(all[0]["state"], "discarded");
+    // Retrying the dangling reference: rejected again until the machine exists, then
+    // applied once however often it is run.
+    let out = admin(&["retry", "terminal-9", "1"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("rejected again: dangling_reference"),
+        "{}",
+        text(&out.stderr)
+    );
+    push(&mut c, 2, vec![put(4, "machines", "M-404", body(&[]))]).await;
+    let out = admin(&["retry", "terminal-9", "1"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.contains("applied at version"), "{said}");
+    let again = admin(&["retry", "terminal-9", "1"]).await;
+    assert_eq!(
+        text(&again.stdout),
+        said,
+        "the same answer, nothing applied twice"
+    );
+    assert!(server_docs(&gw, "work_orders").await.contains_key("wo-1"));
+    // A huge limit is a limit, not a crash.
+    let out = admin(&["--limit", "18446744073709551615"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let out = admin(&["discard", "terminal-9", "2"]).await;
     assert!(
         !out.status.success(),
