@@ -386,12 +386,7 @@ async fn retry_with(
     client_id: &str,
     mutation_id: u64,
 ) -> anyhow::Result<Retried> {
-    let Some(error) = store
-        .sync_errors(Some(client_id), false, u64::MAX)
-        .await?
-        .into_iter()
-        .find(|e| e.mutation_id == mutation_id)
-    else {
+    let Some(error) = store.sync_error(client_id, mutation_id).await? else {
         return Ok(Retried::NotFound);
     };
     let user = store

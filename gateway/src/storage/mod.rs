@@ -587,85 +587,51 @@ impl Store {
     }
 
     /// Stored sync errors (rejected mutations), oldest first, of one client or of all, only
-    /// those nobody discarded when `open_only`; at most `limit`.
+    /// those nobody discarded or retried when `open_only`; at most `limit`.
     pub async fn sync_errors(
         &self,
         client_id: Option<&str>,
         open_only: bool,
         limit: u64,
     ) -> Result<Vec<SyncError>, StoreError> {
-        let mut select = Query::select()
-            .columns([
-                "client_id",
-                "mutation_id",
-                "batch",
-                "code",
-                "reason",
-                "mutation",
-                "created_at",
-            ])
-            .from("sg_sync_errors")
-            .order_by("created_at", Order::Asc)
-            .order_by("client_id", Order::Asc)
-            .order_by("mutation_id", Order::Asc)
-            // The drivers bind a limit as a signed integer (a larger one panics inside them).
-            .limit(Ord::min(limit, i64::MAX as u64))
-            .to_owned();
+        let mut select = sync_errors_select(limit);
         if let Some(c) = client_id {
-            select.and_where(Expr::col("client_id").eq(c));
+            select.and_where(Expr::col(("sg_sync_errors", "client_id")).eq(c));
         }
         if open_only {
-            let handled = Query::select()
-                .expr(Expr::val(1))
-                .from("sg_sync_error_state")
-                .and_where(
-                    Expr::col(("sg_sync_error_state", "client_id"))
-                        .equals(("sg_sync_errors", "client_id")),
-                )
-                .and_where(
-                    Expr::col(("sg_sync_error_state", "mutation_id"))
-                        .equals(("sg_sync_errors", "mutation_id")),
-                )
-                .and_where(Expr::col(("sg_sync_error_state", "state")).ne("open"))
-                .to_owned();
-            select.and_where(Expr::exists(handled).not());
+            let state = || Expr::col(("sg_sync_error_state", "state"));
+            select.and_where(state().is_null().or(state().eq("open")));
         }
-        let mut states = Query::select()
-            .columns(["client_id", "mutation_id", "state"])
-            .from("sg_sync_error_state")
-            .to_owned();
-        if let Some(c) = client_id {
-            states.and_where(Expr::col("client_id").eq(c));
-        }
-        let states: HashMap<(String, u64), String> = self
-            .db
-            .query_all_raw(self.backend.build(&states))
-            .await?
-            .into_iter()
-            .map(|r| {
-                Ok((
-                    (
-                        r.try_get::<String>("", "client_id")?,
-                        r.try_get::<i64>("", "mutation_id")? as u64,
-                    ),
-                    r.try_get::<String>("", "state")?,
-                ))
-            })
-            .collect::<Result<_, StoreError>>()?;
-        let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
+        self.read_sync_errors(&select).await
+    }
+
+    /// One stored sync error; `None`: there is no such sync error.
+    pub async fn sync_error(
+        &self,
+        client_id: &str,
+        mutation_id: u64,
+    ) -> Result<Option<SyncError>, StoreError> {
+        let mut select = sync_errors_select(1);
+        select
+            .and_where(Expr::col(("sg_sync_errors", "client_id")).eq(client_id))
+            .and_where(Expr::col(("sg_sync_errors", "mutation_id")).eq(mutation_id as i64));
+        Ok(self.read_sync_errors(&select).await?.pop())
+    }
+
+    async fn read_sync_errors(
+        &self,
+        select: &SelectStatement,
+    ) -> Result<Vec<SyncError>, StoreError> {
+        let rows = self.db.query_all_raw(self.backend.build(select)).await?;
         rows.into_iter()
             .map(|r| {
                 let raw: Vec<u8> = r.try_get("", "mutation")?;
-                let client_id: String = r.try_get("", "client_id")?;
-                let mutation_id = r.try_get::<i64>("", "mutation_id")? as u64;
-                let state = states
-                    .get(&(client_id.clone(), mutation_id))
-                    .cloned()
-                    .unwrap_or_else(|| "open".to_owned());
                 Ok(SyncError {
-                    state,
-                    client_id,
-                    mutation_id,
+                    state: r
+                        .try_get::<Option<String>>("", "state")?
+                        .unwrap_or_else(|| "open".to_owned()),
+                    client_id: r.try_get("", "client_id")?,
+                    mutation_id: r.try_get::<i64>("", "mutation_id")? as u64,
                     batch: r.try_get::<i64>("", "batch")? as u64,
                     code: u16::try_from(r.try_get::<i64>("", "code")?).unwrap_or(0),
                     reason: r.try_get("", "reason")?,
@@ -793,6 +759,36 @@ impl Store {
             None => 0,
         })
     }
+}
+
+/// Sync errors with their state (absent: open), oldest first, at most `limit`.
+fn sync_errors_select(limit: u64) -> SelectStatement {
+    let e = |c: &'static str| ("sg_sync_errors", c);
+    let st = |c: &'static str| ("sg_sync_error_state", c);
+    Query::select()
+        .columns([
+            e("client_id"),
+            e("mutation_id"),
+            e("batch"),
+            e("code"),
+            e("reason"),
+            e("mutation"),
+            e("created_at"),
+        ])
+        .expr_as(Expr::col(st("state")), "state")
+        .from("sg_sync_errors")
+        .left_join(
+            "sg_sync_error_state",
+            Expr::col(st("client_id"))
+                .equals(e("client_id"))
+                .and(Expr::col(st("mutation_id")).equals(e("mutation_id"))),
+        )
+        .order_by(e("created_at"), Order::Asc)
+        .order_by(e("client_id"), Order::Asc)
+        .order_by(e("mutation_id"), Order::Asc)
+        // The drivers bind a limit as a signed integer (a larger one panics inside them).
+        .limit(Ord::min(limit, i64::MAX as u64))
+        .to_owned()
 }
 
 /// A rejected mutation as stored (`sg_sync_errors`).
