@@ -223,8 +223,16 @@ impl Default for AuthConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CollectionConfig {
-    /// Conflict policy. Only `lww` (server-order last-write-wins) exists so far.
+    /// What wins when a mutation was based on a version another client has changed since:
+    /// `lww` (default: the later commit, in server order), `field_merge`, `first_write_wins`,
+    /// `manual` or `precedence` (see README, "Conflicts"). Every overwrite or refusal is
+    /// recorded in the conflict audit (`syncgate admin conflicts`).
     pub policy: ConflictPolicy,
+    /// For `policy = "precedence"`: field -> its values, highest first
+    /// (`{ status = ["cancelled", "completed", "in_progress", "open"] }`). On a field both
+    /// sides changed, the higher-ranked value wins whatever the arrival order; an unlisted
+    /// value ranks below every listed one; fields without a ranking follow `lww`.
+    pub precedence: BTreeMap<String, Vec<String>>,
     /// What clients download: `all` (subscriptions and `fetch`), `upload_only` (clients
     /// write, never read: subscribing and fetching get `not_downloadable`, 306) or `never`
     /// (not part of automatic sync: subscribing gets 306, clients `fetch` the ids they need).
@@ -300,13 +308,24 @@ pub enum FieldType {
     Any,
 }
 
-/// How concurrent writes to one document are resolved.
+/// How concurrent writes to one document are resolved (`crate::conflict` has each rule).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConflictPolicy {
     /// Server-order last-write-wins: the mutation committed last wins.
     #[default]
     Lww,
+    /// Fields changed only by one side are kept from that side; a field both changed takes
+    /// the later commit's value.
+    FieldMerge,
+    /// A mutation based on an outdated version is refused (`conflict`, 413) and the writer
+    /// gets the server's version and body.
+    FirstWriteWins,
+    /// A mutation based on an outdated version is refused and an open conflict recorded,
+    /// which a later mutation naming its id resolves.
+    Manual,
+    /// Per-field value rankings (`precedence`) decide; other fields follow `lww`.
+    Precedence,
 }
 
 impl Default for Config {
@@ -317,8 +336,24 @@ impl Default for Config {
                 .map(|c| (c.to_owned(), CollectionConfig::default()))
                 .collect();
         // The sample's work orders name the machine they run on.
+        // ... and the central ERP's cancellation outranks a terminal's completion.
         if let Some(w) = collections.get_mut("work_orders") {
             w.references.insert("machine".into(), "machines".into());
+            w.policy = ConflictPolicy::Precedence;
+            w.precedence.insert(
+                "status".into(),
+                ["cancelled", "completed", "in_progress", "open"]
+                    .map(String::from)
+                    .to_vec(),
+            );
+        }
+        // Two operators editing different fields of a machine both keep their edit.
+        if let Some(m) = collections.get_mut("machines") {
+            m.policy = ConflictPolicy::FieldMerge;
+        }
+        // A stock count is never overwritten silently: someone decides.
+        if let Some(s) = collections.get_mut("stock") {
+            s.policy = ConflictPolicy::Manual;
         }
         // Feedback forms go up and never come back down.
         if let Some(f) = collections.get_mut("feedback") {
@@ -359,6 +394,63 @@ impl Default for Config {
             collections,
         }
     }
+}
+
+/// Checks a collection's `policy` against its `precedence` rankings.
+fn check_precedence(name: &str, c: &CollectionConfig) -> Result<(), ConfigError> {
+    let bad = |m: String| Err(ConfigError::Invalid(m));
+    if c.policy != ConflictPolicy::Precedence {
+        if !c.precedence.is_empty() {
+            return bad(format!(
+                "collections.{name}.precedence is set but the policy is {:?}: rankings are used \
+                 only with policy = \"precedence\"",
+                c.policy
+            ));
+        }
+        return Ok(());
+    }
+    if c.precedence.is_empty() {
+        return bad(format!(
+            "collections.{name}: policy = \"precedence\" needs at least one ranking, e.g. \
+             precedence = {{ status = [\"cancelled\", \"completed\", \"open\"] }}"
+        ));
+    }
+    for (field, ranking) in &c.precedence {
+        if field.is_empty() {
+            return bad(format!(
+                "collections.{name}.precedence: a field name is empty"
+            ));
+        }
+        if ranking.is_empty() {
+            return bad(format!(
+                "collections.{name}.precedence.{field}: the ranking lists no value"
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = ranking.iter().find(|v| !seen.insert(v.as_str())) {
+            return bad(format!(
+                "collections.{name}.precedence.{field}: {twice:?} is listed twice"
+            ));
+        }
+        if !c.schema.is_empty() {
+            match c.schema.get(field) {
+                None => {
+                    return bad(format!(
+                        "collections.{name}.precedence.{field}: not a field of the \
+                         collection's schema"
+                    ));
+                }
+                Some(t) if !matches!(t, FieldType::String | FieldType::Any) => {
+                    return bad(format!(
+                        "collections.{name}.precedence.{field}: rankings hold strings, but the \
+                         schema type is {t:?}"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A configuration that cannot be used.
@@ -516,6 +608,7 @@ impl Config {
                     "collections.{name}: a field name in schema, required or references is empty"
                 ));
             }
+            check_precedence(name, c)?;
             for (field, target) in &c.references {
                 if !self.collections.contains_key(target) {
                     return bad(format!(
@@ -724,15 +817,17 @@ mod tests {
         assert!(c.validate().is_err());
     }
 
+    /// Asserts that `toml` is refused (by parsing or validation) with a message saying `says`.
+    fn invalid(toml: &str, says: &str) {
+        let err = match Config::from_toml(toml) {
+            Err(e) => e.to_string(),
+            Ok(c) => c.validate().expect_err(toml).to_string(),
+        };
+        assert!(err.contains(says), "{toml}: {err}");
+    }
+
     #[test]
     fn schema_required_and_references_are_checked_with_a_clear_message() {
-        let invalid = |toml: &str, says: &str| {
-            let err = match Config::from_toml(toml) {
-                Err(e) => e.to_string(),
-                Ok(c) => c.validate().expect_err(toml).to_string(),
-            };
-            assert!(err.contains(says), "{toml}: {err}");
-        };
         invalid(
             "[collections.orders]\nreferences = { machine = \"machinez\" }",
             "collections.orders.references.machine = \"machinez\": not a declared collection",
@@ -760,5 +855,52 @@ mod tests {
         let orders = &ok.collections["orders"];
         assert_eq!(orders.schema["qty"], FieldType::Integer);
         assert_eq!(orders.required, ["plant"]);
+    }
+
+    #[test]
+    fn policies_and_rankings_are_checked_with_a_clear_message() {
+        invalid(
+            "[collections.orders]\npolicy = \"newest\"",
+            "unknown variant `newest`",
+        );
+        invalid(
+            "[collections.orders]\npolicy = \"precedence\"",
+            "policy = \"precedence\" needs at least one ranking",
+        );
+        invalid(
+            "[collections.orders]\nprecedence = { status = [\"a\"] }",
+            "collections.orders.precedence is set but the policy is Lww",
+        );
+        invalid(
+            "[collections.orders]\npolicy = \"precedence\"\nprecedence = { status = [] }",
+            "collections.orders.precedence.status: the ranking lists no value",
+        );
+        invalid(
+            "[collections.orders]\npolicy = \"precedence\"\nprecedence = { status = [\"a\", \"a\"] }",
+            "\"a\" is listed twice",
+        );
+        invalid(
+            "[collections.orders]\npolicy = \"precedence\"\nprecedence = { status = [\"a\"] }\n\
+             schema = { qty = \"integer\" }",
+            "collections.orders.precedence.status: not a field of the collection's schema",
+        );
+        invalid(
+            "[collections.orders]\npolicy = \"precedence\"\nprecedence = { qty = [\"1\"] }\n\
+             schema = { qty = \"integer\" }",
+            "rankings hold strings, but the schema type is Integer",
+        );
+        for policy in ["lww", "field_merge", "first_write_wins", "manual"] {
+            let c =
+                Config::from_toml(&format!("[collections.orders]\npolicy = \"{policy}\"")).unwrap();
+            c.validate().unwrap();
+        }
+        let d = Config::default();
+        assert_eq!(
+            d.collections["work_orders"].policy,
+            ConflictPolicy::Precedence
+        );
+        assert_eq!(d.collections["machines"].policy, ConflictPolicy::FieldMerge);
+        assert_eq!(d.collections["stock"].policy, ConflictPolicy::Manual);
+        d.validate().unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! # Layout (folders by concern; ARCHITECTURE.md has the map and the dependency direction)
 //! - [`config`]: the `Config` (TOML file, env, flags) and its validation.
+//! - [`conflict`]: conflict policies (pure) and the public [`conflict::ConflictResolver`].
 //! - [`auth`]: HS256 JWT verification and minting; the generated secret.
 //! - [`server`]: wiring, listeners, graceful shutdown; `migrate`.
 //! - `http`: `/healthz`, `/readyz`, `/metrics`.
@@ -19,6 +20,7 @@
 pub mod auth;
 mod changes;
 pub mod config;
+pub mod conflict;
 mod error;
 mod files;
 mod http;

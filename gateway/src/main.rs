@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
 use syncgate_gateway::server::{
-    ApiKeyRequest, Retried, create_api_key, discard_sync_error, list_api_keys, list_sync_errors,
-    migrate, reassign_client, retry_sync_error, revoke_api_key,
+    ApiKeyRequest, Retried, create_api_key, discard_sync_error, list_api_keys, list_conflicts,
+    list_sync_errors, migrate, reassign_client, retry_sync_error, revoke_api_key,
 };
 use syncgate_gateway::{Config, Gateway};
 
@@ -109,6 +109,24 @@ enum Admin {
         #[arg(long, default_value_t = 1000)]
         limit: u64,
         /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the conflict audit, oldest first: every decision of a conflict policy that
+    /// overwrote or refused a concurrent change (collection, id, policy, outcome, base and
+    /// server versions, both bodies, both origins, time), and the `manual` conflicts with
+    /// their state. Uses the database the gateway uses; works while it runs.
+    Conflicts {
+        /// Only this collection's.
+        #[arg(long)]
+        collection: Option<String>,
+        /// Only open `manual` conflicts (waiting for a resolution).
+        #[arg(long)]
+        open: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u64,
+        /// Print JSON (one array, with both bodies) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -375,23 +393,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let errors = list_sync_errors(&config, client.as_deref(), *open, *limit).await?;
+            print_sync_errors(&errors, *json)?;
+        }
+        Command::Admin {
+            command:
+                Admin::Conflicts {
+                    collection,
+                    open,
+                    limit,
+                    json,
+                },
+        } => {
+            let conflicts = list_conflicts(&config, collection.as_deref(), *open, *limit).await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&errors)?);
+                println!("{}", serde_json::to_string_pretty(&conflicts)?);
             } else {
                 println!(
-                    "CLIENT               MUTATION  CODE  COLLECTION/ID                  REASON"
+                    "ID                        COLLECTION/ID                  POLICY            \
+                     OUTCOME      STATE     BASE  SERVER  APPLIED  OTHERS"
                 );
-                for e in errors {
-                    let name =
-                        syncgate_protocol::ErrorCode::from_code(e.code).map_or("?", |c| c.name());
-                    let doc = format!("{}/{}", e.mutation.collection, e.mutation.id);
+                for c in conflicts {
+                    let doc = format!("{}/{}", c.collection, c.doc_id);
+                    let applied = c
+                        .applied_version
+                        .or(c.resolved_version)
+                        .map_or("-".to_owned(), |v| v.to_string());
                     println!(
-                        "{:<20} {:>8}  {:>4}  {:<9}  {doc:<30} {name}: {}",
-                        e.client_id, e.mutation_id, e.code, e.state, e.reason
+                        "{:<25} {doc:<30} {:<17} {:<12} {:<8} {:>5} {:>7} {applied:>8}  {}",
+                        c.id,
+                        c.policy,
+                        c.outcome,
+                        c.state,
+                        c.base_version,
+                        c.server_version,
+                        c.other_clients.join(",")
                     );
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn print_sync_errors(
+    errors: &[syncgate_gateway::server::SyncError],
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(errors)?);
+        return Ok(());
+    }
+    println!("CLIENT               MUTATION  CODE  COLLECTION/ID                  REASON");
+    for e in errors {
+        let name = syncgate_protocol::ErrorCode::from_code(e.code).map_or("?", |c| c.name());
+        let doc = format!("{}/{}", e.mutation.collection, e.mutation.id);
+        println!(
+            "{:<20} {:>8}  {:>4}  {:<9}  {doc:<30} {name}: {}",
+            e.client_id, e.mutation_id, e.code, e.state, e.reason
+        );
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Wiring: opens storage, starts the follower, ingest, PostgreSQL listener, the WebSocket
 //! accept loop and the HTTP endpoint, and shuts them down in order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,13 +12,14 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::storage::SyncError;
+pub use crate::storage::{ConflictRecord, SyncError};
 
 use sha2::Digest;
 
 use crate::auth::api_key::ApiKey;
 use crate::auth::{Authenticator, SecretSource, load_or_create_secret_reporting};
 use crate::config::{Config, redact_url};
+use crate::conflict::ConflictResolver;
 use crate::ingest::checks::DocChecks;
 use crate::ingest::plan::Rules;
 use crate::ingest::{IngestRequest, run_ingest};
@@ -69,7 +70,26 @@ impl Gateway {
     /// Validates the configuration, opens the database (running migrations), binds both
     /// listeners and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        Self::start_with_resolvers(config, Resolvers::new()).await
+    }
+
+    /// [`Gateway::start`], with business rules of the embedder's own for some collections:
+    /// collection -> its [`ConflictResolver`], used instead of the collection's configured
+    /// `policy` (which the command-line tools, `syncgate admin sync-errors retry`, still
+    /// use). Every node of a deployment must be started with the same resolvers.
+    pub async fn start_with_resolvers(
+        config: Config,
+        resolvers: Resolvers,
+    ) -> anyhow::Result<Gateway> {
         config.validate()?;
+        if let Some(unknown) = resolvers
+            .keys()
+            .find(|c| !config.collections.contains_key(*c))
+        {
+            anyhow::bail!(
+                "a conflict resolver is given for {unknown:?}, which is not a declared collection"
+            );
+        }
         let url = config.database_url();
         if url.starts_with("sqlite:") {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -136,7 +156,7 @@ impl Gateway {
             claims_rx,
             config.max_client_ids_per_user,
         ));
-        let rules = rules(&config);
+        let rules = rules(&config, &resolvers);
         background.spawn(run_ingest(
             store.clone(),
             rules,
@@ -319,9 +339,25 @@ pub async fn list_api_keys(config: &Config) -> anyhow::Result<Vec<ApiKey>> {
     Ok(keys?)
 }
 
-/// What every mutation is checked against, from the configuration.
-fn rules(config: &Config) -> Rules {
+/// Conflict resolvers an embedder supplies, by collection; each replaces the collection's
+/// configured `policy` on this node (see [`Gateway::start_with_resolvers`]).
+pub type Resolvers = HashMap<String, Arc<dyn ConflictResolver>>;
+
+/// What every mutation is checked against, from the configuration (and an embedder's
+/// resolvers).
+fn rules(config: &Config, resolvers: &Resolvers) -> Rules {
     Rules {
+        resolvers: config
+            .collections
+            .iter()
+            .map(|(name, c)| {
+                let r = resolvers
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| crate::conflict::builtin(c));
+                (name.clone(), r)
+            })
+            .collect(),
         max_documents_per_user: config.max_documents_per_user,
         max_sync_errors_per_user: config.max_sync_errors_per_user,
         collections: config.collections.keys().cloned().collect::<HashSet<_>>(),
@@ -409,7 +445,8 @@ async fn retry_with(
         batch: 1,
         mutations: vec![mutation],
     };
-    let (outcomes, _) = crate::ingest::commit_group(store, &[job], &rules(config)).await?;
+    let (outcomes, _) =
+        crate::ingest::commit_group(store, &[job], &rules(config, &Resolvers::new())).await?;
     let outcome = outcomes
         .into_iter()
         .next()
@@ -453,6 +490,19 @@ pub async fn list_sync_errors(
     let errors = store.sync_errors(client_id, open_only, limit).await;
     store.close().await;
     Ok(errors?)
+}
+
+/// The conflict audit, oldest first: `syncgate admin conflicts`.
+pub async fn list_conflicts(
+    config: &Config,
+    collection: Option<&str>,
+    open_only: bool,
+    limit: u64,
+) -> anyhow::Result<Vec<ConflictRecord>> {
+    let store = open_store(config).await?;
+    let conflicts = store.conflict_records(collection, open_only, limit).await;
+    store.close().await;
+    Ok(conflicts?)
 }
 
 /// Marks a sync error as dealt with: `syncgate admin sync-errors discard`. `false`: no such

@@ -143,6 +143,7 @@ pub fn put_padded(
         op: MutationOp::Put,
         body: Some(body),
         base_version: None,
+        resolves: None,
     }
 }
 

@@ -438,6 +438,7 @@ impl Backend {
             op: MutationOp::Put,
             body: Some(body),
             base_version: None,
+            resolves: None,
         };
         self.push(m, &plant, committed).await
     }
@@ -474,6 +475,7 @@ impl Backend {
             op: MutationOp::Patch,
             body: Some([("status".to_owned(), Value::from("cancelled"))].into()),
             base_version: None,
+            resolves: None,
         };
         self.push(m, plant, committed).await
     }
@@ -659,6 +661,7 @@ impl Terminal {
                             op: MutationOp::Patch,
                             body: Some(body),
                             base_version: None,
+                            resolves: None,
                         },
                         Instant::now(),
                     ));

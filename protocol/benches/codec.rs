@@ -45,6 +45,7 @@ fn push(n: u64) -> Frame {
                 op: MutationOp::Put,
                 body: Some(body(i)),
                 base_version: Some(i),
+                resolves: None,
             })
             .collect(),
     })

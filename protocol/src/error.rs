@@ -127,6 +127,14 @@ error_codes! {
     /// have (and that no earlier mutation of the batch created); rejected and stored, and the
     /// mutations after it still apply.
     DanglingReference = 412, "dangling_reference", false;
+    /// Another client changed the document after the mutation's `base_version`, and the
+    /// collection's policy (`first_write_wins`, `manual`) keeps the server's version: the
+    /// result's `conflict` holds it (and, for `manual`, the conflict's id). Recorded in the
+    /// conflict audit, not as a sync error.
+    Conflict = 413, "conflict", false;
+    /// The mutation's `resolves` names no conflict of this document (unknown id, or a
+    /// conflict of another document); rejected and stored, like any rejection.
+    UnknownConflict = 414, "unknown_conflict", false;
     /// The gateway failed internally; the request may be retried.
     InternalError = 500, "internal_error", true;
     /// The connection's outbound buffer overflowed; reconnect and resume by cursor.

@@ -238,9 +238,17 @@ pub struct Mutation {
     /// The body (put) or the fields to set (patch); nil for delete.
     #[serde(default)]
     pub body: Option<Body>,
-    /// The version the client based its edit on (informational under last-write-wins).
+    /// The version of the document the client based its edit on: the server version it had
+    /// seen, or 0 when it had seen none (a create). A change to the document after that version
+    /// by *another* client is a conflict, decided by the collection's policy. Nil: a "blind"
+    /// write, which never conflicts (it follows server order, like `lww`).
     #[serde(default)]
     pub base_version: Option<u64>,
+    /// The id of a `manual` conflict this mutation resolves (from a result's `conflict.id`):
+    /// the mutation is applied as the resolution, whatever changed since its base, and the
+    /// conflict is closed. Absent in every other mutation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolves: Option<String>,
 }
 
 /// Client → server: a batch of mutations, applied atomically in one transaction.
@@ -262,8 +270,22 @@ pub enum MutationStatus {
     Rejected,
 }
 
+/// The server's side of a conflict that refused a mutation (`first_write_wins`, `manual`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictInfo {
+    /// The conflict's id, for a `manual` conflict (resolve it with a mutation whose
+    /// `resolves` names it); absent for `first_write_wins`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The document's version on the server when the mutation was refused.
+    pub version: u64,
+    /// The document's body on the server then (nil: deleted).
+    #[serde(default)]
+    pub body: Option<Body>,
+}
+
 /// Per-mutation result inside `PushAck`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MutationResult {
     /// The mutation this result is for.
     pub mutation_id: u64,
@@ -278,6 +300,10 @@ pub struct MutationResult {
     /// For rejected mutations: a human-readable reason.
     #[serde(default)]
     pub reason: Option<String>,
+    /// For a mutation refused by a conflict (code 413): the server's version and body, and
+    /// for a `manual` conflict its id. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<ConflictInfo>,
 }
 
 impl MutationResult {
@@ -289,6 +315,7 @@ impl MutationResult {
             version: Some(version),
             code: None,
             reason: None,
+            conflict: None,
         }
     }
 
@@ -300,12 +327,21 @@ impl MutationResult {
             version: None,
             code: Some(code.code()),
             reason: Some(reason.into()),
+            conflict: None,
+        }
+    }
+
+    /// A mutation refused by a conflict (`conflict`, 413), with the server's side.
+    pub fn conflict(mutation_id: u64, reason: impl Into<String>, conflict: ConflictInfo) -> Self {
+        MutationResult {
+            conflict: Some(conflict),
+            ..MutationResult::rejected(mutation_id, ErrorCode::Conflict, reason)
         }
     }
 }
 
 /// Server → client: the batch is durably committed (or was already).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PushAck {
     /// The batch id from `Push`.
     pub batch: u64,

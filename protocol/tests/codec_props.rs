@@ -78,6 +78,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
                 op,
                 body,
                 base_version,
+                resolves: None,
             },
         )
 }

@@ -545,6 +545,7 @@ mod tests {
             op: MutationOp::Delete,
             body: None,
             base_version: None,
+            resolves: None,
         }
     }
 

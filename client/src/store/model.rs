@@ -201,6 +201,7 @@ mod tests {
                 op,
                 body: b,
                 base_version: None,
+                resolves: None,
             },
             acked_version: acked,
         }

@@ -46,6 +46,7 @@ impl LocalStore {
             op,
             body,
             base_version,
+            resolves: None,
         };
         txn.execute_raw(st(
             "INSERT INTO sgc_outbox (mutation_id, collection, doc_id, mutation, created_ms) \

@@ -18,6 +18,8 @@
 //! answered.
 
 pub(crate) mod checks;
+#[cfg(test)]
+mod conflict_props;
 mod fair;
 pub(crate) mod order;
 pub(crate) mod plan;
@@ -219,6 +221,13 @@ pub(crate) async fn commit_group(
     }
     let wanted = plan::wanted(jobs, &pre.lasts, rules);
     pre.docs = txn.documents(&wanted.docs).await?;
+    let history = plan::history_wanted(jobs, &pre.lasts, &pre.docs);
+    if !history.is_empty() {
+        pre.history = txn.history(&history).await?;
+    }
+    if !wanted.conflicts.is_empty() {
+        pre.conflicts = txn.conflicts(&wanted.conflicts).await?;
+    }
     for (client, ids) in &wanted.earlier {
         let outcomes = txn.earlier_outcomes(client, ids).await?;
         pre.earlier.insert((*client).to_owned(), outcomes);

@@ -14,7 +14,11 @@
 //! fits its op (400), a patch finds a live document (405), the resulting document fits
 //! `max_document_bytes` (402). A mutation at or below the horizon gets its stored outcome, or
 //! 400 if the client skipped that id.
-//! Conflict policies, references, schema checks and scopes are further steps of [`plan`].
+//! Then the document checks (schema, required fields), references, and the conflict step: a
+//! mutation whose `base_version` is older than a change by another client is handed to its
+//! collection's [`ConflictResolver`], whose answer is applied, refused or kept open, and
+//! audited (`sg_conflicts`) when it overwrote or refused a concurrent change. A mutation that
+//! `resolves` an open `manual` conflict skips that step and closes the conflict.
 //!
 //! Each new body is encoded to MessagePack once, here: those bytes size-check the document,
 //! are stored in `sg_changes` and `sg_documents`, and are spliced into the change's wire
@@ -34,14 +38,19 @@ use syncgate_protocol::{
 use crate::auth::allowed;
 use crate::auth::scope::Access;
 use crate::changes::{Committed, LogEntry};
+use crate::conflict::{
+    Conflict, ConflictResolver, FieldSet, LastWriteWins, Outcome, Resolution, applied_outcome,
+    conflict_id, parse_conflict_id, refusal_reason,
+};
 use crate::error::GatewayError;
 use crate::ingest::checks::DocChecks;
 use crate::storage::{
-    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc, UsageRow,
+    ChangeRow, ClientRow, ConflictRow, DocumentRow, Earlier, GroupRows, HistoryRow, RejectionRow,
+    ResolutionRow, StoredConflict, StoredDoc, UsageRow,
 };
 
 /// One client's push batch, as the connection hands it to ingest.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct PushJob {
     /// The pushing client.
     pub client_id: String,
@@ -56,7 +65,7 @@ pub(crate) struct PushJob {
 }
 
 /// The acknowledgement of one job.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PushOutcome {
     /// One result per mutation.
     pub results: Vec<MutationResult>,
@@ -84,6 +93,8 @@ pub(crate) struct Rules {
     pub max_sync_errors_per_user: u64,
     /// Collections that declare a schema, required fields or references: collection -> them.
     pub checks: HashMap<String, DocChecks>,
+    /// Each collection's conflict policy (absent: `lww`).
+    pub resolvers: HashMap<String, Arc<dyn ConflictResolver>>,
 }
 
 /// What the planner reads from the database (the prefetch step).
@@ -102,6 +113,11 @@ pub(crate) struct Prefetched {
     /// What each pushing user holds: (documents, stored rejections) — read only when a
     /// quota is set.
     pub usage: HashMap<String, (i64, i64)>,
+    /// (collection, id) -> the changes after the oldest base version a mutation of the
+    /// group names, for each document in [`history_wanted`].
+    pub history: HashMap<(String, String), Vec<HistoryRow>>,
+    /// The recorded conflicts named by mutations' `resolves` ([`Wanted::conflicts`]).
+    pub conflicts: HashMap<(String, u64), StoredConflict>,
 }
 
 /// What to prefetch once the horizons are known.
@@ -111,6 +127,8 @@ pub(crate) struct Wanted<'a> {
     pub docs: Vec<(&'a str, &'a str)>,
     /// Per client, the ids at or below its stored horizon (replays), each once.
     pub earlier: Vec<(&'a str, Vec<u64>)>,
+    /// The conflicts that new mutations resolve: (client id, mutation id), each once.
+    pub conflicts: Vec<(&'a str, u64)>,
 }
 
 /// Everything a group does, decided before anything is written.
@@ -155,6 +173,7 @@ pub(crate) fn wanted<'a>(
     let mut earlier: Vec<(&str, Vec<u64>)> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
     let mut seen_ids = HashSet::new();
+    let mut conflicts = Vec::new();
     for job in jobs {
         let last = lasts.get(&job.client_id).copied().unwrap_or(0);
         for m in &job.mutations {
@@ -162,6 +181,11 @@ pub(crate) fn wanted<'a>(
                 let key = (m.collection.as_str(), m.id.as_str());
                 if seen_docs.insert(key) {
                     docs.push(key);
+                }
+                if let Some(named) = m.resolves.as_deref().and_then(parse_conflict_id)
+                    && !conflicts.contains(&named)
+                {
+                    conflicts.push(named);
                 }
                 if let (Some(checks), Some(written)) =
                     (rules.checks.get(&m.collection), m.body.as_ref())
@@ -183,7 +207,42 @@ pub(crate) fn wanted<'a>(
             }
         }
     }
-    Wanted { docs, earlier }
+    Wanted {
+        docs,
+        earlier,
+        conflicts,
+    }
+}
+
+/// The documents whose history conflict detection needs, given what [`wanted`] read: each
+/// document a new mutation with a `base_version` touches whose stored version is newer than
+/// that base, with the oldest such base. Most groups need none.
+pub(crate) fn history_wanted<'a>(
+    jobs: &'a [PushJob],
+    lasts: &HashMap<String, u64>,
+    docs: &HashMap<String, HashMap<String, StoredDoc>>,
+) -> Vec<(&'a str, &'a str, u64)> {
+    let mut out: Vec<(&str, &str, u64)> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    for job in jobs {
+        let last = lasts.get(&job.client_id).copied().unwrap_or(0);
+        for m in job.mutations.iter().filter(|m| m.mutation_id > last) {
+            let Some(base) = m.base_version else { continue };
+            let stored = docs.get(&m.collection).and_then(|ids| ids.get(&m.id));
+            if stored.is_none_or(|d| d.version <= base) {
+                continue;
+            }
+            let key = (m.collection.as_str(), m.id.as_str());
+            match index.get(&key).and_then(|i| out.get_mut(*i)) {
+                Some(entry) => entry.2 = entry.2.min(base),
+                None => {
+                    index.insert(key, out.len());
+                    out.push((key.0, key.1, base));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A document's state as the group goes: as stored, or as an earlier mutation of the group
@@ -196,7 +255,8 @@ struct DocNow {
     deleted: bool,
 }
 
-/// What one mutation above its client's horizon does: a new change, or a rejection.
+/// What one mutation above its client's horizon does: a new change, a rejection, or a
+/// refusal by its conflict policy.
 enum Effect {
     Change {
         op: ChangeOp,
@@ -204,6 +264,25 @@ enum Effect {
         encoded: Option<Bytes>,
     },
     Rejected(ErrorCode, String),
+    Conflict(Box<(ConflictRow, MutationResult)>),
+}
+
+/// What the conflict step adds to an applied change: the audit row (its applied version is
+/// set once the seq is known) and the `manual` conflict it resolves.
+#[derive(Default)]
+struct Decided {
+    audit: Option<ConflictRow>,
+    resolves: Option<(String, u64)>,
+}
+
+/// The changes to a document after a base version, as conflict detection sees them.
+struct Since {
+    /// The fields other clients changed.
+    others: FieldSet,
+    /// Those other clients, each once, in order.
+    other_clients: Vec<String>,
+    /// The body at the base version (`None` inside: it did not exist); `None`: unknown.
+    base_body: Option<Option<Body>>,
 }
 
 /// Plans a group: `head` is the log head read under the head lock, `pre` what was prefetched
@@ -229,6 +308,9 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
         usage: HashMap::new(),
         usage_order: Vec::new(),
         unstored: 0,
+        doc_changes: HashMap::new(),
+        conflicts: Vec::new(),
+        resolutions: Vec::new(),
     };
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -244,6 +326,8 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
         client_order,
         usage,
         usage_order,
+        conflicts,
+        resolutions,
         ..
     } = g;
     let usage = usage_order
@@ -290,6 +374,8 @@ pub(crate) fn plan(jobs: &[PushJob], head: u64, pre: &Prefetched, rules: &Rules)
             rejections,
             clients,
             usage,
+            conflicts,
+            resolutions,
         },
         committed: Committed {
             from: head,
@@ -325,6 +411,12 @@ struct Group<'a> {
     usage_order: Vec<&'a str>,
     /// Rejections answered but not stored, so far.
     unstored: usize,
+    /// Per document, the indexes in `changes` of the group's changes to it.
+    doc_changes: HashMap<(&'a str, &'a str), Vec<usize>>,
+    /// Conflict decisions to audit.
+    conflicts: Vec<ConflictRow>,
+    /// `manual` conflicts the group resolved.
+    resolutions: Vec<ResolutionRow>,
 }
 
 /// What one job changed in a [`Group`], so that it can be undone.
@@ -342,6 +434,8 @@ struct Undo<'a> {
     user: &'a str,
     usage: Option<(i64, i64)>,
     usage_order: usize,
+    conflicts: usize,
+    resolutions: usize,
 }
 
 impl<'a> Group<'a> {
@@ -372,6 +466,8 @@ impl<'a> Group<'a> {
             user: job.user.as_str(),
             usage: self.usage.get(job.user.as_str()).copied(),
             usage_order: self.usage_order.len(),
+            conflicts: self.conflicts.len(),
+            resolutions: self.resolutions.len(),
         };
         let stored = self.pre.lasts.get(client).copied().unwrap_or(0);
         let mut last = match self.horizons.get(client) {
@@ -457,6 +553,7 @@ impl<'a> Group<'a> {
                     deleted: s.deleted,
                 }),
         };
+        let version = current.as_ref().map(|d| d.version);
         let live = current.filter(|d| !d.deleted);
         let mut effect = effect(
             m,
@@ -464,16 +561,6 @@ impl<'a> Group<'a> {
             live.as_ref().and_then(|d| d.body.as_ref()),
             self.rules,
         );
-        // What the document count of the writer changes by: a create adds one, a delete of
-        // a live document takes one away. A create beyond the writer's quota is refused.
-        let held = match &effect {
-            Effect::Change { op, .. } => match (live.is_some(), op) {
-                (false, ChangeOp::Upsert) => 1,
-                (true, ChangeOp::Delete) => -1,
-                _ => 0,
-            },
-            Effect::Rejected(..) => 0,
-        };
         if let Effect::Change { .. } = &effect
             && let (Some(checks), Some(written)) =
                 (self.rules.checks.get(&m.collection), m.body.as_ref())
@@ -489,6 +576,30 @@ impl<'a> Group<'a> {
                 ),
             );
         }
+        let mut decided = Decided::default();
+        if let Effect::Change { body, .. } = &effect {
+            let server = live.as_ref().and_then(|d| d.body.as_ref());
+            match self.decide(job, m, version, server, body.as_ref()) {
+                Ok(None) => {}
+                Ok(Some((e, d))) => {
+                    decided = d;
+                    if let Some(e) = e {
+                        effect = e;
+                    }
+                }
+                Err(e) => effect = e,
+            }
+        }
+        // What the document count of the writer changes by: a create adds one, a delete of
+        // a live document takes one away. A create beyond the writer's quota is refused.
+        let held = match &effect {
+            Effect::Change { op, .. } => match (live.is_some(), op) {
+                (false, ChangeOp::Upsert) => 1,
+                (true, ChangeOp::Delete) => -1,
+                _ => 0,
+            },
+            Effect::Rejected(..) | Effect::Conflict(..) => 0,
+        };
         let quota = self.rules.max_documents_per_user;
         if held > 0 && quota > 0 {
             let user = job.user.as_str();
@@ -539,6 +650,22 @@ impl<'a> Group<'a> {
                     self.doc_order.push(key);
                 }
                 undo.docs.push((key, before));
+                if let Some(mut audit) = decided.audit {
+                    audit.applied_version = Some(next);
+                    self.conflicts.push(audit);
+                }
+                if let Some((client_id, mutation_id)) = decided.resolves {
+                    self.resolutions.push(ResolutionRow {
+                        client_id,
+                        mutation_id,
+                        resolved_by: conflict_id(&job.client_id, m.mutation_id),
+                        version: next,
+                    });
+                }
+                self.doc_changes
+                    .entry(key)
+                    .or_default()
+                    .push(self.changes.len());
                 self.changes.push(ChangeRow {
                     entry: Arc::new(entry),
                     body: encoded,
@@ -547,6 +674,11 @@ impl<'a> Group<'a> {
                     origin_mutation: m.mutation_id,
                 });
                 MutationResult::applied(m.mutation_id, next)
+            }
+            Effect::Conflict(refused) => {
+                let (row, result) = *refused;
+                self.conflicts.push(row);
+                result
             }
             Effect::Rejected(code, reason) => {
                 let user = job.user.as_str();
@@ -571,6 +703,224 @@ impl<'a> Group<'a> {
                 MutationResult::rejected(m.mutation_id, code, reason)
             }
         }
+    }
+
+    /// The conflict step for a mutation that passed every check: `Ok(None)` when it does not
+    /// conflict (blind, based on the current version, or only its own client changed the
+    /// document since); otherwise what its policy decided — a replaced effect (a merge, a
+    /// refusal) and what to record — or `Err` with a rejection (an unknown conflict id, a
+    /// merge that fails the collection's checks).
+    fn decide(
+        &self,
+        job: &'a PushJob,
+        m: &'a Mutation,
+        version: Option<u64>,
+        server: Option<&Body>,
+        mine: Option<&Body>,
+    ) -> Result<Option<(Option<Effect>, Decided)>, Effect> {
+        if let Some(named) = &m.resolves {
+            let found = parse_conflict_id(named).and_then(|(client, mutation)| {
+                let stored = self.pre.conflicts.get(&(client.to_owned(), mutation))?;
+                (stored.collection == m.collection && stored.doc_id == m.id).then_some((
+                    client,
+                    mutation,
+                    stored.open,
+                ))
+            });
+            let Some((client, mutation, open)) = found else {
+                return Err(Effect::Rejected(
+                    ErrorCode::UnknownConflict,
+                    format!(
+                        "{}/{} has no conflict {named:?} to resolve",
+                        m.collection, m.id
+                    ),
+                ));
+            };
+            let resolved_here = self
+                .resolutions
+                .iter()
+                .any(|r| r.client_id == client && r.mutation_id == mutation);
+            if open && !resolved_here {
+                let decided = Decided {
+                    audit: None,
+                    resolves: Some((client.to_owned(), mutation)),
+                };
+                return Ok(Some((None, decided)));
+            }
+            // Resolved already (by another writer): this one is an ordinary write.
+        }
+        let (Some(base), Some(version)) = (m.base_version, version) else {
+            return Ok(None);
+        };
+        if version <= base {
+            return Ok(None);
+        }
+        let since = self.since(m, base, &job.client_id, version);
+        if since.other_clients.is_empty() {
+            return Ok(None);
+        }
+        let by_mine = match (m.op, m.body.as_ref(), &since.base_body) {
+            (syncgate_protocol::MutationOp::Patch, Some(patch), _) => FieldSet::of_patch(patch),
+            (syncgate_protocol::MutationOp::Put, _, Some(base_body)) => {
+                FieldSet::diff(base_body.as_ref(), mine)
+            }
+            _ => FieldSet::All,
+        };
+        let c = Conflict {
+            collection: &m.collection,
+            id: &m.id,
+            base_version: base,
+            server_version: version,
+            server,
+            mine,
+            changed_by_others: &since.others,
+            changed_by_mine: &by_mine,
+        };
+        let resolver: &dyn ConflictResolver = match self.rules.resolvers.get(&m.collection) {
+            Some(r) => r.as_ref(),
+            None => &LastWriteWins,
+        };
+        let row = |outcome: Outcome| ConflictRow {
+            client_id: job.client_id.clone(),
+            mutation_id: m.mutation_id,
+            collection: m.collection.clone(),
+            id: m.id.clone(),
+            policy: resolver.name().to_owned(),
+            outcome,
+            base_version: base,
+            server_version: version,
+            server_body: server.map(|b| Bytes::from(to_msgpack(b))),
+            client_body: mine.map(|b| Bytes::from(to_msgpack(b))),
+            applied_version: None,
+            other_clients: since.other_clients.clone(),
+        };
+        let (replaced, result) = match resolver.resolve(&c) {
+            Resolution::Mine => (None, mine.cloned()),
+            Resolution::Write(r) if r.as_ref() == mine => (None, r),
+            Resolution::Write(r) => (Some(self.merged(job, m, r.clone())?), r),
+            refusal @ (Resolution::Server | Resolution::Manual) => {
+                let outcome = if refusal == Resolution::Manual {
+                    Outcome::Open
+                } else {
+                    Outcome::Refused
+                };
+                let info = syncgate_protocol::ConflictInfo {
+                    id: (outcome == Outcome::Open)
+                        .then(|| conflict_id(&job.client_id, m.mutation_id)),
+                    version,
+                    body: server.cloned(),
+                };
+                let reason = refusal_reason(&m.collection, &m.id, resolver.name(), base, version);
+                let result = MutationResult::conflict(m.mutation_id, reason, info);
+                let refused = Effect::Conflict(Box::new((row(outcome), result)));
+                return Ok(Some((Some(refused), Decided::default())));
+            }
+        };
+        let decided = Decided {
+            audit: applied_outcome(&c, result.as_ref()).map(row),
+            resolves: None,
+        };
+        Ok(Some((replaced, decided)))
+    }
+
+    /// The effect of writing a resolver's merge instead of the mutation's own result: checked
+    /// like any write (scope, schema, size).
+    fn merged(&self, job: &PushJob, m: &Mutation, body: Option<Body>) -> Result<Effect, Effect> {
+        let Some(b) = body else {
+            return Ok(Effect::Change {
+                op: ChangeOp::Delete,
+                body: None,
+                encoded: None,
+            });
+        };
+        let rejected = |code, reason: String| {
+            Effect::Rejected(
+                code,
+                format!(
+                    "{}/{}: the conflict policy's merge {reason}",
+                    m.collection, m.id
+                ),
+            )
+        };
+        if let Some(scope) = job.access.scope(&m.collection)
+            && !scope.matches(&b)
+        {
+            return Err(rejected(
+                ErrorCode::OutOfScope,
+                format!("is outside your scope ({})", scope.describe()),
+            ));
+        }
+        if let Some(checks) = self.rules.checks.get(&m.collection)
+            && let Err((code, reason)) = checks.check(&b)
+        {
+            return Err(rejected(code, format!("fails a check: {reason}")));
+        }
+        let encoded = Bytes::from(to_msgpack(&b));
+        let limit = self.rules.limits.max_document_bytes as usize;
+        if encoded.len() > limit {
+            return Err(rejected(
+                ErrorCode::DocumentTooLarge,
+                format!("is {} bytes, the limit is {limit}", encoded.len()),
+            ));
+        }
+        Ok(Effect::Change {
+            op: ChangeOp::Upsert,
+            body: Some(b),
+            encoded: Some(encoded),
+        })
+    }
+
+    /// The changes to `m`'s document after `base`: stored ones, then the group's own. A
+    /// document whose version is past `base` but whose log holds nothing after it (a log
+    /// trimmed below the base) counts as changed everywhere by someone else.
+    fn since(&self, m: &Mutation, base: u64, client: &str, version: u64) -> Since {
+        let mut since = Since {
+            others: FieldSet::none(),
+            other_clients: Vec::new(),
+            base_body: None,
+        };
+        let mut note = |origin: Option<&str>, prev: Option<&Body>, body: Option<&Body>| {
+            if since.base_body.is_none() {
+                since.base_body = Some(prev.cloned());
+            }
+            let Some(origin) = origin.filter(|o| *o != client) else {
+                return;
+            };
+            since.others.extend(FieldSet::diff(prev, body));
+            if !since.other_clients.iter().any(|o| o == origin) {
+                since.other_clients.push(origin.to_owned());
+            }
+        };
+        let key = (m.collection.clone(), m.id.clone());
+        for h in self.pre.history.get(&key).into_iter().flatten() {
+            if h.seq > base {
+                note(
+                    h.origin_client.as_deref(),
+                    h.prev_body.as_ref(),
+                    h.body.as_ref(),
+                );
+            }
+        }
+        let in_group = self
+            .doc_changes
+            .get(&(m.collection.as_str(), m.id.as_str()))
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.changes.get(*i));
+        for c in in_group {
+            if c.entry.change.seq > base {
+                note(
+                    Some(c.origin_client.as_str()),
+                    c.entry.prev_body.as_ref(),
+                    c.entry.change.body.as_ref(),
+                );
+            }
+        }
+        if since.base_body.is_none() && version > base {
+            since.others = FieldSet::All;
+            since.other_clients.push("(log trimmed)".to_owned());
+        }
+        since
     }
 
     /// Whether a document exists and is not deleted, as the group has left it so far.
@@ -606,6 +956,13 @@ impl<'a> Group<'a> {
         self.rejections.truncate(undo.rejections);
         self.doc_order.truncate(undo.doc_order);
         self.client_order.truncate(undo.client_order);
+        self.conflicts.truncate(undo.conflicts);
+        self.resolutions.truncate(undo.resolutions);
+        for (key, _) in &undo.docs {
+            if let Some(indexes) = self.doc_changes.get_mut(key) {
+                indexes.retain(|i| *i < undo.changes);
+            }
+        }
         for (key, before) in undo.docs.into_iter().rev() {
             match before {
                 Some(d) => {
@@ -776,6 +1133,7 @@ mod tests {
             op,
             body: b,
             base_version: None,
+            resolves: None,
         }
     }
 
@@ -860,6 +1218,7 @@ mod tests {
             max_documents_per_user: 0,
             max_sync_errors_per_user: 0,
             checks: HashMap::new(),
+            resolvers: HashMap::new(),
         }
     }
 
@@ -1567,6 +1926,7 @@ mod tests {
             Wanted {
                 docs: vec![("orders", "o1"), ("orders", "o3"), ("orders", "o4")],
                 earlier: vec![("a", vec![3, 5, 4])],
+                conflicts: vec![],
             }
         );
     }

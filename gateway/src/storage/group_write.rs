@@ -13,11 +13,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sea_orm::sea_query::{ArrayType, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::sea_query::{ArrayType, Cond, Expr, ExprTrait, OnConflict, Order, Query};
 use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, Value as DbValue};
 use syncgate_protocol::{Body, ChangeOp, ErrorCode, MutationResult, MutationStatus};
 
 use super::{LogEntry, NOTIFY_CHANNEL, Store, StoreError, Txn, decode_body, now_ms};
+use crate::conflict::{Outcome, conflict_id, refusal_reason};
+use syncgate_protocol::ConflictInfo;
 
 /// A document as stored before the group: its decoded body, the bytes it is stored as (passed
 /// on as the next change's previous body without encoding it again), version and tombstone.
@@ -43,7 +45,7 @@ pub struct StoredClient {
 }
 
 /// The stored outcome of a mutation handled by an earlier group.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Earlier {
     /// It wrote the change at `seq`.
     Applied {
@@ -57,6 +59,27 @@ pub enum Earlier {
         /// The reason given then.
         reason: String,
     },
+    /// It was refused by a conflict (stored in `sg_conflicts`).
+    Conflict(Box<RefusedConflict>),
+}
+
+/// A mutation refused by a conflict, as `sg_conflicts` holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedConflict {
+    /// The conflict's id, if it is a `manual` one.
+    pub id: Option<String>,
+    /// The collection.
+    pub collection: String,
+    /// The document id.
+    pub doc_id: String,
+    /// The policy that refused it.
+    pub policy: String,
+    /// The mutation's base version.
+    pub base_version: u64,
+    /// The server's version then.
+    pub server_version: u64,
+    /// The server's body then.
+    pub server_body: Option<Body>,
 }
 
 impl Earlier {
@@ -70,9 +93,91 @@ impl Earlier {
                 version: None,
                 code: Some(*code),
                 reason: Some(reason.clone()),
+                conflict: None,
             },
+            Earlier::Conflict(c) => MutationResult::conflict(
+                mutation_id,
+                refusal_reason(
+                    &c.collection,
+                    &c.doc_id,
+                    &c.policy,
+                    c.base_version,
+                    c.server_version,
+                ),
+                ConflictInfo {
+                    id: c.id.clone(),
+                    version: c.server_version,
+                    body: c.server_body.clone(),
+                },
+            ),
         }
     }
+}
+
+/// A change of one document after some version, as conflict detection reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    /// The change's seq.
+    pub seq: u64,
+    /// The client whose mutation made it.
+    pub origin_client: Option<String>,
+    /// The body it left (`None`: a delete).
+    pub body: Option<Body>,
+    /// The body before it (`None`: the document did not exist or was deleted).
+    pub prev_body: Option<Body>,
+}
+
+/// A conflict decision to record in `sg_conflicts` (the audit).
+#[derive(Debug, PartialEq)]
+pub struct ConflictRow {
+    /// The writer.
+    pub client_id: String,
+    /// The writer's mutation.
+    pub mutation_id: u64,
+    /// The collection.
+    pub collection: String,
+    /// The document id.
+    pub id: String,
+    /// The resolver's name.
+    pub policy: String,
+    /// What the decision did.
+    pub outcome: Outcome,
+    /// The mutation's base version.
+    pub base_version: u64,
+    /// The document's version before the decision.
+    pub server_version: u64,
+    /// The server's body before the decision (MessagePack; `None`: deleted).
+    pub server_body: Option<Bytes>,
+    /// The body the mutation would have left (MessagePack; `None`: a delete).
+    pub client_body: Option<Bytes>,
+    /// The version the decision wrote, if it applied anything.
+    pub applied_version: Option<u64>,
+    /// The other clients whose changes since the base were concurrent.
+    pub other_clients: Vec<String>,
+}
+
+/// An open `manual` conflict closed by a resolving mutation.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ResolutionRow {
+    /// The conflict's writer.
+    pub client_id: String,
+    /// The conflict's mutation.
+    pub mutation_id: u64,
+    /// The resolving mutation, as `<mutation_id>@<client_id>`.
+    pub resolved_by: String,
+    /// The version the resolution wrote.
+    pub version: u64,
+}
+
+/// A recorded conflict, as a resolving mutation looks it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredConflict {
+    /// The collection.
+    pub collection: String,
+    /// The document id.
+    pub doc_id: String,
+    /// Whether it is open (a `manual` conflict not yet resolved).
+    pub open: bool,
 }
 
 /// A change to write to `sg_changes`, with its origin (for replays).
@@ -157,6 +262,10 @@ pub struct GroupRows {
     pub clients: Vec<ClientRow>,
     /// Usage changes per user (only users whose usage changed).
     pub usage: Vec<UsageRow>,
+    /// Conflict decisions to audit.
+    pub conflicts: Vec<ConflictRow>,
+    /// `manual` conflicts resolved by the group.
+    pub resolutions: Vec<ResolutionRow>,
 }
 
 const INSERT_CHUNK: usize = 200;
@@ -322,6 +431,130 @@ impl GroupTxn {
                 reason: r.try_get("", "reason")?,
             };
             out.insert(r.try_get::<i64>("", "mutation_id")? as u64, rejected);
+        }
+        let rest: Vec<i64> = rest
+            .into_iter()
+            .filter(|id| !out.contains_key(&(*id as u64)))
+            .collect();
+        let refused = Lookup {
+            columns: &[
+                "mutation_id",
+                "collection",
+                "doc_id",
+                "policy",
+                "outcome",
+                "base_version",
+                "server_version",
+                "server_body",
+            ],
+            table: "sg_conflicts",
+            prefix_col: "client_id",
+            prefix: client_id,
+            key_col: "mutation_id",
+        };
+        for r in self.keyed_rows(&refused, KeyList::BigInt(&rest)).await? {
+            let outcome: String = r.try_get("", "outcome")?;
+            let Some(outcome) = Outcome::parse(&outcome).filter(|o| o.refused()) else {
+                continue;
+            };
+            let mutation_id = r.try_get::<i64>("", "mutation_id")? as u64;
+            let raw: Option<Vec<u8>> = r.try_get("", "server_body")?;
+            let refused = RefusedConflict {
+                id: (outcome == Outcome::Open).then(|| conflict_id(client_id, mutation_id)),
+                collection: r.try_get("", "collection")?,
+                doc_id: r.try_get("", "doc_id")?,
+                policy: r.try_get("", "policy")?,
+                base_version: r.try_get::<i64>("", "base_version")? as u64,
+                server_version: r.try_get::<i64>("", "server_version")? as u64,
+                server_body: decode_body(raw.as_deref())?,
+            };
+            out.insert(mutation_id, Earlier::Conflict(Box::new(refused)));
+        }
+        Ok(out)
+    }
+
+    /// The changes of each document after a version: `(collection, id, after)` ->
+    /// (collection, id) -> its changes with `seq > after`, in seq order. For conflict
+    /// detection; read only for documents changed since a mutation's base version.
+    pub async fn history(
+        &self,
+        keys: &[(&str, &str, u64)],
+    ) -> Result<HashMap<(String, String), Vec<HistoryRow>>, StoreError> {
+        let mut out: HashMap<(String, String), Vec<HistoryRow>> = HashMap::new();
+        for chunk in keys.chunks(50) {
+            let mut any = Cond::any();
+            for (c, id, after) in chunk {
+                any = any.add(
+                    Expr::col("collection")
+                        .eq(*c)
+                        .and(Expr::col("doc_id").eq(*id))
+                        .and(Expr::col("seq").gt(*after as i64)),
+                );
+            }
+            let select = Query::select()
+                .columns([
+                    "seq",
+                    "collection",
+                    "doc_id",
+                    "origin_client",
+                    "body",
+                    "prev_body",
+                ])
+                .from("sg_changes")
+                .cond_where(any)
+                .order_by("seq", Order::Asc)
+                .to_owned();
+            for r in self.txn.query_all_raw(self.backend.build(&select)).await? {
+                let body: Option<Vec<u8>> = r.try_get("", "body")?;
+                let prev: Option<Vec<u8>> = r.try_get("", "prev_body")?;
+                out.entry((r.try_get("", "collection")?, r.try_get("", "doc_id")?))
+                    .or_default()
+                    .push(HistoryRow {
+                        seq: r.try_get::<i64>("", "seq")? as u64,
+                        origin_client: r.try_get("", "origin_client")?,
+                        body: decode_body(body.as_deref())?,
+                        prev_body: decode_body(prev.as_deref())?,
+                    });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The recorded conflicts that resolving mutations name: (client id, mutation id) ->
+    /// the conflict, for those that exist.
+    pub async fn conflicts(
+        &self,
+        keys: &[(&str, u64)],
+    ) -> Result<HashMap<(String, u64), StoredConflict>, StoreError> {
+        let mut out = HashMap::new();
+        for chunk in keys.chunks(50) {
+            let mut any = Cond::any();
+            for (client, mutation) in chunk {
+                any = any.add(
+                    Expr::col("client_id")
+                        .eq(*client)
+                        .and(Expr::col("mutation_id").eq(*mutation as i64)),
+                );
+            }
+            let select = Query::select()
+                .columns(["client_id", "mutation_id", "collection", "doc_id", "state"])
+                .from("sg_conflicts")
+                .cond_where(any)
+                .to_owned();
+            for r in self.txn.query_all_raw(self.backend.build(&select)).await? {
+                let state: String = r.try_get("", "state")?;
+                out.insert(
+                    (
+                        r.try_get("", "client_id")?,
+                        r.try_get::<i64>("", "mutation_id")? as u64,
+                    ),
+                    StoredConflict {
+                        collection: r.try_get("", "collection")?,
+                        doc_id: r.try_get("", "doc_id")?,
+                        open: state == "open",
+                    },
+                );
+            }
         }
         Ok(out)
     }
@@ -561,6 +794,71 @@ async fn write_rows(txn: &Txn, backend: DbBackend, rows: &GroupRows) -> Result<(
         ];
         let statement = insert(backend, "sg_sync_errors", &columns, values, None)?;
         txn.execute_raw(statement).await?;
+    }
+    let conflict_size = |c: &ConflictRow| {
+        c.server_body.as_ref().map_or(0, Bytes::len)
+            + c.client_body.as_ref().map_or(0, Bytes::len)
+            + c.client_id.len()
+            + c.collection.len()
+            + c.id.len()
+            + c.other_clients.iter().map(|o| o.len() + 1).sum::<usize>()
+            + 96
+    };
+    for chunk in byte_chunks(&rows.conflicts, conflict_size) {
+        let values = chunk.iter().map(|c| {
+            let state = if c.outcome == Outcome::Open {
+                "open"
+            } else {
+                "closed"
+            };
+            vec![
+                c.client_id.clone().into(),
+                (c.mutation_id as i64).into(),
+                c.collection.clone().into(),
+                c.id.clone().into(),
+                c.policy.clone().into(),
+                c.outcome.as_str().into(),
+                (c.base_version as i64).into(),
+                (c.server_version as i64).into(),
+                c.server_body.as_ref().map(|b| b.to_vec()).into(),
+                c.client_body.as_ref().map(|b| b.to_vec()).into(),
+                c.applied_version.map(|v| v as i64).into(),
+                c.other_clients.join("\n").into(),
+                state.into(),
+                now.into(),
+            ]
+        });
+        let columns = [
+            "client_id",
+            "mutation_id",
+            "collection",
+            "doc_id",
+            "policy",
+            "outcome",
+            "base_version",
+            "server_version",
+            "server_body",
+            "client_body",
+            "applied_version",
+            "other_clients",
+            "state",
+            "created_at",
+        ];
+        let statement = insert(backend, "sg_conflicts", &columns, values, None)?;
+        txn.execute_raw(statement).await?;
+    }
+    for r in &rows.resolutions {
+        let update = Query::update()
+            .table("sg_conflicts")
+            .value("state", "resolved")
+            .value("resolved_by", r.resolved_by.clone())
+            .value("resolved_version", r.version as i64)
+            .value("resolved_at", now)
+            .and_where(Expr::col("client_id").eq(r.client_id.clone()))
+            .and_where(Expr::col("mutation_id").eq(r.mutation_id as i64))
+            .and_where(Expr::col("state").eq("open"))
+            .to_owned();
+        txn.execute_raw(backend.build(&update)).await?;
     }
     for chunk in rows.clients.chunks(INSERT_CHUNK) {
         let values = chunk.iter().map(|c| {

@@ -32,8 +32,11 @@ use syncgate_protocol::codec::from_msgpack;
 pub(crate) use crate::changes::LogEntry;
 use syncgate_protocol::{Body, Change, ChangeOp, Doc};
 
+#[cfg(test)]
+pub(crate) use group_write::RefusedConflict;
 pub(crate) use group_write::{
-    ChangeRow, ClientRow, DocumentRow, Earlier, GroupRows, RejectionRow, StoredDoc, UsageRow,
+    ChangeRow, ClientRow, ConflictRow, DocumentRow, Earlier, GroupRows, HistoryRow, RejectionRow,
+    ResolutionRow, StoredConflict, StoredDoc, UsageRow,
 };
 
 /// The PostgreSQL NOTIFY channel on which committed heads are announced.
@@ -605,6 +608,32 @@ impl Store {
         self.read_sync_errors(&select).await
     }
 
+    /// Recorded conflict decisions, oldest first, of one collection or of all, only the open
+    /// `manual` ones when `open_only`; at most `limit`.
+    pub async fn conflict_records(
+        &self,
+        collection: Option<&str>,
+        open_only: bool,
+        limit: u64,
+    ) -> Result<Vec<ConflictRecord>, StoreError> {
+        let mut select = Query::select()
+            .column(Asterisk)
+            .from("sg_conflicts")
+            .order_by("created_at", Order::Asc)
+            .order_by("client_id", Order::Asc)
+            .order_by("mutation_id", Order::Asc)
+            .limit(Ord::min(limit, i64::MAX as u64))
+            .to_owned();
+        if let Some(c) = collection {
+            select.and_where(Expr::col("collection").eq(c));
+        }
+        if open_only {
+            select.and_where(Expr::col("state").eq("open"));
+        }
+        let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
+        rows.iter().map(conflict_record).collect()
+    }
+
     /// One stored sync error; `None`: there is no such sync error.
     pub async fn sync_error(
         &self,
@@ -791,6 +820,47 @@ fn sync_errors_select(limit: u64) -> SelectStatement {
         .to_owned()
 }
 
+/// A conflict decision as the audit holds it (`sg_conflicts`): `syncgate admin conflicts`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ConflictRecord {
+    /// The conflict's id, `<mutation_id>@<client_id>` (what a `manual` resolution names).
+    pub id: String,
+    /// The collection.
+    pub collection: String,
+    /// The document id.
+    pub doc_id: String,
+    /// The policy (resolver) that decided.
+    pub policy: String,
+    /// `overwrote`, `kept_server`, `merged`, `refused` or `open` (a `manual` conflict).
+    pub outcome: String,
+    /// `open` (a `manual` conflict waiting for its resolution), `resolved` or `closed`.
+    pub state: String,
+    /// The writer whose mutation conflicted.
+    pub client_id: String,
+    /// Its mutation id.
+    pub mutation_id: u64,
+    /// The version the writer had seen.
+    pub base_version: u64,
+    /// The document's version when the mutation arrived.
+    pub server_version: u64,
+    /// The server's body then (`null`: deleted).
+    pub server_body: Option<Body>,
+    /// The body the mutation would have left (`null`: a delete).
+    pub client_body: Option<Body>,
+    /// The version the decision wrote (`null`: refused).
+    pub applied_version: Option<u64>,
+    /// The other clients whose changes after the base version were concurrent.
+    pub other_clients: Vec<String>,
+    /// The mutation that resolved it, `<mutation_id>@<client_id>`.
+    pub resolved_by: Option<String>,
+    /// The version the resolution wrote.
+    pub resolved_version: Option<u64>,
+    /// When it was recorded (Unix milliseconds).
+    pub created_at_ms: u64,
+    /// When it was resolved (Unix milliseconds).
+    pub resolved_at_ms: Option<u64>,
+}
+
 /// A rejected mutation as stored (`sg_sync_errors`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SyncError {
@@ -810,6 +880,43 @@ pub struct SyncError {
     pub mutation: syncgate_protocol::Mutation,
     /// When it was rejected (Unix milliseconds).
     pub created_at_ms: u64,
+}
+
+fn conflict_record(r: &QueryResult) -> Result<ConflictRecord, StoreError> {
+    let body = |col: &str| -> Result<Option<Body>, StoreError> {
+        let raw: Option<Vec<u8>> = r.try_get("", col)?;
+        decode_body(raw.as_deref())
+    };
+    let opt_u64 = |col: &str| -> Result<Option<u64>, StoreError> {
+        Ok(r.try_get::<Option<i64>>("", col)?.map(|v| v as u64))
+    };
+    let client_id: String = r.try_get("", "client_id")?;
+    let mutation_id = r.try_get::<i64>("", "mutation_id")? as u64;
+    let others: String = r.try_get("", "other_clients")?;
+    Ok(ConflictRecord {
+        id: crate::conflict::conflict_id(&client_id, mutation_id),
+        collection: r.try_get("", "collection")?,
+        doc_id: r.try_get("", "doc_id")?,
+        policy: r.try_get("", "policy")?,
+        outcome: r.try_get("", "outcome")?,
+        state: r.try_get("", "state")?,
+        client_id,
+        mutation_id,
+        base_version: r.try_get::<i64>("", "base_version")? as u64,
+        server_version: r.try_get::<i64>("", "server_version")? as u64,
+        server_body: body("server_body")?,
+        client_body: body("client_body")?,
+        applied_version: opt_u64("applied_version")?,
+        other_clients: others
+            .split('\n')
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        resolved_by: r.try_get("", "resolved_by")?,
+        resolved_version: opt_u64("resolved_version")?,
+        created_at_ms: r.try_get::<i64>("", "created_at")? as u64,
+        resolved_at_ms: opt_u64("resolved_at")?,
+    })
 }
 
 fn decode_body(bytes: Option<&[u8]>) -> Result<Option<Body>, StoreError> {

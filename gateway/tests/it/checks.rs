@@ -14,6 +14,10 @@ pub async fn references_and_schema_checks_reject_and_the_rest_apply(backend: Bac
     orders
         .schema
         .insert("qty".into(), syncgate_gateway::config::FieldType::Integer);
+    // Its precedence ranks `status`, which a schema must then declare.
+    orders
+        .schema
+        .insert("status".into(), syncgate_gateway::config::FieldType::String);
     let gw = Gateway::start(config).await.unwrap();
     let order =
         |mid: u64, id: &str, fields: &[(&str, Value)]| put(mid, "work_orders", id, body(fields));

@@ -47,6 +47,7 @@ fn valid(rng: &mut rand::rngs::StdRng) -> Vec<u8> {
                         .random_bool(0.8)
                         .then(|| body(&[("v", Value::from(rng.random::<i32>()))])),
                     base_version: None,
+                    resolves: None,
                 })
                 .collect(),
         }),

@@ -43,6 +43,7 @@ macro_rules! on_both_backends {
 
 mod api_keys;
 mod checks;
+mod conflicts;
 mod fuzz;
 mod modes;
 mod pacing;
@@ -50,6 +51,7 @@ mod scopes;
 mod tokens;
 use api_keys::api_keys_grant_roles_and_claims_until_revoked;
 use checks::references_and_schema_checks_reject_and_the_rest_apply;
+use conflicts::each_policy_decides_concurrent_edits_and_audits_them;
 use modes::modes_and_fetch;
 use scopes::a_plant_scoped_terminal_sees_and_writes_only_its_plant;
 
@@ -75,6 +77,7 @@ on_both_backends!(
     rejections_beyond_the_quota_are_answered_not_stored,
     references_and_schema_checks_reject_and_the_rest_apply,
     modes_and_fetch,
+    each_policy_decides_concurrent_edits_and_audits_them,
 );
 
 const WRITERS: u64 = 4;

@@ -151,6 +151,7 @@ pub fn put(mid: u64, collection: &str, id: &str, b: Body) -> Mutation {
         op: MutationOp::Put,
         body: Some(b),
         base_version: None,
+        resolves: None,
     }
 }
 
@@ -169,6 +170,7 @@ pub fn delete(mid: u64, collection: &str, id: &str) -> Mutation {
         op: MutationOp::Delete,
         body: None,
         base_version: None,
+        resolves: None,
     }
 }
 
