@@ -888,3 +888,97 @@ async fn admin_sync_errors_lists_rejections_with_the_whole_mutation() {
     );
     gw.shutdown().await;
 }
+
+/// `syncgate admin conflicts`: a terminal's stale stock count becomes an open `manual`
+/// conflict and a stale machine edit an audited overwrite; the command lists both (JSON with
+/// both bodies and origins, or a table), filters by collection and by open, and shows the
+/// conflict resolved once a mutation names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_conflicts_lists_the_audit() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = db.config();
+    let gw = Gateway::start(config.clone()).await.unwrap();
+    let (mut erp, _) = connect(&gw, "erp").await;
+    let (mut term, _) = connect(&gw, "terminal-7").await;
+    let seeded = push(
+        &mut erp,
+        1,
+        vec![
+            put(1, "stock", "s-1", body(&[("qty", Value::from(10))])),
+            put(2, "machines", "M1", body(&[("speed", Value::from(1))])),
+        ],
+    )
+    .await;
+    let base: Vec<u64> = seeded.results.iter().map(|r| r.version.unwrap()).collect();
+    let mut erp_edit = vec![
+        patch(3, "stock", "s-1", body(&[("qty", Value::from(8))])),
+        patch(4, "machines", "M1", body(&[("speed", Value::from(2))])),
+    ];
+    let mut stale = vec![
+        patch(1, "stock", "s-1", body(&[("qty", Value::from(12))])),
+        patch(2, "machines", "M1", body(&[("speed", Value::from(3))])),
+    ];
+    for (m, b) in erp_edit
+        .iter_mut()
+        .chain(stale.iter_mut())
+        .zip(base.iter().cycle())
+    {
+        m.base_version = Some(*b);
+    }
+    push(&mut erp, 2, erp_edit).await;
+    let ack = push(&mut term, 1, stale).await;
+    assert_eq!(ack.results[0].code, Some(413));
+    assert_eq!(ack.results[1].status, MutationStatus::Applied);
+    let data = config.data_dir.to_str().unwrap();
+    let admin = |args: &'static [&'static str]| {
+        let mut all = vec!["--data-dir", data, "admin", "conflicts"];
+        all.extend_from_slice(args);
+        async move { syncgate(&all).await }
+    };
+    let out = admin(&["--json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let stock = all.iter().find(|c| c["collection"] == "stock").unwrap();
+    assert_eq!(stock["id"], "1@terminal-7");
+    assert_eq!(stock["policy"], "manual");
+    assert_eq!(
+        (&stock["outcome"], &stock["state"]),
+        (&"open".into(), &"open".into())
+    );
+    assert_eq!(stock["server_body"]["qty"], 8);
+    assert_eq!(stock["client_body"]["qty"], 12);
+    assert_eq!(stock["other_clients"][0], "erp");
+    assert_eq!(stock["base_version"], base[0]);
+    let machine = all.iter().find(|c| c["collection"] == "machines").unwrap();
+    // Both changed `speed`: field_merge takes the later commit's and audits the overwrite.
+    assert_eq!(
+        (&machine["policy"], &machine["outcome"]),
+        (&"field_merge".into(), &"overwrote".into())
+    );
+    assert_eq!(machine["applied_version"], ack.results[1].version.unwrap());
+    let out = admin(&["--collection", "machines", "--json"]).await;
+    let only: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(only.as_array().unwrap().len(), 1);
+    let table = admin(&["--open"]).await;
+    assert!(table.status.success(), "{}", text(&table.stderr));
+    let table = text(&table.stdout);
+    assert!(
+        table.contains("1@terminal-7") && table.contains("stock/s-1"),
+        "{table}"
+    );
+    assert!(!table.contains("machines/M1"), "{table}");
+    // The terminal resolves it: the open list empties, the record stays, resolved.
+    let mut resolution = put(3, "stock", "s-1", body(&[("qty", Value::from(11))]));
+    resolution.resolves = Some("1@terminal-7".into());
+    let ack = push(&mut term, 2, vec![resolution]).await;
+    assert_eq!(ack.results[0].status, MutationStatus::Applied);
+    let out = admin(&["--open", "--json"]).await;
+    assert_eq!(text(&out.stdout).trim(), "[]");
+    let out = admin(&["--collection", "stock", "--json"]).await;
+    let stock: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stock[0]["state"], "resolved");
+    assert_eq!(stock[0]["resolved_by"], "3@terminal-7");
+    gw.shutdown().await;
+}
