@@ -55,4 +55,6 @@ pub use sdk::{
     Client, ClientBuilder, ClientError, ConnectionState, Event, Fetched, Status, SyncReport,
     TokenProvider,
 };
-pub use store::{EncryptionKey, LocalDoc, OutboxEntry, OutboxState, Rejection};
+pub use store::{
+    EncryptionKey, LocalConflict, LocalDoc, OutboxEntry, OutboxState, Rejection, Take,
+};

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use syncgate_client::json::{body_to_json, parse_body, to_value};
 use syncgate_client::{
     Client, ClientBuilder, ClientError, ConnectionState, EncryptionKey, Event, OutboxState,
-    SyncReport,
+    SyncReport, Take,
 };
 use syncgate_protocol::{Body, ErrorCode, MutationOp};
 
@@ -185,6 +185,21 @@ enum Command {
         /// Forget every rejected mutation.
         #[arg(long)]
         ack_all: bool,
+    },
+    /// Print the open `manual` conflicts, one JSON line each: its id, the refused local edit
+    /// (and the document it would have left), the server's version and body.
+    Conflicts,
+    /// Resolve a `manual` conflict, then upload the resolution like `put`: keep the server's
+    /// version (`--take server`), the refused local edit on top of it (`--take mine`), or a
+    /// document of your own (`--take '{"qty": 11}'`, `@file` or `-` for standard input).
+    Resolve {
+        /// The conflict's id (from `conflicts`).
+        conflict_id: String,
+        /// `server`, `mine`, or a JSON document.
+        #[arg(long)]
+        take: String,
+        #[command(flatten)]
+        upload: Upload,
     },
     /// Print the client id, subscriptions and cursors, pending and rejected counts.
     Status,
@@ -393,6 +408,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let body = read_body(&body)?;
             write(common, &upload, collection, id, MutationOp::Put, Some(body)).await
+        }
+        Command::Resolve {
+            conflict_id,
+            take,
+            upload,
+        } => {
+            let take = match take.as_str() {
+                "server" => Take::Server,
+                "mine" => Take::Mine,
+                other => Take::Body(read_body(other)?),
+            };
+            upload_edit(common, &upload, Edit::Resolve(conflict_id, take)).await
+        }
+        Command::Conflicts => {
+            let client = builder(common)?.open_local().await?;
+            let conflicts = client.conflicts().await;
+            client.close().await;
+            for c in conflicts? {
+                let m = &c.mine;
+                println!(
+                    "{}",
+                    serde_json::json!({"id": c.id, "collection": m.collection, "doc_id": m.id,
+                        "mutation_id": m.mutation_id, "op": op_name(m.op),
+                        "mine": m.body.as_ref().map(body_to_json),
+                        "mine_result": c.mine_body().as_ref().map(body_to_json),
+                        "server_version": c.server_version,
+                        "server": c.server_body.as_ref().map(body_to_json)})
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Patch {
             collection,
@@ -623,6 +668,20 @@ async fn sync_round(common: &Common, timeout: Duration) -> anyhow::Result<ExitCo
 fn drain_rejections(events: &mut tokio::sync::broadcast::Receiver<Event>) -> u64 {
     let mut n = 0;
     while let Ok(e) = events.try_recv() {
+        if let Event::ConflictOpened(c) = &e {
+            n += 1;
+            eprintln!(
+                "conflict {}: mutation {} ({} {}/{}) was not applied; the server keeps version {} \
+                 (`syncgate-client conflicts`, then `resolve {} --take server|mine|JSON`)",
+                c.id,
+                c.mine.mutation_id,
+                op_name(c.mine.op),
+                c.mine.collection,
+                c.mine.id,
+                c.server_version,
+                c.id
+            );
+        }
         if let Event::Rejected {
             mutation,
             code,
@@ -659,6 +718,19 @@ fn report(result: Result<SyncReport, ClientError>, rejected: u64) -> anyhow::Res
     }
 }
 
+/// A local edit a command makes.
+enum Edit {
+    /// A put, patch or delete of `collection/id`.
+    Write {
+        collection: String,
+        id: String,
+        op: MutationOp,
+        body: Option<Body>,
+    },
+    /// The resolution of a `manual` conflict.
+    Resolve(String, Take),
+}
+
 async fn write(
     common: &Common,
     upload: &Upload,
@@ -667,6 +739,17 @@ async fn write(
     op: MutationOp,
     body: Option<Body>,
 ) -> anyhow::Result<ExitCode> {
+    let edit = Edit::Write {
+        collection,
+        id,
+        op,
+        body,
+    };
+    upload_edit(common, upload, edit).await
+}
+
+/// Makes a local edit, then uploads it unless told not to (or without a token).
+async fn upload_edit(common: &Common, upload: &Upload, edit: Edit) -> anyhow::Result<ExitCode> {
     let upload_now = !upload.no_upload && common.token.is_some();
     // A gateway that does not even answer the TCP handshake (a dead Wi-Fi link drops the
     // packets) is given up on after this, not after the SDK's default 10 s.
@@ -677,14 +760,22 @@ async fn write(
     } else {
         b.open_local().await?
     };
-    let result = match op {
-        MutationOp::Put => client.put(&collection, &id, body.unwrap_or_default()).await,
-        MutationOp::Patch => {
-            client
-                .patch(&collection, &id, body.unwrap_or_default())
-                .await
-        }
-        MutationOp::Delete => client.delete(&collection, &id).await,
+    let result = match edit {
+        Edit::Write {
+            collection,
+            id,
+            op,
+            body,
+        } => match op {
+            MutationOp::Put => client.put(&collection, &id, body.unwrap_or_default()).await,
+            MutationOp::Patch => {
+                client
+                    .patch(&collection, &id, body.unwrap_or_default())
+                    .await
+            }
+            MutationOp::Delete => client.delete(&collection, &id).await,
+        },
+        Edit::Resolve(conflict_id, take) => client.resolve(&conflict_id, take).await,
     };
     let mutation_id = match result {
         Ok(m) => m,
@@ -793,6 +884,11 @@ async fn subscribe(b: ClientBuilder) -> anyhow::Result<ExitCode> {
             }) => {
                 serde_json::json!({"event": "uploaded", "mutation_id": mutation_id, "version": version})
             }
+            Ok(Event::ConflictOpened(c)) => serde_json::json!({"event": "conflict_opened",
+                "conflict_id": c.id, "collection": c.mine.collection, "id": c.mine.id,
+                "mutation_id": c.mine.mutation_id, "server_version": c.server_version,
+                "server": c.server_body.as_ref().map(body_to_json),
+                "mine": c.mine_body().as_ref().map(body_to_json)}),
             Ok(Event::Rejected {
                 mutation,
                 code,

@@ -26,7 +26,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::backoff::Backoff;
-use crate::store::{LocalDoc, LocalStore, OutboxEntry, Rejection, StoreError, StoredSubscription};
+use crate::store::{
+    LocalConflict, LocalDoc, LocalStore, OutboxEntry, Rejection, StoreError, StoredSubscription,
+    Take,
+};
 
 /// What a token provider returns: a token, or why none could be had.
 pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
@@ -161,8 +164,14 @@ pub enum Event {
         /// The version it wrote.
         version: u64,
     },
+    /// The server's `manual` conflict policy refused a local mutation: the replica now holds
+    /// the server's version, and the conflict (both versions) waits in
+    /// [`Client::conflicts`] until [`Client::resolve`] settles it.
+    ConflictOpened(LocalConflict),
     /// The server refused a local mutation; it is kept in the local `rejected` table and the
-    /// server's sync-error table, and its optimistic effect is undone.
+    /// server's sync-error table, and its optimistic effect is undone. A refusal by the
+    /// `first_write_wins` policy (code 413, `conflict`) is one too: the replica then holds the
+    /// server's version.
     Rejected {
         /// The whole mutation.
         mutation: Mutation,
@@ -708,6 +717,30 @@ impl Client {
     /// Mutations the server rejected, kept until the application acknowledges them.
     pub async fn rejected(&self) -> Result<Vec<Rejection>, ClientError> {
         Ok(self.shared.store.rejected().await?)
+    }
+
+    /// `manual` conflicts waiting for a decision, oldest first: each with the refused local
+    /// mutation and the server's version and body.
+    pub async fn conflicts(&self) -> Result<Vec<LocalConflict>, ClientError> {
+        Ok(self.shared.store.conflicts().await?)
+    }
+
+    /// Resolves a `manual` conflict: the server's version, the refused local edit (applied
+    /// on top of the server's version), or a document of the caller's making, written as a
+    /// mutation that names the conflict (the server applies it whatever changed since, and
+    /// closes the conflict). Returns the mutation id.
+    pub async fn resolve(&self, conflict_id: &str, take: Take) -> Result<u64, ClientError> {
+        if let Take::Body(b) = &take {
+            check_shape(MutationOp::Put, Some(b)).map_err(|(code, m)| invalid(code, m))?;
+        }
+        let Some(mutation_id) = self.shared.store.resolve(conflict_id, take).await? else {
+            return Err(invalid(
+                ErrorCode::UnknownConflict,
+                format!("no open conflict {conflict_id:?} (see Client::conflicts)"),
+            ));
+        };
+        self.shared.wake.notify_one();
+        Ok(mutation_id)
     }
 
     /// Forgets rejected mutations the application has dealt with (shown to the operator,

@@ -416,6 +416,9 @@ impl Shell<'_> {
                         reason: r.reason,
                     });
                 }
+                for conflict in outcome.conflicts {
+                    self.shared.emit(Event::ConflictOpened(conflict));
+                }
             }
             Work::ReadOutbox {
                 after,

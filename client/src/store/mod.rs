@@ -160,6 +160,43 @@ pub struct AckOutcome {
     pub applied: Vec<(u64, u64)>,
     /// Rejected mutations, now in the `rejected` table.
     pub rejected: Vec<Rejection>,
+    /// `manual` conflicts the server opened, now in the `conflicts` table.
+    pub conflicts: Vec<LocalConflict>,
+}
+
+/// A `manual` conflict: the server kept its version of a document and refused a local
+/// mutation; it waits until the application resolves it ([`LocalStore::resolve`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalConflict {
+    /// The conflict's id (what the resolving mutation names).
+    pub id: String,
+    /// The refused local mutation (the writer's intent).
+    pub mine: Mutation,
+    /// The server's version when it refused it.
+    pub server_version: u64,
+    /// The server's body then (`None`: deleted).
+    pub server_body: Option<Body>,
+}
+
+impl LocalConflict {
+    /// The document the refused mutation would have left on top of the server's version
+    /// (`None`: a delete). A patch of a document the server deleted becomes its fields.
+    pub fn mine_body(&self) -> Option<Body> {
+        let m = &self.mine;
+        syncgate_protocol::apply::apply(self.server_body.as_ref(), m.op, m.body.as_ref())
+            .unwrap_or_else(|_| m.body.clone())
+    }
+}
+
+/// How a `manual` conflict is resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Take {
+    /// The server's version (written again, so that the conflict closes).
+    Server,
+    /// The refused local mutation, applied on top of the server's version.
+    Mine,
+    /// This document (a merge made by the application or the user).
+    Body(Body),
 }
 
 const SCHEMA: &[&str] = &[
@@ -188,6 +225,14 @@ const SCHEMA: &[&str] = &[
         created_ms INTEGER NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS sgc_outbox_doc ON sgc_outbox (collection, doc_id, mutation_id)",
+    "CREATE TABLE IF NOT EXISTS sgc_conflicts (
+        conflict_id TEXT PRIMARY KEY,
+        mutation_id INTEGER NOT NULL,
+        mutation BLOB NOT NULL,
+        server_version INTEGER NOT NULL,
+        server_body BLOB,
+        received_ms INTEGER NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS sgc_rejected (
         mutation_id INTEGER PRIMARY KEY,
         mutation BLOB NOT NULL,

@@ -4,7 +4,7 @@
 //! SQLite transaction per operation.
 
 use syncgate_protocol::apply::apply;
-use syncgate_protocol::{Body, ErrorCode, Mutation, MutationResult, MutationStatus};
+use syncgate_protocol::{Body, ConflictInfo, ErrorCode, Mutation, MutationResult, MutationStatus};
 
 /// An outbox entry as rebase sees it: the mutation, and the version it wrote once acked.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +97,7 @@ pub(crate) fn own_write(previous: &ServerState, m: &Mutation, version: u64) -> O
 }
 
 /// What an acknowledgement does to one outbox entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum AckAction {
     /// Applied at `version`: keep the entry (acked) until the replica sees that version.
     Acked { version: u64 },
@@ -109,6 +109,13 @@ pub(crate) enum AckAction {
     AckedUploadOnly { version: u64 },
     /// Refused: move the entry to the rejected table with the code and reason.
     Rejected { code: u16, reason: String },
+    /// Refused by a conflict policy (413): the server's side replaces the optimistic state; a
+    /// `manual` conflict (with an id) is kept until resolved, a `first_write_wins` refusal goes
+    /// to the rejected table.
+    Conflict {
+        reason: String,
+        conflict: ConflictInfo,
+    },
 }
 
 /// Decides [`AckAction`] for a result whose mutation is in a collection that is (`followed`)
@@ -125,6 +132,14 @@ pub(crate) fn ack_action(r: &MutationResult, followed: bool, upload_only: bool) 
                 AckAction::AckedUnfollowed { version }
             }
         }
+        MutationStatus::Rejected if r.conflict.is_some() => AckAction::Conflict {
+            reason: r.reason.clone().unwrap_or_default(),
+            conflict: r.conflict.clone().unwrap_or(ConflictInfo {
+                id: None,
+                version: 0,
+                body: None,
+            }),
+        },
         MutationStatus::Rejected => AckAction::Rejected {
             code: r.code.unwrap_or(ErrorCode::InternalError.code()),
             reason: r.reason.clone().unwrap_or_default(),

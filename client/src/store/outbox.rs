@@ -4,10 +4,11 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, TransactionTrai
 use syncgate_protocol::{Body, Mutation, MutationOp, MutationResult};
 
 use super::model::{self, AckAction, ServerState};
-use super::replica::{drop_seen_acks, rebase};
+use super::replica::{apply_server_version, drop_seen_acks, rebase};
 use super::{
-    AckOutcome, Kind, LocalStore, OutboxEntry, OutboxState, Rejection, Sealer, StoreError, corrupt,
-    decode_body, encode_body, get_u64, meta, now_ms, sealed, set_meta, st, unseal,
+    AckOutcome, Kind, LocalConflict, LocalStore, OutboxEntry, OutboxState, Rejection, Sealer,
+    StoreError, Take, corrupt, decode_body, encode_body, get_u64, meta, now_ms, sealed, set_meta,
+    st, unseal,
 };
 
 impl LocalStore {
@@ -21,7 +22,87 @@ impl LocalStore {
         body: Option<Body>,
     ) -> Result<u64, StoreError> {
         let txn = self.db.begin().await?;
-        let next: u64 = meta(&txn, "next_mutation")
+        let next = self.write_in(&txn, collection, id, op, body, None).await?;
+        txn.commit().await?;
+        Ok(next)
+    }
+
+    /// Open `manual` conflicts, oldest first.
+    pub async fn conflicts(&self) -> Result<Vec<LocalConflict>, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(st(
+                "SELECT conflict_id, mutation, server_version, server_body FROM sgc_conflicts \
+                 ORDER BY received_ms, mutation_id",
+                [],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let raw: Vec<u8> = r.try_get("", "mutation")?;
+                Ok(LocalConflict {
+                    id: r.try_get("", "conflict_id")?,
+                    mine: unseal(&self.sealer, Kind::Mutation, &raw)?,
+                    server_version: get_u64(r, "server_version")?,
+                    server_body: decode_body(&self.sealer, r.try_get("", "server_body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Resolves a `manual` conflict: writes the chosen document (or a delete) as a mutation
+    /// naming the conflict, and forgets the conflict, in one transaction. Returns the
+    /// mutation id; `None`: no such open conflict.
+    pub async fn resolve(&self, conflict_id: &str, take: Take) -> Result<Option<u64>, StoreError> {
+        let Some(conflict) = self
+            .conflicts()
+            .await?
+            .into_iter()
+            .find(|c| c.id == conflict_id)
+        else {
+            return Ok(None);
+        };
+        let body = match take {
+            Take::Server => conflict.server_body.clone(),
+            Take::Mine => conflict.mine_body(),
+            Take::Body(b) => Some(b),
+        };
+        let op = if body.is_some() {
+            MutationOp::Put
+        } else {
+            MutationOp::Delete
+        };
+        let m = &conflict.mine;
+        let txn = self.db.begin().await?;
+        let removed = txn
+            .execute_raw(st(
+                "DELETE FROM sgc_conflicts WHERE conflict_id = ?",
+                [conflict_id.into()],
+            ))
+            .await?
+            .rows_affected();
+        if removed == 0 {
+            // Resolved meanwhile by another call.
+            return Ok(None);
+        }
+        let next = self
+            .write_in(&txn, &m.collection, &m.id, op, body, Some(conflict_id))
+            .await?;
+        txn.commit().await?;
+        Ok(Some(next))
+    }
+
+    /// [`LocalStore::write`] inside a transaction, optionally resolving a conflict.
+    async fn write_in(
+        &self,
+        txn: &DatabaseTransaction,
+        collection: &str,
+        id: &str,
+        op: MutationOp,
+        body: Option<Body>,
+        resolves: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let next: u64 = meta(txn, "next_mutation")
             .await?
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| corrupt("next_mutation"))?;
@@ -29,7 +110,7 @@ impl LocalStore {
         let after = next.checked_add(1).ok_or_else(|| {
             corrupt("mutation ids exhausted: this installation needs a new data directory")
         })?;
-        set_meta(&txn, "next_mutation", &after.to_string()).await?;
+        set_meta(txn, "next_mutation", &after.to_string()).await?;
         let base_version = txn
             .query_one_raw(st(
                 "SELECT server_version FROM sgc_docs WHERE collection = ? AND doc_id = ?",
@@ -46,7 +127,7 @@ impl LocalStore {
             op,
             body,
             base_version,
-            resolves: None,
+            resolves: resolves.map(str::to_owned),
         };
         txn.execute_raw(st(
             "INSERT INTO sgc_outbox (mutation_id, collection, doc_id, mutation, created_ms) \
@@ -60,8 +141,7 @@ impl LocalStore {
             ],
         ))
         .await?;
-        rebase(&txn, &self.sealer, collection, id).await?;
-        txn.commit().await?;
+        rebase(txn, &self.sealer, collection, id).await?;
         Ok(next)
     }
 
@@ -299,23 +379,63 @@ impl LocalStore {
                         [id.clone()],
                     ))
                     .await?;
-                    txn.execute_raw(st(
-                        "INSERT OR REPLACE INTO sgc_rejected (mutation_id, mutation, code, reason, rejected_ms) \
-                         VALUES (?, ?, ?, ?, ?)",
-                        [
-                            id,
-                            raw.into(),
-                            i64::from(code).into(),
-                            reason.as_str().into(),
-                            now_ms().into(),
-                        ],
-                    ))
-                    .await?;
+                    reject(&txn, id, raw, code, &reason).await?;
                     out.rejected.push(Rejection {
                         mutation: m.clone(),
                         code,
                         reason,
                     });
+                }
+                AckAction::Conflict { reason, conflict } => {
+                    txn.execute_raw(st(
+                        "DELETE FROM sgc_outbox WHERE mutation_id = ?",
+                        [id.clone()],
+                    ))
+                    .await?;
+                    // The server's side replaces the optimistic state (if it is newer than
+                    // what the replica holds).
+                    apply_server_version(
+                        &txn,
+                        &self.sealer,
+                        &m.collection,
+                        &m.id,
+                        conflict.version,
+                        conflict.body.as_ref(),
+                    )
+                    .await?;
+                    match conflict.id {
+                        Some(conflict_id) => {
+                            txn.execute_raw(st(
+                                "INSERT OR REPLACE INTO sgc_conflicts (conflict_id, mutation_id, \
+                                 mutation, server_version, server_body, received_ms) \
+                                 VALUES (?, ?, ?, ?, ?, ?)",
+                                [
+                                    conflict_id.as_str().into(),
+                                    id,
+                                    raw.into(),
+                                    (conflict.version as i64).into(),
+                                    encode_body(&self.sealer, conflict.body.as_ref()),
+                                    now_ms().into(),
+                                ],
+                            ))
+                            .await?;
+                            out.conflicts.push(LocalConflict {
+                                id: conflict_id,
+                                mine: m.clone(),
+                                server_version: conflict.version,
+                                server_body: conflict.body,
+                            });
+                        }
+                        None => {
+                            let code = syncgate_protocol::ErrorCode::Conflict.code();
+                            reject(&txn, id, raw, code, &reason).await?;
+                            out.rejected.push(Rejection {
+                                mutation: m.clone(),
+                                code,
+                                reason,
+                            });
+                        }
+                    }
                 }
             }
             drop_seen_acks(&txn, &m.collection, &m.id).await?;
@@ -324,6 +444,29 @@ impl LocalStore {
         txn.commit().await?;
         Ok(out)
     }
+}
+
+/// Keeps a refused mutation in the rejected table until the application acknowledges it.
+async fn reject(
+    txn: &DatabaseTransaction,
+    id: sea_orm::Value,
+    raw: Vec<u8>,
+    code: u16,
+    reason: &str,
+) -> Result<(), StoreError> {
+    txn.execute_raw(st(
+        "INSERT OR REPLACE INTO sgc_rejected (mutation_id, mutation, code, reason, rejected_ms) \
+         VALUES (?, ?, ?, ?, ?)",
+        [
+            id,
+            raw.into(),
+            i64::from(code).into(),
+            reason.into(),
+            now_ms().into(),
+        ],
+    ))
+    .await?;
+    Ok(())
 }
 
 fn outbox_entry(s: &Sealer, r: &QueryResult) -> Result<OutboxEntry, StoreError> {

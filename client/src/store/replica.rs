@@ -280,7 +280,7 @@ fn docs_from_rows(s: &Sealer, rows: &[QueryResult]) -> Result<Vec<LocalDoc>, Sto
 
 /// Records the server's state of a document at `version` if it is newer than what the replica
 /// holds (a snapshot may already be newer than the catch-up that follows it), then rebases.
-async fn apply_server_version(
+pub(super) async fn apply_server_version(
     txn: &DatabaseTransaction,
     s: &Sealer,
     collection: &str,

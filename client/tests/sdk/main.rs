@@ -9,6 +9,7 @@
 )]
 
 mod cli;
+mod conflicts;
 mod encrypted;
 mod fetch;
 mod proxy;

@@ -982,3 +982,175 @@ async fn admin_conflicts_lists_the_audit() {
     assert_eq!(stock[0]["resolved_by"], "3@terminal-7");
     gw.shutdown().await;
 }
+
+/// The client's command line, `syncgate-client`, next to this package's binary (built first if
+/// this test runs without the client package's own targets).
+fn client_binary() -> std::path::PathBuf {
+    let gateway = std::path::Path::new(env!("CARGO_BIN_EXE_syncgate"));
+    let client = gateway.with_file_name(format!("syncgate-client{}", std::env::consts::EXE_SUFFIX));
+    if !client.exists() {
+        let release = gateway
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n == "release");
+        let mut build = std::process::Command::new(env!("CARGO"));
+        build.args(["build", "-p", "syncgate-client", "--bin", "syncgate-client"]);
+        if release {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().unwrap().success(),
+            "building syncgate-client"
+        );
+    }
+    client
+}
+
+/// Runs `syncgate-client` on `dir` against `gw` as the user `operator`.
+async fn client_cli(gw: &Gateway, dir: &std::path::Path, args: &[&str]) -> Output {
+    let child = tokio::process::Command::new(client_binary())
+        .args(["--url", &ws_url(gw), "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .env("SYNCGATE_TOKEN", token("operator"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(PROMPT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "`syncgate-client {}` did not finish in time",
+                args.join(" ")
+            )
+        })
+        .unwrap()
+}
+
+/// The conflict scenarios of the sample config as a person types them, with both binaries: a
+/// terminal edits offline (`--no-upload`) while the ERP changes the same documents; `sync
+/// --once` reports the refused edits (exit 3); `get` shows what each policy kept; `rejected`
+/// lists the dangling reference; `conflicts` shows the `manual` one with both versions, and
+/// `syncgate admin conflicts` and `admin sync-errors` see the same on the server; `resolve
+/// --take mine` settles it and the ERP downloads the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_from_both_command_lines() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = db.config();
+    let gw = Gateway::start(config.clone()).await.unwrap();
+    let (erp, term) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ok = |o: &Output| assert!(o.status.success(), "{}", text(&o.stderr));
+    let body_of = |o: &Output| -> serde_json::Value {
+        ok(o);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["body"].clone()
+    };
+    for (c, id, b) in [
+        ("machines", "M1", r#"{"name": "press", "speed": 10}"#),
+        (
+            "work_orders",
+            "wo-1",
+            r#"{"status": "open", "machine": "M1", "qty": 5}"#,
+        ),
+        ("stock", "s-1", r#"{"qty": 10}"#),
+    ] {
+        ok(&client_cli(&gw, erp.path(), &["put", c, id, b]).await);
+    }
+    let subs = [
+        "--sub",
+        "machines",
+        "--sub",
+        "work_orders",
+        "--sub",
+        "stock",
+    ];
+    let mut first = subs.to_vec();
+    first.extend(["sync", "--once"]);
+    ok(&client_cli(&gw, term.path(), &first).await);
+    for (verb, c, id, b) in [
+        (
+            "patch",
+            "work_orders",
+            "wo-1",
+            r#"{"status": "completed", "qty": 6}"#,
+        ),
+        ("patch", "machines", "M1", r#"{"name": "press 2"}"#),
+        ("patch", "stock", "s-1", r#"{"qty": 12}"#),
+        (
+            "put",
+            "work_orders",
+            "wo-2",
+            r#"{"status": "open", "machine": "M-404"}"#,
+        ),
+    ] {
+        ok(&client_cli(&gw, term.path(), &[verb, c, id, b, "--no-upload"]).await);
+    }
+    for (c, id, b) in [
+        ("work_orders", "wo-1", r#"{"status": "cancelled"}"#),
+        ("machines", "M1", r#"{"speed": 20}"#),
+        ("stock", "s-1", r#"{"qty": 8}"#),
+    ] {
+        ok(&client_cli(&gw, erp.path(), &["patch", c, id, b]).await);
+    }
+    let sync = client_cli(&gw, term.path(), &["sync", "--once"]).await;
+    assert_eq!(sync.status.code(), Some(3), "{}", text(&sync.stderr));
+    let said = text(&sync.stderr);
+    assert!(
+        said.contains("conflict ") && said.contains("--take server|mine|JSON"),
+        "{said}"
+    );
+    assert!(said.contains("412"), "{said}");
+    let get = |c: &'static str, id: &'static str| {
+        let dir = term.path().to_owned();
+        let gw = &gw;
+        async move { client_cli(gw, &dir, &["get", c, id]).await }
+    };
+    assert_eq!(
+        body_of(&get("work_orders", "wo-1").await),
+        serde_json::json!({"status": "cancelled", "machine": "M1", "qty": 6})
+    );
+    assert_eq!(
+        body_of(&get("machines", "M1").await),
+        serde_json::json!({"name": "press 2", "speed": 20})
+    );
+    assert_eq!(
+        body_of(&get("stock", "s-1").await),
+        serde_json::json!({"qty": 8})
+    );
+    let rejected = client_cli(&gw, term.path(), &["rejected"]).await;
+    ok(&rejected);
+    assert!(
+        text(&rejected.stdout).contains("\"code\":412"),
+        "{}",
+        text(&rejected.stdout)
+    );
+    let listed = client_cli(&gw, term.path(), &["conflicts"]).await;
+    ok(&listed);
+    let conflict: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(conflict["server"], serde_json::json!({"qty": 8}));
+    assert_eq!(conflict["mine_result"], serde_json::json!({"qty": 12}));
+    let id = conflict["id"].as_str().unwrap().to_owned();
+    let data = config.data_dir.to_str().unwrap();
+    let admin = syncgate(&["--data-dir", data, "admin", "conflicts", "--open", "--json"]).await;
+    ok(&admin);
+    let open: serde_json::Value = serde_json::from_slice(&admin.stdout).unwrap();
+    assert_eq!(open[0]["id"], id.as_str());
+    let errors = syncgate(&["--data-dir", data, "admin", "sync-errors", "--json"]).await;
+    ok(&errors);
+    let errors: serde_json::Value = serde_json::from_slice(&errors.stdout).unwrap();
+    assert_eq!(errors[0]["code"], 412);
+    assert_eq!(errors[0]["mutation"]["id"], "wo-2");
+    ok(&client_cli(&gw, term.path(), &["resolve", &id, "--take", "mine"]).await);
+    let listed = client_cli(&gw, term.path(), &["conflicts"]).await;
+    assert_eq!(text(&listed.stdout), "");
+    let mut down = subs.to_vec();
+    down.extend(["sync", "--once"]);
+    ok(&client_cli(&gw, erp.path(), &down).await);
+    let erp_stock = client_cli(&gw, erp.path(), &["get", "stock", "s-1"]).await;
+    assert_eq!(body_of(&erp_stock), serde_json::json!({"qty": 12}));
+    let admin = syncgate(&["--data-dir", data, "admin", "conflicts", "--open", "--json"]).await;
+    assert_eq!(text(&admin.stdout).trim(), "[]");
+    gw.shutdown().await;
+}
