@@ -7,11 +7,17 @@
 //! without a close, as Wi-Fi does), keep editing into their outbox, and come back: they resume
 //! both subscriptions from their cursors and replay the outbox.
 //!
+//! Every write names the version its writer had seen (`base_version`: a terminal's replica
+//! version, the backend's last acknowledged version of the order it cancels), so terminals
+//! and backends contend on the same work orders under the gateway's conflict policies (the
+//! sample config: `precedence` on `work_orders.status`, `field_merge` on `machines`).
+//!
 //! Checks, per terminal and subscription: seqs strictly increase (nothing doubled or
 //! reordered); the seqs received are exactly those of every change committed to that plant's
 //! documents after the terminal's snapshot (nothing lost: the harness knows them from every
-//! writer's acks); every edit is acknowledged as applied; and at the end each terminal's
-//! replica equals a fresh snapshot of its plant (convergence).
+//! writer's acks); every edit is answered once — applied, or refused by a conflict policy
+//! (413, counted, for `first_write_wins` / `manual` collections) — and at the end each
+//! terminal's replica equals a fresh snapshot of its plant (convergence).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -20,7 +26,8 @@ use anyhow::{Context, bail};
 use rand::{Rng, SeedableRng};
 use syncgate_client::Connection;
 use syncgate_protocol::{
-    Body, Cursor, Frame, Mutation, MutationOp, MutationStatus, Ping, Push, Subscribe, Value,
+    Body, Cursor, ErrorCode, Frame, Mutation, MutationOp, MutationStatus, Ping, Push, Subscribe,
+    Value,
 };
 use tokio::sync::watch;
 
@@ -230,10 +237,12 @@ pub async fn run(cfg: &MixedConfig) -> anyhow::Result<Report> {
     let mut edit_latency = Recorder::default();
     let mut delivered = 0u64;
     let mut edits = 0u64;
+    let mut refused = 0u64;
     let mut offline = 0usize;
     for s in &states {
         edit_latency.merge(&s.ack_latency);
         edits += s.edits;
+        refused += s.refused;
         offline += usize::from(s.went_offline);
         failures.extend(s.failures.iter().map(|f| format!("terminal {}: {f}", s.i)));
         for coll in COLLECTIONS {
@@ -268,6 +277,8 @@ pub async fn run(cfg: &MixedConfig) -> anyhow::Result<Report> {
             "terminal_rate": cfg.terminal_rate, "backend_rate": cfg.backend_rate,
             "offline_share": cfg.offline_share, "offline_for_sec": cfg.offline_for.as_secs_f64()}),
         serde_json::json!({"changes_committed": total_commits, "terminal_edits": edits,
+            "edits_refused_by_policy": refused,
+            "changes_per_sec": total_commits as f64 / cfg.duration.as_secs_f64().max(0.001),
             "deliveries_checked": delivered, "terminals_that_went_offline": offline,
             "final_head": head}),
         &edit_latency,
@@ -376,8 +387,9 @@ struct Backend {
     run: String,
     next_mid: u64,
     batch: u64,
-    /// Work orders it created, per plant, for cancellations.
-    orders: HashMap<String, Vec<String>>,
+    /// Work orders it created, per plant, with the version it last wrote, for
+    /// cancellations.
+    orders: HashMap<String, Vec<(String, u64)>>,
     seq_no: u64,
     end: Instant,
 }
@@ -403,12 +415,13 @@ impl Backend {
         })
     }
 
+    /// Pushes one mutation, checked as applied; returns its version.
     async fn push(
         &mut self,
         m: Mutation,
         plant: &str,
         committed: &mut Committed,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let coll = m.collection.clone();
         self.batch += 1;
         self.next_mid += 1;
@@ -420,7 +433,7 @@ impl Backend {
             .entry((coll, plant.to_owned()))
             .or_default()
             .insert(version);
-        Ok(())
+        Ok(version)
     }
 
     async fn put(
@@ -429,7 +442,7 @@ impl Backend {
         id: &str,
         body: Body,
         committed: &mut Committed,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let plant = doc_plant(&body);
         let m = Mutation {
             mutation_id: self.next_mid,
@@ -459,25 +472,29 @@ impl Backend {
             ("qty_done".to_owned(), Value::from(0)),
         ]
         .into();
-        self.put("work_orders", &id, body, committed).await?;
-        self.orders.entry(plant.to_owned()).or_default().push(id);
+        let version = self.put("work_orders", &id, body, committed).await?;
+        self.orders
+            .entry(plant.to_owned())
+            .or_default()
+            .push((id, version));
         Ok(())
     }
 
     async fn cancel_one(&mut self, plant: &str, committed: &mut Committed) -> anyhow::Result<()> {
-        let Some(id) = self.orders.get_mut(plant).and_then(Vec::pop) else {
+        let Some((id, base)) = self.orders.get_mut(plant).and_then(Vec::pop) else {
             return Ok(());
         };
+        // Based on the version it wrote: terminals have usually edited the order since.
         let m = Mutation {
             mutation_id: self.next_mid,
             collection: "work_orders".to_owned(),
             id,
             op: MutationOp::Patch,
             body: Some([("status".to_owned(), Value::from("cancelled"))].into()),
-            base_version: None,
+            base_version: Some(base),
             resolves: None,
         };
-        self.push(m, plant, committed).await
+        self.push(m, plant, committed).await.map(|_| ())
     }
 }
 
@@ -505,6 +522,8 @@ struct TerminalState {
     subs: HashMap<&'static str, SubState>,
     ack_latency: Recorder,
     edits: u64,
+    /// Edits refused by a conflict policy (413).
+    refused: u64,
     went_offline: bool,
     failures: Vec<String>,
 }
@@ -536,6 +555,7 @@ impl Terminal {
                 .collect(),
             ack_latency: Recorder::default(),
             edits: 0,
+            refused: 0,
             went_offline: false,
             failures: Vec::new(),
         };
@@ -645,6 +665,12 @@ impl Terminal {
                     .unwrap_or_default();
                 let pick = (!orders.is_empty()).then(|| rng.random_range(0..orders.len()));
                 if let Some(id) = pick.and_then(|i| orders.get(i)).map(|id| (*id).clone()) {
+                    // The version this terminal has seen: what conflict policies decide on.
+                    let base = st
+                        .subs
+                        .get("work_orders")
+                        .and_then(|s| s.replica.get(&id))
+                        .copied();
                     let n = outbox.len() as u64;
                     let mid = first_mid.unwrap_or(1) + n;
                     let body: Body = [
@@ -660,7 +686,7 @@ impl Terminal {
                             id,
                             op: MutationOp::Patch,
                             body: Some(body),
-                            base_version: None,
+                            base_version: base,
                             resolves: None,
                         },
                         Instant::now(),
@@ -737,6 +763,15 @@ impl Terminal {
                                     .or_default()
                                     .insert(v);
                                 if k >= acked {
+                                    st.ack_latency.record(at.elapsed());
+                                }
+                            }
+                            // Refused by the collection's conflict policy: decided, once.
+                            (MutationStatus::Rejected, _)
+                                if r.code == Some(ErrorCode::Conflict.code()) =>
+                            {
+                                if k >= acked {
+                                    st.refused += 1;
                                     st.ack_latency.record(at.elapsed());
                                 }
                             }
