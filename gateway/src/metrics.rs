@@ -58,6 +58,9 @@ pub struct Metrics {
     /// reading for `max_push_*_per_second`), `subscribe` (a subscription start waited for
     /// `max_subscribes_per_second`), `read` (a page read waited for `node_concurrent_reads`).
     pub paced: IntCounterVec,
+    /// Conflict decisions audited, by policy (the collection's resolver) and outcome
+    /// (`overwrote`, `kept_server`, `merged`, `refused`, `open`).
+    pub conflicts: IntCounterVec,
 }
 
 impl Metrics {
@@ -156,6 +159,11 @@ impl Metrics {
                 "syncgate_paced_total",
                 "Work held back to its rate, by kind (push, subscribe, read)",
                 &["kind"],
+            ),
+            conflicts: counter_vec(
+                "syncgate_conflicts_total",
+                "Conflict decisions that overwrote or refused a concurrent change, by policy and outcome",
+                &["policy", "outcome"],
             ),
             rate_limited: counter(
                 "syncgate_rate_limited_frames_total",

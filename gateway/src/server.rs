@@ -446,7 +446,7 @@ async fn retry_with(
         mutations: vec![mutation],
     };
     let (outcomes, _) =
-        crate::ingest::commit_group(store, &[job], &rules(config, &Resolvers::new())).await?;
+        crate::ingest::commit_group(store, &[job], &rules(config, &Resolvers::new()), None).await?;
     let outcome = outcomes
         .into_iter()
         .next()

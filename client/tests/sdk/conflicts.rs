@@ -1,15 +1,17 @@
 //! Conflict policies through two SDK clients, on SQLite and on PostgreSQL: a terminal edits
 //! offline while another client changes the same documents; on reconnect `precedence` keeps
 //! the cancellation, `field_merge` keeps both clients' fields, `first_write_wins` refuses the
-//! stale edit (the SDK shows the server's state and lists the refusal), and a `manual`
-//! conflict reaches the terminal with both versions and is resolved.
+//! stale edit (the SDK shows the server's state and lists the refusal), `lww` takes the later
+//! commit, and a `manual` conflict reaches the terminal with both versions and is resolved. A
+//! dangling reference and a schema violation in the same offline batch are rejected with
+//! their codes while the edits after them apply.
 
 use super::*;
 use syncgate_client::Take;
 use syncgate_gateway::config::{CollectionConfig, ConflictPolicy};
 use syncgate_protocol::ErrorCode;
 
-const COLLECTIONS: [&str; 4] = ["work_orders", "machines", "stock", "notes"];
+const COLLECTIONS: [&str; 5] = ["work_orders", "machines", "stock", "notes", "logs"];
 
 /// A fresh PostgreSQL database for one test, or `None` (with a note) when the variable is
 /// unset.
@@ -88,6 +90,17 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
             ..Default::default()
         },
     );
+    config.collections.insert(
+        "logs".into(),
+        CollectionConfig {
+            schema: [(
+                "text".to_owned(),
+                syncgate_gateway::config::FieldType::String,
+            )]
+            .into(),
+            ..Default::default()
+        },
+    );
     let gw = Gateway::start(config).await.unwrap();
     let url = format!("ws://{}", gw.ws_addr);
     let erp_dir = tempfile::tempdir().unwrap();
@@ -116,6 +129,9 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
     erp.put("notes", "n-1", body(&[("text", s("a"))]))
         .await
         .unwrap();
+    erp.put("logs", "l-1", body(&[("text", s("a"))]))
+        .await
+        .unwrap();
     erp.sync_now(DEADLINE).await.unwrap();
 
     // The terminal downloads everything, then goes offline.
@@ -138,11 +154,31 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
     erp.patch("notes", "n-1", body(&[("text", s("b"))]))
         .await
         .unwrap();
+    erp.patch("logs", "l-1", body(&[("text", s("b"))]))
+        .await
+        .unwrap();
     erp.sync_now(DEADLINE).await.unwrap();
 
     // Offline, the terminal completes the order, renames the machine, counts 12 and edits
     // the note.
     let offline = terminal(&url, term_dir.path()).open_local().await.unwrap();
+    // First two edits the server will reject: a machine it has never seen, a wrong type.
+    offline
+        .put(
+            "work_orders",
+            "wo-2",
+            body(&[("status", s("open")), ("machine", s("M-404"))]),
+        )
+        .await
+        .unwrap();
+    offline
+        .put("logs", "l-9", body(&[("text", Value::from(5))]))
+        .await
+        .unwrap();
+    offline
+        .patch("logs", "l-1", body(&[("text", s("c"))]))
+        .await
+        .unwrap();
     offline
         .patch(
             "work_orders",
@@ -183,11 +219,31 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
         conflict.mine_body(),
         Some(body(&[("qty", Value::from(12))]))
     );
-    // first_write_wins: refused, listed, and the replica shows the server's note.
-    let rejected = term.rejected().await.unwrap();
-    assert_eq!(rejected.len(), 1, "{rejected:?}");
-    assert_eq!(rejected[0].code, ErrorCode::Conflict.code());
-    assert_eq!(rejected[0].mutation.id, "n-1");
+    // The dangling reference and the wrong type are rejected with their codes (and stored
+    // on the server as sync errors); first_write_wins refuses the stale note: all listed.
+    let rejected: Vec<(String, u16)> = term
+        .rejected()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.mutation.id, r.code))
+        .collect();
+    let expected = [
+        ("wo-2", ErrorCode::DanglingReference),
+        ("l-9", ErrorCode::WrongType),
+        ("n-1", ErrorCode::Conflict),
+    ]
+    .map(|(id, code)| (id.to_owned(), code.code()));
+    assert_eq!(rejected, expected);
+    let errors = gw.store.sync_errors(None, true, 100).await.unwrap();
+    assert_eq!(
+        errors.len(),
+        2,
+        "a conflict refusal is not a sync error: {errors:?}"
+    );
+    assert!(term.get("work_orders", "wo-2").await.unwrap().is_none());
+    // lww: the later commit, the terminal's.
+    assert_eq!(doc(&term, "logs", "l-1").await, body(&[("text", s("c"))]));
     assert_eq!(doc(&term, "notes", "n-1").await, body(&[("text", s("b"))]));
     // manual: the server's count until resolved.
     assert_eq!(
@@ -240,6 +296,7 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
         .map(|c| (c.policy, c.outcome))
         .collect();
     let expected = [
+        ("lww", "overwrote"),
         ("precedence", "kept_server"),
         ("manual", "open"),
         ("first_write_wins", "refused"),

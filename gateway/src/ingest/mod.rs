@@ -109,7 +109,7 @@ pub(crate) async fn run_ingest(
             continue;
         }
         let started = Instant::now();
-        let result = commit_group(&store, &jobs, &rules).await;
+        let result = commit_group(&store, &jobs, &rules, Some(&metrics)).await;
         metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -209,6 +209,7 @@ pub(crate) async fn commit_group(
     store: &Store,
     jobs: &[PushJob],
     rules: &Rules,
+    metrics: Option<&Metrics>,
 ) -> Result<(Vec<Result<PushOutcome, GatewayError>>, Committed), StoreError> {
     let txn = store.begin_group().await?;
     let mut pre = Prefetched::default();
@@ -234,6 +235,13 @@ pub(crate) async fn commit_group(
     }
     let plan = plan::plan(jobs, txn.head(), &pre, rules);
     txn.commit(&plan.rows, plan.committed.to).await?;
+    if let Some(m) = metrics {
+        for c in &plan.rows.conflicts {
+            m.conflicts
+                .with_label_values(&[c.policy.as_str(), c.outcome.as_str()])
+                .inc();
+        }
+    }
     Ok((plan.outcomes, plan.committed))
 }
 

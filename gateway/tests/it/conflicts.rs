@@ -190,6 +190,23 @@ pub async fn each_policy_decides_concurrent_edits_and_audits_them(backend: Backe
         .concat()
     );
     assert_eq!(outcome("l-1"), row("lww", "overwrote", "closed"));
+    let counted = |policy: &str, outcome: &str| {
+        gw.metrics
+            .conflicts
+            .with_label_values(&[policy, outcome])
+            .get()
+    };
+    assert_eq!(
+        [
+            counted("precedence", "kept_server"),
+            counted("manual", "open"),
+            counted("first_write_wins", "refused"),
+            counted("lww", "overwrote"),
+            counted("field_merge", "overwrote"),
+        ],
+        [1, 1, 2, 1, 0],
+        "syncgate_conflicts_total counts what the audit holds"
+    );
     let l1 = audit.iter().find(|c| c.doc_id == "l-1").unwrap();
     assert_eq!(
         (
