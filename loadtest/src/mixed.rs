@@ -167,7 +167,9 @@ pub async fn run(cfg: &MixedConfig) -> anyhow::Result<Report> {
                     let Some(plant) = plants.get(k % plants.len().max(1)) else {
                         break;
                     };
-                    match k % 4 {
+                    // Every plant gets every kind of write in turn (with `k % 4`, a plant
+                    // count divisible by 4 gave each plant one kind only: no cancellations).
+                    match (k / plants.len().max(1)) % 4 {
                         0 | 1 => be.new_work_order(plant, &mut committed).await?,
                         2 => be.cancel_one(plant, &mut committed).await?,
                         _ => {
