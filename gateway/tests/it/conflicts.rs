@@ -287,3 +287,106 @@ pub async fn each_policy_decides_concurrent_edits_and_audits_them(backend: Backe
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// An embedder's resolver replaces a collection's configured policy: stock corrections that
+/// conflict win unless they would make the count negative; the audit names the resolver. A
+/// resolver for an undeclared collection is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedders_resolver_decides_for_its_collection() {
+    use std::sync::Arc;
+    use syncgate_gateway::conflict::{Conflict, ConflictResolver, Resolution};
+
+    #[derive(Debug)]
+    struct NeverNegative;
+    impl ConflictResolver for NeverNegative {
+        fn name(&self) -> &str {
+            "never_negative"
+        }
+        fn resolve(&self, c: &Conflict<'_>) -> Resolution {
+            let qty = c.mine.and_then(|b| b.get("qty")).and_then(Value::as_i64);
+            if qty.is_some_and(|q| q < 0) {
+                Resolution::Server
+            } else {
+                Resolution::Mine
+            }
+        }
+    }
+    let resolvers = |collection: &str| {
+        syncgate_gateway::server::Resolvers::from([(
+            collection.to_owned(),
+            Arc::new(NeverNegative) as Arc<dyn ConflictResolver>,
+        )])
+    };
+    let db = TestDb::new(Backend::Sqlite).await;
+    let err = Gateway::start_with_resolvers(db.config(), resolvers("nope"))
+        .await
+        .err()
+        .expect("an undeclared collection is refused");
+    assert!(err.to_string().contains("\"nope\""), "{err}");
+    // `stock` is `manual` in the sample config; the resolver takes its place.
+    let gw = Gateway::start_with_resolvers(db.config(), resolvers("stock"))
+        .await
+        .unwrap();
+    let (mut erp, _) = connect(&gw, "erp").await;
+    let (mut term, _) = connect(&gw, "terminal").await;
+    let seeded = push(
+        &mut erp,
+        1,
+        vec![
+            put(1, "stock", "s-1", body(&[("qty", Value::from(5))])),
+            put(2, "stock", "s-2", body(&[("qty", Value::from(5))])),
+        ],
+    )
+    .await;
+    let v: Vec<u64> = seeded.results.iter().map(|r| r.version.unwrap()).collect();
+    push(
+        &mut erp,
+        2,
+        vec![
+            based(
+                patch(3, "stock", "s-1", body(&[("qty", Value::from(4))])),
+                v[0],
+            ),
+            based(
+                patch(4, "stock", "s-2", body(&[("qty", Value::from(4))])),
+                v[1],
+            ),
+        ],
+    )
+    .await;
+    let ack = push(
+        &mut term,
+        1,
+        vec![
+            based(
+                patch(1, "stock", "s-1", body(&[("qty", Value::from(7))])),
+                v[0],
+            ),
+            based(
+                patch(2, "stock", "s-2", body(&[("qty", Value::from(-1))])),
+                v[1],
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(ack.results[0].status, MutationStatus::Applied);
+    assert_eq!(ack.results[1].code, Some(ErrorCode::Conflict.code()));
+    let info = ack.results[1].conflict.clone().unwrap();
+    assert_eq!(
+        (info.id, info.body),
+        (None, Some(body(&[("qty", Value::from(4))])))
+    );
+    let audit: Vec<(String, String, String)> = gw
+        .store
+        .conflict_records(Some("stock"), false, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.doc_id, c.policy, c.outcome))
+        .collect();
+    let expected = [("s-1", "overwrote"), ("s-2", "refused")]
+        .map(|(id, o)| (id.to_owned(), "never_negative".to_owned(), o.to_owned()));
+    assert_eq!(audit, expected);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
