@@ -4,7 +4,9 @@
 //! SQLite transaction per operation.
 
 use syncgate_protocol::apply::apply;
-use syncgate_protocol::{Body, ConflictInfo, ErrorCode, Mutation, MutationResult, MutationStatus};
+use syncgate_protocol::{
+    Body, ConflictInfo, ErrorCode, Mutation, MutationOp, MutationResult, MutationStatus,
+};
 
 /// An outbox entry as rebase sees it: the mutation, and the version it wrote once acked.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +96,18 @@ pub(crate) fn own_write(previous: &ServerState, m: &Mutation, version: u64) -> O
         version,
         stale: false,
     })
+}
+
+/// The `base_version` a new mutation names, from the server version the replica holds of the
+/// document (`None` or 0: none): that version; for a put of a document it holds no version of,
+/// 0 — "I create this, having seen no other" — so that the gateway's conflict policy decides
+/// when another client created the same id meanwhile; otherwise none (a blind patch or delete
+/// of a document this replica never downloaded follows server order).
+pub(crate) fn base_version(held: Option<u64>, op: MutationOp) -> Option<u64> {
+    match held.filter(|v| *v > 0) {
+        Some(v) => Some(v),
+        None => (op == MutationOp::Put).then_some(0),
+    }
 }
 
 /// What an acknowledgement does to one outbox entry.
@@ -198,7 +212,19 @@ pub(crate) fn batch_len(sizes: impl IntoIterator<Item = usize>, max_bytes: usize
 mod tests {
     use super::*;
     use rmpv::Value;
-    use syncgate_protocol::MutationOp;
+
+    #[test]
+    fn a_mutation_names_the_version_it_was_based_on() {
+        use MutationOp::{Delete, Patch, Put};
+        assert_eq!(base_version(Some(7), Patch), Some(7));
+        assert_eq!(base_version(Some(7), Put), Some(7));
+        // A create names 0: another client's document of the same id is a conflict.
+        assert_eq!(base_version(None, Put), Some(0));
+        assert_eq!(base_version(Some(0), Put), Some(0));
+        // A patch or delete of a document never downloaded is blind.
+        assert_eq!(base_version(None, Patch), None);
+        assert_eq!(base_version(Some(0), Delete), None);
+    }
 
     fn body(pairs: &[(&str, i64)]) -> Body {
         pairs

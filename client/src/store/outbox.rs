@@ -111,15 +111,15 @@ impl LocalStore {
             corrupt("mutation ids exhausted: this installation needs a new data directory")
         })?;
         set_meta(txn, "next_mutation", &after.to_string()).await?;
-        let base_version = txn
+        let held = txn
             .query_one_raw(st(
                 "SELECT server_version FROM sgc_docs WHERE collection = ? AND doc_id = ?",
                 [collection.into(), id.into()],
             ))
             .await?
             .map(|r| get_u64(&r, "server_version"))
-            .transpose()?
-            .filter(|v| *v > 0);
+            .transpose()?;
+        let base_version = model::base_version(held, op);
         let m = Mutation {
             mutation_id: next,
             collection: collection.to_owned(),

@@ -154,6 +154,9 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
     erp.patch("notes", "n-1", body(&[("text", s("b"))]))
         .await
         .unwrap();
+    erp.put("notes", "n-2", body(&[("text", s("erp's"))]))
+        .await
+        .unwrap();
     erp.patch("logs", "l-1", body(&[("text", s("b"))]))
         .await
         .unwrap();
@@ -199,6 +202,12 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
         .patch("notes", "n-1", body(&[("text", s("c"))]))
         .await
         .unwrap();
+    // A note the terminal creates offline under an id the ERP creates meanwhile: a create
+    // names base version 0, so this is a conflict too, not a silent overwrite.
+    offline
+        .put("notes", "n-2", body(&[("text", s("terminal's"))]))
+        .await
+        .unwrap();
     offline.close().await;
 
     // Back online.
@@ -232,6 +241,7 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
         ("wo-2", ErrorCode::DanglingReference),
         ("l-9", ErrorCode::WrongType),
         ("n-1", ErrorCode::Conflict),
+        ("n-2", ErrorCode::Conflict),
     ]
     .map(|(id, code)| (id.to_owned(), code.code()));
     assert_eq!(rejected, expected);
@@ -245,6 +255,10 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
     // lww: the later commit, the terminal's.
     assert_eq!(doc(&term, "logs", "l-1").await, body(&[("text", s("c"))]));
     assert_eq!(doc(&term, "notes", "n-1").await, body(&[("text", s("b"))]));
+    assert_eq!(
+        doc(&term, "notes", "n-2").await,
+        body(&[("text", s("erp's"))])
+    );
     // manual: the server's count until resolved.
     assert_eq!(
         doc(&term, "stock", "s-1").await,
@@ -299,6 +313,7 @@ async fn policies_decide_between_two_clients(database: Option<String>) {
         ("lww", "overwrote"),
         ("precedence", "kept_server"),
         ("manual", "open"),
+        ("first_write_wins", "refused"),
         ("first_write_wins", "refused"),
     ]
     .map(|(p, o)| (p.to_owned(), o.to_owned()));
