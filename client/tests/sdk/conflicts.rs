@@ -13,28 +13,6 @@ use syncgate_protocol::ErrorCode;
 
 const COLLECTIONS: [&str; 5] = ["work_orders", "machines", "stock", "notes", "logs"];
 
-/// A fresh PostgreSQL database for one test, or `None` (with a note) when the variable is
-/// unset.
-async fn postgres_database() -> Option<String> {
-    use sea_orm::ConnectionTrait;
-    let Ok(admin) = std::env::var("SYNCGATE_TEST_POSTGRES_URL") else {
-        eprintln!(
-            "SKIPPED: PostgreSQL test (set SYNCGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it)"
-        );
-        return None;
-    };
-    let name = format!("sg_sdk_{:016x}", rand::random::<u64>());
-    let db = sea_orm::Database::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
-    db.execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    db.close().await.ok();
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-    Some(format!("{base}/{name}"))
-}
-
 fn terminal(url: &str, dir: &Path) -> ClientBuilder {
     COLLECTIONS
         .iter()
@@ -58,23 +36,6 @@ async fn all(client: &Client, collection: &str) -> Vec<(String, Body, u64, bool)
         .into_iter()
         .map(|d| (d.id, d.body, d.version, d.pending))
         .collect()
-}
-
-/// Drops a database [`postgres_database`] made.
-async fn drop_database(url: &str) {
-    use sea_orm::ConnectionTrait;
-    let (Ok(admin), Some((_, name))) = (
-        std::env::var("SYNCGATE_TEST_POSTGRES_URL"),
-        url.rsplit_once('/'),
-    ) else {
-        return;
-    };
-    if let Ok(db) = sea_orm::Database::connect(&admin).await {
-        let _ = db
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await;
-        db.close().await.ok();
-    }
 }
 
 async fn policies_decide_between_two_clients(database: Option<String>) {

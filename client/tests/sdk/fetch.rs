@@ -89,3 +89,80 @@ async fn an_upload_only_write_is_forgotten_once_acknowledged() {
     client.close().await;
     gw.shutdown().await;
 }
+
+/// Sync modes between two SDK clients, on SQLite and on PostgreSQL: an author writes
+/// `upload_only` feedback (which it forgets once acknowledged and nobody can read back) and
+/// manuals of a `never` collection; a reader that fetches one manual holds that one only.
+async fn modes_between_two_clients(database: Option<String>) {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let mut config = gateway_config(gw_dir.path());
+    if let Some(url) = &database {
+        config.database = url.clone();
+    }
+    config.collections.insert(
+        "manuals".into(),
+        syncgate_gateway::config::CollectionConfig {
+            mode: syncgate_gateway::config::SyncMode::Never,
+            ..Default::default()
+        },
+    );
+    let gw = Gateway::start(config).await.unwrap();
+    let url = format!("ws://{}", gw.ws_addr);
+    let author_dir = tempfile::tempdir().unwrap();
+    let author = builder(&url, author_dir.path()).open().await.unwrap();
+    author
+        .put("feedback", "f-1", body(&[("stars", Value::from(4))]))
+        .await
+        .unwrap();
+    for id in ["m-1", "m-2"] {
+        author
+            .put("manuals", id, body(&[("title", Value::from(id))]))
+            .await
+            .unwrap();
+    }
+    author.sync_now(DEADLINE).await.unwrap();
+    assert!(author.get("feedback", "f-1").await.unwrap().is_none());
+    let reader_dir = tempfile::tempdir().unwrap();
+    let reader = builder(&url, reader_dir.path())
+        .subscribe("manuals", Body::new())
+        .open()
+        .await
+        .unwrap();
+    // Subscribing to a `never` collection is refused; the rest of the session goes on.
+    let fetched = reader.fetch("manuals", &["m-1"], DEADLINE).await.unwrap();
+    assert_eq!(fetched.docs.len(), 1);
+    reader.sync_now(DEADLINE).await.unwrap();
+    assert!(reader.get("manuals", "m-1").await.unwrap().is_some());
+    assert!(
+        reader.get("manuals", "m-2").await.unwrap().is_none(),
+        "only the fetched id"
+    );
+    assert!(matches!(
+        reader.fetch("feedback", &["f-1"], DEADLINE).await,
+        Err(syncgate_client::ClientError::Invalid {
+            code: syncgate_protocol::ErrorCode::NotDownloadable,
+            ..
+        })
+    ));
+    assert!(reader.get("feedback", "f-1").await.unwrap().is_none());
+    let stored = gw.store.document("feedback", "f-1").await.unwrap().unwrap();
+    assert_eq!(stored.body.unwrap()["stars"], Value::from(4));
+    reader.close().await;
+    author.close().await;
+    gw.shutdown().await;
+    if let Some(url) = database {
+        drop_database(&url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_between_two_clients_on_sqlite() {
+    modes_between_two_clients(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_between_two_clients_on_postgres() {
+    if let Some(url) = postgres_database().await {
+        modes_between_two_clients(Some(url)).await;
+    }
+}
