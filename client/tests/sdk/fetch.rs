@@ -3,10 +3,13 @@
 
 use super::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fetch_reads_named_documents_into_the_replica() {
-    let gw_dir = tempfile::tempdir().unwrap();
-    let mut config = gateway_config(gw_dir.path());
+/// A gateway (on `database`, else SQLite in `dir`) that also declares `manuals`, a collection
+/// with mode `never`.
+async fn with_manuals(dir: &Path, database: Option<&str>) -> Gateway {
+    let mut config = gateway_config(dir);
+    if let Some(url) = database {
+        config.database = url.to_owned();
+    }
     config.collections.insert(
         "manuals".into(),
         syncgate_gateway::config::CollectionConfig {
@@ -14,7 +17,13 @@ async fn fetch_reads_named_documents_into_the_replica() {
             ..Default::default()
         },
     );
-    let gw = Gateway::start(config).await.unwrap();
+    Gateway::start(config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_reads_named_documents_into_the_replica() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let gw = with_manuals(gw_dir.path(), None).await;
     let url = format!("ws://{}", gw.ws_addr);
     // An author writes two manuals (acknowledged once its sync is done).
     let author_dir = tempfile::tempdir().unwrap();
@@ -95,18 +104,7 @@ async fn an_upload_only_write_is_forgotten_once_acknowledged() {
 /// manuals of a `never` collection; a reader that fetches one manual holds that one only.
 async fn modes_between_two_clients(database: Option<String>) {
     let gw_dir = tempfile::tempdir().unwrap();
-    let mut config = gateway_config(gw_dir.path());
-    if let Some(url) = &database {
-        config.database = url.clone();
-    }
-    config.collections.insert(
-        "manuals".into(),
-        syncgate_gateway::config::CollectionConfig {
-            mode: syncgate_gateway::config::SyncMode::Never,
-            ..Default::default()
-        },
-    );
-    let gw = Gateway::start(config).await.unwrap();
+    let gw = with_manuals(gw_dir.path(), database.as_deref()).await;
     let url = format!("ws://{}", gw.ws_addr);
     let author_dir = tempfile::tempdir().unwrap();
     let author = builder(&url, author_dir.path()).open().await.unwrap();
