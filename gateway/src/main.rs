@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
 use syncgate_gateway::server::{
-    ApiKeyRequest, Retried, create_api_key, discard_sync_error, list_api_keys, list_conflicts,
-    list_sync_errors, migrate, reassign_client, retry_sync_error, revoke_api_key,
+    ApiKeyRequest, Retried, create_api_key, discard_sync_error, document_history, list_api_keys,
+    list_conflicts, list_sync_errors, migrate, reassign_client, retry_sync_error, revoke_api_key,
 };
 use syncgate_gateway::{Config, Gateway};
 
@@ -109,6 +109,21 @@ enum Admin {
         #[arg(long, default_value_t = 1000)]
         limit: u64,
         /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every retained change of one document, oldest first: version, time, origin (client
+    /// and mutation), operation, body. Uses the database the gateway uses; works while it
+    /// runs.
+    History {
+        /// The collection.
+        collection: String,
+        /// The document id.
+        id: String,
+        /// At most the newest this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u64,
+        /// Print JSON (one array) instead of one line per change.
         #[arg(long)]
         json: bool,
     },
@@ -394,6 +409,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let errors = list_sync_errors(&config, client.as_deref(), *open, *limit).await?;
             print_sync_errors(&errors, *json)?;
+        }
+        Command::Admin {
+            command:
+                Admin::History {
+                    collection,
+                    id,
+                    limit,
+                    json,
+                },
+        } => {
+            let history = document_history(&config, collection, id, *limit).await?;
+            if history.is_empty() {
+                anyhow::bail!("{collection}/{id} has no retained change");
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&history)?);
+            } else {
+                println!(
+                    "VERSION  COMMITTED (UNIX MS)  OP      ORIGIN                        BODY"
+                );
+                for h in history {
+                    let origin = format!(
+                        "{}:{}",
+                        h.origin_client.as_deref().unwrap_or("-"),
+                        h.origin_mutation.map_or("-".to_owned(), |m| m.to_string())
+                    );
+                    let body = h.body.as_ref().map_or("null".to_owned(), |b| {
+                        serde_json::to_string(b).unwrap_or_default()
+                    });
+                    println!(
+                        "{:>7}  {:>19}  {:<6}  {origin:<29} {body}",
+                        h.version, h.committed_at_ms, h.op
+                    );
+                }
+            }
         }
         Command::Admin {
             command:

@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::storage::{ConflictRecord, SyncError};
+pub use crate::storage::{ConflictRecord, HistoryEntry, SyncError};
 
 use sha2::Digest;
 
@@ -490,6 +490,20 @@ pub async fn list_sync_errors(
     let errors = store.sync_errors(client_id, open_only, limit).await;
     store.close().await;
     Ok(errors?)
+}
+
+/// Every retained change of a document, oldest first (the newest `limit`): `syncgate admin
+/// history`.
+pub async fn document_history(
+    config: &Config,
+    collection: &str,
+    id: &str,
+    limit: u64,
+) -> anyhow::Result<Vec<HistoryEntry>> {
+    let store = open_store(config).await?;
+    let history = store.document_history(collection, id, limit).await;
+    store.close().await;
+    Ok(history?)
 }
 
 /// The conflict audit, oldest first: `syncgate admin conflicts`.

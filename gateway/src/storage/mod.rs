@@ -556,6 +556,55 @@ impl Store {
         .transpose()
     }
 
+    /// Every retained change of one document, oldest first, at most `limit` (the newest
+    /// `limit` when there are more): `syncgate admin history`. One index range
+    /// (`sg_changes_doc`).
+    pub async fn document_history(
+        &self,
+        collection: &str,
+        id: &str,
+        limit: u64,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let select = Query::select()
+            .columns([
+                "seq",
+                "op",
+                "body",
+                "origin_client",
+                "origin_mutation",
+                "committed_at",
+            ])
+            .from("sg_changes")
+            .and_where(Expr::col("collection").eq(collection))
+            .and_where(Expr::col("doc_id").eq(id))
+            .order_by("seq", Order::Desc)
+            .limit(Ord::min(limit, i64::MAX as u64))
+            .to_owned();
+        let rows = self.db.query_all_raw(self.backend.build(&select)).await?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                let raw: Option<Vec<u8>> = r.try_get("", "body")?;
+                Ok(HistoryEntry {
+                    version: r.try_get::<i64>("", "seq")? as u64,
+                    op: if r.try_get::<i64>("", "op")? != 0 {
+                        "delete"
+                    } else {
+                        "upsert"
+                    },
+                    body: decode_body(raw.as_deref())?,
+                    origin_client: r.try_get("", "origin_client")?,
+                    origin_mutation: r
+                        .try_get::<Option<i64>>("", "origin_mutation")?
+                        .map(|m| m as u64),
+                    committed_at_ms: r.try_get::<i64>("", "committed_at")? as u64,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     /// The stored state of the documents among `ids` that exist in `collection` (deleted
     /// ones too): id -> state. One statement.
     pub async fn documents_by_id(
@@ -818,6 +867,23 @@ fn sync_errors_select(limit: u64) -> SelectStatement {
         // The drivers bind a limit as a signed integer (a larger one panics inside them).
         .limit(Ord::min(limit, i64::MAX as u64))
         .to_owned()
+}
+
+/// One retained change of a document: `syncgate admin history`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HistoryEntry {
+    /// The document's version this change made (its seq).
+    pub version: u64,
+    /// `upsert` or `delete`.
+    pub op: &'static str,
+    /// The body it left (`null`: a delete).
+    pub body: Option<Body>,
+    /// The client whose mutation made it.
+    pub origin_client: Option<String>,
+    /// That mutation's id.
+    pub origin_mutation: Option<u64>,
+    /// When it was committed (Unix milliseconds).
+    pub committed_at_ms: u64,
 }
 
 /// A conflict decision as the audit holds it (`sg_conflicts`): `syncgate admin conflicts`.

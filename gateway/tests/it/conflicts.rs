@@ -207,6 +207,31 @@ pub async fn each_policy_decides_concurrent_edits_and_audits_them(backend: Backe
         [1, 1, 2, 1, 0],
         "syncgate_conflicts_total counts what the audit holds"
     );
+    // The document's history: every change, oldest first, with its origin.
+    let history = gw.store.document_history("logs", "l-1", 100).await.unwrap();
+    let seen: Vec<(u64, &str, Option<&str>, Option<u64>)> = history
+        .iter()
+        .map(|h| {
+            (
+                h.version,
+                h.op,
+                h.origin_client.as_deref(),
+                h.origin_mutation,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (v[4], "upsert", Some("erp"), Some(5)),
+            (now[4], "upsert", Some("erp"), Some(10)),
+            (r[4].version.unwrap(), "upsert", Some("terminal"), Some(5)),
+        ]
+    );
+    assert_eq!(history[2].body, Some(body(&[("text", s("c"))])));
+    let newest = gw.store.document_history("logs", "l-1", 1).await.unwrap();
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0].version, r[4].version.unwrap());
     let l1 = audit.iter().find(|c| c.doc_id == "l-1").unwrap();
     assert_eq!(
         (
