@@ -5,14 +5,17 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::auth::scope::Access;
+use crate::auth::{Authenticator, allowed};
+use crate::config::{Config, SyncMode};
+use crate::error::GatewayError;
 use crate::ingest::IngestRequest;
 use crate::metrics::Metrics;
 use crate::oplog::OpLog;
+use crate::storage::ClientClaim;
 use crate::storage::Store;
 use crate::sync::hub::Hub;
 
@@ -39,4 +42,73 @@ pub(crate) struct Shared {
     pub(crate) claims: mpsc::Sender<crate::storage::claims::Claim>,
     /// TLS for both listeners (`None`: plain).
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Shared {
+    /// Why `access` may not read `collection` this way (`mode_allows`: subscribe or fetch),
+    /// if it may not: undeclared, no read role, the collection's mode, a scope claim missing.
+    pub(crate) fn read_refusal(
+        &self,
+        collection: &str,
+        access: &Access,
+        mode_allows: fn(SyncMode) -> bool,
+    ) -> Option<GatewayError> {
+        match self.config.collections.get(collection) {
+            None => Some(GatewayError::UnknownCollection(collection.to_owned())),
+            Some(c) if !allowed(&c.read_roles, &access.roles) => {
+                Some(GatewayError::ReadForbidden(collection.to_owned()))
+            }
+            Some(c) if !mode_allows(c.mode) => Some(not_downloadable(collection, c.mode)),
+            Some(_) => access.scope(collection).and_then(|sc| {
+                sc.missing_claim()
+                    .map(|claim| GatewayError::ScopeClaimMissing {
+                        collection: collection.to_owned(),
+                        claim: claim.to_owned(),
+                    })
+            }),
+        }
+    }
+
+    /// Who holds `client_id` for `user`: read directly when someone holds it already (a known
+    /// installation or service), else claimed through the group queue (`storage::claims`,
+    /// which also applies `max_client_ids_per_user`). `Err`: the database failed.
+    pub(crate) async fn claim_client(
+        &self,
+        client_id: &str,
+        user: &str,
+    ) -> Result<ClientClaim, ()> {
+        match self.store.client_owner(client_id, user).await {
+            Ok(Some(claim)) => return Ok(claim),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "reading the client's owner failed");
+                return Err(());
+            }
+        }
+        let (reply, answer) = oneshot::channel();
+        let claim = crate::storage::claims::Claim {
+            client_id: client_id.to_owned(),
+            user: user.to_owned(),
+            reply,
+        };
+        if self.claims.send(claim).await.is_err() {
+            return Err(());
+        }
+        answer.await.ok().flatten().ok_or(())
+    }
+}
+
+/// The refusal for a collection whose mode sends nothing down (the way of this request).
+fn not_downloadable(collection: &str, mode: SyncMode) -> GatewayError {
+    let (mode, what) = match mode {
+        SyncMode::Never => ("mode \"never\"", "fetch its documents by id"),
+        SyncMode::UploadOnly | SyncMode::All => {
+            ("mode \"upload_only\"", "clients write it and never read it")
+        }
+    };
+    GatewayError::NotDownloadable {
+        collection: collection.to_owned(),
+        mode,
+        what,
+    }
 }

@@ -1,11 +1,13 @@
 //! The HTTP listener: liveness (`/healthz`), readiness (`/readyz`: not draining and the
-//! database answers) and Prometheus metrics (`/metrics`).
+//! database answers), Prometheus metrics (`/metrics`) and the API for backend services
+//! (`/v1`, [`api`]).
 //!
 //! Hardened against clients that misuse it: at most [`MAX_HTTP_CONNECTIONS`] connections are
 //! served at once (more are closed at accept), a connection that sends nothing for
 //! [`HTTP_IDLE`] is closed, and readiness asks the database at most once per
 //! [`READINESS_TTL`] however often it is polled (concurrent polls share one ping).
 
+mod api;
 mod idle;
 
 use std::sync::Arc;
@@ -46,6 +48,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(api::routes())
         .with_state(state);
     let listener = idle::Bounded::new(listener, MAX_HTTP_CONNECTIONS, HTTP_IDLE, tls);
     let _ = axum::serve(listener, app)

@@ -28,8 +28,8 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::auth::AuthError;
 use crate::auth::scope::Access;
-use crate::auth::{AuthError, allowed};
 use crate::config::SyncMode;
 use crate::error::{ErrorReply, GatewayError, Step};
 use crate::ingest::IngestRequest;
@@ -295,21 +295,6 @@ fn token_deadline(valid_until: u64) -> (Instant, Option<u64>) {
     match now.checked_add(Duration::from_secs(left)) {
         Some(deadline) if left < 100 * 365 * 24 * 3600 => (deadline, Some(left * 1000)),
         _ => (now + Duration::from_secs(100 * 365 * 24 * 3600), None),
-    }
-}
-
-/// The refusal for a collection whose mode sends nothing down (the way of this request).
-fn not_downloadable(collection: &str, mode: SyncMode) -> GatewayError {
-    let (mode, what) = match mode {
-        SyncMode::Never => ("mode \"never\"", "fetch its documents by id"),
-        SyncMode::UploadOnly | SyncMode::All => {
-            ("mode \"upload_only\"", "clients write it and never read it")
-        }
-    };
-    GatewayError::NotDownloadable {
-        collection: collection.to_owned(),
-        mode,
-        what,
     }
 }
 
@@ -602,7 +587,7 @@ impl Connection {
             }
         };
         let quota = self.shared.config.max_client_ids_per_user;
-        let claim = self.claim_client(&h.client_id, &user).await;
+        let claim = self.shared.claim_client(&h.client_id, &user).await;
         let last_applied_mutation = match claim {
             Ok(ClientClaim::Owned { last_applied }) => last_applied,
             Ok(ClientClaim::OverQuota) => {
@@ -667,29 +652,6 @@ impl Connection {
         });
     }
 
-    /// Who holds `client_id` after this hello: read directly when someone holds it already (a
-    /// known installation reconnecting), else claimed through the group queue.
-    async fn claim_client(&self, client_id: &str, user: &str) -> Result<ClientClaim, ()> {
-        match self.shared.store.client_owner(client_id, user).await {
-            Ok(Some(claim)) => return Ok(claim),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "reading the client's owner failed");
-                return Err(());
-            }
-        }
-        let (reply, answer) = oneshot::channel();
-        let claim = crate::storage::claims::Claim {
-            client_id: client_id.to_owned(),
-            user: user.to_owned(),
-            reply,
-        };
-        if self.shared.claims.send(claim).await.is_err() {
-            return Err(());
-        }
-        answer.await.ok().flatten().ok_or(())
-    }
-
     /// The log line of a refused handshake (rate-limited; never the token).
     fn refused_handshake(&self, e: &GatewayError, agent: &str) {
         if let Some(suppressed) = self.shared.oplog.auth.allow() {
@@ -711,7 +673,8 @@ impl Connection {
         } else if self.subs.len() >= self.shared.config.limits.max_subscriptions as usize {
             Some(GatewayError::TooManySubscriptions)
         } else {
-            self.read_refusal(&s.collection, &access, SyncMode::subscribable)
+            self.shared
+                .read_refusal(&s.collection, &access, SyncMode::subscribable)
         };
         if let Some(e) = refusal {
             self.reply(ErrorReply::from(e).sub(s.sub));
@@ -789,30 +752,6 @@ impl Connection {
         }
     }
 
-    /// Why `access` may not read `collection` this way (`mode_allows`: subscribe or fetch),
-    /// if it may not: undeclared, no read role, the collection's mode, a scope claim missing.
-    fn read_refusal(
-        &self,
-        collection: &str,
-        access: &Access,
-        mode_allows: fn(SyncMode) -> bool,
-    ) -> Option<GatewayError> {
-        match self.shared.config.collections.get(collection) {
-            None => Some(GatewayError::UnknownCollection(collection.to_owned())),
-            Some(c) if !allowed(&c.read_roles, &access.roles) => {
-                Some(GatewayError::ReadForbidden(collection.to_owned()))
-            }
-            Some(c) if !mode_allows(c.mode) => Some(not_downloadable(collection, c.mode)),
-            Some(_) => access.scope(collection).and_then(|sc| {
-                sc.missing_claim()
-                    .map(|claim| GatewayError::ScopeClaimMissing {
-                        collection: collection.to_owned(),
-                        claim: claim.to_owned(),
-                    })
-            }),
-        }
-    }
-
     /// Checks a `fetch` and starts its answer (`ws::fetch`) beside the reader loop.
     fn fetch(&mut self, f: Fetch) {
         let Some(access) = self.session.as_ref().map(|u| u.access.clone()) else {
@@ -823,6 +762,7 @@ impl Connection {
         let max_ids = limits.max_mutations_per_batch as usize;
         let scope = access.scope(&f.collection).cloned();
         let refusal = self
+            .shared
             .read_refusal(&f.collection, &access, SyncMode::fetchable)
             .or_else(|| {
                 if f.ids.is_empty() || f.ids.len() > max_ids {

@@ -45,6 +45,7 @@ mod api_keys;
 mod checks;
 mod conflicts;
 mod fuzz;
+mod http_api;
 mod modes;
 mod pacing;
 mod scopes;
@@ -52,6 +53,7 @@ mod tokens;
 use api_keys::api_keys_grant_roles_and_claims_until_revoked;
 use checks::references_and_schema_checks_reject_and_the_rest_apply;
 use conflicts::each_policy_decides_concurrent_edits_and_audits_them;
+use http_api::the_http_api_writes_through_ingest_and_reads_with_scopes;
 use modes::modes_and_fetch;
 use scopes::a_plant_scoped_terminal_sees_and_writes_only_its_plant;
 
@@ -78,6 +80,7 @@ on_both_backends!(
     references_and_schema_checks_reject_and_the_rest_apply,
     modes_and_fetch,
     each_policy_decides_concurrent_edits_and_audits_them,
+    the_http_api_writes_through_ingest_and_reads_with_scopes,
 );
 
 const WRITERS: u64 = 4;

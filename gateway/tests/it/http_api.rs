@@ -1,0 +1,377 @@
+//! The HTTP API for backend services, on both backends: writes in JSON and MessagePack go
+//! through the same ingest as WebSocket pushes (interleaved with them, every subscriber gets
+//! each change once, in order), a request sent again gets the same answer and applies
+//! nothing twice, reads apply scopes, and every bad request gets problem+json with its code.
+
+use std::collections::HashMap;
+
+use syncgate_gateway::server::{ApiKeyRequest, create_api_key};
+
+use super::*;
+
+/// A raw HTTP/1.1 request: status, headers (lower-case names), body.
+async fn http(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, HashMap<String, String>, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: syncgate\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (and close) before reading an oversized body.
+    let _ = s.write_all(body).await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut raw))
+        .await
+        .expect("an HTTP answer in time")
+        .ok();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete HTTP head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, raw[split + 4..].to_vec())
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
+}
+
+/// Asserts a problem+json answer with this status and protocol code.
+fn problem(answer: &(u16, HashMap<String, String>, Vec<u8>), status: u16, code: ErrorCode) {
+    let (got, headers, body) = answer;
+    let p = json(body);
+    assert_eq!(
+        (*got, p["code"].as_u64()),
+        (status, Some(u64::from(code.code()))),
+        "{p}"
+    );
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(p["name"], code.name());
+    assert_eq!(p["status"], status);
+}
+
+pub async fn the_http_api_writes_through_ingest_and_reads_with_scopes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut config = db.config();
+    config.limits.max_frame_bytes = 64 * 1024;
+    config.limits.max_document_bytes = 32 * 1024;
+    let stock = config.collections.get_mut("stock").unwrap();
+    stock.scope = [("plant".to_owned(), "claims.plant".to_owned())].into();
+    let gw = Gateway::start(config.clone()).await.unwrap();
+    let key_for = |name: &str, plant: &str| ApiKeyRequest {
+        name: name.into(),
+        user: "erp".into(),
+        roles: vec![],
+        claims: [("plant".to_owned(), serde_json::json!(plant))].into(),
+    };
+    let (key, _) = create_api_key(&config, key_for("erp-a", "A"))
+        .await
+        .unwrap();
+    let (key_b, _) = create_api_key(&config, key_for("erp-b", "B"))
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {key}");
+    let auth = ("Authorization", bearer.as_str());
+    let mut watcher = Replica::subscribe(&gw, "watcher", "work_orders", Body::new(), None).await;
+    let (mut terminal, _) = connect(&gw, "terminal").await;
+
+    // A machine, in JSON, by document URL.
+    let put_machine = http(
+        &gw,
+        "PUT",
+        "/v1/collections/machines/documents/M1",
+        &[
+            auth,
+            ("Syncgate-Client-Id", "erp-svc"),
+            ("Syncgate-Mutation-Id", "1"),
+        ],
+        br#"{"name": "press"}"#,
+    )
+    .await;
+    assert_eq!(
+        put_machine.0,
+        200,
+        "{}",
+        String::from_utf8_lossy(&put_machine.2)
+    );
+    assert_eq!(put_machine.1["content-type"], "application/json");
+    assert_eq!(json(&put_machine.2)["results"][0]["status"], "applied");
+    // Two work orders' writes in one batch, atomic like a push.
+    let batch = serde_json::json!({"client_id": "erp-svc", "mutations": [
+        {"mutation_id": 2, "collection": "work_orders", "id": "wo-1", "op": "put",
+         "body": {"status": "open", "machine": "M1", "qty": 5}},
+        {"mutation_id": 3, "collection": "work_orders", "id": "wo-1", "op": "patch",
+         "body": {"qty": 6}},
+    ]})
+    .to_string();
+    let first = http(&gw, "POST", "/v1/batch", &[auth], batch.as_bytes()).await;
+    assert_eq!(first.0, 200, "{}", String::from_utf8_lossy(&first.2));
+    let answer = json(&first.2);
+    assert_eq!(answer["results"][1]["status"], "applied", "{answer}");
+    // Sent again (the answer was lost): the same answer, nothing applied twice.
+    let again = http(&gw, "POST", "/v1/batch", &[auth], batch.as_bytes()).await;
+    assert_eq!(json(&again.2), answer);
+    // A terminal's push to the same document, between HTTP writes.
+    let ack = push(
+        &mut terminal,
+        1,
+        vec![patch(
+            1,
+            "work_orders",
+            "wo-1",
+            body(&[("note", Value::from("checked"))]),
+        )],
+    )
+    .await;
+    assert_eq!(ack.results[0].status, MutationStatus::Applied);
+    // A cancellation in MessagePack, answered in MessagePack.
+    let fields =
+        syncgate_protocol::codec::to_msgpack(&body(&[("status", Value::from("cancelled"))]));
+    let cancel = http(
+        &gw,
+        "PATCH",
+        "/v1/collections/work_orders/documents/wo-1",
+        &[
+            auth,
+            ("Content-Type", "application/msgpack"),
+            ("Syncgate-Client-Id", "erp-svc"),
+            ("Syncgate-Mutation-Id", "4"),
+        ],
+        &fields,
+    )
+    .await;
+    assert_eq!(cancel.0, 200);
+    assert_eq!(cancel.1["content-type"], "application/msgpack");
+    let decoded: serde_json::Value = syncgate_protocol::codec::from_msgpack(&cancel.2).unwrap();
+    assert_eq!(decoded["results"][0]["status"], "applied");
+    let last = decoded["visible_at"].as_u64().unwrap();
+
+    // Every change reached the subscriber once, in order.
+    watcher.until_seq(last).await;
+    watcher.assert_in_order_once();
+    assert_eq!(watcher.seqs.len(), 4, "{:?}", watcher.seqs);
+    let (doc, version) = watcher.docs["wo-1"].clone();
+    assert_eq!(version, last);
+    assert_eq!(doc["status"], Value::from("cancelled"));
+    assert_eq!(doc["note"], Value::from("checked"));
+
+    // Reads: JSON and MessagePack, with the version as ETag.
+    let read = http(
+        &gw,
+        "GET",
+        "/v1/collections/work_orders/documents/wo-1",
+        &[auth],
+        b"",
+    )
+    .await;
+    assert_eq!(read.0, 200);
+    assert_eq!(read.1["etag"], format!("\"{last}\""));
+    let got = json(&read.2);
+    assert_eq!(
+        (got["version"].as_u64(), &got["body"]["qty"]),
+        (Some(last), &serde_json::json!(6))
+    );
+    let read = http(
+        &gw,
+        "GET",
+        "/v1/collections/work_orders/documents/wo-1",
+        &[auth, ("Accept", "application/msgpack")],
+        b"",
+    )
+    .await;
+    let got: DocAnswerCheck = syncgate_protocol::codec::from_msgpack(&read.2).unwrap();
+    assert_eq!((got.id.as_str(), got.version), ("wo-1", last));
+    // Row scopes: plant A's stock is plant A's; another plant's key sees nothing of it.
+    let stock = http(
+        &gw,
+        "PUT",
+        "/v1/collections/stock/documents/s-1",
+        &[
+            auth,
+            ("Syncgate-Client-Id", "erp-svc"),
+            ("Syncgate-Mutation-Id", "5"),
+        ],
+        br#"{"plant": "A", "qty": 3}"#,
+    )
+    .await;
+    assert_eq!(json(&stock.2)["results"][0]["status"], "applied");
+    let read = http(
+        &gw,
+        "GET",
+        "/v1/collections/stock/documents/s-1",
+        &[auth],
+        b"",
+    )
+    .await;
+    assert_eq!(json(&read.2)["body"]["qty"], 3);
+    let other = format!("Bearer {key_b}");
+    let hidden = http(
+        &gw,
+        "GET",
+        "/v1/collections/stock/documents/s-1",
+        &[("Authorization", other.as_str())],
+        b"",
+    )
+    .await;
+    problem(&hidden, 404, ErrorCode::DocumentNotFound);
+    // A deleted document is gone.
+    let gone = http(
+        &gw,
+        "DELETE",
+        "/v1/collections/machines/documents/M1",
+        &[
+            auth,
+            ("Syncgate-Client-Id", "erp-svc"),
+            ("Syncgate-Mutation-Id", "6"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(json(&gone.2)["results"][0]["status"], "applied");
+    let read = http(
+        &gw,
+        "GET",
+        "/v1/collections/machines/documents/M1",
+        &[auth],
+        b"",
+    )
+    .await;
+    problem(&read, 404, ErrorCode::DocumentNotFound);
+    // A mutation's own rejection is a result, as in push_ack: another plant, an unknown
+    // collection.
+    let outside = serde_json::json!({"client_id": "erp-svc", "mutations": [
+        {"mutation_id": 7, "collection": "stock", "id": "s-9", "op": "put",
+         "body": {"plant": "B"}},
+        {"mutation_id": 8, "collection": "nope", "id": "x", "op": "put", "body": {}},
+    ]})
+    .to_string();
+    let answer = json(
+        &http(&gw, "POST", "/v1/batch", &[auth], outside.as_bytes())
+            .await
+            .2,
+    );
+    assert_eq!(answer["results"][0]["code"], ErrorCode::OutOfScope.code());
+    assert_eq!(
+        answer["results"][1]["code"],
+        ErrorCode::UnknownCollection.code()
+    );
+
+    // Refusals, each with its problem code.
+    let doc_url = "/v1/collections/work_orders/documents/wo-2";
+    let ids = [
+        ("Syncgate-Client-Id", "erp-svc"),
+        ("Syncgate-Mutation-Id", "9"),
+    ];
+    problem(
+        &http(&gw, "GET", doc_url, &[], b"").await,
+        401,
+        ErrorCode::Unauthorized,
+    );
+    let no_auth = http(&gw, "PUT", doc_url, &ids, b"{}").await;
+    problem(&no_auth, 401, ErrorCode::Unauthorized);
+    assert!(no_auth.1["www-authenticate"].starts_with("Bearer"));
+    let forged = ("Authorization", "Bearer sgk_0000000000000000_nope");
+    problem(
+        &http(&gw, "GET", doc_url, &[forged], b"").await,
+        401,
+        ErrorCode::Unauthorized,
+    );
+    let both = [auth, ids[0], ids[1]];
+    problem(
+        &http(&gw, "PUT", doc_url, &both, b"{not json").await,
+        400,
+        ErrorCode::MalformedFrame,
+    );
+    problem(
+        &http(&gw, "PUT", doc_url, &[auth, ids[1]], b"{}").await,
+        400,
+        ErrorCode::InvalidClientId,
+    );
+    problem(
+        &http(&gw, "PUT", doc_url, &[auth, ids[0]], b"{}").await,
+        400,
+        ErrorCode::InvalidMutation,
+    );
+    problem(
+        &http(&gw, "GET", "/v1/collections/nope/documents/x", &[auth], b"").await,
+        404,
+        ErrorCode::UnknownCollection,
+    );
+    problem(
+        &http(
+            &gw,
+            "GET",
+            "/v1/collections/feedback/documents/f",
+            &[auth],
+            b"",
+        )
+        .await,
+        403,
+        ErrorCode::NotDownloadable,
+    );
+    let big = format!("{{\"text\": \"{}\"}}", "x".repeat(70 * 1024));
+    problem(
+        &http(&gw, "PUT", doc_url, &both, big.as_bytes()).await,
+        413,
+        ErrorCode::FrameTooLarge,
+    );
+    let deep = format!("{{\"a\": {}1{}}}", "[".repeat(40), "]".repeat(40));
+    problem(
+        &http(&gw, "PUT", doc_url, &both, deep.as_bytes()).await,
+        400,
+        ErrorCode::NestingTooDeep,
+    );
+    // The terminal's client id belongs to the terminal's user.
+    let taken = [
+        auth,
+        ("Syncgate-Client-Id", "terminal"),
+        ("Syncgate-Mutation-Id", "50"),
+    ];
+    problem(
+        &http(&gw, "PUT", doc_url, &taken, b"{}").await,
+        409,
+        ErrorCode::ClientIdTaken,
+    );
+    // Mutation ids must increase within a request.
+    let backwards = serde_json::json!({"client_id": "erp-svc", "mutations": [
+        {"mutation_id": 12, "collection": "machines", "id": "M2", "op": "put", "body": {}},
+        {"mutation_id": 11, "collection": "machines", "id": "M3", "op": "put", "body": {}},
+    ]})
+    .to_string();
+    problem(
+        &http(&gw, "POST", "/v1/batch", &[auth], backwards.as_bytes()).await,
+        400,
+        ErrorCode::MutationIdsNotIncreasing,
+    );
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// The fields of a `GET` answer the test reads back from MessagePack.
+#[derive(serde::Deserialize)]
+struct DocAnswerCheck {
+    id: String,
+    version: u64,
+}
