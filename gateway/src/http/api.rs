@@ -19,13 +19,15 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use syncgate_protocol::limits::is_valid_id;
-use syncgate_protocol::{Body, ErrorCode, Mutation, MutationOp, MutationResult};
+use syncgate_protocol::{
+    Body, Change, ChangeOp, Doc, ErrorCode, Filter, Mutation, MutationOp, MutationResult, Value,
+};
 use tokio::sync::oneshot;
 
 use super::HttpState;
@@ -43,10 +45,14 @@ const MSGPACK: &str = "application/msgpack";
 
 /// The `/v1` routes.
 pub(super) fn routes() -> Router<HttpState> {
-    Router::new().route("/v1/batch", post(batch)).route(
-        "/v1/collections/{collection}/documents/{id}",
-        get(read).put(write).patch(write).delete(write),
-    )
+    Router::new()
+        .route("/v1/batch", post(batch))
+        .route("/v1/changes", get(changes))
+        .route("/v1/collections/{collection}/documents", get(list))
+        .route(
+            "/v1/collections/{collection}/documents/{id}",
+            get(read).put(write).patch(write).delete(write),
+        )
 }
 
 /// A request's or answer's encoding.
@@ -506,4 +512,301 @@ async fn read(
         r.headers_mut().insert(header::ETAG, etag);
     }
     r
+}
+
+/// The pairs of a query string, percent-decoded (`+` is a space).
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match (b, hex) {
+                (b'%', Some(v)) => {
+                    out.push(v);
+                    i += 3;
+                }
+                (b'+', _) => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                _ => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// A query parameter that must be a whole number (`None`: absent).
+fn number_param(pairs: &[(String, String)], name: &str) -> Result<Option<u64>, Problem> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| {
+            v.parse().map_err(|_| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidFilter,
+                    format!("{name} must be a whole number"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// A page of documents.
+#[derive(Debug, Serialize)]
+struct ListAnswer {
+    /// The documents, in id order.
+    documents: Vec<Doc>,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// At most this many documents (or changes) per answer.
+const MAX_LIST: u64 = 1000;
+
+/// `GET /v1/collections/{collection}/documents?where.FIELD=VALUE&after=ID&limit=N`: the
+/// documents the key may read whose fields equal the filter (a value is JSON if it parses as
+/// JSON, else a string), in id order, `limit` (default 100, at most 1,000) per page.
+async fn list(
+    State(state): State<HttpState>,
+    Path(collection): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let format = Format::of(&headers, header::ACCEPT);
+    let shared = &state.shared;
+    let identity = match authenticate(shared, &headers).await {
+        Ok(i) => i,
+        Err(p) => return p.into_response(),
+    };
+    let access = Access::new(&identity, &shared.config.collections);
+    if let Some(e) = shared.read_refusal(&collection, &access, SyncMode::fetchable) {
+        return Problem::from_error(&e).into_response();
+    }
+    let pairs = query_pairs(query.as_deref());
+    let limit = match number_param(&pairs, "limit") {
+        Ok(l) => l.unwrap_or(100).clamp(1, MAX_LIST),
+        Err(p) => return p.into_response(),
+    };
+    let mut after = pairs
+        .iter()
+        .find(|(k, _)| k == "after")
+        .map(|(_, v)| v.clone());
+    let terms: Body = pairs
+        .iter()
+        .filter_map(|(k, v)| {
+            let field = k.strip_prefix("where.")?;
+            let value =
+                serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::from(v.as_str()));
+            Some((field.to_owned(), value))
+        })
+        .collect();
+    let filter = match Filter::new(&terms) {
+        Ok(f) => f,
+        Err(m) => {
+            return Problem::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidFilter, m)
+                .into_response();
+        }
+    };
+    let scope = access.scope(&collection);
+    let budget = shared.config.outbound_buffer_bytes;
+    let mut documents: Vec<Doc> = Vec::new();
+    let mut next = None;
+    // A selective filter may scan many documents for a few: at most ten pages' worth per
+    // request, then the answer says where to go on.
+    let mut scanned = 0u64;
+    loop {
+        let page = match shared
+            .store
+            .documents_page(&collection, after.as_deref(), limit, budget)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "listing documents failed");
+                return Problem::from_error(&GatewayError::Storage(crate::error::Step::Fetch))
+                    .into_response();
+            }
+        };
+        scanned += page.items.len() as u64;
+        after = page.items.last().map(|d| d.id.clone()).or(after);
+        for d in page.items {
+            if filter.matches(&d.body) && scope.is_none_or(|s| s.matches(&d.body)) {
+                documents.push(d);
+            }
+        }
+        if !page.more {
+            break;
+        }
+        if documents.len() as u64 >= limit || scanned >= 10 * limit {
+            next = after;
+            break;
+        }
+    }
+    if documents.len() as u64 > limit {
+        let cut = usize::try_from(limit).unwrap_or(usize::MAX);
+        next = cut
+            .checked_sub(1)
+            .and_then(|i| documents.get(i))
+            .map(|d| d.id.clone());
+        documents.truncate(cut);
+    }
+    format.respond(StatusCode::OK, &ListAnswer { documents, next })
+}
+
+/// A page of the change feed.
+#[derive(Debug, Serialize)]
+struct ChangesAnswer {
+    /// The database's epoch: if it differs from the one you stored, start again from 0.
+    epoch: String,
+    /// Changes after `after`, in seq order.
+    changes: Vec<Change>,
+    /// Pass as `after` next time.
+    next: u64,
+}
+
+/// Longest long-poll a request may ask for.
+const MAX_WAIT_MS: u64 = 30_000;
+
+/// `GET /v1/changes?collection=C&after=SEQ&limit=N&timeout_ms=T`: the changes of a collection
+/// after `after` that the key may read, in seq order (a document leaving the key's scope
+/// arrives as a delete), `limit` (default 100, at most 1,000) at a time. With `timeout_ms`
+/// (at most 30,000) and nothing new, the answer waits until a change is published or the
+/// time is up. Only published changes are answered: a later request never finds an earlier
+/// seq it did not get.
+async fn changes(
+    State(state): State<HttpState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let format = Format::of(&headers, header::ACCEPT);
+    let shared = &state.shared;
+    let identity = match authenticate(shared, &headers).await {
+        Ok(i) => i,
+        Err(p) => return p.into_response(),
+    };
+    let pairs = query_pairs(query.as_deref());
+    let Some(collection) = pairs
+        .iter()
+        .find(|(k, _)| k == "collection")
+        .map(|(_, v)| v.clone())
+    else {
+        return Problem::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::UnknownCollection,
+            "name the collection: /v1/changes?collection=C&after=SEQ",
+        )
+        .into_response();
+    };
+    let access = Access::new(&identity, &shared.config.collections);
+    if let Some(e) = shared.read_refusal(&collection, &access, SyncMode::subscribable) {
+        return Problem::from_error(&e).into_response();
+    }
+    let (after, limit, wait) = match (
+        number_param(&pairs, "after"),
+        number_param(&pairs, "limit"),
+        number_param(&pairs, "timeout_ms"),
+    ) {
+        (Ok(a), Ok(l), Ok(t)) => (
+            a.unwrap_or(0),
+            l.unwrap_or(100).clamp(1, MAX_LIST),
+            t.unwrap_or(0).min(MAX_WAIT_MS),
+        ),
+        (Err(p), _, _) | (_, Err(p), _) | (_, _, Err(p)) => return p.into_response(),
+    };
+    let mut published = shared.hub.watch_published();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait);
+    let scope = access.scope(&collection);
+    let mut cursor = after;
+    let mut out = Vec::new();
+    // Until a change of this collection (that the key may see) is published, or time is up:
+    // changes elsewhere move the cursor on without an answer.
+    loop {
+        let mut timed_out = false;
+        while *published.borrow_and_update() <= cursor {
+            tokio::select! {
+                changed = published.changed() => if changed.is_err() { timed_out = true; break },
+                _ = tokio::time::sleep_until(deadline) => { timed_out = true; break },
+                _ = shared.shutdown.cancelled() => { timed_out = true; break },
+            }
+        }
+        let upto = *published.borrow();
+        if upto <= cursor {
+            break;
+        }
+        let page = match shared
+            .store
+            .read_changes(
+                &collection,
+                cursor,
+                upto,
+                limit,
+                shared.config.outbound_buffer_bytes,
+                scope.is_some(),
+            )
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "reading changes failed");
+                return Problem::from_error(&GatewayError::Storage(crate::error::Step::Fetch))
+                    .into_response();
+            }
+        };
+        cursor = if page.more {
+            page.items.last().map_or(upto, |e| e.change.seq)
+        } else {
+            upto
+        };
+        for e in page.items {
+            let c = &e.change;
+            let Some(scope) = scope else {
+                out.push(c.clone());
+                continue;
+            };
+            let now_in = c.body.as_ref().is_some_and(|b| scope.matches(b));
+            let was_in = e.prev_body.as_ref().is_some_and(|b| scope.matches(b));
+            if now_in {
+                out.push(c.clone());
+            } else if was_in {
+                // It left the key's scope: to this reader it is gone.
+                out.push(Change {
+                    op: ChangeOp::Delete,
+                    body: None,
+                    ..c.clone()
+                });
+            }
+        }
+        if !out.is_empty() || page.more || timed_out || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    let next = cursor;
+    format.respond(
+        StatusCode::OK,
+        &ChangesAnswer {
+            epoch: shared.store.epoch().to_owned(),
+            changes: out,
+            next,
+        },
+    )
 }

@@ -92,6 +92,17 @@ pub async fn the_http_api_writes_through_ingest_and_reads_with_scopes(backend: B
     let (key_b, _) = create_api_key(&config, key_for("erp-b", "B"))
         .await
         .unwrap();
+    // A planner of both plants may move stock between them.
+    let (key_ab, _) = create_api_key(
+        &config,
+        ApiKeyRequest {
+            claims: [("plant".to_owned(), serde_json::json!(["A", "B"]))].into(),
+            ..key_for("erp-ab", "-")
+        },
+    )
+    .await
+    .unwrap();
+    let bearer_ab = format!("Bearer {key_ab}");
     let bearer = format!("Bearer {key}");
     let auth = ("Authorization", bearer.as_str());
     let mut watcher = Replica::subscribe(&gw, "watcher", "work_orders", Body::new(), None).await;
@@ -276,6 +287,171 @@ pub async fn the_http_api_writes_through_ingest_and_reads_with_scopes(backend: B
     assert_eq!(
         answer["results"][1]["code"],
         ErrorCode::UnknownCollection.code()
+    );
+
+    // A paged list with an equality filter.
+    let more = serde_json::json!({"client_id": "erp-svc", "mutations": [
+        {"mutation_id": 20, "collection": "work_orders", "id": "wo-a", "op": "put", "body": {"status": "open"}},
+        {"mutation_id": 21, "collection": "work_orders", "id": "wo-b", "op": "put", "body": {"status": "done"}},
+        {"mutation_id": 22, "collection": "work_orders", "id": "wo-c", "op": "put", "body": {"status": "open"}},
+        {"mutation_id": 23, "collection": "work_orders", "id": "wo-d", "op": "put", "body": {"status": "open"}},
+    ]})
+    .to_string();
+    let written = json(
+        &http(&gw, "POST", "/v1/batch", &[auth], more.as_bytes())
+            .await
+            .2,
+    );
+    let head = written["visible_at"].as_u64().unwrap();
+    let page = |query: String| {
+        let gw = &gw;
+        async move {
+            let path = format!("/v1/collections/work_orders/documents?{query}");
+            let (status, _, body) = http(gw, "GET", &path, &[auth], b"").await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let v = json(&body);
+            let ids: Vec<String> = v["documents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_owned())
+                .collect();
+            (ids, v["next"].as_str().map(str::to_owned))
+        }
+    };
+    let (ids, next) = page("where.status=open&limit=2".into()).await;
+    assert_eq!(ids, ["wo-a", "wo-c"]);
+    let (ids, last) = page(format!("where.status=open&limit=2&after={}", next.unwrap())).await;
+    assert_eq!((ids, last), (vec!["wo-d".to_owned()], None));
+    let (ids, _) = page("where.status=%22cancelled%22".into()).await;
+    assert_eq!(ids, ["wo-1"]);
+
+    // The change feed: every change of the collection in order, then a long poll that
+    // returns when the next one is published.
+    let feed = |key: &str, query: String| {
+        let key = key.to_owned();
+        let gw = &gw;
+        async move {
+            let bearer = format!("Bearer {key}");
+            let path = format!("/v1/changes?{query}");
+            let (status, _, body) =
+                http(gw, "GET", &path, &[("Authorization", bearer.as_str())], b"").await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            json(&body)
+        }
+    };
+    let all = feed(&key, "collection=work_orders&after=0".into()).await;
+    let seqs: Vec<u64> = all["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .collect();
+    watcher.until_seq(head).await;
+    assert_eq!(
+        seqs, watcher.seqs,
+        "the feed holds what the subscriber received"
+    );
+    assert_eq!(all["next"].as_u64(), Some(head));
+    assert_eq!(all["epoch"].as_str(), Some(gw.store.epoch()));
+    let poll = feed(
+        &key,
+        format!("collection=work_orders&after={head}&timeout_ms=20000"),
+    );
+    let write = async {
+        push(
+            &mut terminal,
+            2,
+            vec![patch(
+                2,
+                "work_orders",
+                "wo-a",
+                body(&[("status", Value::from("done"))]),
+            )],
+        )
+        .await
+    };
+    let (polled, ack) = tokio::join!(poll, write);
+    let change = &polled["changes"][0];
+    assert_eq!(change["id"], "wo-a");
+    assert_eq!(change["seq"].as_u64(), Some(ack.visible_at));
+    assert_eq!(polled["next"].as_u64(), Some(ack.visible_at));
+    // A long poll of one collection is not answered by changes of another.
+    let now = ack.visible_at;
+    let poll = feed(
+        &key,
+        format!("collection=machines&after={now}&timeout_ms=20000"),
+    );
+    let writes = async {
+        let other = push(
+            &mut terminal,
+            3,
+            vec![patch(
+                3,
+                "work_orders",
+                "wo-c",
+                body(&[("qty", Value::from(1))]),
+            )],
+        )
+        .await;
+        let machine = push(
+            &mut terminal,
+            4,
+            vec![put(
+                4,
+                "machines",
+                "M7",
+                body(&[("name", Value::from("lathe"))]),
+            )],
+        )
+        .await;
+        (other.visible_at, machine.visible_at)
+    };
+    let (polled, (other_at, machine_at)) = tokio::join!(poll, writes);
+    assert!(other_at < machine_at);
+    let got: Vec<(u64, &str)> = polled["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["seq"].as_u64().unwrap(), c["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(machine_at, "M7")]);
+    // Scopes: a document that moves to plant B leaves plant A's feed as a delete and enters
+    // plant B's.
+    let moved = http(
+        &gw,
+        "PATCH",
+        "/v1/collections/stock/documents/s-1",
+        &[
+            ("Authorization", bearer_ab.as_str()),
+            ("Syncgate-Client-Id", "erp-planner"),
+            ("Syncgate-Mutation-Id", "1"),
+        ],
+        br#"{"plant": "B"}"#,
+    )
+    .await;
+    let moved_at = json(&moved.2)["visible_at"].as_u64().unwrap();
+    assert!(moved_at > 0, "{}", String::from_utf8_lossy(&moved.2));
+    let seen_a = feed(
+        &key,
+        format!("collection=stock&after={}&timeout_ms=20000", moved_at - 1),
+    )
+    .await;
+    assert_eq!(
+        (&seen_a["changes"][0]["op"], &seen_a["changes"][0]["id"]),
+        (&"delete".into(), &"s-1".into())
+    );
+    let seen_b = feed(&key_b, "collection=stock&after=0&timeout_ms=20000".into()).await;
+    let ops: Vec<(&str, &str)> = seen_b["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["id"].as_str().unwrap(), c["op"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        ops,
+        [("s-1", "upsert")],
+        "plant B never saw s-1 while it was plant A's"
     );
 
     // Refusals, each with its problem code.
