@@ -48,6 +48,7 @@ pub(super) fn routes() -> Router<HttpState> {
     Router::new()
         .route("/v1/batch", post(batch))
         .route("/v1/changes", get(changes))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/collections/{collection}/documents", get(list))
         .route(
             "/v1/collections/{collection}/documents/{id}",
@@ -809,4 +810,131 @@ async fn changes(
             next,
         },
     )
+}
+
+/// `GET /v1/openapi.json`: this API, described (OpenAPI 3.1). It needs no key.
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec_pretty(&openapi_document()).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document of `/v1` (tested against the routes: every operation it lists
+/// answers, and no other method does).
+fn openapi_document() -> serde_json::Value {
+    use serde_json::json;
+    let problem = json!({"description": "the request was refused: application/problem+json with the protocol's error code",
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
+    let both = |schema: &str| {
+        json!({
+            "application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}},
+            "application/msgpack": {"schema": {"$ref": format!("#/components/schemas/{schema}")}},
+        })
+    };
+    let write_headers = json!([
+        {"name": "Syncgate-Client-Id", "in": "header", "required": true, "schema": {"type": "string"},
+         "description": "the service's client id: with the mutation id, the exactly-once key"},
+        {"name": "Syncgate-Mutation-Id", "in": "header", "required": true, "schema": {"type": "integer", "minimum": 1},
+         "description": "strictly increasing per client id; a request sent again gets the stored answer"},
+        {"name": "Syncgate-Base-Version", "in": "header", "required": false, "schema": {"type": "integer", "minimum": 0},
+         "description": "the version the write is based on (conflict policies decide on it); absent: a blind write"},
+    ]);
+    let doc_path = json!([
+        {"name": "collection", "in": "path", "required": true, "schema": {"type": "string"}},
+        {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}},
+    ]);
+    let written = json!({"200": {"description": "one result per mutation, as in push_ack", "content": both("WriteAnswer")},
+        "default": problem});
+    let write_op = |summary: &str, with_body: bool| {
+        let mut op = json!({"summary": summary, "parameters": write_headers, "responses": written});
+        if with_body && let Some(o) = op.as_object_mut() {
+            o.insert(
+                "requestBody".into(),
+                json!({"required": true, "content": both("Body")}),
+            );
+        }
+        op
+    };
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "syncgate HTTP API", "version": env!("CARGO_PKG_VERSION"),
+            "description": "Writes go through the gateway's group commit like WebSocket pushes; see README, 'Backend services'."},
+        "security": [{"apiKey": []}],
+        "paths": {
+            "/v1/batch": {"post": {"summary": "apply mutations atomically, like a push",
+                "requestBody": {"required": true, "content": both("BatchRequest")},
+                "responses": written}},
+            "/v1/collections/{collection}/documents/{id}": {
+                "parameters": doc_path,
+                "get": {"summary": "read a document", "responses": {
+                    "200": {"description": "the document; ETag is its version", "content": both("Doc")},
+                    "default": problem}},
+                "put": write_op("create or replace a document", true),
+                "patch": write_op("set fields of a document (null removes one)", true),
+                "delete": write_op("delete a document", false),
+            },
+            "/v1/collections/{collection}/documents": {"get": {"summary": "list documents, paged, with an equality filter",
+                "parameters": [
+                    {"name": "collection", "in": "path", "required": true, "schema": {"type": "string"}},
+                    {"name": "after", "in": "query", "schema": {"type": "string"}, "description": "the `next` of the previous page"},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                    {"name": "where.FIELD", "in": "query", "schema": {"type": "string"},
+                     "description": "FIELD must equal the value (JSON if it parses as JSON, else a string); repeatable"},
+                ],
+                "responses": {"200": {"description": "a page", "content": both("ListAnswer")}, "default": problem}}},
+            "/v1/changes": {"get": {"summary": "the change feed of a collection (long-poll)",
+                "parameters": [
+                    {"name": "collection", "in": "query", "required": true, "schema": {"type": "string"}},
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                    {"name": "timeout_ms", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 30000, "default": 0}},
+                ],
+                "responses": {"200": {"description": "changes after `after`", "content": both("ChangesAnswer")}, "default": problem}}},
+            "/v1/openapi.json": {"get": {"summary": "this document", "security": [],
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
+        },
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
+                "description": "an API key (`syncgate admin api-keys create`)"}},
+            "schemas": {
+                "Body": {"type": "object", "description": "a document: field -> value"},
+                "Mutation": {"type": "object", "required": ["mutation_id", "collection", "id", "op"], "properties": {
+                    "mutation_id": {"type": "integer", "minimum": 1}, "collection": {"type": "string"},
+                    "id": {"type": "string"}, "op": {"enum": ["put", "patch", "delete"]},
+                    "body": {"$ref": "#/components/schemas/Body"}, "base_version": {"type": ["integer", "null"]},
+                    "resolves": {"type": "string"}}},
+                "BatchRequest": {"type": "object", "required": ["client_id", "mutations"], "properties": {
+                    "client_id": {"type": "string"},
+                    "mutations": {"type": "array", "items": {"$ref": "#/components/schemas/Mutation"}}}},
+                "MutationResult": {"type": "object", "required": ["mutation_id", "status"], "properties": {
+                    "mutation_id": {"type": "integer"}, "status": {"enum": ["applied", "rejected"]},
+                    "version": {"type": ["integer", "null"]}, "code": {"type": ["integer", "null"]},
+                    "reason": {"type": ["string", "null"]},
+                    "conflict": {"type": "object", "properties": {"id": {"type": "string"},
+                        "version": {"type": "integer"}, "body": {"$ref": "#/components/schemas/Body"}}}}},
+                "WriteAnswer": {"type": "object", "required": ["results", "visible_at"], "properties": {
+                    "results": {"type": "array", "items": {"$ref": "#/components/schemas/MutationResult"}},
+                    "visible_at": {"type": "integer"}}},
+                "Doc": {"type": "object", "required": ["id", "version", "body"], "properties": {
+                    "collection": {"type": "string"}, "id": {"type": "string"}, "version": {"type": "integer"},
+                    "body": {"$ref": "#/components/schemas/Body"}}},
+                "ListAnswer": {"type": "object", "required": ["documents"], "properties": {
+                    "documents": {"type": "array", "items": {"$ref": "#/components/schemas/Doc"}},
+                    "next": {"type": "string"}}},
+                "Change": {"type": "object", "required": ["seq", "collection", "id", "op"], "properties": {
+                    "seq": {"type": "integer"}, "collection": {"type": "string"}, "id": {"type": "string"},
+                    "op": {"enum": ["upsert", "delete"]}, "body": {"$ref": "#/components/schemas/Body"}}},
+                "ChangesAnswer": {"type": "object", "required": ["epoch", "changes", "next"], "properties": {
+                    "epoch": {"type": "string"},
+                    "changes": {"type": "array", "items": {"$ref": "#/components/schemas/Change"}},
+                    "next": {"type": "integer"}}},
+                "Problem": {"type": "object", "required": ["type", "title", "status", "code", "name", "detail"], "properties": {
+                    "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                    "code": {"type": "integer", "description": "the protocol's error code (PROTOCOL.md)"},
+                    "name": {"type": "string"}, "detail": {"type": "string"}}},
+            },
+        },
+    })
 }

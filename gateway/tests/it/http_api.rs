@@ -551,3 +551,65 @@ struct DocAnswerCheck {
     id: String,
     version: u64,
 }
+
+/// `/v1/openapi.json` describes the routes as they are: every operation it lists answers (a
+/// request without a key gets 401 problem+json, not a 404 or 405 from the router), every
+/// other method of its paths gets 405, and a path it does not list is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_routes() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let (status, headers, body) = http(&gw, "GET", "/v1/openapi.json", &[], b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/json");
+    let doc = json(&body);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 5, "{paths:?}");
+    let methods = ["get", "put", "patch", "delete", "post"];
+    for (path, item) in paths {
+        let concrete = path
+            .replace("{collection}", "work_orders")
+            .replace("{id}", "wo-1");
+        let concrete = if path == "/v1/changes" {
+            format!("{concrete}?collection=work_orders")
+        } else {
+            concrete
+        };
+        for method in methods {
+            let listed = item.get(method).is_some();
+            let (status, _, body) = http(&gw, &method.to_uppercase(), &concrete, &[], b"{}").await;
+            let expected = match (listed, path.as_str()) {
+                (true, "/v1/openapi.json") => 200,
+                (true, _) => 401,
+                (false, _) => 405,
+            };
+            assert_eq!(
+                status,
+                expected,
+                "{method} {path}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            if expected == 401 {
+                assert_eq!(json(&body)["code"], ErrorCode::Unauthorized.code());
+            }
+            for reference in serde_json::to_string(item)
+                .unwrap()
+                .split("#/components/schemas/")
+                .skip(1)
+            {
+                let name: String = reference
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric())
+                    .collect();
+                assert!(
+                    doc["components"]["schemas"].get(&name).is_some(),
+                    "{path} names schema {name}, which is not defined"
+                );
+            }
+        }
+    }
+    let (status, _, _) = http(&gw, "GET", "/v1/nothing-here", &[], b"").await;
+    assert_eq!(status, 404);
+    gw.shutdown().await;
+}
