@@ -325,6 +325,61 @@ pub async fn the_http_api_writes_through_ingest_and_reads_with_scopes(backend: B
     assert_eq!((ids, last), (vec!["wo-d".to_owned()], None));
     let (ids, _) = page("where.status=%22cancelled%22".into()).await;
     assert_eq!(ids, ["wo-1"]);
+    // Every endpoint in MessagePack too: a batch, a PUT, a list and the feed.
+    let mp = [
+        auth,
+        ("Content-Type", "application/msgpack"),
+        ("Accept", "application/msgpack"),
+    ];
+    let batch = syncgate_protocol::codec::to_msgpack(&serde_json::json!({
+        "client_id": "erp-svc",
+        "mutations": [{"mutation_id": 30, "collection": "machines", "id": "M5", "op": "put",
+                       "body": {"name": "mill", "axes": 5}}],
+    }));
+    let (status, headers, raw) = http(&gw, "POST", "/v1/batch", &mp, &batch).await;
+    assert_eq!(
+        (status, headers["content-type"].as_str()),
+        (200, "application/msgpack")
+    );
+    let answer: serde_json::Value = syncgate_protocol::codec::from_msgpack(&raw).unwrap();
+    assert_eq!(answer["results"][0]["status"], "applied");
+    let put_m6 = [
+        mp[0],
+        mp[1],
+        mp[2],
+        ("Syncgate-Client-Id", "erp-svc"),
+        ("Syncgate-Mutation-Id", "31"),
+    ];
+    let doc = syncgate_protocol::codec::to_msgpack(&body(&[("name", Value::from("drill"))]));
+    let (status, _, raw) = http(
+        &gw,
+        "PUT",
+        "/v1/collections/machines/documents/M6",
+        &put_m6,
+        &doc,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let answer: serde_json::Value = syncgate_protocol::codec::from_msgpack(&raw).unwrap();
+    let m6_at = answer["visible_at"].as_u64().unwrap();
+    let (_, _, raw) = http(
+        &gw,
+        "GET",
+        "/v1/collections/machines/documents?where.axes=5",
+        &mp,
+        b"",
+    )
+    .await;
+    let listed: serde_json::Value = syncgate_protocol::codec::from_msgpack(&raw).unwrap();
+    assert_eq!(listed["documents"][0]["id"], "M5");
+    assert_eq!(listed["documents"].as_array().map(Vec::len), Some(1));
+    let path = format!("/v1/changes?collection=machines&after={}", m6_at - 1);
+    let (_, _, raw) = http(&gw, "GET", &path, &mp, b"").await;
+    let fed: serde_json::Value = syncgate_protocol::codec::from_msgpack(&raw).unwrap();
+    assert_eq!(
+        (&fed["changes"][0]["id"], fed["next"].as_u64()),
+        (&"M6".into(), Some(m6_at))
+    );
 
     // The change feed: every change of the collection in order, then a long poll that
     // returns when the next one is published.
@@ -352,7 +407,11 @@ pub async fn the_http_api_writes_through_ingest_and_reads_with_scopes(backend: B
         seqs, watcher.seqs,
         "the feed holds what the subscriber received"
     );
-    assert_eq!(all["next"].as_u64(), Some(head));
+    assert_eq!(
+        all["next"].as_u64(),
+        Some(m6_at),
+        "the feed moves on to the head"
+    );
     assert_eq!(all["epoch"].as_str(), Some(gw.store.epoch()));
     let poll = feed(
         &key,
