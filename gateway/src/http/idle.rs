@@ -1,11 +1,16 @@
 //! A listener for the HTTP server that bounds what silent clients can hold: connections over
 //! the cap are closed at accept, and a connection is closed when it sends nothing for the idle
 //! time (a read that stays pending that long fails with `TimedOut`) — a TLS handshake included,
-//! which happens on the connection's first read, never in the accept loop.
+//! which happens on the connection's first read, never in the accept loop. While the server
+//! is answering a request on the connection (a long poll of `/v1/changes`, a write waiting
+//! for its group commit), the client owes nothing, so the idle time does not run: each
+//! connection's [`Busy`] count is raised by the [`busy`] middleware for the request's
+//! duration.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -72,13 +77,43 @@ impl axum::serve::Listener for Bounded {
     }
 }
 
-/// A TCP stream whose reads fail with `TimedOut` after `idle` without a byte, holding one of
-/// the listener's slots until it is dropped.
+/// A TCP stream whose reads fail with `TimedOut` after `idle` without a byte while no
+/// request of it is being answered, holding one of the listener's slots until it is dropped.
 pub(crate) struct IdleStream {
     tcp: Transport<TcpStream, ServerConnection>,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    busy: Busy,
     _slot: OwnedSemaphorePermit,
+}
+
+/// How many requests of one connection are being answered (the connection's "connect info",
+/// given to every request by axum).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Busy(Arc<AtomicUsize>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Bounded>> for Busy {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Bounded>) -> Self {
+        stream.io().busy.clone()
+    }
+}
+
+/// Marks the request's connection busy while the request is answered.
+pub(crate) async fn busy(
+    axum::extract::ConnectInfo(busy): axum::extract::ConnectInfo<Busy>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    busy.0.fetch_add(1, Ordering::SeqCst);
+    // Decremented however the answer ends (also when the handler is dropped).
+    struct Done(Busy);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _done = Done(busy);
+    next.run(request).await
 }
 
 impl IdleStream {
@@ -91,6 +126,7 @@ impl IdleStream {
             tcp,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            busy: Busy::default(),
             _slot: slot,
         }
     }
@@ -110,6 +146,14 @@ impl AsyncRead for IdleStream {
                 Poll::Ready(r)
             }
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                // Answering a request: the client is not idle, the clock starts again.
+                Poll::Ready(()) if this.busy.0.load(Ordering::SeqCst) > 0 => {
+                    let idle = this.idle;
+                    this.deadline.as_mut().reset(Instant::now() + idle);
+                    // Registers the waker for the new deadline.
+                    let _ = this.deadline.as_mut().poll(cx);
+                    Poll::Pending
+                }
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "HTTP connection idle",
@@ -126,7 +170,14 @@ impl AsyncWrite for IdleStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let this = &mut *self;
+        let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        if written.is_ready() {
+            // An answer just went out: the client's idle time starts now.
+            let idle = this.idle;
+            this.deadline.as_mut().reset(Instant::now() + idle);
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

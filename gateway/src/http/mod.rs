@@ -49,8 +49,10 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api::routes())
+        .layer(axum::middleware::from_fn(idle::busy))
         .with_state(state);
     let listener = idle::Bounded::new(listener, MAX_HTTP_CONNECTIONS, HTTP_IDLE, tls);
+    let app = app.into_make_service_with_connect_info::<idle::Busy>();
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;

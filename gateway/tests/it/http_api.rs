@@ -672,3 +672,47 @@ async fn the_openapi_document_matches_the_routes() {
     assert_eq!(status, 404);
     gw.shutdown().await;
 }
+
+/// A long poll longer than the HTTP idle timeout (10 s) is answered: while the server is
+/// answering, the client is not idle (`http::idle::Busy`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_outlasts_the_idle_timeout() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = db.config();
+    let gw = Gateway::start(config.clone()).await.unwrap();
+    let (key, _) = create_api_key(
+        &config,
+        ApiKeyRequest {
+            name: "feed".into(),
+            user: "erp".into(),
+            roles: vec![],
+            claims: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
+    let bearer = format!("Bearer {key}");
+    let started = std::time::Instant::now();
+    let (status, _, body) = http(
+        &gw,
+        "GET",
+        "/v1/changes?collection=stock&after=0&timeout_ms=11000",
+        &[("Authorization", bearer.as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer = json(&body);
+    assert_eq!(
+        (
+            answer["changes"].as_array().map(Vec::len),
+            answer["next"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(10),
+        "it waited past the idle time"
+    );
+    gw.shutdown().await;
+}
