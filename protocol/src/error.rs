@@ -135,6 +135,9 @@ error_codes! {
     /// The mutation's `resolves` names no conflict of this document (unknown id, or a
     /// conflict of another document); rejected and stored, like any rejection.
     UnknownConflict = 414, "unknown_conflict", false;
+    /// (HTTP API.) An `Idempotency-Key` already used for a different request of the same API
+    /// key: nothing was applied; use a new key for a new request.
+    IdempotencyKeyReused = 415, "idempotency_key_reused", false;
     /// The gateway failed internally; the request may be retried.
     InternalError = 500, "internal_error", true;
     /// The connection's outbound buffer overflowed; reconnect and resume by cursor.

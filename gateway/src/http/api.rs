@@ -187,8 +187,10 @@ impl IntoResponse for Problem {
 /// `POST /v1/batch`: mutations applied in one group commit, like a WebSocket push.
 #[derive(Debug, Deserialize)]
 struct BatchRequest {
-    /// The service's client id (its exactly-once key, with the mutation ids).
-    client_id: String,
+    /// The service's client id (its exactly-once key, with the mutation ids); absent with an
+    /// `Idempotency-Key`.
+    #[serde(default)]
+    client_id: Option<String>,
     /// The mutations, strictly increasing `mutation_id`.
     mutations: Vec<Mutation>,
 }
@@ -213,6 +215,16 @@ struct DocAnswer {
 
 /// The identity an `Authorization: Bearer` API key grants.
 async fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Identity, Problem> {
+    authenticate_key(shared, headers)
+        .await
+        .map(|(identity, _)| identity)
+}
+
+/// [`authenticate`], with the key's id.
+async fn authenticate_key(
+    shared: &Shared,
+    headers: &HeaderMap,
+) -> Result<(Identity, String), Problem> {
     let unauthorized =
         |detail: &str| Problem::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, detail);
     let token = headers
@@ -225,6 +237,7 @@ async fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Identity, 
     match shared.store.api_key(key_id).await {
         Ok(key) => key
             .and_then(|k| k.identity(secret))
+            .map(|identity| (identity, key_id.to_owned()))
             .ok_or_else(|| unauthorized("unknown or revoked API key")),
         Err(e) => {
             tracing::error!(error = %e, "reading an API key failed");
@@ -254,7 +267,7 @@ async fn batch(
 ) -> Response {
     let format = Format::of(&headers, header::CONTENT_TYPE);
     let shared = &state.shared;
-    let identity = match authenticate(shared, &headers).await {
+    let (identity, key_id) = match authenticate_key(shared, &headers).await {
         Ok(i) => i,
         Err(p) => return p.into_response(),
     };
@@ -262,26 +275,35 @@ async fn batch(
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
-    let request: BatchRequest = match format.decode(&body, shared.config.limits.max_depth) {
+    let mut request: BatchRequest = match format.decode(&body, shared.config.limits.max_depth) {
         Ok(r) => r,
         Err(p) => return p.into_response(),
     };
-    submit(
-        shared,
-        identity,
-        request.client_id,
-        request.mutations,
-        body.len(),
-    )
-    .await
-    .map_or_else(IntoResponse::into_response, |a| {
-        format.respond(StatusCode::OK, &a)
-    })
+    let client_id = match (idempotency_key(&headers), request.client_id.take()) {
+        (Some(key), None) => match keyed(shared, &key_id, &key, &mut request.mutations).await {
+            Ok(c) => c,
+            Err(p) => return p.into_response(),
+        },
+        (None, Some(c)) => ClientId::Named(c),
+        (Some(_), Some(_)) | (None, None) => {
+            return Problem::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidClientId,
+                "name either a client_id (and number the mutations) or an Idempotency-Key",
+            )
+            .into_response();
+        }
+    };
+    submit(shared, identity, client_id, request.mutations, body.len())
+        .await
+        .map_or_else(IntoResponse::into_response, |a| {
+            format.respond(StatusCode::OK, &a)
+        })
 }
 
 /// `PUT` / `PATCH` / `DELETE /v1/collections/{collection}/documents/{id}`: one mutation,
-/// numbered by `Syncgate-Mutation-Id` for the client id `Syncgate-Client-Id`, based on
-/// `Syncgate-Base-Version` if given.
+/// numbered by `Syncgate-Mutation-Id` for the client id `Syncgate-Client-Id` — or made
+/// exactly-once by an `Idempotency-Key` instead — based on `Syncgate-Base-Version` if given.
 async fn write(
     State(state): State<HttpState>,
     method: Method,
@@ -291,7 +313,7 @@ async fn write(
 ) -> Response {
     let format = Format::of(&headers, header::CONTENT_TYPE);
     let shared = &state.shared;
-    let identity = match authenticate(shared, &headers).await {
+    let (identity, key_id) = match authenticate_key(shared, &headers).await {
         Ok(i) => i,
         Err(p) => return p.into_response(),
     };
@@ -313,20 +335,23 @@ async fn write(
             })
             .transpose()
     };
-    let Some(client_id) = text("syncgate-client-id").map(str::to_owned) else {
+    let idempotency = idempotency_key(&headers);
+    let named = text("syncgate-client-id").map(str::to_owned);
+    if idempotency.is_some() == named.is_some() {
         return Problem::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidClientId,
-            "send Syncgate-Client-Id: the service's client id (with Syncgate-Mutation-Id, \
-             its exactly-once key)",
+            "send either Syncgate-Client-Id with Syncgate-Mutation-Id (the service's client id \
+             and its mutation's number: the exactly-once key) or an Idempotency-Key",
         )
         .into_response();
-    };
+    }
     let (mutation_id, base_version) = match (
         number("syncgate-mutation-id"),
         number("syncgate-base-version"),
     ) {
         (Ok(Some(m)), Ok(b)) => (m, b),
+        (Ok(None), Ok(b)) if idempotency.is_some() => (1, b),
         (Ok(None), _) => {
             return Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -350,7 +375,7 @@ async fn write(
             Err(p) => return p.into_response(),
         }
     };
-    let m = Mutation {
+    let mut mutations = vec![Mutation {
         mutation_id,
         collection,
         id,
@@ -358,23 +383,109 @@ async fn write(
         body: doc,
         base_version,
         resolves: None,
+    }];
+    let client_id = match (named, idempotency) {
+        (Some(c), _) => ClientId::Named(c),
+        (None, Some(key)) => match keyed(shared, &key_id, &key, &mut mutations).await {
+            Ok(c) => c,
+            Err(p) => return p.into_response(),
+        },
+        // Ruled out above.
+        (None, None) => return Problem::from_error(&GatewayError::IngestStopped).into_response(),
     };
-    submit(shared, identity, client_id, vec![m], body.len())
+    submit(shared, identity, client_id, mutations, body.len())
         .await
         .map_or_else(IntoResponse::into_response, |a| {
             format.respond(StatusCode::OK, &a)
         })
 }
 
+/// The request's `Idempotency-Key`, if it sent one.
+fn idempotency_key(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("idempotency-key")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// Exactly once by `Idempotency-Key`: the request's mutations are numbered 1, 2, ... for a
+/// client id of its own, derived from the API key and the idempotency key, so a repeated
+/// request is a replay with the stored answers. The mutations' hash is kept with the key: the
+/// same key for another request is refused (415), nothing applied.
+async fn keyed(
+    shared: &Shared,
+    key_id: &str,
+    key: &str,
+    mutations: &mut [Mutation],
+) -> Result<ClientId, Problem> {
+    use sha2::Digest;
+    if key.is_empty() || key.len() > 255 || key.chars().any(char::is_control) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidClientId,
+            "an Idempotency-Key is 1 to 255 characters, none of them a control character",
+        ));
+    }
+    for (m, n) in mutations.iter_mut().zip(1u64..) {
+        m.mutation_id = n;
+    }
+    let digest = sha2::Sha256::digest(format!("{key_id}\n{key}").as_bytes());
+    let client_id = format!(
+        "{KEYED_PREFIX}{}",
+        hex::encode(digest).get(..32).unwrap_or_default()
+    );
+    let request = hex::encode(sha2::Sha256::digest(syncgate_protocol::codec::to_msgpack(
+        &mutations,
+    )));
+    match shared.store.remember_request(&client_id, &request).await {
+        Ok(true) => Ok(ClientId::Keyed(client_id)),
+        Ok(false) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::IdempotencyKeyReused,
+            "this Idempotency-Key was used for a different request; nothing was applied",
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "recording an idempotency key failed");
+            Err(Problem::from_error(&GatewayError::Storage(
+                crate::error::Step::Push,
+            )))
+        }
+    }
+}
+
+/// Whose mutations a request carries.
+enum ClientId {
+    /// A client id the service named (claimed like a WebSocket hello's).
+    Named(String),
+    /// The client id of an `Idempotency-Key` ([`keyed`]).
+    Keyed(String),
+}
+
+/// How the client ids of idempotency keys begin (reserved: a service cannot name one).
+const KEYED_PREFIX: &str = "idem-";
+
 /// Hands mutations to ingest as one job of `client_id`, as a WebSocket push does, and waits
 /// for the answer.
 async fn submit(
     shared: &Shared,
     identity: Identity,
-    client_id: String,
+    client_id: ClientId,
     mutations: Vec<Mutation>,
     size: usize,
 ) -> Result<WriteAnswer, Problem> {
+    // A client id of an idempotency key is the API key's own (derived from its id): it does
+    // not count against `max_client_ids_per_user`; the group commit records its owner on
+    // first use (and refuses it to anyone else).
+    let (client_id, claim) = match client_id {
+        ClientId::Named(c) if c.starts_with(KEYED_PREFIX) => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidClientId,
+                format!("client ids starting with {KEYED_PREFIX:?} are those of idempotency keys"),
+            ));
+        }
+        ClientId::Named(c) => (c, true),
+        ClientId::Keyed(c) => (c, false),
+    };
     let limits = &shared.config.limits;
     if !is_valid_id(&client_id, limits.max_id_bytes) {
         return Err(Problem::from_error(&GatewayError::InvalidClientId {
@@ -410,7 +521,11 @@ async fn submit(
             ),
         ));
     }
-    match shared.claim_client(&client_id, &identity.user).await {
+    match if claim {
+        shared.claim_client(&client_id, &identity.user).await
+    } else {
+        Ok(ClientClaim::Owned { last_applied: 0 })
+    } {
         Ok(ClientClaim::Owned { .. }) => {}
         Ok(ClientClaim::Taken) => return Err(Problem::from_error(&GatewayError::ClientIdTaken)),
         Ok(ClientClaim::OverQuota) => {
@@ -834,10 +949,12 @@ fn openapi_document() -> serde_json::Value {
         })
     };
     let write_headers = json!([
-        {"name": "Syncgate-Client-Id", "in": "header", "required": true, "schema": {"type": "string"},
-         "description": "the service's client id: with the mutation id, the exactly-once key"},
-        {"name": "Syncgate-Mutation-Id", "in": "header", "required": true, "schema": {"type": "integer", "minimum": 1},
+        {"name": "Syncgate-Client-Id", "in": "header", "required": false, "schema": {"type": "string"},
+         "description": "the service's client id: with the mutation id, the exactly-once key (or send an Idempotency-Key)"},
+        {"name": "Syncgate-Mutation-Id", "in": "header", "required": false, "schema": {"type": "integer", "minimum": 1},
          "description": "strictly increasing per client id; a request sent again gets the stored answer"},
+        {"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255},
+         "description": "instead of a client id and mutation id: the same key again gets the stored answer; for another request, 422 idempotency_key_reused"},
         {"name": "Syncgate-Base-Version", "in": "header", "required": false, "schema": {"type": "integer", "minimum": 0},
          "description": "the version the write is based on (conflict policies decide on it); absent: a blind write"},
     ]);
@@ -864,6 +981,9 @@ fn openapi_document() -> serde_json::Value {
         "security": [{"apiKey": []}],
         "paths": {
             "/v1/batch": {"post": {"summary": "apply mutations atomically, like a push",
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false,
+                    "schema": {"type": "string", "maxLength": 255},
+                    "description": "instead of client_id: the mutations are numbered by the gateway and the same key again gets the stored answer"}],
                 "requestBody": {"required": true, "content": both("BatchRequest")},
                 "responses": written}},
             "/v1/collections/{collection}/documents/{id}": {
@@ -905,7 +1025,7 @@ fn openapi_document() -> serde_json::Value {
                     "id": {"type": "string"}, "op": {"enum": ["put", "patch", "delete"]},
                     "body": {"$ref": "#/components/schemas/Body"}, "base_version": {"type": ["integer", "null"]},
                     "resolves": {"type": "string"}}},
-                "BatchRequest": {"type": "object", "required": ["client_id", "mutations"], "properties": {
+                "BatchRequest": {"type": "object", "required": ["mutations"], "properties": {
                     "client_id": {"type": "string"},
                     "mutations": {"type": "array", "items": {"$ref": "#/components/schemas/Mutation"}}}},
                 "MutationResult": {"type": "object", "required": ["mutation_id", "status"], "properties": {

@@ -556,6 +556,40 @@ impl Store {
         .transpose()
     }
 
+    /// Records the request an HTTP `Idempotency-Key` stands for (its client id and a hash of
+    /// its mutations), first come first kept: `Ok(true)` the first time or again for the same
+    /// request, `Ok(false)` when the key was used for another request. Written before the
+    /// request is applied: a crash in between leaves a row whose retry matches it.
+    pub async fn remember_request(
+        &self,
+        client_id: &str,
+        request_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let insert = Query::insert()
+            .into_table("sg_idempotency")
+            .columns(["client_id", "request_hash", "created_at"])
+            .values_panic([client_id.into(), request_hash.into(), now_ms().into()])
+            .on_conflict(
+                sea_orm::sea_query::OnConflict::column("client_id")
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .to_owned();
+        self.db.execute_raw(self.backend.build(&insert)).await?;
+        let select = Query::select()
+            .column("request_hash")
+            .from("sg_idempotency")
+            .and_where(Expr::col("client_id").eq(client_id))
+            .to_owned();
+        let stored = self
+            .db
+            .query_one_raw(self.backend.build(&select))
+            .await?
+            .map(|r| r.try_get::<String>("", "request_hash"))
+            .transpose()?;
+        Ok(stored.as_deref() == Some(request_hash))
+    }
+
     /// Every retained change of one document, oldest first, at most `limit` (the newest
     /// `limit` when there are more): `syncgate admin history`. One index range
     /// (`sg_changes_doc`).

@@ -74,6 +74,10 @@ const TABLES: &[&str] = &[
         resolved_at BIGINT,
         PRIMARY KEY (client_id, mutation_id))",
     "CREATE INDEX IF NOT EXISTS sg_conflicts_doc ON sg_conflicts (collection, doc_id)",
+    "CREATE TABLE IF NOT EXISTS sg_idempotency (
+        client_id TEXT PRIMARY KEY,
+        request_hash TEXT NOT NULL,
+        created_at BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS sg_api_keys (
         key_id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,

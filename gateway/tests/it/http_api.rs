@@ -513,6 +513,69 @@ pub async fn the_http_api_writes_through_ingest_and_reads_with_scopes(backend: B
         "plant B never saw s-1 while it was plant A's"
     );
 
+    // Exactly once by Idempotency-Key: the same request twice is one change and the same
+    // answer; the key for another request is refused; a batch works the same way.
+    let keyed = |key: &'static str| [auth, ("Idempotency-Key", key)];
+    let url = "/v1/collections/machines/documents/M9";
+    let first = http(&gw, "PUT", url, &keyed("k-1"), br#"{"name": "saw"}"#).await;
+    assert_eq!(first.0, 200, "{}", String::from_utf8_lossy(&first.2));
+    let again = http(&gw, "PUT", url, &keyed("k-1"), br#"{"name": "saw"}"#).await;
+    assert_eq!(json(&again.2), json(&first.2));
+    assert_eq!(json(&first.2)["results"][0]["status"], "applied");
+    let history = gw
+        .store
+        .document_history("machines", "M9", 10)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 1, "applied once");
+    let reused = http(&gw, "PUT", url, &keyed("k-1"), br#"{"name": "drill"}"#).await;
+    problem(&reused, 422, ErrorCode::IdempotencyKeyReused);
+    let keyed_batch = serde_json::json!({"mutations": [
+        {"mutation_id": 1, "collection": "machines", "id": "M10", "op": "put", "body": {}},
+        {"mutation_id": 2, "collection": "machines", "id": "M11", "op": "put", "body": {}},
+    ]})
+    .to_string();
+    let one = http(
+        &gw,
+        "POST",
+        "/v1/batch",
+        &keyed("k-2"),
+        keyed_batch.as_bytes(),
+    )
+    .await;
+    let two = http(
+        &gw,
+        "POST",
+        "/v1/batch",
+        &keyed("k-2"),
+        keyed_batch.as_bytes(),
+    )
+    .await;
+    assert_eq!(one.0, 200, "{}", String::from_utf8_lossy(&one.2));
+    assert_eq!(json(&one.2), json(&two.2));
+    assert_eq!(json(&one.2)["results"].as_array().map(Vec::len), Some(2));
+    // Either a client id or a key, not both; the key's client ids are reserved.
+    let both_ids = [
+        auth,
+        ("Idempotency-Key", "k-3"),
+        ("Syncgate-Client-Id", "erp-svc"),
+    ];
+    problem(
+        &http(&gw, "PUT", url, &both_ids, b"{}").await,
+        400,
+        ErrorCode::InvalidClientId,
+    );
+    let reserved = [
+        auth,
+        ("Syncgate-Client-Id", "idem-x"),
+        ("Syncgate-Mutation-Id", "1"),
+    ];
+    problem(
+        &http(&gw, "PUT", url, &reserved, b"{}").await,
+        400,
+        ErrorCode::InvalidClientId,
+    );
+
     // Refusals, each with its problem code.
     let doc_url = "/v1/collections/work_orders/documents/wo-2";
     let ids = [
