@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
 use syncgate_gateway::server::{
-    ApiKeyRequest, Retried, create_api_key, discard_sync_error, document_history, list_api_keys,
-    list_conflicts, list_sync_errors, migrate, reassign_client, retry_sync_error, revoke_api_key,
+    ApiKeyRequest, ConflictTake, Resolution, Retried, create_api_key, discard_sync_error,
+    document_history, list_api_keys, list_conflicts, list_sync_errors, migrate, reassign_client,
+    resolve_conflict, retry_sync_error, revoke_api_key,
 };
 use syncgate_gateway::{Config, Gateway};
 
@@ -132,6 +133,8 @@ enum Admin {
     /// server versions, both bodies, both origins, time), and the `manual` conflicts with
     /// their state. Uses the database the gateway uses; works while it runs.
     Conflicts {
+        #[command(subcommand)]
+        command: Option<AdminConflicts>,
         /// Only this collection's.
         #[arg(long)]
         collection: Option<String>,
@@ -144,6 +147,21 @@ enum Admin {
         /// Print JSON (one array, with both bodies) instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminConflicts {
+    /// Resolve an open `manual` conflict as an operator: keep the server's current document
+    /// (`--take server`), write the refused edit's document (`--take mine`), or write a
+    /// document of your own (`--take '{"qty": 11}'`). Applied through the same group commit as
+    /// a client's resolution, exactly once however often it is run.
+    Resolve {
+        /// The conflict's id (`<mutation_id>@<client_id>`, from `syncgate admin conflicts`).
+        id: String,
+        /// `server`, `mine`, or a JSON document.
+        #[arg(long)]
+        take: String,
     },
 }
 
@@ -448,6 +466,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin {
             command:
                 Admin::Conflicts {
+                    command: Some(AdminConflicts::Resolve { id, take }),
+                    ..
+                },
+        } => {
+            let take = match take.as_str() {
+                "server" => ConflictTake::Server,
+                "mine" => ConflictTake::Mine,
+                json => ConflictTake::Body(
+                    serde_json::from_str(json)
+                        .with_context(|| "--take is server, mine or a JSON object".to_owned())?,
+                ),
+            };
+            match resolve_conflict(&config, id, take).await? {
+                Resolution::Applied { version } => {
+                    println!("resolved: written at version {version}")
+                }
+                Resolution::AlreadyResolved { by, version } => {
+                    println!("already resolved by {by} at version {version}")
+                }
+                Resolution::Rejected { code, reason } => {
+                    let name =
+                        syncgate_protocol::ErrorCode::from_code(code).map_or("?", |c| c.name());
+                    anyhow::bail!("the resolution was rejected: {name} ({code}): {reason}");
+                }
+                Resolution::NotFound => {
+                    anyhow::bail!("no conflict {id:?} (see `syncgate admin conflicts`)")
+                }
+                Resolution::NotManual => {
+                    anyhow::bail!("conflict {id:?} was decided by its policy; nothing to resolve")
+                }
+            }
+        }
+        Command::Admin {
+            command:
+                Admin::Conflicts {
+                    command: None,
                     collection,
                     open,
                     limit,

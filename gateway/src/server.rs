@@ -506,6 +506,148 @@ pub async fn document_history(
     Ok(history?)
 }
 
+/// What `syncgate admin conflicts resolve` writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConflictTake {
+    /// The server's current document (written again, which closes the conflict).
+    Server,
+    /// The document the refused mutation would have left.
+    Mine,
+    /// This document.
+    Body(syncgate_protocol::Body),
+}
+
+/// What `syncgate admin conflicts resolve` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The resolution was written at this version (now, or by an earlier run of the same
+    /// command).
+    Applied {
+        /// The document's version.
+        version: u64,
+    },
+    /// Someone resolved it already.
+    AlreadyResolved {
+        /// The resolving mutation, `<mutation_id>@<client_id>`.
+        by: String,
+        /// The version it wrote.
+        version: u64,
+    },
+    /// The resolution was rejected (a check failed); the conflict stays open.
+    Rejected {
+        /// The code.
+        code: u16,
+        /// Why.
+        reason: String,
+    },
+    /// No conflict has this id.
+    NotFound,
+    /// The conflict was decided by its policy (not `manual`): there is nothing to resolve.
+    NotManual,
+}
+
+/// Resolves an open `manual` conflict as an operator: the chosen document (or a delete)
+/// written as a mutation that names the conflict, through the same planner and group commit as
+/// a client's resolution, with an operator's rights, as client `resolve-<hash of the id>`
+/// mutation 1 — running it again is a replay.
+pub async fn resolve_conflict(
+    config: &Config,
+    id: &str,
+    take: ConflictTake,
+) -> anyhow::Result<Resolution> {
+    let store = open_store(config).await?;
+    let result = resolve_with(&store, config, id, take).await;
+    store.close().await;
+    result
+}
+
+/// What a [`ConflictTake`] chose, as hashed into the resolving client id.
+fn take_name(take: &ConflictTake) -> (String, Option<&syncgate_protocol::Body>) {
+    match take {
+        ConflictTake::Server => ("server".to_owned(), None),
+        ConflictTake::Mine => ("mine".to_owned(), None),
+        ConflictTake::Body(b) => ("body".to_owned(), Some(b)),
+    }
+}
+
+async fn resolve_with(
+    store: &Store,
+    config: &Config,
+    id: &str,
+    take: ConflictTake,
+) -> anyhow::Result<Resolution> {
+    let Some(record) = store.conflict_record(id).await? else {
+        return Ok(Resolution::NotFound);
+    };
+    // The same command (same conflict, same choice) is one client id: run again, it is a
+    // replay; another choice after a rejected one is a new attempt.
+    let mut digest = sha2::Sha256::new();
+    digest.update(format!("resolve\n{id}\n").as_bytes());
+    digest.update(syncgate_protocol::codec::to_msgpack(&take_name(&take)));
+    let short: Vec<u8> = digest.finalize().iter().take(8).copied().collect();
+    let client = format!("resolve-{}", hex::encode(short));
+    if record.state == "resolved" {
+        let by = record.resolved_by.unwrap_or_default();
+        let version = record.resolved_version.unwrap_or(0);
+        // This command's own earlier run is the same answer as then.
+        if by == crate::conflict::conflict_id(&client, 1) {
+            return Ok(Resolution::Applied { version });
+        }
+        return Ok(Resolution::AlreadyResolved { by, version });
+    }
+    if record.state != "open" {
+        return Ok(Resolution::NotManual);
+    }
+    let current = store.document(&record.collection, &record.doc_id).await?;
+    let version = current.as_ref().map(|d| d.version);
+    let body = match take {
+        ConflictTake::Server => current.filter(|d| !d.deleted).and_then(|d| d.body),
+        ConflictTake::Mine => record.client_body,
+        ConflictTake::Body(b) => Some(b),
+    };
+    let op = if body.is_some() {
+        syncgate_protocol::MutationOp::Put
+    } else {
+        syncgate_protocol::MutationOp::Delete
+    };
+    let mutation = syncgate_protocol::Mutation {
+        mutation_id: 1,
+        collection: record.collection,
+        id: record.doc_id,
+        op,
+        body,
+        base_version: version,
+        resolves: Some(id.to_owned()),
+    };
+    let job = crate::ingest::plan::PushJob {
+        client_id: client,
+        user: "syncgate-admin".to_owned(),
+        access: Arc::new(crate::auth::scope::Access::operator(&config.collections)),
+        batch: 1,
+        mutations: vec![mutation],
+    };
+    let (outcomes, _) =
+        crate::ingest::commit_group(store, &[job], &rules(config, &Resolvers::new()), None).await?;
+    let result = outcomes
+        .into_iter()
+        .next()
+        .context("the group answered no job")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .results
+        .into_iter()
+        .next()
+        .context("the job answered no mutation")?;
+    Ok(match result.status {
+        syncgate_protocol::MutationStatus::Applied => Resolution::Applied {
+            version: result.version.unwrap_or(0),
+        },
+        syncgate_protocol::MutationStatus::Rejected => Resolution::Rejected {
+            code: result.code.unwrap_or(0),
+            reason: result.reason.unwrap_or_default(),
+        },
+    })
+}
+
 /// The conflict audit, oldest first: `syncgate admin conflicts`.
 pub async fn list_conflicts(
     config: &Config,

@@ -556,6 +556,21 @@ impl Store {
         .transpose()
     }
 
+    /// One recorded conflict decision; `None`: there is none of this id.
+    pub async fn conflict_record(&self, id: &str) -> Result<Option<ConflictRecord>, StoreError> {
+        let Some((client, mutation)) = crate::conflict::parse_conflict_id(id) else {
+            return Ok(None);
+        };
+        let select = Query::select()
+            .column(Asterisk)
+            .from("sg_conflicts")
+            .and_where(Expr::col("client_id").eq(client))
+            .and_where(Expr::col("mutation_id").eq(mutation as i64))
+            .to_owned();
+        let row = self.db.query_one_raw(self.backend.build(&select)).await?;
+        row.as_ref().map(conflict_record).transpose()
+    }
+
     /// Records the request an HTTP `Idempotency-Key` stands for (its client id and a hash of
     /// its mutations), first come first kept: `Ok(true)` the first time or again for the same
     /// request, `Ok(false)` when the key was used for another request. Written before the

@@ -980,6 +980,79 @@ async fn admin_conflicts_lists_the_audit() {
     let stock: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stock[0]["state"], "resolved");
     assert_eq!(stock[0]["resolved_by"], "3@terminal-7");
+    // A second conflict, resolved by an operator from the command line.
+    let version = server_docs(&gw, "stock").await["s-1"].1;
+    let mut erp_count = patch(5, "stock", "s-1", body(&[("qty", Value::from(20))]));
+    erp_count.base_version = Some(version);
+    push(&mut erp, 3, vec![erp_count]).await;
+    let mut stale = patch(4, "stock", "s-1", body(&[("qty", Value::from(30))]));
+    stale.base_version = Some(version);
+    let ack = push(&mut term, 3, vec![stale]).await;
+    let id = ack.results[0]
+        .conflict
+        .as_ref()
+        .and_then(|c| c.id.clone())
+        .unwrap();
+    assert_eq!(id, "4@terminal-7");
+    let resolve = |take: &'static str| {
+        let id = id.clone();
+        async move {
+            syncgate(&[
+                "--data-dir",
+                data,
+                "admin",
+                "conflicts",
+                "resolve",
+                &id,
+                "--take",
+                take,
+            ])
+            .await
+        }
+    };
+    let out = resolve("{\"qty\": 25, \"note\": \"counted twice\"}").await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.starts_with("resolved: written at version"), "{said}");
+    // The same command again is a replay: the same answer, nothing written twice.
+    let again = resolve("{\"qty\": 25, \"note\": \"counted twice\"}").await;
+    assert_eq!(text(&again.stdout), said);
+    let (doc, _) = server_docs(&gw, "stock").await["s-1"].clone();
+    assert_eq!(doc["qty"], Value::from(25));
+    assert_eq!(
+        gw.store
+            .document_history("stock", "s-1", 100)
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
+    // Another choice once it is resolved: says who did it; an unknown id fails.
+    let other = resolve("server").await;
+    assert!(
+        text(&other.stdout).starts_with("already resolved by 1@resolve-"),
+        "{}",
+        text(&other.stdout)
+    );
+    let unknown = syncgate(&[
+        "--data-dir",
+        data,
+        "admin",
+        "conflicts",
+        "resolve",
+        "9@nobody",
+        "--take",
+        "mine",
+    ])
+    .await;
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("no conflict"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    let out = admin(&["--open", "--json"]).await;
+    assert_eq!(text(&out.stdout).trim(), "[]");
     gw.shutdown().await;
 }
 
