@@ -264,41 +264,25 @@ async fn batch(
     State(state): State<HttpState>,
     headers: HeaderMap,
     body: axum::body::Body,
-) -> Response {
+) -> Result<Response, Problem> {
     let format = Format::of(&headers, header::CONTENT_TYPE);
     let shared = &state.shared;
-    let (identity, key_id) = match authenticate_key(shared, &headers).await {
-        Ok(i) => i,
-        Err(p) => return p.into_response(),
-    };
-    let body = match read_body(shared, body).await {
-        Ok(b) => b,
-        Err(p) => return p.into_response(),
-    };
-    let mut request: BatchRequest = match format.decode(&body, shared.config.limits.max_depth) {
-        Ok(r) => r,
-        Err(p) => return p.into_response(),
-    };
+    let (identity, key_id) = authenticate_key(shared, &headers).await?;
+    let body = read_body(shared, body).await?;
+    let mut request: BatchRequest = format.decode(&body, shared.config.limits.max_depth)?;
     let client_id = match (idempotency_key(&headers), request.client_id.take()) {
-        (Some(key), None) => match keyed(shared, &key_id, &key, &mut request.mutations).await {
-            Ok(c) => c,
-            Err(p) => return p.into_response(),
-        },
+        (Some(key), None) => keyed(shared, &key_id, &key, &mut request.mutations).await?,
         (None, Some(c)) => ClientId::Named(c),
         (Some(_), Some(_)) | (None, None) => {
-            return Problem::new(
+            return Err(Problem::new(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidClientId,
                 "name either a client_id (and number the mutations) or an Idempotency-Key",
-            )
-            .into_response();
+            ));
         }
     };
-    submit(shared, identity, client_id, request.mutations, body.len())
-        .await
-        .map_or_else(IntoResponse::into_response, |a| {
-            format.respond(StatusCode::OK, &a)
-        })
+    let answer = submit(shared, identity, client_id, request.mutations, body.len()).await?;
+    Ok(format.respond(StatusCode::OK, &answer))
 }
 
 /// `PUT` / `PATCH` / `DELETE /v1/collections/{collection}/documents/{id}`: one mutation,
@@ -310,17 +294,11 @@ async fn write(
     Path((collection, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Body,
-) -> Response {
+) -> Result<Response, Problem> {
     let format = Format::of(&headers, header::CONTENT_TYPE);
     let shared = &state.shared;
-    let (identity, key_id) = match authenticate_key(shared, &headers).await {
-        Ok(i) => i,
-        Err(p) => return p.into_response(),
-    };
-    let body = match read_body(shared, body).await {
-        Ok(b) => b,
-        Err(p) => return p.into_response(),
-    };
+    let (identity, key_id) = authenticate_key(shared, &headers).await?;
+    let body = read_body(shared, body).await?;
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let number = |name: &str| -> Result<Option<u64>, Problem> {
         text(name)
@@ -335,32 +313,31 @@ async fn write(
             })
             .transpose()
     };
-    let idempotency = idempotency_key(&headers);
-    let named = text("syncgate-client-id").map(str::to_owned);
-    if idempotency.is_some() == named.is_some() {
-        return Problem::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidClientId,
-            "send either Syncgate-Client-Id with Syncgate-Mutation-Id (the service's client id \
-             and its mutation's number: the exactly-once key) or an Idempotency-Key",
-        )
-        .into_response();
-    }
-    let (mutation_id, base_version) = match (
-        number("syncgate-mutation-id"),
-        number("syncgate-base-version"),
-    ) {
-        (Ok(Some(m)), Ok(b)) => (m, b),
-        (Ok(None), Ok(b)) if idempotency.is_some() => (1, b),
-        (Ok(None), _) => {
-            return Problem::new(
+    // Who the mutation is of: a client id the service names, or an idempotency key.
+    let by_key = match (text("syncgate-client-id"), idempotency_key(&headers)) {
+        (Some(named), None) => Err(named.to_owned()),
+        (None, Some(key)) => Ok(key),
+        _ => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidClientId,
+                "send either Syncgate-Client-Id with Syncgate-Mutation-Id (the service's client \
+                 id and its mutation's number: the exactly-once key) or an Idempotency-Key",
+            ));
+        }
+    };
+    let base_version = number("syncgate-base-version")?;
+    let mutation_id = match (number("syncgate-mutation-id")?, by_key.is_ok()) {
+        (Some(m), _) => m,
+        // Numbered by `keyed`.
+        (None, true) => 1,
+        (None, false) => {
+            return Err(Problem::new(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidMutation,
                 "send Syncgate-Mutation-Id: strictly increasing per client id",
-            )
-            .into_response();
+            ));
         }
-        (Err(p), _) | (_, Err(p)) => return p.into_response(),
     };
     let op = match method {
         Method::PUT => MutationOp::Put,
@@ -370,10 +347,7 @@ async fn write(
     let doc = if op == MutationOp::Delete {
         None
     } else {
-        match format.decode::<Body>(&body, shared.config.limits.max_depth) {
-            Ok(b) => Some(b),
-            Err(p) => return p.into_response(),
-        }
+        Some(format.decode::<Body>(&body, shared.config.limits.max_depth)?)
     };
     let mut mutations = vec![Mutation {
         mutation_id,
@@ -384,20 +358,12 @@ async fn write(
         base_version,
         resolves: None,
     }];
-    let client_id = match (named, idempotency) {
-        (Some(c), _) => ClientId::Named(c),
-        (None, Some(key)) => match keyed(shared, &key_id, &key, &mut mutations).await {
-            Ok(c) => c,
-            Err(p) => return p.into_response(),
-        },
-        // Ruled out above.
-        (None, None) => return Problem::from_error(&GatewayError::IngestStopped).into_response(),
+    let client_id = match by_key {
+        Err(named) => ClientId::Named(named),
+        Ok(key) => keyed(shared, &key_id, &key, &mut mutations).await?,
     };
-    submit(shared, identity, client_id, mutations, body.len())
-        .await
-        .map_or_else(IntoResponse::into_response, |a| {
-            format.respond(StatusCode::OK, &a)
-        })
+    let answer = submit(shared, identity, client_id, mutations, body.len()).await?;
+    Ok(format.respond(StatusCode::OK, &answer))
 }
 
 /// The request's `Idempotency-Key`, if it sent one.
@@ -582,23 +548,21 @@ async fn read(
     State(state): State<HttpState>,
     Path((collection, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Problem> {
     let format = Format::of(&headers, header::ACCEPT);
     let shared = &state.shared;
-    let identity = match authenticate(shared, &headers).await {
-        Ok(i) => i,
-        Err(p) => return p.into_response(),
-    };
+    let identity = authenticate(shared, &headers).await?;
     let access = Access::new(&identity, &shared.config.collections);
     if let Some(e) = shared.read_refusal(&collection, &access, SyncMode::fetchable) {
-        return Problem::from_error(&e).into_response();
+        return Err(Problem::from_error(&e));
     }
     let doc = match shared.store.document(&collection, &id).await {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "reading a document failed");
-            return Problem::from_error(&GatewayError::Storage(crate::error::Step::Fetch))
-                .into_response();
+            return Err(Problem::from_error(&GatewayError::Storage(
+                crate::error::Step::Fetch,
+            )));
         }
     };
     let scope = access.scope(&collection);
@@ -608,12 +572,11 @@ async fn read(
         .and_then(|d| Some((d.body?, d.version)))
         .filter(|(b, _)| scope.is_none_or(|s| s.matches(b)))
     else {
-        return Problem::new(
+        return Err(Problem::new(
             StatusCode::NOT_FOUND,
             ErrorCode::DocumentNotFound,
             format!("{collection}/{id} does not exist"),
-        )
-        .into_response();
+        ));
     };
     let mut r = format.respond(
         StatusCode::OK,
@@ -627,7 +590,7 @@ async fn read(
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
         r.headers_mut().insert(header::ETAG, etag);
     }
-    r
+    Ok(r)
 }
 
 /// The pairs of a query string, percent-decoded (`+` is a space).
@@ -707,22 +670,18 @@ async fn list(
     Path(collection): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Problem> {
     let format = Format::of(&headers, header::ACCEPT);
     let shared = &state.shared;
-    let identity = match authenticate(shared, &headers).await {
-        Ok(i) => i,
-        Err(p) => return p.into_response(),
-    };
+    let identity = authenticate(shared, &headers).await?;
     let access = Access::new(&identity, &shared.config.collections);
     if let Some(e) = shared.read_refusal(&collection, &access, SyncMode::fetchable) {
-        return Problem::from_error(&e).into_response();
+        return Err(Problem::from_error(&e));
     }
     let pairs = query_pairs(query.as_deref());
-    let limit = match number_param(&pairs, "limit") {
-        Ok(l) => l.unwrap_or(100).clamp(1, MAX_LIST),
-        Err(p) => return p.into_response(),
-    };
+    let limit = number_param(&pairs, "limit")?
+        .unwrap_or(100)
+        .clamp(1, MAX_LIST);
     let mut after = pairs
         .iter()
         .find(|(k, _)| k == "after")
@@ -739,8 +698,11 @@ async fn list(
     let filter = match Filter::new(&terms) {
         Ok(f) => f,
         Err(m) => {
-            return Problem::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidFilter, m)
-                .into_response();
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidFilter,
+                m,
+            ));
         }
     };
     let scope = access.scope(&collection);
@@ -759,8 +721,9 @@ async fn list(
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "listing documents failed");
-                return Problem::from_error(&GatewayError::Storage(crate::error::Step::Fetch))
-                    .into_response();
+                return Err(Problem::from_error(&GatewayError::Storage(
+                    crate::error::Step::Fetch,
+                )));
             }
         };
         scanned += page.items.len() as u64;
@@ -786,7 +749,7 @@ async fn list(
             .map(|d| d.id.clone());
         documents.truncate(cut);
     }
-    format.respond(StatusCode::OK, &ListAnswer { documents, next })
+    Ok(format.respond(StatusCode::OK, &ListAnswer { documents, next }))
 }
 
 /// A page of the change feed.
@@ -813,42 +776,33 @@ async fn changes(
     State(state): State<HttpState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Problem> {
     let format = Format::of(&headers, header::ACCEPT);
     let shared = &state.shared;
-    let identity = match authenticate(shared, &headers).await {
-        Ok(i) => i,
-        Err(p) => return p.into_response(),
-    };
+    let identity = authenticate(shared, &headers).await?;
     let pairs = query_pairs(query.as_deref());
     let Some(collection) = pairs
         .iter()
         .find(|(k, _)| k == "collection")
         .map(|(_, v)| v.clone())
     else {
-        return Problem::new(
+        return Err(Problem::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::UnknownCollection,
             "name the collection: /v1/changes?collection=C&after=SEQ",
-        )
-        .into_response();
+        ));
     };
     let access = Access::new(&identity, &shared.config.collections);
     if let Some(e) = shared.read_refusal(&collection, &access, SyncMode::subscribable) {
-        return Problem::from_error(&e).into_response();
+        return Err(Problem::from_error(&e));
     }
-    let (after, limit, wait) = match (
-        number_param(&pairs, "after"),
-        number_param(&pairs, "limit"),
-        number_param(&pairs, "timeout_ms"),
-    ) {
-        (Ok(a), Ok(l), Ok(t)) => (
-            a.unwrap_or(0),
-            l.unwrap_or(100).clamp(1, MAX_LIST),
-            t.unwrap_or(0).min(MAX_WAIT_MS),
-        ),
-        (Err(p), _, _) | (_, Err(p), _) | (_, _, Err(p)) => return p.into_response(),
-    };
+    let after = number_param(&pairs, "after")?.unwrap_or(0);
+    let limit = number_param(&pairs, "limit")?
+        .unwrap_or(100)
+        .clamp(1, MAX_LIST);
+    let wait = number_param(&pairs, "timeout_ms")?
+        .unwrap_or(0)
+        .min(MAX_WAIT_MS);
     let mut published = shared.hub.watch_published();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait);
     let scope = access.scope(&collection);
@@ -884,8 +838,9 @@ async fn changes(
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "reading changes failed");
-                return Problem::from_error(&GatewayError::Storage(crate::error::Step::Fetch))
-                    .into_response();
+                return Err(Problem::from_error(&GatewayError::Storage(
+                    crate::error::Step::Fetch,
+                )));
             }
         };
         cursor = if page.more {
@@ -917,14 +872,14 @@ async fn changes(
         }
     }
     let next = cursor;
-    format.respond(
+    Ok(format.respond(
         StatusCode::OK,
         &ChangesAnswer {
             epoch: shared.store.epoch().to_owned(),
             changes: out,
             next,
         },
-    )
+    ))
 }
 
 /// `GET /v1/openapi.json`: this API, described (OpenAPI 3.1). It needs no key.
