@@ -275,6 +275,14 @@ struct Decided {
     resolves: Option<(String, u64)>,
 }
 
+/// One side of a conflict: a document's body and the bytes it is stored as (`None`: absent,
+/// or deleted).
+#[derive(Clone, Copy)]
+struct Side<'b> {
+    body: Option<&'b Body>,
+    encoded: Option<&'b Bytes>,
+}
+
 /// The changes to a document after a base version, as conflict detection sees them.
 struct Since {
     /// The fields other clients changed.
@@ -577,9 +585,16 @@ impl<'a> Group<'a> {
             );
         }
         let mut decided = Decided::default();
-        if let Effect::Change { body, .. } = &effect {
-            let server = live.as_ref().and_then(|d| d.body.as_ref());
-            match self.decide(job, m, version, server, body.as_ref()) {
+        if let Effect::Change { body, encoded, .. } = &effect {
+            let server = Side {
+                body: live.as_ref().and_then(|d| d.body.as_ref()),
+                encoded: live.as_ref().and_then(|d| d.encoded.as_ref()),
+            };
+            let mine = Side {
+                body: body.as_ref(),
+                encoded: encoded.as_ref(),
+            };
+            match self.decide(job, m, version, server, mine) {
                 Ok(None) => {}
                 Ok(Some((e, d))) => {
                     decided = d;
@@ -715,9 +730,10 @@ impl<'a> Group<'a> {
         job: &'a PushJob,
         m: &'a Mutation,
         version: Option<u64>,
-        server: Option<&Body>,
-        mine: Option<&Body>,
+        server_side: Side<'_>,
+        mine_side: Side<'_>,
     ) -> Result<Option<(Option<Effect>, Decided)>, Effect> {
+        let (server, mine) = (server_side.body, mine_side.body);
         if let Some(named) = &m.resolves {
             let found = parse_conflict_id(named).and_then(|(client, mutation)| {
                 let stored = self.pre.conflicts.get(&(client.to_owned(), mutation))?;
@@ -789,8 +805,9 @@ impl<'a> Group<'a> {
             outcome,
             base_version: base,
             server_version: version,
-            server_body: server.map(|b| Bytes::from(to_msgpack(b))),
-            client_body: mine.map(|b| Bytes::from(to_msgpack(b))),
+            // The bytes both bodies are stored as already: not encoded again.
+            server_body: server_side.encoded.cloned(),
+            client_body: mine_side.encoded.cloned(),
             applied_version: None,
             other_clients: since.other_clients.clone(),
         };
