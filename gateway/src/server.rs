@@ -438,25 +438,7 @@ async fn retry_with(
     let retry_client = format!("retry-{}", hex::encode(short));
     let mut mutation = error.mutation;
     mutation.mutation_id = 1;
-    let job = crate::ingest::plan::PushJob {
-        client_id: retry_client,
-        user,
-        access: Arc::new(crate::auth::scope::Access::operator(&config.collections)),
-        batch: 1,
-        mutations: vec![mutation],
-    };
-    let (outcomes, _) =
-        crate::ingest::commit_group(store, &[job], &rules(config, &Resolvers::new()), None).await?;
-    let outcome = outcomes
-        .into_iter()
-        .next()
-        .context("the group answered no job")?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let result = outcome
-        .results
-        .into_iter()
-        .next()
-        .context("the job answered no mutation")?;
+    let result = commit_as_operator(store, config, retry_client, user, mutation).await?;
     Ok(match result.status {
         syncgate_protocol::MutationStatus::Applied => {
             store
@@ -561,6 +543,36 @@ pub async fn resolve_conflict(
     result
 }
 
+/// Commits one mutation of an administration command — through the same planner and group
+/// commit as a client's push, with an operator's rights (no role or scope check) — and
+/// returns its result.
+async fn commit_as_operator(
+    store: &Store,
+    config: &Config,
+    client_id: String,
+    user: String,
+    mutation: syncgate_protocol::Mutation,
+) -> anyhow::Result<syncgate_protocol::MutationResult> {
+    let job = crate::ingest::plan::PushJob {
+        client_id,
+        user,
+        access: Arc::new(crate::auth::scope::Access::operator(&config.collections)),
+        batch: 1,
+        mutations: vec![mutation],
+    };
+    let (outcomes, _) =
+        crate::ingest::commit_group(store, &[job], &rules(config, &Resolvers::new()), None).await?;
+    outcomes
+        .into_iter()
+        .next()
+        .context("the group answered no job")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .results
+        .into_iter()
+        .next()
+        .context("the job answered no mutation")
+}
+
 /// What a [`ConflictTake`] chose, as hashed into the resolving client id.
 fn take_name(take: &ConflictTake) -> (String, Option<&syncgate_protocol::Body>) {
     match take {
@@ -619,24 +631,8 @@ async fn resolve_with(
         base_version: version,
         resolves: Some(id.to_owned()),
     };
-    let job = crate::ingest::plan::PushJob {
-        client_id: client,
-        user: "syncgate-admin".to_owned(),
-        access: Arc::new(crate::auth::scope::Access::operator(&config.collections)),
-        batch: 1,
-        mutations: vec![mutation],
-    };
-    let (outcomes, _) =
-        crate::ingest::commit_group(store, &[job], &rules(config, &Resolvers::new()), None).await?;
-    let result = outcomes
-        .into_iter()
-        .next()
-        .context("the group answered no job")?
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .results
-        .into_iter()
-        .next()
-        .context("the job answered no mutation")?;
+    let result =
+        commit_as_operator(store, config, client, "syncgate-admin".to_owned(), mutation).await?;
     Ok(match result.status {
         syncgate_protocol::MutationStatus::Applied => Resolution::Applied {
             version: result.version.unwrap_or(0),
