@@ -119,6 +119,11 @@ pub struct Config {
     /// milliseconds; 0 = one attempt. Errors that retrying cannot fix (wrong password,
     /// missing database, bad URL) end the start at once.
     pub database_startup_wait_ms: u64,
+    /// How often the background compaction runs, in seconds: it moves each collection's
+    /// horizon by its `retain_secs` / `retain_changes` and removes superseded versions and
+    /// tombstones behind it, a small batch per transaction. 0 = never (compact with
+    /// `syncgate admin compact`).
+    pub compaction_interval_secs: u64,
     /// Declared collections. A client may only use collections named here.
     pub collections: BTreeMap<String, CollectionConfig>,
 }
@@ -220,7 +225,7 @@ impl Default for AuthConfig {
 }
 
 /// One declared collection.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CollectionConfig {
     /// What wins when a mutation was based on a version another client has changed since:
@@ -259,6 +264,36 @@ pub struct CollectionConfig {
     /// earlier in the same batch) is rejected with `dangling_reference` (412); a value that is
     /// not a string id gets `wrong_type`. Deleting a referenced document is not checked.
     pub references: BTreeMap<String, String>,
+    /// Keep the log's changes for at least this many seconds (default 30 days); 0 = no age
+    /// limit. Older changes fall behind the collection's compaction horizon: superseded
+    /// versions and tombstones there are removed (`syncgate admin compact`), and a client whose
+    /// cursor is older than the horizon gets `resync` (`cursor_too_old`) and downloads the
+    /// collection again, keeping its unsent edits.
+    pub retain_secs: u64,
+    /// Keep at least the collection's newest this many changes; 0 = no count limit. With
+    /// both limits set, a change falls behind the horizon when it is beyond either.
+    pub retain_changes: u64,
+}
+
+/// Thirty days: how long a collection's changes are kept by default.
+pub const DEFAULT_RETAIN_SECS: u64 = 30 * 24 * 3600;
+
+impl Default for CollectionConfig {
+    fn default() -> Self {
+        CollectionConfig {
+            policy: ConflictPolicy::default(),
+            precedence: BTreeMap::new(),
+            mode: SyncMode::default(),
+            read_roles: Vec::new(),
+            write_roles: Vec::new(),
+            scope: BTreeMap::new(),
+            schema: BTreeMap::new(),
+            required: Vec::new(),
+            references: BTreeMap::new(),
+            retain_secs: DEFAULT_RETAIN_SECS,
+            retain_changes: 0,
+        }
+    }
 }
 
 /// What clients download from a collection.
@@ -391,6 +426,7 @@ impl Default for Config {
             group_commit_max_mutations: 5_000,
             shutdown_grace_ms: 5_000,
             database_startup_wait_ms: 60_000,
+            compaction_interval_secs: 600,
             collections,
         }
     }

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
 use syncgate_gateway::server::{
-    ApiKeyRequest, ConflictTake, Resolution, Retried, create_api_key, discard_sync_error,
+    ApiKeyRequest, ConflictTake, Resolution, Retried, compact, create_api_key, discard_sync_error,
     document_history, list_api_keys, list_conflicts, list_sync_errors, migrate, reassign_client,
     resolve_conflict, retry_sync_error, revoke_api_key,
 };
@@ -109,6 +109,22 @@ enum Admin {
         /// At most this many.
         #[arg(long, default_value_t = 1000)]
         limit: u64,
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compact the change log now: move each collection's horizon by its `retain_secs` /
+    /// `retain_changes` and remove the superseded versions and tombstones behind it (the
+    /// background compaction does the same every `compaction_interval_secs`). Clients whose
+    /// cursor is older than the new horizon download the collection again. Uses the database
+    /// the gateway uses; works while it runs, in small transactions.
+    Compact {
+        /// Only this collection.
+        #[arg(long)]
+        collection: Option<String>,
+        /// Count what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print JSON (one array) instead of a table.
         #[arg(long)]
         json: bool,
@@ -427,6 +443,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let errors = list_sync_errors(&config, client.as_deref(), *open, *limit).await?;
             print_sync_errors(&errors, *json)?;
+        }
+        Command::Admin {
+            command:
+                Admin::Compact {
+                    collection,
+                    dry_run,
+                    json,
+                },
+        } => {
+            let reports = compact(&config, collection.as_deref(), *dry_run).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                if *dry_run {
+                    println!("dry run: nothing was removed");
+                }
+                println!(
+                    "COLLECTION            HORIZON (WAS)          SUPERSEDED  TOMBSTONES  DELETED DOCS"
+                );
+                for r in reports {
+                    println!(
+                        "{:<20}  {:>10} ({:>10})  {:>10}  {:>10}  {:>12}",
+                        r.collection,
+                        r.horizon,
+                        r.previous_horizon,
+                        r.superseded,
+                        r.tombstones,
+                        r.deleted_documents
+                    );
+                }
+            }
         }
         Command::Admin {
             command:

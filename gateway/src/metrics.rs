@@ -2,8 +2,8 @@
 //! statuses, never connection or client ids.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the gateway exports.
@@ -61,6 +61,13 @@ pub struct Metrics {
     /// Conflict decisions audited, by policy (the collection's resolver) and outcome
     /// (`overwrote`, `kept_server`, `merged`, `refused`, `open`).
     pub conflicts: IntCounterVec,
+    /// Rows compaction removed, by collection and kind (`superseded`, `tombstones`,
+    /// `deleted_documents`).
+    pub compaction_removed: IntCounterVec,
+    /// Each collection's compaction horizon: cursors older than it get `cursor_too_old`.
+    pub compaction_horizon: IntGaugeVec,
+    /// Seconds each compaction transaction held (the longest of each run).
+    pub compaction_batch_seconds: Histogram,
 }
 
 impl Metrics {
@@ -92,6 +99,13 @@ impl Metrics {
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
+        };
+        let gauge_vec = |n: &str, h: &str, l: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(n, h), l).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
         };
         let histogram = |n: &str, h: &str, buckets: Vec<f64>| {
             let m = Histogram::with_opts(HistogramOpts::new(n, h).buckets(buckets))
@@ -129,7 +143,22 @@ impl Metrics {
             commit_seconds: histogram(
                 "syncgate_commit_seconds",
                 "Group-commit transaction time",
+                secs.clone(),
+            ),
+            compaction_batch_seconds: histogram(
+                "syncgate_compaction_batch_seconds",
+                "The longest compaction transaction of each run and collection",
                 secs,
+            ),
+            compaction_removed: counter_vec(
+                "syncgate_compaction_removed_total",
+                "Rows compaction removed, by collection and kind (superseded, tombstones, deleted_documents)",
+                &["collection", "kind"],
+            ),
+            compaction_horizon: gauge_vec(
+                "syncgate_compaction_horizon",
+                "Each collection's compaction horizon (older cursors resync with cursor_too_old)",
+                &["collection"],
             ),
             group_size: histogram(
                 "syncgate_group_commit_mutations",

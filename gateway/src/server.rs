@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::storage::{ConflictRecord, HistoryEntry, SyncError};
+pub use crate::storage::{CompactionReport, ConflictRecord, HistoryEntry, SyncError};
 
 use sha2::Digest;
 
@@ -166,6 +166,25 @@ impl Gateway {
             metrics.clone(),
             oplog.clone(),
         ));
+        if config.compaction_interval_secs > 0 {
+            background.spawn(run_compaction(
+                store.clone(),
+                config.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
+        match store.horizons().await {
+            Ok(horizons) => {
+                for (c, h) in horizons {
+                    metrics
+                        .compaction_horizon
+                        .with_label_values(&[c.as_str()])
+                        .set(h as i64);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the compaction horizons failed"),
+        }
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         let shared = Arc::new(Shared {
             auth,
@@ -486,6 +505,112 @@ pub async fn document_history(
     let history = store.document_history(collection, id, limit).await;
     store.close().await;
     Ok(history?)
+}
+
+/// Compacts every declared collection (or only `only`) by its retention: `syncgate admin
+/// compact [--dry-run]`.
+pub async fn compact(
+    config: &Config,
+    only: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<Vec<CompactionReport>> {
+    if let Some(c) = only
+        && !config.collections.contains_key(c)
+    {
+        anyhow::bail!("{c:?} is not a declared collection");
+    }
+    let store = open_store(config).await?;
+    let reports = compact_collections(&store, config, only, dry_run, None).await;
+    store.close().await;
+    reports
+}
+
+/// The compaction of each collection in turn; with `metrics`, counted there.
+async fn compact_collections(
+    store: &Store,
+    config: &Config,
+    only: Option<&str>,
+    dry_run: bool,
+    metrics: Option<&Metrics>,
+) -> anyhow::Result<Vec<CompactionReport>> {
+    let mut reports = Vec::new();
+    for (name, c) in &config.collections {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        let retention = crate::storage::Retention {
+            max_age_ms: c.retain_secs.saturating_mul(1000),
+            max_changes: c.retain_changes,
+        };
+        let now = crate::storage::now_ms() as u64;
+        let report = store
+            .compact(name, retention, now, dry_run)
+            .await
+            .with_context(|| format!("compacting {name:?}"))?;
+        if let Some(m) = metrics {
+            for (kind, n) in [
+                ("superseded", report.superseded),
+                ("tombstones", report.tombstones),
+                ("deleted_documents", report.deleted_documents),
+            ] {
+                m.compaction_removed
+                    .with_label_values(&[name.as_str(), kind])
+                    .inc_by(n);
+            }
+            m.compaction_horizon
+                .with_label_values(&[name.as_str()])
+                .set(report.horizon as i64);
+            if report.longest_batch_us > 0 {
+                m.compaction_batch_seconds
+                    .observe(report.longest_batch_us as f64 / 1e6);
+            }
+        }
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// The background compaction: every `compaction_interval_secs`, each collection in turn.
+/// Failures are logged and tried again at the next interval.
+async fn run_compaction(
+    store: Store,
+    config: Config,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let every = Duration::from_secs(config.compaction_interval_secs);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let run = compact_collections(&store, &config, None, false, Some(&metrics));
+        let reports = tokio::select! {
+            r = run => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match reports {
+            Ok(reports) => {
+                for r in reports.iter().filter(|r| {
+                    r.superseded + r.tombstones + r.deleted_documents > 0
+                        || r.horizon > r.previous_horizon
+                }) {
+                    tracing::info!(
+                        collection = %r.collection,
+                        horizon = r.horizon,
+                        superseded = r.superseded,
+                        tombstones = r.tombstones,
+                        deleted_documents = r.deleted_documents,
+                        longest_batch_us = r.longest_batch_us,
+                        "compacted"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "compaction failed; trying again at the next interval")
+            }
+        }
+    }
 }
 
 /// What `syncgate admin conflicts resolve` writes.

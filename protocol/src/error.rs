@@ -92,6 +92,11 @@ error_codes! {
     NotDownloadable = 306, "not_downloadable", false;
     /// A `fetch` names no ids, more than `max_mutations_per_batch`, or an invalid id.
     InvalidFetch = 307, "invalid_fetch", false;
+    /// A position to read the log from is older than the collection's compaction horizon:
+    /// changes after it were removed. Over WebSocket this is a `resync` (reason
+    /// `cursor_too_old`) and a fresh snapshot; over HTTP (`/v1/changes`) the reader starts
+    /// again from a full read of the collection.
+    CursorTooOld = 308, "cursor_too_old", false;
     /// The mutation is not well formed (a put or patch without a body, a delete with one ...).
     InvalidMutation = 400, "invalid_mutation", false;
     /// The batch holds more than `max_mutations_per_batch` mutations.

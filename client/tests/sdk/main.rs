@@ -13,6 +13,7 @@ mod conflicts;
 mod encrypted;
 mod fetch;
 mod proxy;
+mod retention;
 mod tls;
 
 use std::collections::BTreeMap;

@@ -38,7 +38,7 @@ use crate::error::GatewayError;
 use crate::ingest::IngestRequest;
 use crate::ingest::plan::PushJob;
 use crate::shared::Shared;
-use crate::storage::ClientClaim;
+use crate::storage::{ClientClaim, StoreError};
 
 /// MessagePack's media type.
 const MSGPACK: &str = "application/msgpack";
@@ -652,6 +652,10 @@ fn number_param(pairs: &[(String, String)], name: &str) -> Result<Option<u64>, P
 /// A page of documents.
 #[derive(Debug, Serialize)]
 struct ListAnswer {
+    /// The log position this node had published when the page was read: a reader that lists
+    /// every page and then follows `GET /v1/changes?after=` from the first page's `as_of`
+    /// misses nothing (changes after it may repeat documents it listed).
+    as_of: u64,
     /// The documents, in id order.
     documents: Vec<Doc>,
     /// Pass as `after` for the next page; absent on the last page.
@@ -707,6 +711,8 @@ async fn list(
     };
     let scope = access.scope(&collection);
     let budget = shared.config.outbound_buffer_bytes;
+    // Read before the documents: every change after it is either in them or still to come.
+    let as_of = shared.hub.published();
     let mut documents: Vec<Doc> = Vec::new();
     let mut next = None;
     // A selective filter may scan many documents for a few: at most ten pages' worth per
@@ -749,7 +755,14 @@ async fn list(
             .map(|d| d.id.clone());
         documents.truncate(cut);
     }
-    Ok(format.respond(StatusCode::OK, &ListAnswer { documents, next }))
+    Ok(format.respond(
+        StatusCode::OK,
+        &ListAnswer {
+            as_of,
+            documents,
+            next,
+        },
+    ))
 }
 
 /// A page of the change feed.
@@ -836,6 +849,17 @@ async fn changes(
             .await
         {
             Ok(p) => p,
+            Err(StoreError::CursorTooOld { horizon, .. }) => {
+                return Err(Problem::new(
+                    StatusCode::GONE,
+                    ErrorCode::CursorTooOld,
+                    format!(
+                        "changes after {cursor} of {collection:?} were compacted (the horizon \
+                         is {horizon}): list the collection again and follow the changes from \
+                         the first page's as_of"
+                    ),
+                ));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reading changes failed");
                 return Err(Problem::from_error(&GatewayError::Storage(
@@ -966,7 +990,10 @@ fn openapi_document() -> serde_json::Value {
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
                     {"name": "timeout_ms", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 30000, "default": 0}},
                 ],
-                "responses": {"200": {"description": "changes after `after`", "content": both("ChangesAnswer")}, "default": problem}}},
+                "responses": {"200": {"description": "changes after `after`", "content": both("ChangesAnswer")},
+                    "410": {"description": "`after` is older than the collection's compaction horizon (cursor_too_old, 308): list the collection again",
+                        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+                    "default": problem}}},
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [],
                 "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
         },
@@ -995,7 +1022,8 @@ fn openapi_document() -> serde_json::Value {
                 "Doc": {"type": "object", "required": ["id", "version", "body"], "properties": {
                     "collection": {"type": "string"}, "id": {"type": "string"}, "version": {"type": "integer"},
                     "body": {"$ref": "#/components/schemas/Body"}}},
-                "ListAnswer": {"type": "object", "required": ["documents"], "properties": {
+                "ListAnswer": {"type": "object", "required": ["as_of", "documents"], "properties": {
+                    "as_of": {"type": "integer", "description": "follow /v1/changes from the first page's as_of after listing every page"},
                     "documents": {"type": "array", "items": {"$ref": "#/components/schemas/Doc"}},
                     "next": {"type": "string"}}},
                 "Change": {"type": "object", "required": ["seq", "collection", "id", "op"], "properties": {

@@ -226,6 +226,11 @@ pub(crate) async fn commit_group(
     if !history.is_empty() {
         pre.history = txn.history(&history).await?;
     }
+    // After the history (see `storage::compaction`).
+    let horizons = plan::horizons_wanted(jobs, &pre.lasts, &pre.docs, &history);
+    if !horizons.is_empty() {
+        pre.horizons = txn.horizons(&horizons).await?;
+    }
     if !wanted.conflicts.is_empty() {
         pre.conflicts = txn.conflicts(&wanted.conflicts).await?;
     }

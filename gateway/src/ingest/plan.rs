@@ -118,6 +118,9 @@ pub(crate) struct Prefetched {
     pub history: HashMap<(String, String), Vec<HistoryRow>>,
     /// The recorded conflicts named by mutations' `resolves` ([`Wanted::conflicts`]).
     pub conflicts: HashMap<(String, u64), StoredConflict>,
+    /// The compaction horizon of each collection in [`horizons_wanted`] that has one: a
+    /// base version older than it has an incomplete history.
+    pub horizons: HashMap<String, u64>,
 }
 
 /// What to prefetch once the horizons are known.
@@ -239,6 +242,41 @@ pub(crate) fn history_wanted<'a>(
                     index.insert(key, out.len());
                     out.push((key.0, key.1, base));
                 }
+            }
+        }
+    }
+    out
+}
+
+/// The collections whose compaction horizon the conflict step needs, each once: those of the
+/// documents in `history` (their history may be cut short by compaction) and of new
+/// mutations based on a version of a document that has no row any more (deleted, and the
+/// tombstone purged by compaction).
+pub(crate) fn horizons_wanted<'a>(
+    jobs: &'a [PushJob],
+    lasts: &HashMap<String, u64>,
+    docs: &HashMap<String, HashMap<String, StoredDoc>>,
+    history: &[(&'a str, &'a str, u64)],
+) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    let mut add = |c: &'a str| {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    };
+    for (c, _, _) in history {
+        add(c);
+    }
+    for job in jobs {
+        let last = lasts.get(&job.client_id).copied().unwrap_or(0);
+        for m in job.mutations.iter().filter(|m| m.mutation_id > last) {
+            if m.base_version.is_some_and(|b| b > 0)
+                && docs
+                    .get(&m.collection)
+                    .and_then(|ids| ids.get(&m.id))
+                    .is_none()
+            {
+                add(&m.collection);
             }
         }
     }
@@ -765,6 +803,13 @@ impl<'a> Group<'a> {
             }
             // Resolved already (by another writer): this one is an ordinary write.
         }
+        let horizon = self.pre.horizons.get(&m.collection).copied().unwrap_or(0);
+        let version = match (m.base_version, version) {
+            // The writer had a version the server has no row of: the document was deleted
+            // and its tombstone purged by compaction, at or before the horizon.
+            (Some(base), None) if base > 0 && base < horizon => Some(horizon),
+            _ => version,
+        };
         let (Some(base), Some(version)) = (m.base_version, version) else {
             return Ok(None);
         };
@@ -933,7 +978,14 @@ impl<'a> Group<'a> {
                 );
             }
         }
-        if since.base_body.is_none() && version > base {
+        let horizon = self.pre.horizons.get(&m.collection).copied().unwrap_or(0);
+        if base < horizon {
+            // Compaction removed changes after the base: who changed what since is unknown,
+            // so the document counts as changed everywhere by someone else.
+            since.others = FieldSet::All;
+            since.base_body = None;
+            since.other_clients.push("(compacted log)".to_owned());
+        } else if since.base_body.is_none() && version > base {
             since.others = FieldSet::All;
             since.other_clients.push("(log trimmed)".to_owned());
         }

@@ -414,10 +414,29 @@ impl GroupTxn {
                 Earlier::Applied { seq },
             );
         }
-        let rest: Vec<i64> = ids
+        let mut rest: Vec<i64> = ids
             .into_iter()
             .filter(|id| !out.contains_key(&(*id as u64)))
             .collect();
+        if !rest.is_empty() {
+            // Changes removed by compaction left their record here (read after the log: a
+            // compaction moves the record and removes the change in one transaction).
+            let compacted = Lookup {
+                columns: &["mutation_id", "seq"],
+                table: "sg_applied",
+                prefix_col: "client_id",
+                prefix: client_id,
+                key_col: "mutation_id",
+            };
+            for r in self.keyed_rows(&compacted, KeyList::BigInt(&rest)).await? {
+                let seq = r.try_get::<i64>("", "seq")? as u64;
+                out.insert(
+                    r.try_get::<i64>("", "mutation_id")? as u64,
+                    Earlier::Applied { seq },
+                );
+            }
+            rest.retain(|id| !out.contains_key(&(*id as u64)));
+        }
         let rejected = Lookup {
             columns: &["mutation_id", "code", "reason"],
             table: "sg_sync_errors",
@@ -516,6 +535,28 @@ impl GroupTxn {
                         prev_body: decode_body(prev.as_deref())?,
                     });
             }
+        }
+        Ok(out)
+    }
+
+    /// The compaction horizons of `collections` (absent: never compacted). Read after
+    /// [`GroupTxn::history`]: changes found missing there come with the horizon that explains
+    /// them (see `storage::compaction`).
+    pub async fn horizons(&self, collections: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
+        let mut out = HashMap::new();
+        if collections.is_empty() {
+            return Ok(out);
+        }
+        let select = Query::select()
+            .columns(["collection", "seq"])
+            .from("sg_horizons")
+            .and_where(Expr::col("collection").is_in(collections.iter().copied()))
+            .to_owned();
+        for r in self.txn.query_all_raw(self.backend.build(&select)).await? {
+            out.insert(
+                r.try_get::<String>("", "collection")?,
+                r.try_get::<i64>("", "seq")? as u64,
+            );
         }
         Ok(out)
     }

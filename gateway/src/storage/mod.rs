@@ -14,6 +14,7 @@
 
 mod api_keys;
 pub(crate) mod claims;
+mod compaction;
 mod group_write;
 mod schema;
 
@@ -32,6 +33,8 @@ use syncgate_protocol::codec::from_msgpack;
 pub(crate) use crate::changes::LogEntry;
 use syncgate_protocol::{Body, Change, ChangeOp, Doc};
 
+pub use compaction::CompactionReport;
+pub(crate) use compaction::Retention;
 #[cfg(test)]
 pub(crate) use group_write::RefusedConflict;
 pub(crate) use group_write::{
@@ -98,6 +101,17 @@ pub enum StoreError {
         /// Whether trying again later can succeed (a server still starting, a dropped
         /// session) as opposed to a wrong address, password or database name.
         transient: bool,
+    },
+    /// A read of the log from a position older than the collection's compaction horizon:
+    /// changes after the position were removed.
+    #[error("position {after} of {collection:?} is older than its compaction horizon {horizon}")]
+    CursorTooOld {
+        /// The collection.
+        collection: String,
+        /// The position asked for.
+        after: u64,
+        /// The horizon.
+        horizon: u64,
     },
 }
 
@@ -390,6 +404,16 @@ impl Store {
                 },
             )
             .await?;
+        // After the rows: a compaction stores its horizon before it removes anything, so
+        // rows found missing come with the horizon that explains them.
+        let horizon = self.horizon(collection).await?;
+        if after < horizon {
+            return Err(StoreError::CursorTooOld {
+                collection: collection.to_owned(),
+                after,
+                horizon,
+            });
+        }
         Ok(Page {
             items: page
                 .items

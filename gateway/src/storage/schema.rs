@@ -78,6 +78,15 @@ const TABLES: &[&str] = &[
         client_id TEXT PRIMARY KEY,
         request_hash TEXT NOT NULL,
         created_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sg_horizons (
+        collection TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sg_applied (
+        client_id TEXT NOT NULL,
+        mutation_id BIGINT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (client_id, mutation_id))",
     "CREATE TABLE IF NOT EXISTS sg_api_keys (
         key_id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,

@@ -1,6 +1,10 @@
 //! Starting a subscription: resume from a cursor or send a snapshot, catch up from the log,
 //! then hand over to live fan-out with [`Hub::try_go_live`].
 //!
+//! A cursor older than the collection's compaction horizon (its catch-up would read changes
+//! compaction removed: `StoreError::CursorTooOld`) is answered like one from another epoch:
+//! `resync` with reason `cursor_too_old`, then a snapshot.
+//!
 //! The snapshot is taken at position `S` = the committed head, read *before* the documents, so
 //! a document read later may already be newer than `S`; the catch-up from `S` then re-sends
 //! those changes in order. A client applying changes in order therefore converges, and no
@@ -114,7 +118,7 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
                 // leave its view); one that sees everything is never made to hold them.
                 let with_prev = !entry.view.is_everything();
                 let turn = read_turn(shared).await;
-                let page = shared
+                let read = shared
                     .store
                     .read_changes(
                         &entry.collection,
@@ -124,7 +128,22 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
                         budget,
                         with_prev,
                     )
-                    .await?;
+                    .await;
+                let page = match read {
+                    Err(StoreError::CursorTooOld { .. }) => {
+                        // Compaction removed changes after the position: start over from a
+                        // snapshot (the client discards what this subscription gave it).
+                        drop(turn);
+                        let c = Cursor {
+                            epoch: hub.epoch().to_owned(),
+                            seq: position,
+                        };
+                        resync(shared, entry, "cursor_too_old", &c);
+                        position = snapshot(shared, entry).await?;
+                        continue;
+                    }
+                    other => other?,
+                };
                 let page = Page {
                     items: page.items.into_iter().map(Arc::new).collect(),
                     more: page.more,

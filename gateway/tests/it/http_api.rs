@@ -10,7 +10,7 @@ use syncgate_gateway::server::{ApiKeyRequest, create_api_key};
 use super::*;
 
 /// A raw HTTP/1.1 request: status, headers (lower-case names), body.
-async fn http(
+pub async fn http(
     gw: &Gateway,
     method: &str,
     path: &str,
@@ -53,13 +53,13 @@ async fn http(
     (status, headers, raw[split + 4..].to_vec())
 }
 
-fn json(bytes: &[u8]) -> serde_json::Value {
+pub fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
 }
 
 /// Asserts a problem+json answer with this status and protocol code.
-fn problem(answer: &(u16, HashMap<String, String>, Vec<u8>), status: u16, code: ErrorCode) {
+pub fn problem(answer: &(u16, HashMap<String, String>, Vec<u8>), status: u16, code: ErrorCode) {
     let (got, headers, body) = answer;
     let p = json(body);
     assert_eq!(

@@ -43,6 +43,7 @@ macro_rules! on_both_backends {
 
 mod api_keys;
 mod checks;
+mod compaction;
 mod conflicts;
 mod fuzz;
 mod http_api;
@@ -52,6 +53,7 @@ mod scopes;
 mod tokens;
 use api_keys::api_keys_grant_roles_and_claims_until_revoked;
 use checks::references_and_schema_checks_reject_and_the_rest_apply;
+use compaction::the_log_is_compacted_behind_the_horizon_and_old_cursors_resync;
 use conflicts::each_policy_decides_concurrent_edits_and_audits_them;
 use http_api::the_http_api_writes_through_ingest_and_reads_with_scopes;
 use modes::modes_and_fetch;
@@ -81,6 +83,7 @@ on_both_backends!(
     modes_and_fetch,
     each_policy_decides_concurrent_edits_and_audits_them,
     the_http_api_writes_through_ingest_and_reads_with_scopes,
+    the_log_is_compacted_behind_the_horizon_and_old_cursors_resync,
 );
 
 const WRITERS: u64 = 4;
