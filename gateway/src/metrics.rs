@@ -66,7 +66,7 @@ pub struct Metrics {
     pub compaction_removed: IntCounterVec,
     /// Each collection's compaction horizon: cursors older than it get `cursor_too_old`.
     pub compaction_horizon: IntGaugeVec,
-    /// Seconds each compaction transaction held (the longest of each run).
+    /// Seconds each compaction transaction held the log's writer.
     pub compaction_batch_seconds: Histogram,
 }
 
@@ -147,7 +147,7 @@ impl Metrics {
             ),
             compaction_batch_seconds: histogram(
                 "syncgate_compaction_batch_seconds",
-                "The longest compaction transaction of each run and collection",
+                "Seconds each compaction transaction held the log's writer",
                 secs,
             ),
             compaction_removed: counter_vec(

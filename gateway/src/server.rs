@@ -543,8 +543,13 @@ async fn compact_collections(
             max_changes: c.retain_changes,
         };
         let now = crate::storage::now_ms() as u64;
+        let observe = |held: Duration| {
+            if let Some(m) = metrics {
+                m.compaction_batch_seconds.observe(held.as_secs_f64());
+            }
+        };
         let report = store
-            .compact(name, retention, now, dry_run)
+            .compact(name, retention, now, dry_run, &observe)
             .await
             .with_context(|| format!("compacting {name:?}"))?;
         if let Some(m) = metrics {
@@ -560,10 +565,6 @@ async fn compact_collections(
             m.compaction_horizon
                 .with_label_values(&[name.as_str()])
                 .set(report.horizon as i64);
-            if report.longest_batch_us > 0 {
-                m.compaction_batch_seconds
-                    .observe(report.longest_batch_us as f64 / 1e6);
-            }
         }
         reports.push(report);
     }

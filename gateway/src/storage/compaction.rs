@@ -20,7 +20,8 @@
 //!
 //! **Ingest is never held for long.** Removal runs in transactions of at most
 //! [`COMPACTION_BATCH`] rows that touch only rows behind the horizon; none takes the log head
-//! lock.
+//! lock. On SQLite (one writer at a time) each waits for the process's log-writer turn, as a
+//! group commit does, so the two alternate instead of meeting in SQLite's busy handler.
 
 use std::collections::BTreeMap;
 
@@ -30,7 +31,7 @@ use sea_orm::{ConnectionTrait, TransactionTrait};
 use super::{Store, StoreError, now_ms};
 
 /// Rows removed per transaction.
-pub(crate) const COMPACTION_BATCH: u64 = 500;
+pub(crate) const COMPACTION_BATCH: u64 = 100;
 
 /// A change behind the horizon that may go.
 struct Removable {
@@ -115,13 +116,15 @@ impl Store {
     }
 
     /// Moves `collection`'s horizon by `retention` (as of `now_ms`) and removes what is behind
-    /// it, [`COMPACTION_BATCH`] rows per transaction; `dry_run` only counts.
+    /// it, [`COMPACTION_BATCH`] rows per transaction, each transaction's duration given to
+    /// `observe`; `dry_run` only counts.
     pub(crate) async fn compact(
         &self,
         collection: &str,
         retention: Retention,
         now_ms: u64,
         dry_run: bool,
+        observe: &(dyn Fn(std::time::Duration) + Sync),
     ) -> Result<CompactionReport, StoreError> {
         let previous = self.horizon(collection).await?;
         let past_age = if retention.max_age_ms > 0 {
@@ -175,12 +178,10 @@ impl Store {
             report.tombstones += tombstones;
             report.superseded += batch.len() as u64 - tombstones;
             if !dry_run {
-                let started = std::time::Instant::now();
-                self.remove_changes(&batch).await?;
-                report.longest_batch_us = Ord::max(
-                    report.longest_batch_us,
-                    started.elapsed().as_micros() as u64,
-                );
+                let held = self.remove_changes(&batch).await?;
+                observe(held);
+                report.longest_batch_us =
+                    Ord::max(report.longest_batch_us, held.as_micros() as u64);
             }
             if (batch.len() as u64) < COMPACTION_BATCH {
                 break;
@@ -218,8 +219,11 @@ impl Store {
                     .and_where(Expr::col("deleted").ne(0))
                     .and_where(Expr::col("version").lte(horizon as i64))
                     .to_owned();
+                let turn = self.log_writer_turn().await;
                 let started = std::time::Instant::now();
                 self.db.execute_raw(self.backend.build(&delete)).await?;
+                drop(turn);
+                observe(started.elapsed());
                 report.longest_batch_us = Ord::max(
                     report.longest_batch_us,
                     started.elapsed().as_micros() as u64,
@@ -321,8 +325,10 @@ impl Store {
     }
 
     /// Removes changes from the log in one transaction, keeping each one's exactly-once
-    /// record in `sg_applied`.
-    async fn remove_changes(&self, batch: &[Removable]) -> Result<(), StoreError> {
+    /// record in `sg_applied`. Returns how long the transaction took (after its turn).
+    async fn remove_changes(&self, batch: &[Removable]) -> Result<std::time::Duration, StoreError> {
+        let _turn = self.log_writer_turn().await;
+        let started = std::time::Instant::now();
         let txn = self.db.begin().await?;
         let origins: Vec<(&str, u64, u64)> = batch
             .iter()
@@ -356,7 +362,7 @@ impl Store {
             txn.execute_raw(self.backend.build(&delete)).await?;
         }
         txn.commit().await?;
-        Ok(())
+        Ok(started.elapsed())
     }
 }
 

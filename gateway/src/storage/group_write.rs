@@ -276,6 +276,8 @@ pub struct GroupTxn {
     txn: Txn,
     backend: DbBackend,
     head: u64,
+    /// This process's turn to write the log (SQLite), until commit or rollback.
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Store {
@@ -283,6 +285,7 @@ impl Store {
     /// [`crate::storage`]); every other writer, on every node, waits until it ends.
     pub async fn begin_group(&self) -> Result<GroupTxn, StoreError> {
         let backend = self.backend();
+        let turn = self.log_writer_turn().await;
         let txn = self.begin().await?;
         let lock = Query::update()
             .table("sg_head")
@@ -295,7 +298,12 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt("sg_head has no row".into()))?
             .try_get::<i64>("", "seq")? as u64;
-        Ok(GroupTxn { txn, backend, head })
+        Ok(GroupTxn {
+            txn,
+            backend,
+            head,
+            _turn: turn,
+        })
     }
 }
 

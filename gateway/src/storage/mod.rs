@@ -54,6 +54,11 @@ pub struct Store {
     backend: DbBackend,
     /// The database's epoch, read once at start.
     epoch: Arc<str>,
+    /// SQLite only: held by every writer of the log (a group commit, a compaction batch)
+    /// for its whole transaction, so that they queue here, in order, instead of in SQLite's
+    /// busy handler, which sleeps in steps of up to 100 ms and made a group commit wait
+    /// hundreds of milliseconds behind a compaction batch of a few.
+    log_writer: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// One page of a read bounded by count and bytes.
@@ -207,10 +212,13 @@ impl Store {
         let db = Database::connect(opts).await?;
         let backend = db.get_database_backend();
         let epoch = schema::migrate(&db, backend).await?;
+        let log_writer =
+            (backend == DbBackend::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
         Ok(Store {
             db,
             backend,
             epoch: epoch.into(),
+            log_writer,
         })
     }
 
@@ -1103,6 +1111,14 @@ impl Store {
 
     pub(crate) fn backend(&self) -> DbBackend {
         self.backend
+    }
+
+    /// Waits for this process's turn to write the log (SQLite; see `Store::log_writer`).
+    pub(crate) async fn log_writer_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.log_writer {
+            Some(m) => Some(m.clone().lock_owned().await),
+            None => None,
+        }
     }
 }
 
