@@ -7,9 +7,10 @@ use clap::{Parser, Subcommand};
 use syncgate_gateway::auth::{Authenticator, SecretSource, load_secret};
 use syncgate_gateway::config::redact_url;
 use syncgate_gateway::server::{
-    ApiKeyRequest, ConflictTake, Resolution, Retried, compact, create_api_key, discard_sync_error,
-    document_history, list_api_keys, list_conflicts, list_sync_errors, migrate, reassign_client,
-    resolve_conflict, retry_sync_error, revoke_api_key,
+    ApiKeyRequest, ConflictTake, Resolution, Retried, capture_attach, capture_detach, compact,
+    create_api_key, discard_sync_error, document_history, list_api_keys, list_captures,
+    list_conflicts, list_sync_errors, migrate, reassign_client, resolve_conflict, retry_sync_error,
+    revoke_api_key,
 };
 use syncgate_gateway::{Config, Gateway};
 
@@ -79,6 +80,43 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: Admin,
+    },
+    /// Capture of existing PostgreSQL tables: every INSERT, UPDATE and DELETE on an attached
+    /// table, by any SQL client, becomes a change of a collection in the same transaction.
+    Capture {
+        #[command(subcommand)]
+        command: CaptureCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaptureCommand {
+    /// Attach a table to a declared collection: install the trigger and copy every row in
+    /// (the collection then mirrors the table; clients' writes to it are refused with
+    /// captured_collection, 416).
+    Attach {
+        /// The table (`schema.table`, or a name on the search path).
+        #[arg(long)]
+        table: String,
+        /// The declared collection its rows become documents of.
+        #[arg(long)]
+        collection: String,
+        /// The column whose value (as text) is the document id.
+        #[arg(long)]
+        key: String,
+    },
+    /// Detach a table: drop the trigger; the collection keeps its documents and clients may
+    /// write it again.
+    Detach {
+        /// The table.
+        #[arg(long)]
+        table: String,
+    },
+    /// List the attached tables.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -346,6 +384,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let epoch = migrate(&config).await?;
             println!("migrations applied; epoch {epoch}");
         }
+        Command::Capture { command } => match command {
+            CaptureCommand::Attach {
+                table,
+                collection,
+                key,
+            } => {
+                let a = capture_attach(&config, table, collection, key).await?;
+                println!(
+                    "attached {} to {collection:?} (key {key}): {} rows copied, {} documents \
+                     that were not rows deleted",
+                    a.table, a.rows, a.removed
+                );
+            }
+            CaptureCommand::Detach { table } => match capture_detach(&config, table).await? {
+                Some(c) => println!("detached {} from {:?}", c.table, c.collection),
+                None => anyhow::bail!("{table} is not attached"),
+            },
+            CaptureCommand::List { json } => {
+                let captures = list_captures(&config).await?;
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&captures)?);
+                } else {
+                    println!("TABLE                          COLLECTION            KEY");
+                    for c in captures {
+                        println!("{:<30} {:<21} {}", c.table, c.collection, c.key);
+                    }
+                }
+            }
+        },
         Command::Token { user, ttl, claims } => {
             let Some((secret, _)) = load_secret(&config.auth.jwt_secret, &config.data_dir)? else {
                 let path = std::path::absolute(config.data_dir.join("jwt_secret"))

@@ -12,7 +12,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::storage::{CompactionReport, ConflictRecord, HistoryEntry, SyncError};
+pub use crate::storage::{
+    Attached, Capture, CompactionReport, ConflictRecord, HistoryEntry, SyncError,
+};
 
 use sha2::Digest;
 
@@ -505,6 +507,39 @@ pub async fn document_history(
     let history = store.document_history(collection, id, limit).await;
     store.close().await;
     Ok(history?)
+}
+
+/// Attaches a PostgreSQL table to a declared collection: `syncgate capture attach` (see
+/// README, "Capture of PostgreSQL tables").
+pub async fn capture_attach(
+    config: &Config,
+    table: &str,
+    collection: &str,
+    key: &str,
+) -> anyhow::Result<Attached> {
+    if !config.collections.contains_key(collection) {
+        anyhow::bail!("{collection:?} is not a declared collection");
+    }
+    let store = open_store(config).await?;
+    let attached = store.capture_attach(table, collection, key).await;
+    store.close().await;
+    Ok(attached?)
+}
+
+/// Detaches a table (`None`: it was not attached): `syncgate capture detach`.
+pub async fn capture_detach(config: &Config, table: &str) -> anyhow::Result<Option<Capture>> {
+    let store = open_store(config).await?;
+    let detached = store.capture_detach(table).await;
+    store.close().await;
+    Ok(detached?)
+}
+
+/// Every attached table: `syncgate capture list`.
+pub async fn list_captures(config: &Config) -> anyhow::Result<Vec<Capture>> {
+    let store = open_store(config).await?;
+    let captures = store.captures().await;
+    store.close().await;
+    Ok(captures?)
 }
 
 /// Compacts every declared collection (or only `only`) by its retention: `syncgate admin

@@ -143,6 +143,9 @@ error_codes! {
     /// (HTTP API.) An `Idempotency-Key` already used for a different request of the same API
     /// key: nothing was applied; use a new key for a new request.
     IdempotencyKeyReused = 415, "idempotency_key_reused", false;
+    /// The collection is captured from a PostgreSQL table (`syncgate capture attach`): the
+    /// table is its only writer, so write the row with SQL instead.
+    CapturedCollection = 416, "captured_collection", false;
     /// The gateway failed internally; the request may be retried.
     InternalError = 500, "internal_error", true;
     /// The connection's outbound buffer overflowed; reconnect and resume by cursor.

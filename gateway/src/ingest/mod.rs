@@ -220,6 +220,7 @@ pub(crate) async fn commit_group(
     if rules.max_documents_per_user > 0 || rules.max_sync_errors_per_user > 0 {
         pre.usage = txn.usage(&plan::users(jobs)).await?;
     }
+    pre.captured = txn.captured().await?;
     let wanted = plan::wanted(jobs, &pre.lasts, rules);
     pre.docs = txn.documents(&wanted.docs).await?;
     let history = plan::history_wanted(jobs, &pre.lasts, &pre.docs);

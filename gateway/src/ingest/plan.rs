@@ -118,6 +118,9 @@ pub(crate) struct Prefetched {
     pub history: HashMap<(String, String), Vec<HistoryRow>>,
     /// The recorded conflicts named by mutations' `resolves` ([`Wanted::conflicts`]).
     pub conflicts: HashMap<(String, u64), StoredConflict>,
+    /// The collections captured from PostgreSQL tables: collection -> table. Writes to them
+    /// are rejected (`captured_collection`).
+    pub captured: HashMap<String, String>,
     /// The compaction horizon of each collection in [`horizons_wanted`] that has one: a
     /// base version older than it has an incomplete history.
     pub horizons: HashMap<String, u64>,
@@ -601,12 +604,21 @@ impl<'a> Group<'a> {
         };
         let version = current.as_ref().map(|d| d.version);
         let live = current.filter(|d| !d.deleted);
-        let mut effect = effect(
-            m,
-            &job.access,
-            live.as_ref().and_then(|d| d.body.as_ref()),
-            self.rules,
-        );
+        let mut effect = match self.pre.captured.get(&m.collection) {
+            Some(table) => Effect::Rejected(
+                ErrorCode::CapturedCollection,
+                format!(
+                    "{} is captured from the table {table}: write the row there with SQL",
+                    m.collection
+                ),
+            ),
+            None => effect(
+                m,
+                &job.access,
+                live.as_ref().and_then(|d| d.body.as_ref()),
+                self.rules,
+            ),
+        };
         if let Effect::Change { .. } = &effect
             && let (Some(checks), Some(written)) =
                 (self.rules.checks.get(&m.collection), m.body.as_ref())

@@ -569,6 +569,24 @@ impl GroupTxn {
         Ok(out)
     }
 
+    /// The collections captured from PostgreSQL tables (`storage::capture`): collection ->
+    /// table. Read under the head lock, which attaching and detaching also take. SQLite
+    /// never captures.
+    pub async fn captured(&self) -> Result<HashMap<String, String>, StoreError> {
+        let mut out = HashMap::new();
+        if self.backend != DbBackend::Postgres {
+            return Ok(out);
+        }
+        let select = Query::select()
+            .columns(["collection", "table_name"])
+            .from("sg_captures")
+            .to_owned();
+        for r in self.txn.query_all_raw(self.backend.build(&select)).await? {
+            out.insert(r.try_get("", "collection")?, r.try_get("", "table_name")?);
+        }
+        Ok(out)
+    }
+
     /// The recorded conflicts that resolving mutations name: (client id, mutation id) ->
     /// the conflict, for those that exist.
     pub async fn conflicts(

@@ -13,6 +13,7 @@
 //! serialisation to one lock per group, not one per mutation.
 
 mod api_keys;
+mod capture;
 pub(crate) mod claims;
 mod compaction;
 mod group_write;
@@ -33,6 +34,7 @@ use syncgate_protocol::codec::from_msgpack;
 pub(crate) use crate::changes::LogEntry;
 use syncgate_protocol::{Body, Change, ChangeOp, Doc};
 
+pub use capture::{Attached, Capture};
 pub use compaction::CompactionReport;
 pub(crate) use compaction::Retention;
 #[cfg(test)]

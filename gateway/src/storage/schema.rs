@@ -87,6 +87,11 @@ const TABLES: &[&str] = &[
         mutation_id BIGINT NOT NULL,
         seq BIGINT NOT NULL,
         PRIMARY KEY (client_id, mutation_id))",
+    "CREATE TABLE IF NOT EXISTS sg_captures (
+        table_name TEXT PRIMARY KEY,
+        collection TEXT NOT NULL UNIQUE,
+        key_column TEXT NOT NULL,
+        created_at BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS sg_api_keys (
         key_id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,

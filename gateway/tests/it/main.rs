@@ -42,6 +42,7 @@ macro_rules! on_both_backends {
 }
 
 mod api_keys;
+mod capture;
 mod checks;
 mod compaction;
 mod conflicts;
