@@ -208,6 +208,16 @@ impl From<sea_orm::DbErr> for CaptureError {
     }
 }
 
+/// A row of `sg_captures`.
+fn capture_of(r: &sea_orm::QueryResult) -> Result<Capture, StoreError> {
+    Ok(Capture {
+        table: r.try_get("", "table_name")?,
+        collection: r.try_get("", "collection")?,
+        key: r.try_get("", "key_column")?,
+        attached_at_ms: r.try_get::<i64>("", "created_at")? as u64,
+    })
+}
+
 /// `'text'` as an SQL string literal.
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -224,16 +234,7 @@ impl Store {
                  ORDER BY table_name",
             ))
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Capture {
-                    table: r.try_get("", "table_name")?,
-                    collection: r.try_get("", "collection")?,
-                    key: r.try_get("", "key_column")?,
-                    attached_at_ms: r.try_get::<i64>("", "created_at")? as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(capture_of).collect()
     }
 
     /// Attaches `table` to `collection` with `key` as the document id (see the module docs).
@@ -428,16 +429,7 @@ impl Store {
                 "SELECT table_name, collection, key_column, created_at FROM sg_captures",
             ))
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Capture {
-                    table: r.try_get("", "table_name")?,
-                    collection: r.try_get("", "collection")?,
-                    key: r.try_get("", "key_column")?,
-                    attached_at_ms: r.try_get::<i64>("", "created_at")? as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(capture_of).collect()
     }
 }
 
