@@ -1,17 +1,22 @@
 //! Capture of existing PostgreSQL tables: every `INSERT`, `UPDATE` and `DELETE` on an attached
 //! table, by any SQL client, becomes a change of a collection in the same transaction.
 //!
-//! `capture attach` installs three functions (idempotent, `CREATE OR REPLACE`) and a row-level
-//! `AFTER` trigger on the table:
+//! `capture attach` (the key column must be unique: a primary key or a unique index of its
+//! own) installs a type and three functions (idempotent) and three statement-level `AFTER`
+//! triggers on the table:
 //! - `syncgate_msgpack(jsonb)`: a row (`to_jsonb`) as a MessagePack map, keys in byte order.
-//! - `syncgate_capture_change(collection, id, op, body, at_ms)`: what a group commit does for one
-//!   change: takes the log head lock (`UPDATE sg_head SET seq = seq + 1`), so the change is
-//!   numbered in commit order with every other writer on every node (the visibility-order
-//!   invariant: the lock is held until the ERP's transaction commits), appends to
-//!   `sg_changes` with the document's previous body, updates `sg_documents`, and notifies
-//!   the gateways (`NOTIFY syncgate_log`, folded to one per transaction).
-//! - `syncgate_capture()`: the trigger: the row's key column is the document id; an update
-//!   that changes the key is a delete of the old id and an upsert of the new one.
+//! - `syncgate_capture_apply(collection, changes, at_ms)`: what a group commit does for a run
+//!   of changes (`syncgate_change`: id, op, body): takes the log head lock and moves the head
+//!   by the run's length in one `UPDATE sg_head`, so the changes are numbered in commit order
+//!   with every other writer on every node (the visibility-order invariant: the lock is held
+//!   until the ERP's transaction commits), appends them to `sg_changes` with each document's
+//!   previous body, updates `sg_documents`, and notifies the gateways (`NOTIFY syncgate_log`,
+//!   folded to one per transaction).
+//! - `syncgate_capture()`: three statement-level triggers (insert, update, delete) with
+//!   transition tables, so a statement that writes 10,000 rows moves the head once (a head
+//!   updated once per row in one transaction gets slower with every update: each walks the
+//!   row's versions). The key column is the document id; an update that changes a key is a
+//!   delete of the old id and an upsert of the new one.
 //!
 //! Nothing is queued for the gateway: the log *is* the table the gateway reads, so the ERP's
 //! writes never wait for a gateway (down or up), and a gateway that was down catches up from
@@ -81,23 +86,30 @@ BEGIN
 END
 $f$;
 
-CREATE OR REPLACE FUNCTION syncgate_capture_change(coll text, id text, op bigint, body bytea, at_ms bigint)
+DO $d$ BEGIN
+  CREATE TYPE syncgate_change AS (k text, op bigint, body bytea);
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $d$;
+
+CREATE OR REPLACE FUNCTION syncgate_capture_apply(coll text, changes syncgate_change[], at_ms bigint)
 RETURNS bigint LANGUAGE plpgsql AS $f$
 DECLARE
-  s bigint;
-  prev bytea;
+  n bigint := coalesce(array_length(changes, 1), 0);
+  last bigint;
 BEGIN
-  UPDATE sg_head SET seq = seq + 1 WHERE sg_head.id = 1 RETURNING seq INTO s;
-  SELECT d.body INTO prev FROM sg_documents d
-    WHERE d.collection = coll AND d.doc_id = id AND d.deleted = 0;
+  IF n = 0 THEN RETURN 0; END IF;
+  UPDATE sg_head SET seq = seq + n WHERE sg_head.id = 1 RETURNING seq INTO last;
   INSERT INTO sg_changes (seq, collection, doc_id, op, body, prev_body, origin_client, origin_mutation, committed_at)
-    VALUES (s, coll, id, op, body, prev, 'capture:' || coll, NULL, at_ms);
+    SELECT last - n + c.i, coll, c.k, c.op, c.body, d.body, 'capture:' || coll, NULL, at_ms
+    FROM unnest(changes) WITH ORDINALITY AS c(k, op, body, i)
+    LEFT JOIN sg_documents d ON d.collection = coll AND d.doc_id = c.k AND d.deleted = 0;
   INSERT INTO sg_documents (collection, doc_id, body, version, deleted)
-    VALUES (coll, id, body, s, op)
+    SELECT coll, c.k, c.body, last - n + c.i, c.op
+    FROM unnest(changes) WITH ORDINALITY AS c(k, op, body, i)
     ON CONFLICT (collection, doc_id) DO UPDATE
       SET body = EXCLUDED.body, version = EXCLUDED.version, deleted = EXCLUDED.deleted;
   PERFORM pg_notify('{NOTIFY}', '');
-  RETURN s;
+  RETURN n;
 END
 $f$;
 
@@ -106,31 +118,45 @@ DECLARE
   coll text := TG_ARGV[0];
   keycol text := TG_ARGV[1];
   at_ms bigint := (extract(epoch from clock_timestamp()) * 1000)::bigint;
-  newj jsonb;
-  oldid text;
+  changes syncgate_change[];
 BEGIN
-  IF TG_OP <> 'INSERT' THEN
-    oldid := to_jsonb(OLD) ->> keycol;
+  IF TG_OP = 'INSERT' THEN
+    changes := ARRAY(SELECT ROW(to_jsonb(x) ->> keycol, 0, syncgate_msgpack(to_jsonb(x)))::syncgate_change
+                     FROM syncgate_new x);
+  ELSIF TG_OP = 'DELETE' THEN
+    changes := ARRAY(SELECT ROW(to_jsonb(x) ->> keycol, 1, NULL)::syncgate_change FROM syncgate_old x);
+  ELSE
+    -- Keys that went away first (an update that changed a key), then every new row.
+    changes := ARRAY(SELECT ROW(o.k, 1, NULL)::syncgate_change
+                     FROM (SELECT to_jsonb(x) ->> keycol AS k FROM syncgate_old x) o
+                     WHERE o.k NOT IN (SELECT to_jsonb(y) ->> keycol FROM syncgate_new y))
+            || ARRAY(SELECT ROW(to_jsonb(x) ->> keycol, 0, syncgate_msgpack(to_jsonb(x)))::syncgate_change
+                     FROM syncgate_new x);
   END IF;
-  IF TG_OP = 'DELETE' THEN
-    PERFORM syncgate_capture_change(coll, oldid, 1, NULL, at_ms);
-    RETURN NULL;
-  END IF;
-  newj := to_jsonb(NEW);
-  IF newj ->> keycol IS NULL THEN
-    RAISE EXCEPTION 'syncgate capture: the key column % of % is NULL', keycol, TG_TABLE_NAME;
-  END IF;
-  IF TG_OP = 'UPDATE' AND oldid IS DISTINCT FROM newj ->> keycol THEN
-    PERFORM syncgate_capture_change(coll, oldid, 1, NULL, at_ms);
-  END IF;
-  PERFORM syncgate_capture_change(coll, newj ->> keycol, 0, syncgate_msgpack(newj), at_ms);
+  PERFORM syncgate_capture_apply(coll, changes, at_ms);
   RETURN NULL;
 END
 $f$;
 "#;
 
-/// The trigger's name on every attached table.
-const TRIGGER: &str = "syncgate_capture";
+/// The triggers on every attached table: name, event, transition tables.
+const TRIGGERS: [(&str, &str, &str); 3] = [
+    (
+        "syncgate_capture_insert",
+        "INSERT",
+        "NEW TABLE AS syncgate_new",
+    ),
+    (
+        "syncgate_capture_update",
+        "UPDATE",
+        "OLD TABLE AS syncgate_old NEW TABLE AS syncgate_new",
+    ),
+    (
+        "syncgate_capture_delete",
+        "DELETE",
+        "OLD TABLE AS syncgate_old",
+    ),
+];
 
 /// One attached table.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -171,6 +197,17 @@ pub enum CaptureError {
         /// The table.
         table: String,
         /// The column asked for.
+        key: String,
+    },
+    /// The key column has no unique index of its own.
+    #[error(
+        "{key} is not a unique column of {table}: the key must be the primary key or have a \
+         unique index of its own, since it is the document id"
+    )]
+    KeyNotUnique {
+        /// The table.
+        table: String,
+        /// The key column.
         key: String,
     },
     /// The table is attached already.
@@ -273,6 +310,21 @@ impl Store {
                 key: key.to_owned(),
             });
         }
+        let unique = txn
+            .query_one_raw(pg(
+                "SELECT 1 AS x FROM pg_index i JOIN pg_attribute a \
+                 ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                 WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnatts = 1 \
+                 AND a.attname = $2",
+                vec![found.clone().into(), key.into()],
+            ))
+            .await?;
+        if unique.is_none() {
+            return Err(CaptureError::KeyNotUnique {
+                table: found,
+                key: key.to_owned(),
+            });
+        }
         // The table's writers wait until the copy below and the trigger are committed (taken
         // before the log head, which a writer of another captured table may hold while it
         // waits for this table).
@@ -316,40 +368,45 @@ impl Store {
             });
         }
         let at = now_ms();
-        let rows = txn
-            .query_one_raw(pg(
+        let count = |r: Option<sea_orm::QueryResult>| {
+            r.map(|r| r.try_get::<i64>("", "n"))
+                .transpose()
+                .map(|n| n.unwrap_or(0))
+        };
+        let rows = count(
+            txn.query_one_raw(pg(
                 &format!(
-                    "SELECT count(syncgate_capture_change($1, to_jsonb(t) ->> {k}, 0, \
-                     syncgate_msgpack(to_jsonb(t)), $2)) AS n FROM {found} t",
+                    "SELECT syncgate_capture_apply($1, ARRAY(SELECT ROW(to_jsonb(t) ->> {k}, 0, \
+                     syncgate_msgpack(to_jsonb(t)))::syncgate_change FROM {found} t), $2) AS n",
                     k = literal(key)
                 ),
                 vec![collection.into(), at.into()],
             ))
-            .await?
-            .map(|r| r.try_get::<i64>("", "n"))
-            .transpose()?
-            .unwrap_or(0);
-        let removed = txn
-            .query_one_raw(pg(
+            .await?,
+        )?;
+        // One hash anti-join: a lookup per document through `to_jsonb` could use no index.
+        let removed = count(
+            txn.query_one_raw(pg(
                 &format!(
-                    "SELECT count(syncgate_capture_change($1, d.doc_id, 1, NULL, $2)) AS n \
-                     FROM sg_documents d WHERE d.collection = $1 AND d.deleted = 0 \
-                     AND NOT EXISTS (SELECT 1 FROM {found} t WHERE to_jsonb(t) ->> {k} = d.doc_id)",
+                    "SELECT syncgate_capture_apply($1, ARRAY(SELECT ROW(d.doc_id, 1, NULL)::syncgate_change \
+                     FROM sg_documents d \
+                     LEFT JOIN (SELECT to_jsonb(t) ->> {k} AS k FROM {found} t) r ON r.k = d.doc_id \
+                     WHERE d.collection = $1 AND d.deleted = 0 AND r.k IS NULL), $2) AS n",
                     k = literal(key)
                 ),
                 vec![collection.into(), at.into()],
             ))
-            .await?
-            .map(|r| r.try_get::<i64>("", "n"))
-            .transpose()?
-            .unwrap_or(0);
-        txn.execute_unprepared(&format!(
-            "CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {found} \
-             FOR EACH ROW EXECUTE FUNCTION syncgate_capture({}, {})",
-            literal(collection),
-            literal(key)
-        ))
-        .await?;
+            .await?,
+        )?;
+        for (name, event, tables) in TRIGGERS {
+            txn.execute_unprepared(&format!(
+                "CREATE TRIGGER {name} AFTER {event} ON {found} REFERENCING {tables} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION syncgate_capture({}, {})",
+                literal(collection),
+                literal(key)
+            ))
+            .await?;
+        }
         txn.execute_raw(pg(
             "INSERT INTO sg_captures (table_name, collection, key_column, created_at) \
              VALUES ($1, $2, $3, $4)",
@@ -409,8 +466,10 @@ impl Store {
             .transpose()?
             .unwrap_or(false)
         {
-            txn.execute_unprepared(&format!("DROP TRIGGER IF EXISTS {TRIGGER} ON {found}"))
-                .await?;
+            for (name, _, _) in TRIGGERS {
+                txn.execute_unprepared(&format!("DROP TRIGGER IF EXISTS {name} ON {found}"))
+                    .await?;
+            }
         }
         txn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,

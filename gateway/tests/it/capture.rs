@@ -141,6 +141,12 @@ async fn sql_writes_to_a_captured_table_reach_subscribers_once_in_commit_order()
         ("erp.work_orders", "machines", "id", "attached already"),
         ("erp.nothing", "machines", "id", "no table"),
         ("erp.work_orders", "machines", "nope", "has no column"),
+        (
+            "erp.work_orders",
+            "machines",
+            "status",
+            "not a unique column",
+        ),
     ] {
         let e = capture_attach(&config, table, collection, key)
             .await
@@ -224,6 +230,19 @@ async fn sql_writes_to_a_captured_table_reach_subscribers_once_in_commit_order()
     assert_eq!(compared(&on_b.docs), rows);
     // 4 sessions x 25 transactions: 100 inserts, 100 updates, 32 deletes.
     assert_eq!(rows.len(), 2 + 100 - 32);
+
+    // One statement that writes many rows, and an update that changes a key.
+    erp.execute_unprepared(
+        "UPDATE erp.work_orders SET qty = coalesce(qty, 0) + 100 WHERE id LIKE 's2-%'; \
+         UPDATE erp.work_orders SET id = 'renamed' WHERE id = 's3-0'",
+    )
+    .await
+    .unwrap();
+    let head = a.store.head().await.unwrap();
+    on_a.until_seq(head).await;
+    on_b.until_seq(head).await;
+    assert!(on_a.docs.contains_key("renamed") && !on_a.docs.contains_key("s3-0"));
+    assert_eq!(compared(&on_b.docs), table_docs(&erp).await);
 
     // Node B goes away; the ERP keeps writing; B comes back and its subscriber resumes.
     let cursor = on_b.cursor.clone();
