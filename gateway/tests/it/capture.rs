@@ -4,6 +4,7 @@
 //! to the captured collection are refused; detach stops capture.
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
+use syncgate_client::Connection;
 use syncgate_gateway::server::{capture_attach, capture_detach, list_captures};
 
 use super::*;
@@ -321,4 +322,117 @@ async fn capture_needs_postgresql_and_a_declared_collection() {
         .await
         .unwrap_err();
     assert!(format!("{e:#}").contains("needs PostgreSQL"), "{e:#}");
+}
+
+/// The log head, read from the database.
+async fn head_of(erp: &DatabaseConnection) -> u64 {
+    erp.query_one_raw(sea_orm::Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT seq FROM sg_head WHERE id = 1",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get::<i64>("", "seq")
+    .unwrap() as u64
+}
+
+/// A subscriber of `work_orders` on a spawned gateway.
+async fn subscriber(ws: &str, cursor: Option<Cursor>) -> Replica {
+    let (mut conn, _) = Connection::connect(ws, "watcher", &token("tester"))
+        .await
+        .unwrap();
+    conn.send(&Frame::Subscribe(Subscribe {
+        sub: 7,
+        collection: "work_orders".into(),
+        filter: Body::new(),
+        cursor: cursor.clone(),
+    }))
+    .await
+    .unwrap();
+    Replica {
+        conn,
+        sub: 7,
+        docs: BTreeMap::new(),
+        seqs: Vec::new(),
+        cursor,
+        synced: false,
+        snapshot_frames: 0,
+        resyncs: Vec::new(),
+        dropped_slow: false,
+    }
+}
+
+/// The gateway process is SIGKILLed while four SQL sessions write the captured table: the
+/// ERP's writes go on without it, and after a restart its subscriber resumes by cursor and
+/// receives every change once, in order, ending equal to the table. Attach and list go
+/// through the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_during_captured_sql_writes_catches_up() {
+    if postgres_url().is_none() {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await;
+    let erp = Database::connect(&db.url).await.unwrap();
+    erp.execute_unprepared(TABLE).await.unwrap();
+    let dir = db.dir.path().to_str().unwrap().to_owned();
+    let base = [
+        "--database",
+        db.url.as_str(),
+        "--data-dir",
+        dir.as_str(),
+        "--jwt-secret",
+        SECRET,
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        super::cli::command(&args).output()
+    };
+    let attached = run(&[
+        "capture",
+        "attach",
+        "--table",
+        "erp.work_orders",
+        "--collection",
+        "work_orders",
+        "--key",
+        "id",
+    ])
+    .await
+    .unwrap();
+    assert!(attached.status.success(), "{attached:?}");
+    let listed = run(&["capture", "list", "--json"]).await.unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["table"], "erp.work_orders");
+
+    let (mut gateway, ws, _) = super::cli::spawn_gateway(&base).await;
+    let mut watcher = subscriber(&ws, None).await;
+    watcher.until_seq(0).await;
+    let sessions: Vec<_> = (0..4)
+        .map(|k| tokio::spawn(sql_session(db.url.clone(), k)))
+        .collect();
+    // Some changes arrive, then the gateway dies mid-run.
+    let end = Instant::now() + DEADLINE;
+    while watcher.seqs.len() < 20 {
+        watcher.step(end).await;
+    }
+    gateway.start_kill().unwrap();
+    gateway.wait().await.unwrap();
+    for s in sessions {
+        s.await.unwrap();
+    }
+    let (mut gateway, ws, _) = super::cli::spawn_gateway(&base).await;
+    let mut resumed = subscriber(&ws, watcher.cursor.clone()).await;
+    resumed.docs = std::mem::take(&mut watcher.docs);
+    resumed.seqs = std::mem::take(&mut watcher.seqs);
+    resumed.until_seq(head_of(&erp).await).await;
+    assert!(resumed.resyncs.is_empty());
+    resumed.assert_in_order_once();
+    assert_eq!(compared(&resumed.docs), table_docs(&erp).await);
+    assert_eq!(table_docs(&erp).await.len(), 100 - 32);
+    gateway.start_kill().unwrap();
+    gateway.wait().await.unwrap();
+    erp.close().await.ok();
+    db.cleanup().await;
 }

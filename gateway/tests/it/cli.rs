@@ -16,7 +16,7 @@ const PROMPT: Duration = Duration::from_secs(45);
 
 /// The `syncgate` binary with `args`, isolated from the caller's `SYNCGATE_*` settings, its
 /// stdout and stderr piped.
-fn command(args: &[&str]) -> tokio::process::Command {
+pub fn command(args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"));
     cmd.args(args)
         .env_remove("SYNCGATE_CONFIG")
@@ -412,7 +412,7 @@ async fn admin_reassigns_a_client_id() {
 /// A `syncgate serve` process with `args`: its WebSocket URL and HTTP address (from its first
 /// line). Everything else it prints is drained (a full pipe would stall the gateway) and
 /// shown as the test's output.
-async fn spawn_gateway(args: &[&str]) -> (tokio::process::Child, String, String) {
+pub async fn spawn_gateway(args: &[&str]) -> (tokio::process::Child, String, String) {
     let mut child = serve(args);
     let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
     tokio::spawn(async move {
