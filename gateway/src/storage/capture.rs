@@ -18,6 +18,9 @@
 //!   row's versions). The key column is the document id; an update that changes a key is a
 //!   delete of the old id and an upsert of the new one.
 //!
+//! The functions keep the `search_path` they were created with (the gateway's, where the
+//! `sg_*` tables are), so an ERP session with another `search_path` writes the same log.
+//!
 //! Nothing is queued for the gateway: the log *is* the table the gateway reads, so the ERP's
 //! writes never wait for a gateway (down or up), and a gateway that was down catches up from
 //! the log like any subscriber. Attaching also copies every existing row into the collection
@@ -46,7 +49,7 @@ RETURNS bytea LANGUAGE sql IMMUTABLE AS $f$
 $f$;
 
 CREATE OR REPLACE FUNCTION syncgate_msgpack(j jsonb) RETURNS bytea
-LANGUAGE plpgsql IMMUTABLE STRICT AS $f$
+LANGUAGE plpgsql IMMUTABLE STRICT SET search_path FROM CURRENT AS $f$
 DECLARE
   r bytea;
   b bytea;
@@ -92,7 +95,7 @@ EXCEPTION WHEN duplicate_object THEN NULL;
 END $d$;
 
 CREATE OR REPLACE FUNCTION syncgate_capture_apply(coll text, changes syncgate_change[], at_ms bigint)
-RETURNS bigint LANGUAGE plpgsql AS $f$
+RETURNS bigint LANGUAGE plpgsql SET search_path FROM CURRENT AS $f$
 DECLARE
   n bigint := coalesce(array_length(changes, 1), 0);
   last bigint;
@@ -113,7 +116,8 @@ BEGIN
 END
 $f$;
 
-CREATE OR REPLACE FUNCTION syncgate_capture() RETURNS trigger LANGUAGE plpgsql AS $f$
+CREATE OR REPLACE FUNCTION syncgate_capture() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $f$
 DECLARE
   coll text := TG_ARGV[0];
   keycol text := TG_ARGV[1];
