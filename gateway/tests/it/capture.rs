@@ -4,7 +4,6 @@
 //! to the captured collection are refused; detach stops capture.
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
-use syncgate_client::Connection;
 use syncgate_gateway::server::{capture_attach, capture_detach, list_captures};
 
 use super::*;
@@ -343,32 +342,6 @@ async fn head_of(erp: &DatabaseConnection) -> u64 {
     .unwrap() as u64
 }
 
-/// A subscriber of `work_orders` on a spawned gateway.
-async fn subscriber(ws: &str, cursor: Option<Cursor>) -> Replica {
-    let (mut conn, _) = Connection::connect(ws, "watcher", &token("tester"))
-        .await
-        .unwrap();
-    conn.send(&Frame::Subscribe(Subscribe {
-        sub: 7,
-        collection: "work_orders".into(),
-        filter: Body::new(),
-        cursor: cursor.clone(),
-    }))
-    .await
-    .unwrap();
-    Replica {
-        conn,
-        sub: 7,
-        docs: BTreeMap::new(),
-        seqs: Vec::new(),
-        cursor,
-        synced: false,
-        snapshot_frames: 0,
-        resyncs: Vec::new(),
-        dropped_slow: false,
-    }
-}
-
 /// The gateway process is SIGKILLed while four SQL sessions write the captured table: the
 /// ERP's writes go on without it, and after a restart its subscriber resumes by cursor and
 /// receives every change once, in order, ending equal to the table. Attach and list go
@@ -413,7 +386,7 @@ async fn a_gateway_killed_during_captured_sql_writes_catches_up() {
     assert_eq!(listed[0]["table"], "erp.work_orders");
 
     let (mut gateway, ws, _) = super::cli::spawn_gateway(&base).await;
-    let mut watcher = subscriber(&ws, None).await;
+    let mut watcher = Replica::subscribe_at(&ws, "watcher", "work_orders", Body::new(), None).await;
     watcher.until_seq(0).await;
     let sessions: Vec<_> = (0..4)
         .map(|k| tokio::spawn(sql_session(db.url.clone(), k)))
@@ -429,7 +402,14 @@ async fn a_gateway_killed_during_captured_sql_writes_catches_up() {
         s.await.unwrap();
     }
     let (mut gateway, ws, _) = super::cli::spawn_gateway(&base).await;
-    let mut resumed = subscriber(&ws, watcher.cursor.clone()).await;
+    let mut resumed = Replica::subscribe_at(
+        &ws,
+        "watcher",
+        "work_orders",
+        Body::new(),
+        watcher.cursor.clone(),
+    )
+    .await;
     resumed.docs = std::mem::take(&mut watcher.docs);
     resumed.seqs = std::mem::take(&mut watcher.seqs);
     resumed.until_seq(head_of(&erp).await).await;

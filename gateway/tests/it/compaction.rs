@@ -3,11 +3,9 @@
 //! compacted mutations still answer "applied", a base version older than the horizon is a
 //! conflict, and the background job moves the horizon and reports it in `/metrics`.
 
-use syncgate_gateway::server::{
-    ApiKeyRequest, CompactionReport, compact, create_api_key, document_history,
-};
+use syncgate_gateway::server::{CompactionReport, compact, document_history};
 
-use super::http_api::{http, json, problem};
+use super::http_api::{bearer_for, http, json, problem};
 use super::*;
 
 fn qty(n: i64) -> Body {
@@ -212,18 +210,7 @@ pub async fn the_log_is_compacted_behind_the_horizon_and_old_cursors_resync(back
     assert_eq!(ack.visible_at, 12);
 
     // HTTP readers: a position older than the horizon is gone; the list says where to go on.
-    let (key, _) = create_api_key(
-        &config,
-        ApiKeyRequest {
-            name: "reader".into(),
-            user: "erp".into(),
-            roles: vec![],
-            claims: Default::default(),
-        },
-    )
-    .await
-    .unwrap();
-    let bearer = format!("Bearer {key}");
+    let bearer = bearer_for(&config, "reader").await;
     let auth = [("Authorization", bearer.as_str())];
     let gone = http(
         &gw,

@@ -58,6 +58,22 @@ pub fn json(bytes: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
 }
 
+/// `Bearer <key>` for a new API key of user `erp` with no roles or claims.
+pub async fn bearer_for(config: &syncgate_gateway::Config, name: &str) -> String {
+    let (key, _) = create_api_key(
+        config,
+        ApiKeyRequest {
+            name: name.into(),
+            user: "erp".into(),
+            roles: vec![],
+            claims: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
+    format!("Bearer {key}")
+}
+
 /// Asserts a problem+json answer with this status and protocol code.
 pub fn problem(answer: &(u16, HashMap<String, String>, Vec<u8>), status: u16, code: ErrorCode) {
     let (got, headers, body) = answer;
@@ -743,18 +759,7 @@ async fn a_long_poll_outlasts_the_idle_timeout() {
     let db = TestDb::new(Backend::Sqlite).await;
     let config = db.config();
     let gw = Gateway::start(config.clone()).await.unwrap();
-    let (key, _) = create_api_key(
-        &config,
-        ApiKeyRequest {
-            name: "feed".into(),
-            user: "erp".into(),
-            roles: vec![],
-            claims: Default::default(),
-        },
-    )
-    .await
-    .unwrap();
-    let bearer = format!("Bearer {key}");
+    let bearer = bearer_for(&config, "feed").await;
     let started = std::time::Instant::now();
     let (status, _, body) = http(
         &gw,

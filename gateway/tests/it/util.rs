@@ -216,7 +216,20 @@ impl Replica {
         filter: Body,
         cursor: Option<Cursor>,
     ) -> Replica {
-        let (mut conn, _) = connect(gw, client_id).await;
+        Replica::subscribe_at(&ws_url(gw), client_id, collection, filter, cursor).await
+    }
+
+    /// [`Replica::subscribe`] to the gateway at a WebSocket URL (a spawned binary).
+    pub async fn subscribe_at(
+        url: &str,
+        client_id: &str,
+        collection: &str,
+        filter: Body,
+        cursor: Option<Cursor>,
+    ) -> Replica {
+        let (mut conn, _) = Connection::connect(url, client_id, &token("tester"))
+            .await
+            .expect("handshake");
         conn.send(&Frame::Subscribe(Subscribe {
             sub: 7,
             collection: collection.into(),
