@@ -146,7 +146,7 @@ impl Sweep {
         }
     }
 
-    fn note(&self, writer: usize, n: u64, latency_us: u64) {
+    pub(crate) fn note(&self, writer: usize, n: u64, latency_us: u64) {
         let i = writer as u64 * self.changes_per_writer + n;
         if let Some(slot) = self.per_change.get(i as usize) {
             slot.fetch_max(latency_us, Ordering::Relaxed);

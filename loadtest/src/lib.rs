@@ -17,6 +17,8 @@
 //!   gateway's RSS, and the stalled one's recovery by cursor, everything exactly once.
 //! - [`chaos`]: kill -9 and restart a spawned gateway under write load; exactly-once ingest
 //!   with identical replayed acks, exactly-once in-order delivery across restarts.
+//! - [`capture`]: SQL sessions write a captured PostgreSQL table while terminals subscribe;
+//!   every statement delivered once, in each session's order; SQL write→terminal latency.
 //! - [`mixed`]: an ERP shift: terminals per plant, backend writers, terminals offline a while;
 //!   per-plant completeness and convergence.
 //! - [`common`]: run ids and filters, subscribe-until-synced, push-and-check.
@@ -24,6 +26,7 @@
 //! - [`spawn`]: a gateway process the harness starts, kills and restarts.
 //! - [`stats`]: HDR histograms, summaries, per-second timeline. [`procfs`]: CPU/RSS sampling.
 
+pub mod capture;
 pub mod chaos;
 pub mod common;
 pub mod connect;

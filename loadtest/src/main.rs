@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use syncgate_loadtest::capture::{CaptureConfig, SyncgateCommand};
 use syncgate_loadtest::chaos::ChaosConfig;
 use syncgate_loadtest::common::{Report, Target};
 use syncgate_loadtest::connect::ConnectConfig;
@@ -209,6 +210,35 @@ enum Scenario {
         /// Longest pause between two rounds of ended sessions.
         #[arg(long, default_value_t = 400)]
         db_fault_max_ms: u64,
+    },
+    /// SQL sessions write a captured PostgreSQL table (insert, update, delete; one transaction
+    /// per statement) while terminals subscribe: SQL write→terminal latency, every statement
+    /// delivered once in order. Creates and attaches the table unless it is (`syncgate capture
+    /// attach`, run with the --gateway-arg arguments), and undoes what it set up afterwards.
+    Capture {
+        /// The gateway's PostgreSQL database (the table is created and written there).
+        #[arg(long)]
+        database: String,
+        /// The captured table (created if missing).
+        #[arg(long, default_value = "syncgate_loadtest_capture")]
+        table: String,
+        /// The `syncgate` binary that attaches and detaches (default: --spawn-gateway's, else
+        /// `syncgate` on PATH).
+        #[arg(long)]
+        syncgate: Option<PathBuf>,
+        /// Concurrent SQL sessions.
+        #[arg(long, default_value_t = 4)]
+        sessions: usize,
+        #[arg(long, default_value_t = 600)]
+        statements_per_session: u64,
+        /// Statements per second per session.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        subscribers: usize,
+        /// Padding bytes per row.
+        #[arg(long, default_value_t = 0)]
+        pad: usize,
     },
     /// An ERP shift: terminals per plant, backend writers, some terminals offline a while.
     Mixed {
@@ -546,6 +576,38 @@ async fn scenario(
                 },
             };
             syncgate_loadtest::chaos::run(&cfg, gw, target.token).await?
+        }
+        Scenario::Capture {
+            ref database,
+            ref table,
+            ref syncgate,
+            sessions,
+            statements_per_session,
+            rate,
+            subscribers,
+            pad,
+        } => {
+            let bin = syncgate
+                .clone()
+                .or_else(|| cli.spawn_gateway.clone())
+                .unwrap_or_else(|| PathBuf::from("syncgate"));
+            syncgate_loadtest::capture::run(&CaptureConfig {
+                target,
+                collection,
+                database: database.clone(),
+                table: table.clone(),
+                syncgate: SyncgateCommand {
+                    bin,
+                    args: cli.gateway_args.clone(),
+                },
+                sessions,
+                statements_per_session,
+                rate_per_session: rate,
+                subscribers,
+                pad,
+                deadline,
+            })
+            .await?
         }
         Scenario::Mixed {
             plants,

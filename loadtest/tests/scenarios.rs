@@ -343,6 +343,102 @@ async fn chaos_short_run_survives_database_session_kills() {
     eprintln!("database faults: {}", report.figures);
 }
 
+/// ERP sessions write a captured table with plain SQL while terminals subscribe: every insert,
+/// update and delete reaches every terminal once, in each session's commit order, and the
+/// terminals and a fresh snapshot end equal to the table. The harness attaches the table
+/// through the `syncgate` binary and detaches and drops it afterwards; a second run on the
+/// now non-empty collection is refused before anything is attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_short_run_delivers_every_sql_write_once() {
+    let Ok(admin) = std::env::var("SYNCGATE_TEST_POSTGRES_URL") else {
+        eprintln!(
+            "SKIPPED: PostgreSQL test (set SYNCGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it)"
+        );
+        return;
+    };
+    use sea_orm::ConnectionTrait;
+    let name = format!("sg_lt_{:016x}", rand::random::<u64>());
+    let conn = sea_orm::Database::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
+    conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    let url = format!("{base}/{name}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("syncgate.toml");
+    std::fs::write(&config, "[collections.lt_capture]\n").unwrap();
+    let args = vec![
+        "--config".into(),
+        config.display().to_string(),
+        "--data-dir".into(),
+        dir.path().display().to_string(),
+        "--database".into(),
+        url.clone(),
+    ];
+    let gw = SpawnedGateway::start(GatewaySpec {
+        bin: syncgate_bin(),
+        args: args.clone(),
+        log: Some(dir.path().join("gateway.log")),
+    })
+    .await
+    .unwrap();
+    let cfg = syncgate_loadtest::capture::CaptureConfig {
+        target: Target {
+            url: gw.url(),
+            token: gw.mint_token("loadtest").await.unwrap(),
+            sources: Vec::new(),
+        },
+        collection: "lt_capture".into(),
+        database: url.clone(),
+        table: "erp.lt_orders".into(),
+        syncgate: syncgate_loadtest::capture::SyncgateCommand {
+            bin: syncgate_bin(),
+            args,
+        },
+        sessions: 4,
+        statements_per_session: 150,
+        rate_per_session: 1000,
+        subscribers: 3,
+        pad: 32,
+        deadline: DEADLINE,
+    };
+    let erp = sea_orm::Database::connect(&url).await.unwrap();
+    erp.execute_unprepared("CREATE SCHEMA erp").await.unwrap();
+    let report = syncgate_loadtest::capture::run(&cfg).await.unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    assert_eq!(report.figures["statements_committed"], 4 * 150);
+    assert_eq!(report.figures["deliveries"], 3 * 4 * 150);
+    assert_eq!(report.figures["terminals_converged"], 3);
+    // Per session, rows 0..50: the odd ones deleted.
+    assert_eq!(report.figures["rows_at_end"], 4 * 25);
+    assert_eq!(report.figures["fresh_snapshot_docs"], 4 * 25);
+    assert_eq!(report.figures["harness_attached"], true);
+    assert_eq!(report.latency_ms.as_ref().unwrap().count, 3 * 4 * 150);
+    // Detached and dropped again.
+    let left: i64 = erp
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT (SELECT count(*) FROM sg_captures) + \
+             (SELECT count(*) FROM pg_tables WHERE tablename = 'lt_orders') AS n",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "n")
+        .unwrap();
+    assert_eq!(left, 0);
+    // The collection now holds the run's documents: attaching again would delete them.
+    let e = syncgate_loadtest::capture::run(&cfg).await.unwrap_err();
+    assert!(format!("{e:#}").contains("would make it mirror"), "{e:#}");
+    gw.stop().await;
+    erp.close().await.ok();
+    let _ = conn
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await;
+}
+
 /// The command line end to end: `--spawn-gateway` (token minted by the gateway, CPU/RSS
 /// sampled), `connect --workers 2` (two child processes, merged report), JSON and HTML files.
 #[test]
