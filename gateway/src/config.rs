@@ -124,6 +124,10 @@ pub struct Config {
     /// tombstones behind it, a small batch per transaction. 0 = never (compact with
     /// `syncgate admin compact`).
     pub compaction_interval_secs: u64,
+    /// Rows compaction removes per transaction (1–10,000). Each transaction holds the log's
+    /// writer (SQLite: group commits wait for it) for its duration: smaller is shorter holds
+    /// and slower compaction.
+    pub compaction_batch_rows: u64,
     /// Declared collections. A client may only use collections named here.
     pub collections: BTreeMap<String, CollectionConfig>,
 }
@@ -427,6 +431,7 @@ impl Default for Config {
             shutdown_grace_ms: 5_000,
             database_startup_wait_ms: 60_000,
             compaction_interval_secs: 600,
+            compaction_batch_rows: 25,
             collections,
         }
     }
@@ -662,6 +667,12 @@ impl Config {
                 }
             }
         }
+        if !(1..=10_000).contains(&self.compaction_batch_rows) {
+            return bad(format!(
+                "compaction_batch_rows = {}: must be between 1 and 10000",
+                self.compaction_batch_rows
+            ));
+        }
         if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
             return bad("tls.cert_file and tls.key_file go together: set both or neither".into());
         }
@@ -860,6 +871,18 @@ mod tests {
             Ok(c) => c.validate().expect_err(toml).to_string(),
         };
         assert!(err.contains(says), "{toml}: {err}");
+    }
+
+    #[test]
+    fn compaction_batches_hold_at_least_one_row_and_at_most_ten_thousand() {
+        for rows in ["0", "10001"] {
+            invalid(
+                &format!("compaction_batch_rows = {rows}"),
+                &format!("compaction_batch_rows = {rows}: must be between 1 and 10000"),
+            );
+        }
+        let c = Config::from_toml("compaction_batch_rows = 1").unwrap();
+        assert!(c.validate().is_ok());
     }
 
     #[test]

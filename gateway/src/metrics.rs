@@ -68,6 +68,9 @@ pub struct Metrics {
     pub compaction_horizon: IntGaugeVec,
     /// Seconds each compaction transaction held the log's writer.
     pub compaction_batch_seconds: Histogram,
+    /// Seconds each group commit waited for this process's log-writer turn (SQLite): how long
+    /// compaction held ingest back.
+    pub writer_wait_seconds: Histogram,
 }
 
 impl Metrics {
@@ -148,6 +151,11 @@ impl Metrics {
             compaction_batch_seconds: histogram(
                 "syncgate_compaction_batch_seconds",
                 "Seconds each compaction transaction held the log's writer",
+                secs.clone(),
+            ),
+            writer_wait_seconds: histogram(
+                "syncgate_log_writer_wait_seconds",
+                "Seconds each group commit waited for the log-writer turn (SQLite: held by compaction)",
                 secs,
             ),
             compaction_removed: counter_vec(

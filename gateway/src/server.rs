@@ -576,6 +576,7 @@ async fn compact_collections(
         let retention = crate::storage::Retention {
             max_age_ms: c.retain_secs.saturating_mul(1000),
             max_changes: c.retain_changes,
+            batch_rows: config.compaction_batch_rows,
         };
         let now = crate::storage::now_ms() as u64;
         let observe = |held: Duration| {

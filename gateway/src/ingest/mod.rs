@@ -212,6 +212,9 @@ pub(crate) async fn commit_group(
     metrics: Option<&Metrics>,
 ) -> Result<(Vec<Result<PushOutcome, GatewayError>>, Committed), StoreError> {
     let txn = store.begin_group().await?;
+    if let (Some(m), Some(waited)) = (metrics, txn.turn_wait()) {
+        m.writer_wait_seconds.observe(waited.as_secs_f64());
+    }
     let mut pre = Prefetched::default();
     for (client, stored) in txn.clients(&plan::clients(jobs)).await? {
         pre.lasts.insert(client.clone(), stored.last_mutation);

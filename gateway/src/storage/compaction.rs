@@ -19,7 +19,7 @@
 //! finds it: a replay of that mutation is still answered "applied", with no time window.
 //!
 //! **Ingest is never held for long.** Removal runs in transactions of at most
-//! [`COMPACTION_BATCH`] rows that touch only rows behind the horizon; none takes the log head
+//! `compaction_batch_rows` rows that touch only rows behind the horizon; none takes the log head
 //! lock. On SQLite (one writer at a time) each waits for the process's log-writer turn, as a
 //! group commit does, so the two alternate instead of meeting in SQLite's busy handler.
 
@@ -29,9 +29,6 @@ use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, OnConflict, Order, Query}
 use sea_orm::{ConnectionTrait, TransactionTrait};
 
 use super::{Store, StoreError, now_ms};
-
-/// Rows removed per transaction.
-pub(crate) const COMPACTION_BATCH: u64 = 100;
 
 /// A change behind the horizon that may go.
 struct Removable {
@@ -49,6 +46,8 @@ pub(crate) struct Retention {
     pub(crate) max_age_ms: u64,
     /// Keep the newest this many changes; 0 = no count limit.
     pub(crate) max_changes: u64,
+    /// Rows removed per transaction (at least 1).
+    pub(crate) batch_rows: u64,
 }
 
 /// The horizon a collection moves to (pure): the newest change beyond either limit, never
@@ -116,7 +115,7 @@ impl Store {
     }
 
     /// Moves `collection`'s horizon by `retention` (as of `now_ms`) and removes what is behind
-    /// it, [`COMPACTION_BATCH`] rows per transaction, each transaction's duration given to
+    /// it, `retention.batch_rows` rows per transaction, each transaction's duration given to
     /// `observe`; `dry_run` only counts.
     pub(crate) async fn compact(
         &self,
@@ -167,9 +166,12 @@ impl Store {
             // Committed before anything behind it is removed (see the module docs).
             self.store_horizon(collection, horizon).await?;
         }
+        let batch_rows = Ord::max(retention.batch_rows, 1);
         let mut after = 0u64;
         loop {
-            let batch = self.removable(collection, after, horizon).await?;
+            let batch = self
+                .removable(collection, after, horizon, batch_rows)
+                .await?;
             let Some(last) = batch.last() else {
                 break;
             };
@@ -183,7 +185,7 @@ impl Store {
                 report.longest_batch_us =
                     Ord::max(report.longest_batch_us, held.as_micros() as u64);
             }
-            if (batch.len() as u64) < COMPACTION_BATCH {
+            if (batch.len() as u64) < batch_rows {
                 break;
             }
         }
@@ -197,7 +199,7 @@ impl Store {
                 .and_where(Expr::col("version").lte(horizon as i64))
                 .and_where(Expr::col("doc_id").gt(after_id.as_str()))
                 .order_by("doc_id", Order::Asc)
-                .limit(COMPACTION_BATCH)
+                .limit(batch_rows)
                 .to_owned();
             let ids: Vec<String> = self
                 .db
@@ -229,7 +231,7 @@ impl Store {
                     started.elapsed().as_micros() as u64,
                 );
             }
-            if (ids.len() as u64) < COMPACTION_BATCH {
+            if (ids.len() as u64) < batch_rows {
                 break;
             }
         }
@@ -270,13 +272,14 @@ impl Store {
         Ok(())
     }
 
-    /// The next up to [`COMPACTION_BATCH`] changes behind `horizon` after seq `after` that
+    /// The next up to `batch_rows` changes behind `horizon` after seq `after` that
     /// may go: tombstones and versions a later change of the same document supersedes.
     async fn removable(
         &self,
         collection: &str,
         after: u64,
         horizon: u64,
+        batch_rows: u64,
     ) -> Result<Vec<Removable>, StoreError> {
         let later = Query::select()
             .expr(Expr::val(1))
@@ -306,7 +309,7 @@ impl Store {
                     .or(Expr::exists(later)),
             )
             .order_by((Alias::new("c"), Alias::new("seq")), Order::Asc)
-            .limit(COMPACTION_BATCH)
+            .limit(batch_rows)
             .to_owned();
         self.db
             .query_all_raw(self.backend.build(&select))

@@ -278,6 +278,8 @@ pub struct GroupTxn {
     head: u64,
     /// This process's turn to write the log (SQLite), until commit or rollback.
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// How long the group waited for that turn (`None`: no turn, PostgreSQL).
+    turn_wait: Option<std::time::Duration>,
 }
 
 impl Store {
@@ -285,7 +287,9 @@ impl Store {
     /// [`crate::storage`]); every other writer, on every node, waits until it ends.
     pub async fn begin_group(&self) -> Result<GroupTxn, StoreError> {
         let backend = self.backend();
+        let asked = std::time::Instant::now();
         let turn = self.log_writer_turn().await;
+        let turn_wait = turn.as_ref().map(|_| asked.elapsed());
         let txn = self.begin().await?;
         let lock = Query::update()
             .table("sg_head")
@@ -303,6 +307,7 @@ impl Store {
             backend,
             head,
             _turn: turn,
+            turn_wait,
         })
     }
 }
@@ -311,6 +316,12 @@ impl GroupTxn {
     /// The log head, as locked.
     pub fn head(&self) -> u64 {
         self.head
+    }
+
+    /// How long the group waited for this process's log-writer turn (SQLite: the turn a
+    /// compaction transaction holds); `None` on PostgreSQL, which has no turn.
+    pub fn turn_wait(&self) -> Option<std::time::Duration> {
+        self.turn_wait
     }
 
     /// Each client's last handled mutation id and owner (absent: the client id was never

@@ -47,6 +47,8 @@ pub async fn the_log_is_compacted_behind_the_horizon_and_old_cursors_resync(back
     // Every catch-up reads the database (the in-memory tail would serve old cursors whole).
     config.catch_up_cache_bytes = 0;
     config.compaction_interval_secs = 0;
+    // One row per transaction: every removal pages through several batches.
+    config.compaction_batch_rows = 1;
     let stock = config.collections.get_mut("stock").unwrap();
     stock.retain_secs = 0;
     stock.retain_changes = 3;
@@ -265,6 +267,13 @@ pub async fn the_log_is_compacted_behind_the_horizon_and_old_cursors_resync(back
                 ),
                 "{text}"
             );
+            // On SQLite every group commit reports how long it waited for the writer turn.
+            let waits = text
+                .lines()
+                .find_map(|l| l.strip_prefix("syncgate_log_writer_wait_seconds_count "))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let expected = u64::from(matches!(backend, Backend::Sqlite));
+            assert!(waits.is_some_and(|n| n >= expected), "{waits:?}");
             break;
         }
         assert!(
