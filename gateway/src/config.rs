@@ -112,8 +112,14 @@ pub struct Config {
     pub max_batch_output_bytes: usize,
     /// Most mutations committed in one group-commit transaction.
     pub group_commit_max_mutations: usize,
-    /// Grace period for connections to drain on shutdown, in milliseconds.
+    /// Grace period for connections to drain on shutdown, in milliseconds: in-flight pushes
+    /// are answered, then every client gets `goaway` and a close; whatever is still open when
+    /// it ends is dropped.
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM, how long `/readyz` answers 503 while the node goes on serving, before
+    /// the drain, in milliseconds: long enough for load balancers to stop sending new clients
+    /// (Kubernetes: a few seconds). 0 = drain at once.
+    pub shutdown_delay_ms: u64,
     /// How long `serve` and `migrate` keep retrying (with backoff) a database that cannot be
     /// reached at startup (still starting, restarting, session ended) before giving up, in
     /// milliseconds; 0 = one attempt. Errors that retrying cannot fix (wrong password,
@@ -429,6 +435,7 @@ impl Default for Config {
             max_batch_output_bytes: 16 * 1024 * 1024,
             group_commit_max_mutations: 5_000,
             shutdown_grace_ms: 5_000,
+            shutdown_delay_ms: 0,
             database_startup_wait_ms: 60_000,
             compaction_interval_secs: 600,
             compaction_batch_rows: 25,

@@ -44,9 +44,14 @@ pub struct Gateway {
     /// Where the token secret came from (configured, read, or generated at this start).
     pub secret_source: SecretSource,
     shutdown: CancellationToken,
+    /// Cancelled first when the node drains: `/readyz` answers 503 from then on.
+    draining: CancellationToken,
+    /// Stops the HTTP listener, last (it answers `/readyz` and `/metrics` during the drain).
+    http_stop: CancellationToken,
     connections: TaskTracker,
     background: TaskTracker,
     grace: Duration,
+    delay: Duration,
 }
 
 /// Pending connections the kernel queues for the WebSocket listener (capped by
@@ -114,6 +119,8 @@ impl Gateway {
         let metrics = Metrics::new();
         let oplog = Arc::new(OpLog::default());
         let shutdown = CancellationToken::new();
+        let draining = CancellationToken::new();
+        let http_stop = CancellationToken::new();
         let background = TaskTracker::new();
         let connections = TaskTracker::new();
         let head = store.head().await?;
@@ -188,6 +195,7 @@ impl Gateway {
             Err(e) => tracing::warn!(error = %e, "reading the compaction horizons failed"),
         }
         let grace = Duration::from_millis(config.shutdown_grace_ms);
+        let delay = Duration::from_millis(config.shutdown_delay_ms);
         let shared = Arc::new(Shared {
             auth,
             store: store.clone(),
@@ -196,6 +204,7 @@ impl Gateway {
             metrics: metrics.clone(),
             oplog,
             shutdown: shutdown.clone(),
+            draining: draining.clone(),
             push_bytes: Arc::new(Semaphore::new(config.node_inflight_push_bytes)),
             reads: Arc::new(Semaphore::new(config.concurrent_reads())),
             sessions_per_user: Arc::new(dashmap::DashMap::new()),
@@ -204,7 +213,7 @@ impl Gateway {
             config,
         });
         background.spawn(accept_loop(ws, shared.clone(), connections.clone()));
-        background.spawn(crate::http::serve(http, shared, shutdown.clone()));
+        background.spawn(crate::http::serve(http, shared, http_stop.clone()));
         tracing::info!(%ws_addr, %http_addr, "syncgate serving");
         Ok(Gateway {
             ws_addr,
@@ -213,9 +222,12 @@ impl Gateway {
             metrics,
             secret_source,
             shutdown,
+            draining,
+            http_stop,
             connections,
             background,
             grace,
+            delay,
         })
     }
 
@@ -224,20 +236,37 @@ impl Gateway {
         self.shutdown.cancelled().await
     }
 
-    /// Drains: stops accepting, sends every client `GoAway` and a close frame, waits up to the
-    /// grace period for connections to finish, lets ingest commit what it holds, closes the
-    /// database.
+    /// Drains (see [`crate::ws::connection`] for a connection's part):
+    /// 1. `/readyz` answers 503 at once; for `shutdown_delay_ms` the node still serves as
+    ///    before, so load balancers take it out of rotation before anyone is sent away;
+    /// 2. stops accepting; every connection stops reading, answers the pushes it already took
+    ///    (ingest keeps committing), sends `goaway` with a jittered `retry_after_ms` and
+    ///    closes with 1012;
+    /// 3. within `shutdown_grace_ms` of step 2 the HTTP listener and the background tasks
+    ///    stop and the database is closed, whatever is still open.
     pub async fn shutdown(self) {
+        self.draining.cancel();
+        if !self.delay.is_zero() {
+            tracing::info!(
+                delay_ms = self.delay.as_millis() as u64,
+                "draining: /readyz answers 503; serving until the delay has passed"
+            );
+            tokio::time::sleep(self.delay).await; // the configured delay is the point
+        }
+        let deadline = tokio::time::Instant::now() + self.grace;
         self.shutdown.cancel();
         self.connections.close();
-        if tokio::time::timeout(self.grace, self.connections.wait())
+        if tokio::time::timeout_at(deadline, self.connections.wait())
             .await
             .is_err()
         {
             tracing::warn!("connections did not drain within the grace period");
         }
+        self.http_stop.cancel();
         self.background.close();
-        if tokio::time::timeout(self.grace, self.background.wait())
+        // Whatever is left of the grace, and a moment for tasks to see their stop signal.
+        let last = deadline.max(tokio::time::Instant::now() + Duration::from_millis(500));
+        if tokio::time::timeout_at(last, self.background.wait())
             .await
             .is_err()
         {

@@ -29,8 +29,11 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Rate limits of the operator's log lines.
     pub(crate) oplog: Arc<OpLog>,
-    /// Cancelled when the node starts draining.
+    /// Cancelled when the node stops serving: connections drain, the listener closes.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the drain begins (before `shutdown`, by `shutdown_delay_ms`): `/readyz`
+    /// answers 503.
+    pub(crate) draining: CancellationToken,
     /// Sessions per user, for `max_connections_per_user`.
     pub(crate) sessions_per_user: Arc<dashmap::DashMap<String, usize>>,
     /// Bytes of push frames the node may still take in (`node_inflight_push_bytes`); a permit

@@ -365,15 +365,7 @@ impl Connection {
                 && self.out.has_space();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    let retry_after_ms = 1000;
-                    self.send(Frame::GoAway(GoAway {
-                        reason: "server shutting down".into(),
-                        retry_after_ms,
-                    }));
-                    self.out.close_after_flush(1012, "server shutting down");
-                    return "server shutting down".into();
-                }
+                _ = shutdown.cancelled() => return self.drain(&mut pushes).await,
                 Some(done) = pushes.next(), if !pushes.is_empty() => self.finish_push(done),
                 _ = self.out.wait_for_space(), if !can_read
                     && !paused
@@ -439,6 +431,37 @@ impl Connection {
                 return self.close_reason();
             }
         }
+    }
+
+    /// The connection's part of a drain: reads nothing more, answers the pushes already taken
+    /// (ingest goes on committing; at most 3/4 of the grace period), then `goaway` with a
+    /// jittered retry hint and a close with 1012. A push the client sent but the gateway had
+    /// not read yet stays in the client's outbox and is sent again after the reconnect.
+    async fn drain(&mut self, pushes: &mut FuturesOrdered<PushReply>) -> String {
+        let grace = Duration::from_millis(self.shared.config.shutdown_grace_ms);
+        let until = tokio::time::Instant::now() + grace * 3 / 4;
+        let mut unanswered = pushes.len();
+        while !pushes.is_empty() {
+            match tokio::time::timeout_at(until, pushes.next()).await {
+                Ok(Some(done)) => {
+                    self.finish_push(done);
+                    unanswered -= 1;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if unanswered > 0 {
+            tracing::warn!(
+                unanswered,
+                "drain: pushes still uncommitted at the deadline; the client sends them again"
+            );
+        }
+        self.send(Frame::GoAway(GoAway {
+            reason: "server shutting down".into(),
+            retry_after_ms: goaway_retry_after_ms(rand::random()),
+        }));
+        self.out.close_after_flush(1012, "server shutting down");
+        "server shutting down".into()
     }
 
     /// Why the server asked its writer to close (a fatal error's code name, `slow_consumer`).
@@ -902,5 +925,35 @@ impl Connection {
             Ok(Err(e)) => self.reply(ErrorReply::from(e).batch(batch)),
             Err(_) => self.reply(ErrorReply::from(GatewayError::IngestStopped).batch(batch)),
         }
+    }
+}
+
+/// Shortest `retry_after_ms` of a drain's `goaway`.
+pub(crate) const GOAWAY_RETRY_MIN_MS: u32 = 1_000;
+/// Spread of the drain's `retry_after_ms` above the minimum: a node's clients come back over
+/// ~5 s instead of all at once to the nodes that remain (the SDK adds up to half again).
+pub(crate) const GOAWAY_RETRY_SPREAD_MS: u32 = 4_000;
+
+/// The `retry_after_ms` of a drain's `goaway` for a random draw `r`: uniform in
+/// `GOAWAY_RETRY_MIN_MS ..= GOAWAY_RETRY_MIN_MS + GOAWAY_RETRY_SPREAD_MS`.
+pub(crate) fn goaway_retry_after_ms(r: u32) -> u32 {
+    GOAWAY_RETRY_MIN_MS + r % (GOAWAY_RETRY_SPREAD_MS + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goaway_hints_spread_over_the_window() {
+        assert_eq!(goaway_retry_after_ms(0), 1_000);
+        assert_eq!(goaway_retry_after_ms(4_000), 5_000);
+        assert_eq!(goaway_retry_after_ms(4_001), 1_000);
+        assert_eq!(goaway_retry_after_ms(u32::MAX), 1_000 + u32::MAX % 4_001);
+        let hints: std::collections::BTreeSet<u32> = (0..1000)
+            .map(|_| goaway_retry_after_ms(rand::random()))
+            .collect();
+        assert!(hints.iter().all(|h| (1_000..=5_000).contains(h)));
+        assert!(hints.len() > 100, "{} distinct hints", hints.len());
     }
 }

@@ -17,8 +17,19 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, HashMap<String, String>, Vec<u8>) {
+    http_at(gw.http_addr, method, path, headers, body).await
+}
+
+/// [`http`] to an address (a gateway that is shutting down is no longer at hand).
+pub async fn http_at(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, HashMap<String, String>, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: syncgate\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
