@@ -328,6 +328,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Overwrote,
+        Outcome::KeptServer,
+        Outcome::Merged,
+        Outcome::Refused,
+        Outcome::Open,
+    ];
+
     /// The name stored in the audit.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -76,6 +76,17 @@ enum Command {
     },
     /// Validate the configuration, print the effective config as TOML and exit.
     CheckConfig,
+    /// Ask the gateway on this host (`http_listen`, an unspecified address meaning loopback)
+    /// whether it is alive (`/healthz`) or ready (`--ready`: `/readyz`); exit 0 if so, 1 if
+    /// not. For container health checks in images without curl.
+    Health {
+        /// Check readiness (database reachable, not draining) instead of liveness.
+        #[arg(long)]
+        ready: bool,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
     /// Administration of the database (the gateway may keep running).
     Admin {
         #[command(subcommand)]
@@ -442,6 +453,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig => {
             print!("{}", config.to_redacted_toml()?);
         }
+        Command::Health { ready, timeout } => {
+            if !config.tls.cert_file.as_os_str().is_empty() {
+                anyhow::bail!(
+                    "the HTTP listener uses TLS: probe https://{}/healthz with an HTTPS client",
+                    config.http_listen
+                );
+            }
+            let path = if *ready { "/readyz" } else { "/healthz" };
+            let (status, text) = probe_http(
+                config.http_listen,
+                path,
+                std::time::Duration::from_secs(*timeout),
+            )
+            .with_context(|| format!("asking {} for {path}", config.http_listen))?;
+            println!("{status} {}", text.trim());
+            if status != 200 {
+                std::process::exit(1);
+            }
+        }
         Command::Admin {
             command:
                 Admin::Clients {
@@ -733,6 +763,40 @@ async fn api_keys(config: &Config, command: &AdminApiKeys) -> anyhow::Result<()>
         },
     }
     Ok(())
+}
+
+/// `GET path` on this host's HTTP listener (an unspecified address means loopback): the
+/// status and the body.
+fn probe_http(
+    mut addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.take(64 * 1024).read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("not an HTTP answer")?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_owned()))
 }
 
 async fn terminate() {

@@ -23,8 +23,20 @@ pub struct Metrics {
     pub bytes_in: IntCounter,
     /// Payload bytes sent.
     pub bytes_out: IntCounter,
-    /// Errors sent to clients, by code name.
+    /// Errors sent to clients, by code name (every code present from the start, at 0).
     pub errors: IntCounterVec,
+    /// WebSocket connections upgraded.
+    pub connections_opened: IntCounter,
+    /// WebSocket connections ended, by [`CLOSE_REASONS`].
+    pub connections_closed: IntCounterVec,
+    /// `resync` sent, by reason.
+    pub resyncs: IntCounterVec,
+    /// Database pool connections, by state (`in_use`, `idle`), read at each scrape.
+    pub db_pool: IntGaugeVec,
+    /// The database pool's maximum size.
+    pub db_pool_max: IntGauge,
+    /// 1 when `/readyz` would answer 200, read at each scrape.
+    pub ready: IntGauge,
     /// Mutations by outcome (`applied`, `rejected`, `replayed`).
     pub mutations: IntCounterVec,
     /// Changes delivered to live subscribers (one per subscriber per change).
@@ -82,6 +94,24 @@ impl Metrics {
     )]
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        // The process's CPU, RSS, open and maximum file descriptors, threads, start time
+        // (`process_*`, read from /proc at each scrape).
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        // Which build runs where: a dashboard's version panel, a rolling upgrade's progress.
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "syncgate_build_info",
+                "Always 1; the labels name the running build",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build)).expect("unique metric");
         let gauge = |n: &str, h: &str| {
             let g = IntGauge::new(n, h).expect("valid metric");
             registry
@@ -128,10 +158,55 @@ impl Metrics {
             frames_out: counter("syncgate_frames_out_total", "Frames sent to clients"),
             bytes_in: counter("syncgate_bytes_in_total", "Payload bytes received"),
             bytes_out: counter("syncgate_bytes_out_total", "Payload bytes sent"),
-            errors: counter_vec(
-                "syncgate_errors_total",
-                "Errors sent to clients by code",
-                &["code"],
+            errors: {
+                let errors = counter_vec(
+                    "syncgate_errors_total",
+                    "Errors sent to clients by code",
+                    &["code"],
+                );
+                for code in syncgate_protocol::ErrorCode::ALL {
+                    errors.with_label_values(&[code.name()]);
+                }
+                errors
+            },
+            connections_opened: counter(
+                "syncgate_connections_opened_total",
+                "WebSocket connections upgraded",
+            ),
+            connections_closed: {
+                let closed = counter_vec(
+                    "syncgate_connections_closed_total",
+                    "WebSocket connections ended, by reason",
+                    &["reason"],
+                );
+                for reason in CLOSE_REASONS {
+                    closed.with_label_values(&[*reason]);
+                }
+                closed
+            },
+            resyncs: {
+                let resyncs = counter_vec(
+                    "syncgate_resyncs_total",
+                    "Subscriptions told to start over from a snapshot, by reason",
+                    &["reason"],
+                );
+                for reason in RESYNC_REASONS {
+                    resyncs.with_label_values(&[*reason]);
+                }
+                resyncs
+            },
+            db_pool: gauge_vec(
+                "syncgate_db_pool_connections",
+                "Database pool connections by state (in_use, idle)",
+                &["state"],
+            ),
+            db_pool_max: gauge(
+                "syncgate_db_pool_max_connections",
+                "The database pool's maximum size",
+            ),
+            ready: gauge(
+                "syncgate_ready",
+                "1 when the node is ready (/readyz answers 200): not draining, database reachable",
             ),
             mutations: counter_vec(
                 "syncgate_mutations_total",
@@ -178,11 +253,17 @@ impl Metrics {
                 "Last seq published to subscribers",
             ),
             outbound_bytes: gauge("syncgate_outbound_queue_bytes", "Bytes queued for clients"),
-            catch_up_pages: counter_vec(
-                "syncgate_catch_up_pages_total",
-                "Catch-up pages read, by source (memory or database)",
-                &["source"],
-            ),
+            catch_up_pages: {
+                let pages = counter_vec(
+                    "syncgate_catch_up_pages_total",
+                    "Catch-up pages read, by source (memory or database)",
+                    &["source"],
+                );
+                for source in ["memory", "database"] {
+                    pages.with_label_values(&[source]);
+                }
+                pages
+            },
             snapshot_pages: counter(
                 "syncgate_snapshot_pages_total",
                 "Snapshot pages read from the database",
@@ -230,6 +311,24 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+/// Why WebSocket connections end (`syncgate_connections_closed_total{reason}`): `client`
+/// (the client closed or went away cleanly), `network` (a read failed: reset, vanished peer),
+/// `drain` (the node shut down), `slow_consumer`, `heartbeat_timeout`, `handshake` (no upgrade
+/// or `hello` in time, or a refused `hello`), `token_expired`, `error` (any other fatal error).
+pub(crate) const CLOSE_REASONS: &[&str] = &[
+    "client",
+    "network",
+    "drain",
+    "slow_consumer",
+    "heartbeat_timeout",
+    "handshake",
+    "token_expired",
+    "error",
+];
+
+/// The reasons of `resync`.
+pub(crate) const RESYNC_REASONS: &[&str] = &["epoch_changed", "cursor_ahead", "cursor_too_old"];
 
 impl Default for Metrics {
     fn default() -> Self {

@@ -183,6 +183,25 @@ impl Gateway {
                 shutdown.clone(),
             ));
         }
+        // Every declared collection's series from the start, at 0 (a rate over a series that
+        // appears with its first event misses that event; dashboards show the policy in use).
+        for (name, c) in &config.collections {
+            for kind in ["superseded", "tombstones", "deleted_documents"] {
+                metrics
+                    .compaction_removed
+                    .with_label_values(&[name.as_str(), kind]);
+            }
+            // The policy's configured name (a resolver registered in code may record another).
+            let policy = serde_json::to_value(c.policy)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            for outcome in crate::conflict::Outcome::ALL {
+                metrics
+                    .conflicts
+                    .with_label_values(&[policy.as_str(), outcome.as_str()]);
+            }
+        }
         match store.horizons().await {
             Ok(horizons) => {
                 for (c, h) in horizons {

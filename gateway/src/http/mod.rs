@@ -59,8 +59,17 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    match readiness(&state).await {
+        Ok(()) => (StatusCode::OK, "ready\n"),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// Whether the node takes clients: not draining, and its database answered a ping within
+/// the last [`READINESS_TTL`]. `Err` says why not.
+async fn readiness(state: &HttpState) -> Result<(), &'static str> {
     if state.shared.draining.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        return Err("draining\n");
     }
     let ready = {
         let mut last = state.readiness.lock().await;
@@ -75,9 +84,9 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
         }
     };
     if ready {
-        (StatusCode::OK, "ready\n")
+        Ok(())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
+        Err("database unavailable\n")
     }
 }
 
@@ -89,5 +98,14 @@ async fn metrics(State(state): State<HttpState>) -> String {
         .metrics
         .inflight_push_bytes
         .set(i64::try_from(inflight).unwrap_or(i64::MAX));
-    shared.metrics.render()
+    let ready = readiness(&state).await.is_ok();
+    shared.metrics.ready.set(i64::from(ready));
+    let (open, idle, max) = shared.store.pool_stats();
+    let m = &shared.metrics;
+    m.db_pool
+        .with_label_values(&["in_use"])
+        .set(i64::from(open.saturating_sub(idle)));
+    m.db_pool.with_label_values(&["idle"]).set(i64::from(idle));
+    m.db_pool_max.set(i64::from(max));
+    m.render()
 }

@@ -1115,6 +1115,18 @@ impl Store {
         self.backend
     }
 
+    /// The connection pool now: `(open, idle, max)` connections.
+    pub fn pool_stats(&self) -> (u32, u32, u32) {
+        fn of<DB: sea_orm::sqlx::Database>(p: &sea_orm::sqlx::Pool<DB>) -> (u32, u32, u32) {
+            let idle = u32::try_from(p.num_idle()).unwrap_or(u32::MAX);
+            (p.size(), idle, p.options().get_max_connections())
+        }
+        match self.backend {
+            DbBackend::Postgres => of(self.db.get_postgres_connection_pool()),
+            _ => of(self.db.get_sqlite_connection_pool()),
+        }
+    }
+
     /// Waits for this process's turn to write the log (SQLite; see `Store::log_writer`).
     pub(crate) async fn log_writer_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         match &self.log_writer {

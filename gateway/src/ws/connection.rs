@@ -211,6 +211,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         Err(_) => return,
     };
     shared.metrics.connections.inc();
+    shared.metrics.connections_opened.inc();
     let (sink, mut stream) = ws.split();
     let out = Arc::new(Outbound::new(
         shared.config.outbound_buffer_bytes,
@@ -239,6 +240,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     };
     let reason = conn.run(&mut stream).await;
     conn.teardown();
+    shared
+        .metrics
+        .connections_closed
+        .with_label_values(&[close_label(&reason, conn.session.is_some())])
+        .inc();
     if let Some(suppressed) = shared.oplog.connections.allow() {
         let duration_ms = opened.elapsed().as_millis() as u64;
         match &conn.session {
@@ -928,6 +934,21 @@ impl Connection {
     }
 }
 
+/// The bounded label (`metrics::CLOSE_REASONS`) of the reason [`Connection::run`] returned.
+fn close_label(reason: &str, established: bool) -> &'static str {
+    use syncgate_protocol::ErrorCode;
+    match reason {
+        "server shutting down" => "drain",
+        "connection ended by the client" | "closed by the client" => "client",
+        "token expired" => "token_expired",
+        r if r.starts_with("read failed") => "network",
+        r if r == ErrorCode::SlowConsumer.name() => "slow_consumer",
+        r if r == ErrorCode::HeartbeatTimeout.name() => "heartbeat_timeout",
+        _ if !established => "handshake",
+        _ => "error",
+    }
+}
+
 /// Shortest `retry_after_ms` of a drain's `goaway`.
 pub(crate) const GOAWAY_RETRY_MIN_MS: u32 = 1_000;
 /// Spread of the drain's `retry_after_ms` above the minimum: a node's clients come back over
@@ -943,6 +964,30 @@ pub(crate) fn goaway_retry_after_ms(r: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_close_gets_one_of_the_bounded_labels() {
+        for (reason, established, label) in [
+            ("server shutting down", true, "drain"),
+            ("closed by the client", true, "client"),
+            ("connection ended by the client", false, "client"),
+            ("token expired", true, "token_expired"),
+            (
+                "read failed: Connection reset without closing handshake",
+                true,
+                "network",
+            ),
+            ("slow_consumer", true, "slow_consumer"),
+            ("heartbeat_timeout", true, "heartbeat_timeout"),
+            ("handshake_required", false, "handshake"),
+            ("unauthorized", false, "handshake"),
+            ("frame_too_large", true, "error"),
+        ] {
+            let got = close_label(reason, established);
+            assert_eq!(got, label, "{reason}");
+            assert!(crate::metrics::CLOSE_REASONS.contains(&got));
+        }
+    }
 
     #[test]
     fn goaway_hints_spread_over_the_window() {

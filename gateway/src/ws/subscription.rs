@@ -195,6 +195,7 @@ fn resync(shared: &Shared, entry: &SubEntry, reason: &str, cursor: &Cursor) {
             "resync: the subscription starts over from a snapshot"
         );
     }
+    shared.metrics.resyncs.with_label_values(&[reason]).inc();
     entry.out.push(Bytes::from(encode(&Frame::Resync(Resync {
         sub: entry.sub,
         reason: reason.to_owned(),

@@ -460,9 +460,16 @@ async fn metric(http: &str, name: &str) -> f64 {
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).await.unwrap();
+    // The series of exactly `name` (all its labels, or the ones `name` gives), not of every
+    // metric whose name starts with it (`syncgate_connections_opened_total`).
     body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(key, _)| {
+            key.strip_prefix(name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('{'))
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
         .sum()
 }
 

@@ -46,6 +46,7 @@ mod capture;
 mod checks;
 mod compaction;
 mod conflicts;
+mod deploy;
 mod drain;
 mod fuzz;
 mod http_api;
