@@ -1,6 +1,11 @@
 //! The `chaos` scenario: the harness kills the gateway it spawned (SIGKILL: no drain, no
 //! flush) and starts it again, several times, while writers push and subscribers follow.
 //!
+//! With several nodes (`--nodes N`, on one PostgreSQL) the faults go round the nodes, one at
+//! a time, and a client whose connection ends reconnects to the next node (as through a load
+//! balancer); `--rolling` restarts each node with SIGTERM (its drain: pushes in flight
+//! answered, `goaway` to every client) instead of killing it — a rolling upgrade.
+//!
 //! Writers keep a local outbox, as a real client does: edits are produced at R per second
 //! whether the gateway is up or not; on every (re)connection the writer re-sends everything not
 //! yet acknowledged, in order, with the same mutation ids. Subscribers reconnect and resume
@@ -58,6 +63,8 @@ pub struct ChaosConfig {
     pub deadline: Duration,
     /// Also end the gateway's database sessions while writes run.
     pub db_faults: Option<DbFaults>,
+    /// Restart nodes with SIGTERM (a drain) instead of SIGKILL, one after the other.
+    pub rolling: bool,
 }
 
 /// Database sessions ended on a schedule (PostgreSQL).
@@ -108,16 +115,23 @@ async fn kill_db_sessions(
 /// Runs the scenario against a gateway the harness spawned.
 pub async fn run(
     cfg: &ChaosConfig,
-    gw: &mut SpawnedGateway,
+    gws: &mut [SpawnedGateway],
     token: String,
 ) -> anyhow::Result<Report> {
     let run = run_id();
     let end = Instant::now() + cfg.deadline;
-    let target = Target {
-        url: gw.url(),
-        token,
-        sources: Vec::new(),
-    };
+    if gws.is_empty() {
+        bail!("chaos needs at least one spawned gateway");
+    }
+    let target = Nodes(
+        gws.iter()
+            .map(|gw| Target {
+                url: gw.url(),
+                token: token.clone(),
+                sources: Vec::new(),
+            })
+            .collect(),
+    );
     let total = cfg.writers as u64 * cfg.mutations_per_writer;
     let progress = Progress::new("deliveries", total * cfg.subscribers as u64);
     // Subscribers are live before anything is written: every change must reach them as a
@@ -164,13 +178,22 @@ pub async fn run(
         .db_faults
         .clone()
         .map(|f| tokio::spawn(kill_db_sessions(f, stop_rx)));
-    // The chaos: kill, stay down, restart.
+    // The chaos: kill (or drain), stay down, restart; node after node.
     let mut downtime = Recorder::default();
-    for _ in 0..cfg.kills {
+    let mut drains = Recorder::default();
+    for k in 0..cfg.kills as usize {
         tokio::time::sleep(cfg.kill_every).await; // the fault schedule, not synchronisation
+        let n = gws.len();
+        let Some(gw) = gws.get_mut(k % n) else {
+            break;
+        };
         let t0 = Instant::now();
-        gw.kill().await?;
-        tokio::time::sleep(cfg.downtime).await; // the fault schedule, not synchronisation
+        if cfg.rolling {
+            drains.record(gw.terminate().await?);
+        } else {
+            gw.kill().await?;
+            tokio::time::sleep(cfg.downtime).await; // the fault schedule, not synchronisation
+        }
         gw.restart().await?;
         downtime.record(t0.elapsed());
     }
@@ -179,6 +202,7 @@ pub async fn run(
     let mut acked = 0u64;
     let mut replayed = 0u64;
     let mut batch_errors = 0u64;
+    let mut batch_error_names: std::collections::BTreeMap<String, u64> = Default::default();
     let mut ack_latency = Recorder::default();
     for (w, t) in writers.into_iter().enumerate() {
         match t.await.context("writer task")? {
@@ -186,6 +210,9 @@ pub async fn run(
                 acked += log.versions.iter().filter(|v| v.is_some()).count() as u64;
                 replayed += log.replayed_acks;
                 batch_errors += log.batch_errors;
+                for (name, n) in &log.batch_error_names {
+                    *batch_error_names.entry(name.clone()).or_default() += n;
+                }
                 ack_latency.merge(&log.latency);
                 failures.extend(log.failures.iter().map(|f| format!("writer {w}: {f}")));
                 for (n, v) in log.versions.iter().enumerate() {
@@ -248,24 +275,40 @@ pub async fn run(
                 "max_every_ms": f.max_every.as_millis() as u64}))}),
         serde_json::json!({"acknowledged": acked, "replayed_acks_checked": replayed,
             "db_sessions_ended": db_sessions_ended, "db_fault_rounds": db_fault_rounds,
-            "batch_errors": batch_errors, "inflight": cfg.inflight,
-            "gateway_starts": gw.starts, "subscriber_reconnects": reconnects,
-            "restart_ms": downtime.summary()}),
+            "batch_errors": batch_errors, "batch_errors_by_name": batch_error_names,
+            "inflight": cfg.inflight,
+            "nodes": gws.len(), "rolling": cfg.rolling,
+            "gateway_starts": gws.iter().map(|g| g.starts).sum::<u32>(),
+            "subscriber_reconnects": reconnects,
+            "restart_ms": downtime.summary(),
+            "drain_ms": cfg.rolling.then(|| drains.summary())}),
         &ack_latency,
         failures,
     ))
 }
 
-/// Connects, retrying while the gateway is down, until `end`.
+/// The gateway nodes, one [`Target`] each.
+#[derive(Debug, Clone)]
+struct Nodes(Vec<Target>);
+
+/// Connects, retrying while the gateway is down, until `end`. Client `i`'s `attempt`-th
+/// connection goes to node `i + attempt` (mod the node count), and every failed try to the
+/// next: a client whose node went away lands on another, as through a load balancer.
 async fn connect_retrying(
-    target: &Target,
+    nodes: &Nodes,
     i: usize,
+    attempt: &mut usize,
     client_id: &str,
     end: Instant,
 ) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
     let mut wait = Duration::from_millis(20);
     loop {
-        match target.connect(i, client_id).await {
+        let node = nodes
+            .0
+            .get((i + *attempt) % nodes.0.len().max(1))
+            .context("no gateway nodes")?;
+        *attempt += 1;
+        match node.connect(i, client_id).await {
             Ok(x) => return Ok(x),
             Err(e) if Instant::now() + wait >= end => return Err(e),
             Err(_) => {
@@ -280,7 +323,7 @@ async fn connect_retrying(
 /// synced.
 #[allow(clippy::too_many_arguments)]
 async fn follow(
-    target: &Target,
+    target: &Nodes,
     i: usize,
     collection: &str,
     run: &str,
@@ -297,11 +340,12 @@ async fn follow(
         ..Received::default()
     };
     let mut connections = 0u64;
+    let mut attempt = 0;
     while got.count < total {
         if Instant::now() >= end {
             bail!("deadline passed with {} of {total} changes", got.count);
         }
-        let Ok((mut c, _)) = connect_retrying(target, i, &name, end).await else {
+        let Ok((mut c, _)) = connect_retrying(target, i, &mut attempt, &name, end).await else {
             continue;
         };
         connections += 1;
@@ -339,11 +383,13 @@ struct WriterLog {
     latency: Recorder,
     /// Batches answered with an error (not committed) instead of an ack.
     batch_errors: u64,
+    /// Those errors by name.
+    batch_error_names: std::collections::BTreeMap<String, u64>,
     failures: Vec<String>,
 }
 
 struct ChaosWriter {
-    target: Target,
+    target: Nodes,
     collection: String,
     run: String,
     w: usize,
@@ -365,10 +411,12 @@ impl ChaosWriter {
             replayed_acks: 0,
             latency: Recorder::default(),
             batch_errors: 0,
+            batch_error_names: std::collections::BTreeMap::new(),
             failures: Vec::new(),
         };
         let mut acked = 0usize; // contiguous prefix of acknowledged mutations
         let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut attempt = 0;
         while acked < self.total as usize {
             if Instant::now() >= self.end {
                 bail!(
@@ -376,10 +424,11 @@ impl ChaosWriter {
                     self.total
                 );
             }
-            let (mut c, _) = match connect_retrying(&self.target, self.w, &name, self.end).await {
-                Ok(x) => x,
-                Err(_) => continue,
-            };
+            let (mut c, _) =
+                match connect_retrying(&self.target, self.w, &mut attempt, &name, self.end).await {
+                    Ok(x) => x,
+                    Err(_) => continue,
+                };
             // Everything not acknowledged is sent again, in order, starting one batch early:
             // mutations already acknowledged must be answered again with the same version.
             let mut next = acked.saturating_sub(self.batch);
@@ -463,6 +512,7 @@ impl ChaosWriter {
                         // from the first unacknowledged mutation.
                         if e.batch.is_some() {
                             log.batch_errors += 1;
+                            *log.batch_error_names.entry(e.name.clone()).or_default() += 1;
                         }
                         break;
                     }

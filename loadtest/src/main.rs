@@ -176,8 +176,17 @@ enum Scenario {
         #[arg(long, default_value_t = 1024)]
         pad: usize,
     },
-    /// Kill -9 and restart a spawned gateway during a write load (needs --spawn-gateway).
+    /// Kill -9 and restart a spawned gateway during a write load (needs --spawn-gateway);
+    /// with --nodes N (on PostgreSQL: --gateway-arg=--database=... and a shared
+    /// --gateway-arg=--jwt-secret=...) round the nodes, and with --rolling as a rolling
+    /// restart (SIGTERM: each node drains).
     Chaos {
+        /// Gateway nodes to spawn (they must share a PostgreSQL database and a token secret).
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Restart each node in turn with SIGTERM (its drain) instead of SIGKILL.
+        #[arg(long)]
+        rolling: bool,
         #[arg(long, default_value_t = 4)]
         writers: usize,
         #[arg(long, default_value_t = 4)]
@@ -533,6 +542,8 @@ async fn scenario(
             .await?
         }
         Scenario::Chaos {
+            nodes,
+            rolling,
             writers,
             subscribers,
             mutations_per_writer,
@@ -546,9 +557,40 @@ async fn scenario(
             db_fault_min_ms,
             db_fault_max_ms,
         } => {
-            let Some(gw) = spawned.as_mut() else {
+            let Some(first) = spawned.take() else {
                 bail!("chaos kills and restarts the gateway: it needs --spawn-gateway PATH");
             };
+            if nodes > 1
+                && !cli
+                    .gateway_args
+                    .iter()
+                    .any(|a| a.contains("postgres://") || a.contains("postgresql://"))
+            {
+                *spawned = Some(first);
+                bail!(
+                    "--nodes {nodes} needs one PostgreSQL database for all nodes: \
+                     --gateway-arg=--database=postgres://..."
+                );
+            }
+            let mut gws = vec![first];
+            for _ in 1..nodes {
+                match SpawnedGateway::start(GatewaySpec {
+                    bin: cli.spawn_gateway.clone().unwrap_or_default(),
+                    args: cli.gateway_args.clone(),
+                    log: cli.gateway_log.clone(),
+                })
+                .await
+                {
+                    Ok(gw) => gws.push(gw),
+                    Err(e) => {
+                        for gw in gws.drain(1..) {
+                            gw.stop().await;
+                        }
+                        *spawned = gws.pop();
+                        return Err(e.context("starting another node"));
+                    }
+                }
+            }
             let cfg = ChaosConfig {
                 collection,
                 writers,
@@ -574,8 +616,15 @@ async fn scenario(
                     ),
                     None => None,
                 },
+                rolling,
             };
-            syncgate_loadtest::chaos::run(&cfg, gw, target.token).await?
+            let result = syncgate_loadtest::chaos::run(&cfg, &mut gws, target.token).await;
+            // The first node goes back to the caller (sampled, stopped there), the others stop.
+            for gw in gws.drain(1..) {
+                gw.stop().await;
+            }
+            *spawned = gws.pop();
+            result?
         }
         Scenario::Capture {
             ref database,

@@ -109,6 +109,27 @@ impl SpawnedGateway {
         self.child.kill().await.context("killing the gateway")
     }
 
+    /// Asks it to drain (SIGTERM) and waits until it has exited (SIGKILL after 30 s); returns
+    /// how long the drain took. [`SpawnedGateway::restart`] starts it again.
+    pub async fn terminate(&mut self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        if let Some(pid) = self.child.id() {
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await
+                .context("sending SIGTERM")?;
+        }
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            self.child.kill().await.context("killing the gateway")?;
+            bail!("the gateway did not drain within 30 s");
+        }
+        Ok(started.elapsed())
+    }
+
     /// Starts it again on the same addresses and data.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let (child, ws, http) = launch(&self.spec, self.ws_addr, self.http_addr).await?;

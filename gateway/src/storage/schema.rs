@@ -1,5 +1,12 @@
 //! The schema and its migrations. Migrations are idempotent and run on every start; on
 //! PostgreSQL they hold an advisory lock so that several nodes starting together do not race.
+//!
+//! A node starts while others write (a rolling restart): on PostgreSQL a statement whose
+//! object exists already is skipped, not run. `CREATE INDEX IF NOT EXISTS` takes a share lock
+//! on its table before it finds the index, and held to the end of the migration that lock
+//! met a running group commit's head lock in a deadlock: the starting node failed its start
+//! and the group commit failed its clients' pushes (`storage_unavailable`). The head row is
+//! created only if missing, by a plain read that waits for no row lock.
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, TransactionTrait};
 
@@ -105,8 +112,19 @@ const TABLES: &[&str] = &[
         user_id TEXT PRIMARY KEY,
         documents BIGINT NOT NULL,
         sync_errors BIGINT NOT NULL)",
-    "INSERT INTO sg_head (id, seq) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    "INSERT INTO sg_head (id, seq) SELECT 1, 0 WHERE NOT EXISTS (SELECT 1 FROM sg_head WHERE id = 1)",
 ];
+
+/// The table or index a `CREATE ... IF NOT EXISTS` statement creates (`None`: another kind
+/// of statement).
+fn created_object(ddl: &str) -> Option<&str> {
+    let rest = ddl
+        .strip_prefix("CREATE TABLE IF NOT EXISTS ")
+        .or_else(|| ddl.strip_prefix("CREATE INDEX IF NOT EXISTS "))?;
+    rest.split(|c: char| c.is_whitespace() || c == '(')
+        .next()
+        .filter(|name| !name.is_empty())
+}
 
 /// Creates or upgrades the schema and returns the database's epoch.
 pub(super) async fn migrate(db: &DatabaseConnection, backend: DbBackend) -> Result<String, DbErr> {
@@ -122,6 +140,23 @@ pub(super) async fn migrate(db: &DatabaseConnection, backend: DbBackend) -> Resu
             .await?;
     }
     for ddl in TABLES {
+        if backend == DbBackend::Postgres
+            && let Some(object) = created_object(ddl)
+        {
+            let exists = txn
+                .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                    backend,
+                    "SELECT to_regclass($1) IS NOT NULL AS present",
+                    [object.into()],
+                ))
+                .await?
+                .map(|r| r.try_get::<bool>("", "present"))
+                .transpose()?
+                .unwrap_or(false);
+            if exists {
+                continue;
+            }
+        }
         txn.execute_unprepared(&ddl.replace("{BLOB}", blob)).await?;
     }
     let version = meta(&txn, backend, "schema_version").await?;
@@ -180,4 +215,28 @@ async fn meta(
 
 fn hex_random() -> String {
     hex::encode(rand::random::<[u8; 8]>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_create_names_its_object() {
+        assert_eq!(
+            created_object("CREATE TABLE IF NOT EXISTS sg_meta (key TEXT PRIMARY KEY)"),
+            Some("sg_meta")
+        );
+        assert_eq!(
+            created_object("CREATE INDEX IF NOT EXISTS sg_changes_doc ON sg_changes (collection)"),
+            Some("sg_changes_doc")
+        );
+        assert_eq!(
+            created_object("INSERT INTO sg_head (id, seq) SELECT 1, 0"),
+            None
+        );
+        let creates = TABLES.iter().filter(|d| d.starts_with("CREATE")).count();
+        let named = TABLES.iter().filter_map(|d| created_object(d)).count();
+        assert_eq!(creates, named, "a CREATE the migration could not skip");
+    }
 }
