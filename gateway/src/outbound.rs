@@ -2,10 +2,17 @@
 //!
 //! Ownership: the writer task owns the WebSocket sink; everyone else (the connection's reader,
 //! its subscription tasks, the hub's publisher) only appends encoded frames here.
-//! Bounds: fan-out uses [`Outbound::try_push`], which refuses past the byte cap; the caller then
-//! disconnects the subscriber with `slow_consumer`. Replies to the client's own requests use
-//! [`Outbound::push`], and the reader stops reading requests while the queue is over its cap
-//! ([`Outbound::wait_for_space`]), so a client that does not read cannot grow it either.
+//! Bounds: the cap counts the frames queued *and* the batch the writer has taken and is still
+//! writing (a stalled socket holds that batch: counting it only as queued let a stalled
+//! connection hold about twice the cap while the gauge showed less). Live fan-out uses
+//! [`Outbound::try_push_all`], all of a chunk's frames or none, refused past the cap; the
+//! caller then disconnects the subscriber with `slow_consumer` (once: a closed queue says so
+//! and counts nothing). Catch-up uses [`Outbound::push_paced`], which waits until the frame
+//! fits in half the cap and pushes under the same lock as the check, so several subscriptions
+//! starting on one connection cannot overfill it and leave live chunks no room. Replies to the
+//! client's own requests use [`Outbound::push`], and the reader stops reading requests while
+//! the queue is over half its cap ([`Outbound::wait_for_space`]), so a client that does not
+//! read cannot grow it either.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -41,8 +48,29 @@ impl Close {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
     bytes: usize,
+    /// Bytes the writer has taken and not finished writing.
+    writing: usize,
     close: Option<Close>,
+}
+
+impl State {
+    /// Everything the connection holds for its client.
+    fn held(&self) -> usize {
+        self.bytes + self.writing
+    }
+}
+
+/// What [`Outbound::try_push_all`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Every frame was queued.
+    Queued,
+    /// Nothing was queued: the frames do not fit under the cap.
+    Full,
+    /// Nothing was queued: the connection is closing.
+    Closed,
 }
 
 /// A byte-bounded queue of encoded frames.
@@ -80,19 +108,49 @@ impl Outbound {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends a fan-out frame unless that would pass the cap. Returns false if refused or
-    /// closed.
-    pub(crate) fn try_push(&self, frame: Bytes) -> bool {
+    /// Appends a chunk's fan-out frames, all or none: none if together they would pass the
+    /// cap or the connection is closing.
+    pub(crate) fn try_push_all(&self, frames: Vec<Bytes>) -> Pushed {
         let mut s = self.lock();
-        if s.close.is_some() || s.bytes + frame.len() > self.cap {
-            return false;
+        if s.close.is_some() {
+            return Pushed::Closed;
         }
-        s.bytes += frame.len();
-        self.gauge.add(frame.len() as i64);
-        s.queue.push_back(frame);
+        let len: usize = frames.iter().map(Bytes::len).sum();
+        if s.held() + len > self.cap {
+            return Pushed::Full;
+        }
+        s.bytes += len;
+        self.gauge.add(len as i64);
+        s.queue.extend(frames);
         drop(s);
         self.wake_writer.notify_one();
-        true
+        Pushed::Queued
+    }
+
+    /// Appends a catch-up frame once it fits in half the cap (or the connection holds
+    /// nothing, so a frame larger than that still goes), checked and pushed under one lock.
+    /// Returns false if the connection closed first.
+    pub(crate) async fn push_paced(&self, frame: Bytes) -> bool {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if s.close.is_some() {
+                    return false;
+                }
+                if s.held() == 0 || s.held() + frame.len() <= self.cap / 2 {
+                    s.bytes += frame.len();
+                    self.gauge.add(frame.len() as i64);
+                    s.queue.push_back(frame);
+                    drop(s);
+                    self.wake_writer.notify_one();
+                    return true;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Appends a reply frame regardless of the cap (callers bound themselves with
@@ -109,10 +167,10 @@ impl Outbound {
         self.wake_writer.notify_one();
     }
 
-    /// Whether the queue is below half its cap.
+    /// Whether the connection holds less than half its cap.
     pub(crate) fn has_space(&self) -> bool {
         let s = self.lock();
-        s.close.is_some() || s.bytes <= self.cap / 2
+        s.close.is_some() || s.held() <= self.cap / 2
     }
 
     /// Waits until the queue is below half its cap (or closed).
@@ -128,10 +186,10 @@ impl Outbound {
         }
     }
 
-    /// Bytes currently queued.
+    /// Bytes held: queued and being written.
     #[cfg(test)]
     pub(crate) fn queued_bytes(&self) -> usize {
-        self.lock().bytes
+        self.lock().held()
     }
 
     /// Asks the writer to send `last` (if any) and then close with `code`. Frames still queued
@@ -185,13 +243,21 @@ impl Outbound {
         self.closed.cancelled().await
     }
 
-    /// Takes every queued frame and the close request, if any.
+    /// Takes every queued frame and the close request, if any; their bytes stay held (and in
+    /// the gauge) until [`Outbound::written`].
     fn take(&self) -> (VecDeque<Bytes>, usize, Option<Close>) {
         let mut s = self.lock();
         let q = std::mem::take(&mut s.queue);
         let bytes = std::mem::take(&mut s.bytes);
-        self.gauge.sub(bytes as i64);
+        s.writing += bytes;
         (q, bytes, s.close.clone())
+    }
+
+    /// The writer has written (or given up on) `bytes` it took.
+    fn written(&self, bytes: usize) {
+        let mut s = self.lock();
+        s.writing = s.writing.saturating_sub(bytes);
+        self.gauge.sub(bytes as i64);
     }
 
     /// The writer task: drains everything queued, writes it, flushes once, repeats; ends
@@ -203,7 +269,7 @@ impl Outbound {
         loop {
             self.wake_writer.notified().await;
             loop {
-                let (frames, _bytes, close) = self.take();
+                let (frames, bytes, close) = self.take();
                 let n = frames.len();
                 if n == 0 && close.is_none() {
                     break;
@@ -219,6 +285,7 @@ impl Outbound {
                 if ok && n > 0 {
                     ok = sink.flush().await.is_ok();
                 }
+                self.written(bytes);
                 metrics.frames_out.inc_by(n as u64);
                 self.space.notify_waiters();
                 if !ok {
@@ -244,8 +311,8 @@ impl Drop for Outbound {
     /// Frames still queued when the connection is gone (a writer aborted while the peer did
     /// not read) leave the node-wide gauge with the queue.
     fn drop(&mut self) {
-        let bytes = self.lock().bytes;
-        self.gauge.sub(bytes as i64);
+        let held = self.lock().held();
+        self.gauge.sub(held as i64);
     }
 }
 
@@ -253,17 +320,97 @@ impl Drop for Outbound {
 mod tests {
     use super::*;
 
+    fn b(s: &'static [u8]) -> Bytes {
+        Bytes::from_static(s)
+    }
+
     #[test]
     fn fan_out_is_bounded_replies_are_not() {
         let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
-        assert!(q.try_push(Bytes::from_static(b"12345")));
-        assert!(q.try_push(Bytes::from_static(b"12345")));
-        assert!(!q.try_push(Bytes::from_static(b"1")));
-        q.push(Bytes::from_static(b"ack"));
+        assert_eq!(q.try_push_all(vec![b(b"12345")]), Pushed::Queued);
+        assert_eq!(q.try_push_all(vec![b(b"12345")]), Pushed::Queued);
+        assert_eq!(q.try_push_all(vec![b(b"1")]), Pushed::Full);
+        q.push(b(b"ack"));
         assert_eq!(q.queued_bytes(), 13);
         assert!(!q.has_space());
-        q.close(Some(Bytes::from_static(b"err")), 4501, "slow");
+        q.close(Some(b(b"err")), 4501, "slow");
         assert_eq!(q.queued_bytes(), 3);
-        assert!(!q.try_push(Bytes::from_static(b"x")));
+        // A closed queue says so: the caller counts no second slow consumer.
+        assert_eq!(q.try_push_all(vec![b(b"x")]), Pushed::Closed);
+    }
+
+    #[test]
+    fn a_chunk_goes_whole_or_not_at_all() {
+        let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
+        assert_eq!(q.try_push_all(vec![b(b"1234"), b(b"1234")]), Pushed::Queued);
+        assert_eq!(q.try_push_all(vec![b(b"1"), b(b"234")]), Pushed::Full);
+        assert_eq!(q.queued_bytes(), 8);
+    }
+
+    #[test]
+    fn what_the_writer_took_counts_until_it_is_written() {
+        let gauge = prometheus::IntGauge::new("t", "t").unwrap();
+        let q = Outbound::new(10, gauge.clone());
+        assert_eq!(q.try_push_all(vec![b(b"12345678")]), Pushed::Queued);
+        // The writer takes the batch; the socket has not taken it yet.
+        let (frames, bytes, _) = q.take();
+        assert_eq!((frames.len(), bytes), (1, 8));
+        assert_eq!(q.queued_bytes(), 8);
+        assert_eq!(gauge.get(), 8);
+        assert_eq!(q.try_push_all(vec![b(b"123")]), Pushed::Full);
+        assert!(!q.has_space());
+        q.written(bytes);
+        assert_eq!((q.queued_bytes(), gauge.get()), (0, 0));
+        assert_eq!(q.try_push_all(vec![b(b"123")]), Pushed::Queued);
+        drop(q);
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn catch_up_waits_for_half_the_cap_and_never_overfills() {
+        let q = std::sync::Arc::new(Outbound::new(
+            10,
+            prometheus::IntGauge::new("t", "t").unwrap(),
+        ));
+        // Nothing held: even a frame over half the cap goes.
+        assert!(q.push_paced(b(b"123456")).await);
+        // Two more subscriptions starting now wait instead of pushing past the cap.
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move { q.push_paced(b(b"1234")).await })
+            })
+            .collect();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(q.queued_bytes(), 6);
+        // The writer writes it all: one waiting frame fits (4 <= 5), the other waits again.
+        let (_, bytes, _) = q.take();
+        q.written(bytes);
+        q.space.notify_waiters();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while q.queued_bytes() < 4 {
+            assert!(std::time::Instant::now() < end);
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(q.queued_bytes(), 4);
+        let (_, bytes, _) = q.take();
+        q.written(bytes);
+        q.space.notify_waiters();
+        for w in waiting {
+            assert!(w.await.unwrap());
+        }
+        assert_eq!(q.queued_bytes(), 4);
+        // A closed queue releases the waiters with false.
+        let late = {
+            let q = q.clone();
+            tokio::spawn(async move { q.push_paced(b(b"12345")).await })
+        };
+        q.close(None, 1000, "bye");
+        assert!(!late.await.unwrap());
     }
 }

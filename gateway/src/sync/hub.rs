@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::changes::{Committed, LogEntry};
 use crate::error::{ErrorReply, GatewayError};
 use crate::metrics::Metrics;
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Pushed};
 use crate::storage::{Page, Store};
 use crate::sync::frames::{View, changes_frames, deliverable};
 
@@ -312,10 +312,11 @@ impl Hub {
                 }
                 let n = parts.len() as u64;
                 let frames = changes_frames(entry.sub, &parts, &self.epoch, to, self.frame_budget);
-                if frames.into_iter().all(|f| entry.out.try_push(f)) {
-                    delivered += n;
-                } else {
-                    slow_consumer(&entry.out, &self.metrics);
+                match entry.out.try_push_all(frames) {
+                    Pushed::Queued => delivered += n,
+                    Pushed::Full => slow_consumer(&entry.out, &self.metrics),
+                    // Ending already (told once): its entry goes when the connection does.
+                    Pushed::Closed => {}
                 }
             }
         }

@@ -166,8 +166,9 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
         // Never held while waiting for a client to read.
         drop(turn);
         for frame in frames {
-            entry.out.wait_for_space().await;
-            entry.out.push(frame);
+            if !entry.out.push_paced(frame).await {
+                return Ok(()); // the connection is closing
+            }
         }
         position = upto;
     }
@@ -255,8 +256,9 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
         // for a client to read.
         drop(turn);
         for frame in frames {
-            entry.out.wait_for_space().await;
-            entry.out.push(frame);
+            if !entry.out.push_paced(frame).await {
+                return Ok(position); // the connection is closing; its catch-up stops too
+            }
         }
         if !full {
             return Ok(position);

@@ -865,6 +865,101 @@ async fn slow_consumer_is_disconnected_others_keep_syncing(backend: Backend) {
     db.cleanup().await;
 }
 
+/// Several subscriptions started together on one connection (what the SDK does on every
+/// reconnect) share its outbound cap: their snapshots wait for room instead of overfilling it,
+/// so live chunks for the subscriptions already live still fit, and a client that reads is
+/// never closed as a slow consumer. (The unit test
+/// `outbound::tests::catch_up_waits_for_half_the_cap_and_never_overfills` pins the mechanism;
+/// over loopback this run rarely comes near the cap either way, so it guards the whole path
+/// rather than proving the fix.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_starting_together_on_a_reading_connection_are_not_slow_consumers() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = db.config();
+    cfg.limits.max_frame_bytes = 64 * 1024;
+    cfg.limits.max_document_bytes = 8 * 1024;
+    cfg.outbound_buffer_bytes = 64 * 1024;
+    let gw = Gateway::start(cfg).await.unwrap();
+    let pad = Value::from("x".repeat(4000));
+    let (mut w, _) = connect(&gw, "w").await;
+    let mut mid = 0;
+    let mut batch = |b: u64, mid: &mut u64| {
+        (0..15)
+            .map(|i| {
+                *mid += 1;
+                put(
+                    *mid,
+                    "stock",
+                    &format!("s{}", (b * 15 + i) % 240),
+                    body(&[("pad", pad.clone()), ("b", Value::from(b))]),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // 240 documents of ~4 KB: every snapshot is ~1 MB, 16 times the cap.
+    for b in 0..16 {
+        push(&mut w, b, batch(b, &mut mid)).await;
+    }
+    let (mut c, _) = connect(&gw, "reader").await;
+    const SUBS: u32 = 8;
+    for sub in 1..=SUBS {
+        c.send(&Frame::Subscribe(syncgate_protocol::Subscribe {
+            sub,
+            collection: "stock".into(),
+            filter: Body::new(),
+            cursor: None,
+        }))
+        .await
+        .unwrap();
+    }
+    // Live writes while the snapshots are under way.
+    let writes = async {
+        let mut last = 0;
+        for b in 16..56 {
+            last = push(&mut w, b, batch(b, &mut mid)).await.visible_at;
+        }
+        last
+    };
+    let read = async {
+        let mut synced = std::collections::BTreeSet::new();
+        let mut reached: BTreeMap<u32, u64> = BTreeMap::new();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            // Done once every subscription is live and has everything the writer committed
+            // (`u64::MAX` until the writer is done is handled by the caller's join).
+            let frame = c.recv_timeout(end - Instant::now()).await.unwrap();
+            match frame {
+                Frame::Synced(s) => {
+                    synced.insert(s.sub);
+                    let r = reached.entry(s.sub).or_default();
+                    *r = (*r).max(s.cursor.seq);
+                }
+                Frame::Changes(ch) => {
+                    let r = reached.entry(ch.sub).or_default();
+                    *r = (*r).max(ch.cursor.seq);
+                }
+                Frame::Error(e) => panic!("a reading client got {} {}", e.name, e.message),
+                _ => {}
+            }
+            if synced.len() == SUBS as usize && reached.values().all(|r| *r >= 56 * 15) {
+                return reached;
+            }
+        }
+    };
+    let (last, reached) = tokio::join!(writes, read);
+    assert_eq!(last, 56 * 15);
+    assert_eq!(reached.len(), SUBS as usize);
+    assert_eq!(
+        gw.metrics
+            .errors
+            .with_label_values(&["slow_consumer"])
+            .get(),
+        0
+    );
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
 /// PROTOCOL.md §3.7: when a batch is not committed, no later batch of the same client may
 /// commit before it is pushed again. One client keeps 8 batches of 20 in flight; one of them
 /// writes a document whose change row makes the database fail the transaction (SQLite: a
