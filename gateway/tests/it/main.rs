@@ -883,7 +883,7 @@ async fn subscriptions_starting_together_on_a_reading_connection_are_not_slow_co
     let pad = Value::from("x".repeat(4000));
     let (mut w, _) = connect(&gw, "w").await;
     let mut mid = 0;
-    let mut batch = |b: u64, mid: &mut u64| {
+    let batch = |b: u64, mid: &mut u64| {
         (0..15)
             .map(|i| {
                 *mid += 1;
