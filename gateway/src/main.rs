@@ -10,7 +10,7 @@ use syncgate_gateway::server::{
     ApiKeyRequest, ConflictTake, Resolution, Retried, capture_attach, capture_detach, compact,
     create_api_key, discard_sync_error, document_history, list_api_keys, list_captures,
     list_conflicts, list_sync_errors, migrate, reassign_client, resolve_conflict, retry_sync_error,
-    revoke_api_key,
+    revoke_api_key, status,
 };
 use syncgate_gateway::{Config, Gateway};
 
@@ -175,6 +175,15 @@ enum Admin {
         #[arg(long)]
         dry_run: bool,
         /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the database holds: the log head and epoch, client installations, open sync
+    /// errors, and per collection the live and deleted documents, the compaction horizon,
+    /// open conflicts and the captured table. Uses the database the gateway uses; works while
+    /// it runs.
+    Status {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -568,6 +577,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         r.superseded,
                         r.tombstones,
                         r.deleted_documents
+                    );
+                }
+            }
+        }
+        Command::Admin {
+            command: Admin::Status { json },
+        } => {
+            let s = status(&config).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("head {}   epoch {}", s.head, s.epoch);
+                println!(
+                    "clients {}   sync errors open {}",
+                    s.clients, s.sync_errors_open
+                );
+                println!(
+                    "COLLECTION            DOCUMENTS     DELETED     HORIZON  CONFLICTS OPEN  CAPTURED FROM"
+                );
+                for (name, c) in &s.collections {
+                    println!(
+                        "{:<20}  {:>9}  {:>10}  {:>10}  {:>14}  {}",
+                        name,
+                        c.documents,
+                        c.deleted,
+                        c.horizon,
+                        c.conflicts_open,
+                        c.captured_from.as_deref().unwrap_or("-")
                     );
                 }
             }

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crate::storage::{
-    Attached, Capture, CompactionReport, ConflictRecord, HistoryEntry, SyncError,
+    Attached, Capture, CollectionStatus, CompactionReport, ConflictRecord, HistoryEntry, Status,
+    SyncError,
 };
 
 use sha2::Digest;
@@ -580,6 +581,15 @@ pub async fn capture_detach(config: &Config, table: &str) -> anyhow::Result<Opti
     let detached = store.capture_detach(table).await;
     store.close().await;
     Ok(detached?)
+}
+
+/// What the database holds: `syncgate admin status`.
+pub async fn status(config: &Config) -> anyhow::Result<Status> {
+    let store = open_store(config).await?;
+    let declared: Vec<&str> = config.collections.keys().map(String::as_str).collect();
+    let status = store.status(&declared).await;
+    store.close().await;
+    Ok(status?)
 }
 
 /// Every attached table: `syncgate capture list`.

@@ -18,6 +18,7 @@ pub(crate) mod claims;
 mod compaction;
 mod group_write;
 mod schema;
+mod status;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub(crate) use group_write::{
     ChangeRow, ClientRow, ConflictRow, DocumentRow, Earlier, GroupRows, HistoryRow, RejectionRow,
     ResolutionRow, StoredConflict, StoredDoc, UsageRow,
 };
+pub use status::{CollectionStatus, Status};
 
 /// The PostgreSQL NOTIFY channel on which committed heads are announced.
 pub(crate) const NOTIFY_CHANNEL: &str = "syncgate_log";

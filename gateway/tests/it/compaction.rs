@@ -3,7 +3,9 @@
 //! compacted mutations still answer "applied", a base version older than the horizon is a
 //! conflict, and the background job moves the horizon and reports it in `/metrics`.
 
-use syncgate_gateway::server::{CompactionReport, compact, document_history};
+use syncgate_gateway::server::{
+    CompactionReport, compact, document_history, list_conflicts, list_sync_errors, status,
+};
 
 use super::http_api::{bearer_for, http, json, problem};
 use super::*;
@@ -285,6 +287,25 @@ pub async fn the_log_is_compacted_behind_the_horizon_and_old_cursors_resync(back
     // s1@7 and s1@13 are superseded behind the horizon (13).
     let s1 = document_history(&config, "stock", "s1", 100).await.unwrap();
     assert_eq!(versions(s1), vec![14, 15, 16]);
+    // `admin status` sums it up: the head, the horizon, the live documents (s2's deleted row
+    // purged behind the horizon), nothing open; declared collections are listed even empty.
+    let s = status(&config).await.unwrap();
+    assert_eq!((s.head, s.epoch.len()), (16, 16));
+    let stock = &s.collections["stock"];
+    assert_eq!(stock.horizon, newest_behind);
+    assert_eq!(
+        stock.documents,
+        server_docs(&gw, "stock").await.len() as u64
+    );
+    assert_eq!(stock.deleted, 0);
+    let open = list_conflicts(&config, Some("stock"), true, 1000)
+        .await
+        .unwrap();
+    assert_eq!(stock.conflicts_open, open.len() as u64);
+    let errors = list_sync_errors(&config, None, true, 1000).await.unwrap();
+    assert_eq!(s.sync_errors_open, errors.len() as u64);
+    assert_eq!(s.collections["machines"], Default::default());
+    assert!(s.clients >= 1);
     gw.shutdown().await;
     db.cleanup().await;
 }
