@@ -35,6 +35,15 @@ pub enum ConnError {
     /// Nothing arrived in time.
     #[error("timed out waiting for the server")]
     Timeout,
+    /// The server sent the connection away before `welcome` (busy, or draining): connect
+    /// again after `retry_after_ms` (plus jitter), to any node.
+    #[error("sent away by the server ({reason}): retry after {retry_after_ms} ms")]
+    GoAway {
+        /// Why.
+        reason: String,
+        /// The server's hint.
+        retry_after_ms: u32,
+    },
     /// The server broke the protocol (for example no `Welcome` after `Hello`).
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -239,6 +248,10 @@ impl Connection {
         match c.recv_timeout(Duration::from_secs(10)).await? {
             Frame::Welcome(w) => Ok((self, w)),
             Frame::Error(e) => Err(ConnError::Server(e)),
+            Frame::GoAway(g) => Err(ConnError::GoAway {
+                reason: g.reason,
+                retry_after_ms: g.retry_after_ms,
+            }),
             other => Err(ConnError::Protocol(format!(
                 "expected welcome, got {}",
                 other.type_name()

@@ -81,6 +81,11 @@ pub struct Config {
     /// How long a new connection has to complete the WebSocket upgrade, and then to send
     /// `hello`, in milliseconds; a connection that does not is closed.
     pub handshake_timeout_ms: u64,
+    /// Handshakes (from the accepted connection to `welcome`) a node runs at once; a
+    /// connection beyond them gets `goaway` with a jittered `retry_after_ms` (0.5–3 s) and
+    /// close 1013 at once, instead of queueing behind the others until it times out, so a
+    /// reconnect storm becomes a ramp. 0 = no limit.
+    pub max_concurrent_handshakes: usize,
     /// Sessions one user (token `sub`) may hold at once on this node; 0 = no limit. Further
     /// handshakes of that user get `too_many_connections` (204).
     pub max_connections_per_user: usize,
@@ -425,6 +430,7 @@ impl Default for Config {
             node_concurrent_reads: 0,
             allowed_origins: Vec::new(),
             handshake_timeout_ms: 10_000,
+            max_concurrent_handshakes: 2_048,
             max_connections_per_user: 0,
             max_client_ids_per_user: 0,
             max_documents_per_user: 0,

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub db_pool_max: IntGauge,
     /// 1 when `/readyz` would answer 200, read at each scrape.
     pub ready: IntGauge,
+    /// Connections turned away at once because `max_concurrent_handshakes` were in progress.
+    pub admission_refused: IntCounter,
     /// Mutations by outcome (`applied`, `rejected`, `replayed`).
     pub mutations: IntCounterVec,
     /// Changes delivered to live subscribers (one per subscriber per change).
@@ -204,6 +206,10 @@ impl Metrics {
                 "syncgate_db_pool_max_connections",
                 "The database pool's maximum size",
             ),
+            admission_refused: counter(
+                "syncgate_admission_refused_total",
+                "Connections sent away with goaway because max_concurrent_handshakes were in progress",
+            ),
             ready: gauge(
                 "syncgate_ready",
                 "1 when the node is ready (/readyz answers 200): not draining, database reachable",
@@ -312,11 +318,13 @@ impl Metrics {
     }
 }
 
-/// Why WebSocket connections end (`syncgate_connections_closed_total{reason}`): `client`
+/// Why WebSocket connections end (`syncgate_connections_closed_total{reason}`): `admission`
+/// (turned away at once: `max_concurrent_handshakes` were in progress), `client`
 /// (the client closed or went away cleanly), `network` (a read failed: reset, vanished peer),
 /// `drain` (the node shut down), `slow_consumer`, `heartbeat_timeout`, `handshake` (no upgrade
 /// or `hello` in time, or a refused `hello`), `token_expired`, `error` (any other fatal error).
 pub(crate) const CLOSE_REASONS: &[&str] = &[
+    "admission",
     "client",
     "network",
     "drain",

@@ -227,6 +227,8 @@ impl Gateway {
             draining: draining.clone(),
             push_bytes: Arc::new(Semaphore::new(config.node_inflight_push_bytes)),
             reads: Arc::new(Semaphore::new(config.concurrent_reads())),
+            handshakes: (config.max_concurrent_handshakes > 0)
+                .then(|| Arc::new(Semaphore::new(config.max_concurrent_handshakes))),
             sessions_per_user: Arc::new(dashmap::DashMap::new()),
             tls,
             claims: claims_tx,

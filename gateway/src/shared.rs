@@ -39,6 +39,9 @@ pub(crate) struct Shared {
     /// Bytes of push frames the node may still take in (`node_inflight_push_bytes`); a permit
     /// travels with its job and is given back when ingest has answered it.
     pub(crate) push_bytes: Arc<tokio::sync::Semaphore>,
+    /// Handshakes in progress (`max_concurrent_handshakes`; `None`: no limit). A permit is
+    /// held from the accepted connection until `welcome`.
+    pub(crate) handshakes: Option<Arc<tokio::sync::Semaphore>>,
     /// Turns for snapshot and catch-up pages read from the database (`node_concurrent_reads`).
     pub(crate) reads: Arc<tokio::sync::Semaphore>,
     /// Claims of client ids nobody holds yet, answered in groups (`storage::claims`).

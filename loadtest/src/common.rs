@@ -32,15 +32,33 @@ impl Target {
             .copied()
     }
 
-    /// Connects connection number `i` (its source address rotates over `sources`).
+    /// Connects connection number `i` (its source address rotates over `sources`). A
+    /// `goaway` before `welcome` (the node's admission control: too many handshakes in
+    /// progress) is honoured as the SDK does: wait the hint plus up to half of it again, then
+    /// connect again (counted in [`sent_away`]); at most 100 times.
     pub async fn connect(
         &self,
         i: usize,
         client_id: &str,
     ) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
-        Connection::connect_from(&self.url, self.source(i), client_id, &self.token)
-            .await
-            .with_context(|| format!("connecting {client_id} to {}", self.url))
+        let mut tries = 0;
+        loop {
+            match Connection::connect_from(&self.url, self.source(i), client_id, &self.token).await
+            {
+                Err(syncgate_client::ConnError::GoAway { retry_after_ms, .. }) if tries < 100 => {
+                    tries += 1;
+                    SENT_AWAY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let hint = u64::from(retry_after_ms);
+                    let wait = hint + rand::random_range(0..=hint / 2);
+                    // The server's retry hint, as a client honours it.
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                other => {
+                    return other
+                        .with_context(|| format!("connecting {client_id} to {}", self.url));
+                }
+            }
+        }
     }
 
     /// [`Target::connect`] with a small kernel receive buffer: a client that stops reading
@@ -57,6 +75,14 @@ impl Target {
             .await
             .with_context(|| format!("handshake of {client_id}"))
     }
+}
+
+/// Handshakes answered with `goaway` (admission control) that this process retried.
+static SENT_AWAY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many handshakes the gateway sent away (and this process retried) so far.
+pub fn sent_away() -> u64 {
+    SENT_AWAY.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A random id naming one run; every document of the run carries it in `run`.

@@ -72,6 +72,7 @@ pub async fn run(cfg: &StormConfig) -> anyhow::Result<Report> {
     }
     w.close().await;
     // The storm.
+    let sent_away_before = crate::common::sent_away();
     let started = Instant::now();
     let tasks: Vec<_> = cursors
         .into_iter()
@@ -119,7 +120,8 @@ pub async fn run(cfg: &StormConfig) -> anyhow::Result<Report> {
         serde_json::json!({"clients": cfg.clients, "missed": cfg.missed}),
         serde_json::json!({"all_caught_up_sec": all.as_secs_f64(),
             "changes_delivered": rec.count() * cfg.missed,
-            "deliveries_per_sec": (rec.count() * cfg.missed) as f64 / all.as_secs_f64().max(1e-9)}),
+            "deliveries_per_sec": (rec.count() * cfg.missed) as f64 / all.as_secs_f64().max(1e-9),
+            "handshakes_sent_away": crate::common::sent_away() - sent_away_before}),
         &rec,
         failures,
     ))

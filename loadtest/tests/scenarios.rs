@@ -143,6 +143,38 @@ async fn reconnect_storm_short_run_delivers_exactly_what_was_missed() {
     gw.shutdown().await;
 }
 
+/// The storm against a node that admits 2 handshakes at a time: the excess is sent away with
+/// a retry hint, the clients come back on it, and every one still gets exactly what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_through_admission_control_catches_everyone_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, target) = gateway_with(
+        dir.path(),
+        Config {
+            max_concurrent_handshakes: 2,
+            ..Config::default()
+        },
+    )
+    .await;
+    let report = syncgate_loadtest::storm::run(&StormConfig {
+        target,
+        collection: "work_orders".into(),
+        clients: 60,
+        missed: 50,
+        deadline: DEADLINE,
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    assert_eq!(report.figures["changes_delivered"], 60 * 50);
+    assert!(
+        report.figures["handshakes_sent_away"].as_u64().unwrap() > 0,
+        "{}",
+        report.figures
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_short_run_recovers_the_stalled_client_exactly_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -78,6 +78,14 @@ impl From<ConnError> for End {
                 reason: format!("not a usable WebSocket URL ({e}): use ws://HOST:PORT"),
             },
             ConnError::Url(reason) => End::Refused { code: None, reason },
+            // Turned away before `welcome` (admission, a draining node): the server's hint.
+            ConnError::GoAway {
+                reason,
+                retry_after_ms,
+            } => End::GoAway {
+                reason,
+                retry_after: std::time::Duration::from_millis(u64::from(retry_after_ms)),
+            },
             // An untrusted certificate is not retried in silence: it is either a configuration
             // to fix (the CA file) or someone in between.
             ConnError::Tls(reason) => End::Refused {

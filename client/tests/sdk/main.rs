@@ -763,6 +763,63 @@ async fn goaway_is_honoured() {
     client.close().await;
 }
 
+/// A node whose handshakes are all in progress sends a new client away before `welcome`
+/// (admission): the SDK plans its retry from the server's hint, not its own backoff, and gets
+/// in once a turn is free (here at once: `sync_now` does not wait for the planned retry);
+/// nothing it wrote meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sent_away_at_the_handshake_retries_on_the_hint_and_gets_in() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let mut config = gateway_config(gw_dir.path());
+    config.max_concurrent_handshakes = 1;
+    let gw = Gateway::start(config).await.unwrap();
+    // A connection that upgrades and never says hello holds the only turn.
+    let mut pending = tokio::net::TcpStream::connect(gw.ws_addr).await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        pending
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(pending.read_u8().await.unwrap());
+        }
+    }
+    let client = builder(&format!("ws://{}", gw.ws_addr), client_dir.path())
+        .open()
+        .await
+        .unwrap();
+    let mut events = client.events();
+    client
+        .put(COLL, "while-away", body(&[("v", Value::from(1))]))
+        .await
+        .unwrap();
+    let e = wait_event(&mut events, "being sent away", |e| {
+        matches!(e, Event::Connection(ConnectionState::Disconnected { .. }))
+    })
+    .await;
+    let Event::Connection(ConnectionState::Disconnected { reason, retry_in }) = e else {
+        unreachable!()
+    };
+    assert!(reason.contains("busy"), "{reason}");
+    // The hint (0.5–3 s) plus up to half of it again.
+    assert!(
+        retry_in >= Duration::from_millis(500) && retry_in <= Duration::from_millis(4_500),
+        "{retry_in:?}"
+    );
+    drop(pending);
+    client.sync_now(DEADLINE).await.unwrap();
+    assert!(replica(&client).await.contains_key("while-away"));
+    assert!(gw.metrics.admission_refused.get() >= 1);
+    client.close().await;
+    gw.shutdown().await;
+}
+
 /// Runs the command line.
 async fn cli(dir: &Path, url: &str, args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate-client"))

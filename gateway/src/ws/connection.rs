@@ -177,6 +177,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         .peer_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let limits = shared.config.limits;
+    // Admission: a turn among `max_concurrent_handshakes`, held until `welcome`; without
+    // one the connection is sent away at once with a retry hint.
+    let admission = match &shared.handshakes {
+        Some(turns) => match turns.clone().try_acquire_owned() {
+            Ok(turn) => Some(turn),
+            Err(_) => return turn_away(&shared, tcp).await,
+        },
+        None => None,
+    };
     // The WebSocket upgrade and then `hello` must each come within this.
     let handshake_timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
     // A 1 KiB read buffer (tungstenite zero-fills the whole buffer it reads into, and an idle
@@ -237,6 +246,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         ),
         pace: Pacing::new(&shared.config, Instant::now()),
         fetches: Vec::new(),
+        admission,
     };
     let reason = conn.run(&mut stream).await;
     conn.teardown();
@@ -287,6 +297,8 @@ struct Connection {
     pace: Pacing,
     /// Answers to `fetch` being sent.
     fetches: Vec<tokio::task::AbortHandle>,
+    /// The handshake's turn (`max_concurrent_handshakes`), given back at `welcome`.
+    admission: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// `fetch` requests one connection may have answered at once.
@@ -679,6 +691,8 @@ impl Connection {
             token_deadline,
             _slot: slot,
         });
+        // The handshake is done: its turn goes to the next connection.
+        self.admission = None;
     }
 
     /// The log line of a refused handshake (rate-limited; never the token).
@@ -934,6 +948,58 @@ impl Connection {
     }
 }
 
+/// A connection beyond `max_concurrent_handshakes`: upgraded (within the handshake timeout),
+/// sent `goaway` with a jittered retry hint and closed with 1013 ("try again later"), without
+/// reading anything from it.
+async fn turn_away(shared: &Shared, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    shared.metrics.admission_refused.inc();
+    let timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .max_message_size(Some(1024))
+        .max_frame_size(Some(1024));
+    let upgrade = tokio::time::timeout(
+        timeout,
+        Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
+            Transport::accept(tcp, shared.tls.clone()),
+            OriginCheck {
+                allowed: &shared.config.allowed_origins,
+            },
+            Some(ws_config),
+        )),
+    )
+    .await;
+    let Ok(Ok(mut ws)) = upgrade else {
+        return;
+    };
+    let goaway = encode(&Frame::GoAway(GoAway {
+        reason: "busy: too many handshakes in progress".into(),
+        retry_after_ms: admission_retry_after_ms(rand::random()),
+    }));
+    use futures_util::SinkExt;
+    let bye = async {
+        ws.send(Message::Binary(goaway.into())).await?;
+        ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: 1013.into(),
+            reason: "try again later".into(),
+        }))
+        .await
+    };
+    let _ = tokio::time::timeout(timeout, bye).await;
+    shared
+        .metrics
+        .connections_closed
+        .with_label_values(&["admission"])
+        .inc();
+}
+
+/// The retry hint of a connection turned away by admission: 500–3,000 ms for a random draw
+/// `r`, so the turned-away come back spread out.
+pub(crate) fn admission_retry_after_ms(r: u32) -> u32 {
+    500 + r % 2_501
+}
+
 /// The bounded label (`metrics::CLOSE_REASONS`) of the reason [`Connection::run`] returned.
 fn close_label(reason: &str, established: bool) -> &'static str {
     use syncgate_protocol::ErrorCode;
@@ -987,6 +1053,14 @@ mod tests {
             assert_eq!(got, label, "{reason}");
             assert!(crate::metrics::CLOSE_REASONS.contains(&got));
         }
+    }
+
+    #[test]
+    fn admission_hints_spread_over_half_a_second_to_three() {
+        assert_eq!(admission_retry_after_ms(0), 500);
+        assert_eq!(admission_retry_after_ms(2_500), 3_000);
+        assert_eq!(admission_retry_after_ms(2_501), 500);
+        assert!((0..10_000u32).all(|r| (500..=3_000).contains(&admission_retry_after_ms(r))));
     }
 
     #[test]

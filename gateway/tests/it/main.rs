@@ -1562,6 +1562,51 @@ async fn silent_http_sockets_are_closed_and_websockets_still_connect() {
 
 /// Opens a WebSocket by hand (the upgrade request written byte by byte), for frames no client
 /// library would send.
+/// Admission (`max_concurrent_handshakes`): while the node's handshakes are all in progress,
+/// a new connection is sent away at once with `goaway` (a retry hint of 0.5–3 s) and close
+/// 1013 instead of waiting for a turn; once a handshake ends, connections are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_handshakes_in_progress_are_sent_away_with_a_hint() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = db.config();
+    cfg.max_concurrent_handshakes = 1;
+    let gw = Gateway::start(cfg).await.unwrap();
+    // Upgraded, no hello yet: it holds the node's one handshake turn.
+    let pending = raw_websocket(gw.ws_addr).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&gw)).await.unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Binary(b) => match syncgate_protocol::codec::decode(&b).unwrap() {
+            Frame::GoAway(g) => {
+                assert!((500..=3_000).contains(&g.retry_after_ms), "{g:?}");
+            }
+            other => panic!("expected goaway, got {other:?}"),
+        },
+        other => panic!("expected goaway, got {other:?}"),
+    }
+    match ws.next().await.unwrap().unwrap() {
+        Message::Close(Some(c)) => assert_eq!(u16::from(c.code), 1013),
+        other => panic!("expected close 1013, got {other:?}"),
+    }
+    assert_eq!(gw.metrics.admission_refused.get(), 1);
+    // The pending one completes its handshake: the turn is free for the next client.
+    drop(pending);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match syncgate_client::Connection::connect(&ws_url(&gw), "after", &token("t")).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < end, "never admitted again: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // An established session holds no turn: another client gets in beside it.
+    let (_a, _) = connect(&gw, "a").await;
+    let (_b, _) = connect(&gw, "b").await;
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
 async fn raw_websocket(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
