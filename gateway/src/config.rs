@@ -82,7 +82,7 @@ pub struct Config {
     /// `hello`, in milliseconds; a connection that does not is closed.
     pub handshake_timeout_ms: u64,
     /// Handshakes (from the accepted connection to `welcome`) a node runs at once; a
-    /// connection beyond them gets `goaway` with a jittered `retry_after_ms` (0.5–3 s) and
+    /// connection beyond them gets `goaway` with a jittered `retry_after_ms` (0.1–1 s) and
     /// close 1013 at once, instead of queueing behind the others until it times out, so a
     /// reconnect storm becomes a ramp. 0 = no limit.
     pub max_concurrent_handshakes: usize,

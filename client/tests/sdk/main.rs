@@ -807,9 +807,9 @@ async fn a_client_sent_away_at_the_handshake_retries_on_the_hint_and_gets_in() {
         unreachable!()
     };
     assert!(reason.contains("busy"), "{reason}");
-    // The hint (0.5–3 s) plus up to half of it again.
+    // The hint (0.1–1 s) plus up to half of it again.
     assert!(
-        retry_in >= Duration::from_millis(500) && retry_in <= Duration::from_millis(4_500),
+        retry_in >= Duration::from_millis(100) && retry_in <= Duration::from_millis(1_500),
         "{retry_in:?}"
     );
     drop(pending);

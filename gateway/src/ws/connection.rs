@@ -994,10 +994,10 @@ async fn turn_away(shared: &Shared, tcp: TcpStream) {
         .inc();
 }
 
-/// The retry hint of a connection turned away by admission: 500–3,000 ms for a random draw
+/// The retry hint of a connection turned away by admission: 100–1,000 ms for a random draw
 /// `r`, so the turned-away come back spread out.
 pub(crate) fn admission_retry_after_ms(r: u32) -> u32 {
-    500 + r % 2_501
+    100 + r % 901
 }
 
 /// The bounded label (`metrics::CLOSE_REASONS`) of the reason [`Connection::run`] returned.
@@ -1056,11 +1056,11 @@ mod tests {
     }
 
     #[test]
-    fn admission_hints_spread_over_half_a_second_to_three() {
-        assert_eq!(admission_retry_after_ms(0), 500);
-        assert_eq!(admission_retry_after_ms(2_500), 3_000);
-        assert_eq!(admission_retry_after_ms(2_501), 500);
-        assert!((0..10_000u32).all(|r| (500..=3_000).contains(&admission_retry_after_ms(r))));
+    fn admission_hints_spread_over_a_tenth_of_a_second_to_one() {
+        assert_eq!(admission_retry_after_ms(0), 100);
+        assert_eq!(admission_retry_after_ms(900), 1_000);
+        assert_eq!(admission_retry_after_ms(901), 100);
+        assert!((0..10_000u32).all(|r| (100..=1_000).contains(&admission_retry_after_ms(r))));
     }
 
     #[test]
