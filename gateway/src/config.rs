@@ -197,6 +197,10 @@ pub struct AuthConfig {
     /// with that issuer's keys, selected by the token's `kid`; HS256 tokens (signed with
     /// `jwt_secret`) may not name them.
     pub trusted_issuers: Vec<TrustedIssuer>,
+    /// The key of the node's admin endpoint (`GET /admin/clients` with
+    /// `Authorization: Bearer <key>`, which `syncgate admin clients list` reads). Empty: the
+    /// endpoint answers 404.
+    pub admin_key: String,
 }
 
 /// One identity provider that signs tokens with public-key algorithms.
@@ -235,6 +239,7 @@ impl Default for AuthConfig {
             roles_claim: "roles".into(),
             leeway_secs: 5,
             trusted_issuers: Vec::new(),
+            admin_key: String::new(),
         }
     }
 }
@@ -591,6 +596,9 @@ impl Config {
         let mut shown = self.clone();
         if !shown.auth.jwt_secret.is_empty() {
             shown.auth.jwt_secret = "<redacted>".into();
+        }
+        if !shown.auth.admin_key.is_empty() {
+            shown.auth.admin_key = "<redacted>".into();
         }
         shown.database = redact_url(&shown.database);
         toml::to_string_pretty(&shown)

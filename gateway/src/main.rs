@@ -293,6 +293,20 @@ enum AdminApiKeys {
 
 #[derive(Subcommand)]
 enum AdminClients {
+    /// The clients connected to each node given (its HTTP listener, `GET /admin/clients` with
+    /// the admin key): client id, user, agent, subscriptions with their lag behind the
+    /// node's published head, outbound bytes, connected since, last push, applied mutation.
+    List {
+        /// A node's HTTP address (HOST:PORT), repeatable; default: this config's `http_listen`.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// The nodes' `auth.admin_key` (default: this config's).
+        #[arg(long, env = "SYNCGATE_ADMIN_KEY", hide_env_values = true)]
+        admin_key: Option<String>,
+        /// Print JSON (one object per node) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Give a client id to another user: the installation was handed over. Its exactly-once
     /// record (horizon, stored outcomes) goes with it; the previous user is refused with
     /// `client_id_taken` from their next connection.
@@ -473,6 +487,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (status, text) = probe_http(
                 config.http_listen,
                 path,
+                &[],
                 std::time::Duration::from_secs(*timeout),
             )
             .with_context(|| format!("asking {} for {path}", config.http_listen))?;
@@ -492,6 +507,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "client {client_id:?} has never connected; it belongs to whoever uses it first"
             ),
         },
+        Command::Admin {
+            command:
+                Admin::Clients {
+                    command:
+                        AdminClients::List {
+                            nodes,
+                            admin_key,
+                            json,
+                        },
+                },
+        } => {
+            let key = admin_key.clone().unwrap_or(config.auth.admin_key.clone());
+            if key.is_empty() {
+                anyhow::bail!(
+                    "no admin key: --admin-key, SYNCGATE_ADMIN_KEY or auth.admin_key in --config"
+                );
+            }
+            let nodes = if nodes.is_empty() {
+                vec![config.http_listen.to_string()]
+            } else {
+                nodes.clone()
+            };
+            let mut all = Vec::new();
+            for node in &nodes {
+                let addr = tokio::net::lookup_host(node.as_str())
+                    .await
+                    .with_context(|| format!("resolving {node}"))?
+                    .next()
+                    .with_context(|| format!("{node} has no address"))?;
+                let auth = format!("Authorization: Bearer {key}");
+                let (status, text) = probe_http(
+                    addr,
+                    "/admin/clients",
+                    &[auth.as_str()],
+                    std::time::Duration::from_secs(10),
+                )
+                .with_context(|| format!("asking {node} for /admin/clients"))?;
+                if status != 200 {
+                    anyhow::bail!("{node}: HTTP {status}: {}", text.trim());
+                }
+                let mut v: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{node}: not JSON"))?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("node".into(), node.clone().into());
+                }
+                all.push(v);
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print_clients(&all);
+            }
+        }
         Command::Admin {
             command: Admin::ApiKeys { command },
         } => api_keys(&config, command).await?,
@@ -802,11 +870,53 @@ async fn api_keys(config: &Config, command: &AdminApiKeys) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The table of `syncgate admin clients list`: one line per session.
+fn print_clients(nodes: &[serde_json::Value]) {
+    println!(
+        "NODE                   CLIENT                USER          SUBS  MAX LAG  OUTBOUND  APPLIED  LAST PUSH (ms ago)  AGENT"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for n in nodes {
+        let node = n["node"].as_str().unwrap_or_default();
+        for c in n["clients"].as_array().into_iter().flatten() {
+            let subs = c["subscriptions"].as_array().map_or(0, Vec::len);
+            let max_lag = c["subscriptions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["lag"].as_u64())
+                .max()
+                .unwrap_or(0);
+            let last = c["last_push_at_ms"].as_u64().unwrap_or(0);
+            let ago = if last == 0 {
+                "-".to_owned()
+            } else {
+                now.saturating_sub(last).to_string()
+            };
+            println!(
+                "{:<22} {:<21} {:<13} {:>4} {:>8} {:>9} {:>8} {:>19}  {}",
+                node,
+                c["client_id"].as_str().unwrap_or_default(),
+                c["user"].as_str().unwrap_or_default(),
+                subs,
+                max_lag,
+                c["outbound_bytes"].as_u64().unwrap_or(0),
+                c["applied_mutation"].as_u64().unwrap_or(0),
+                ago,
+                c["agent"].as_str().unwrap_or_default()
+            );
+        }
+    }
+}
+
 /// `GET path` on this host's HTTP listener (an unspecified address means loopback): the
 /// status and the body.
 fn probe_http(
     mut addr: std::net::SocketAddr,
     path: &str,
+    headers: &[&str],
     timeout: std::time::Duration,
 ) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
@@ -819,9 +929,10 @@ fn probe_http(
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n"
     )?;
     let mut raw = Vec::new();
     s.take(64 * 1024).read_to_end(&mut raw)?;

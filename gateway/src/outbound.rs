@@ -187,7 +187,6 @@ impl Outbound {
     }
 
     /// Bytes held: queued and being written.
-    #[cfg(test)]
     pub(crate) fn queued_bytes(&self) -> usize {
         self.lock().held()
     }

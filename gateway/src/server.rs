@@ -230,6 +230,7 @@ impl Gateway {
             handshakes: (config.max_concurrent_handshakes > 0)
                 .then(|| Arc::new(Semaphore::new(config.max_concurrent_handshakes))),
             sessions_per_user: Arc::new(dashmap::DashMap::new()),
+            clients: dashmap::DashMap::new(),
             tls,
             claims: claims_tx,
             config,

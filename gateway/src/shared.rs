@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) reads: Arc<tokio::sync::Semaphore>,
     /// Claims of client ids nobody holds yet, answered in groups (`storage::claims`).
     pub(crate) claims: mpsc::Sender<crate::storage::claims::Claim>,
+    /// Established sessions of this node by session id, for `GET /admin/clients`.
+    pub(crate) clients: dashmap::DashMap<u64, Arc<ClientInfo>>,
     /// TLS for both listeners (`None`: plain).
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -117,4 +119,22 @@ fn not_downloadable(collection: &str, mode: SyncMode) -> GatewayError {
         mode,
         what,
     }
+}
+
+/// What `GET /admin/clients` tells of one session: who, since when, its subscriptions and
+/// their positions, its outbound queue, its last push and applied mutation. Written by the
+/// connection, read by the admin endpoint; nothing waits on it.
+pub(crate) struct ClientInfo {
+    pub(crate) client_id: String,
+    pub(crate) user: String,
+    pub(crate) agent: String,
+    pub(crate) peer: std::net::SocketAddr,
+    pub(crate) connected_at_ms: u64,
+    pub(crate) out: Arc<crate::outbound::Outbound>,
+    pub(crate) subs:
+        std::sync::Mutex<std::collections::BTreeMap<u32, Arc<crate::sync::hub::SubEntry>>>,
+    /// Unix milliseconds of the last push answered (0: none yet).
+    pub(crate) last_push_ms: std::sync::atomic::AtomicU64,
+    /// The highest mutation id of the client known applied (from `welcome`, then every ack).
+    pub(crate) applied: std::sync::atomic::AtomicU64,
 }

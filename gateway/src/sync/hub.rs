@@ -16,7 +16,7 @@
 //! those bytes behind its own `sub` and cursor.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub(crate) struct SubEntry {
     pub view: View,
     /// Set (under the publish lock) once the subscription receives live chunks.
     live: AtomicBool,
+    /// The seq up to which the subscription's frames are queued (catch-up or live), for
+    /// `admin clients`: its lag is the published head minus this.
+    position: AtomicU64,
 }
 
 impl SubEntry {
@@ -57,7 +60,23 @@ impl SubEntry {
             collection,
             view,
             live: AtomicBool::new(false),
+            position: AtomicU64::new(0),
         }
+    }
+
+    /// Whether it receives live chunks.
+    pub(crate) fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// The seq up to which its frames are queued.
+    pub(crate) fn position(&self) -> u64 {
+        self.position.load(Ordering::Relaxed)
+    }
+
+    /// Records that its frames up to `seq` are queued.
+    pub(crate) fn queued_up_to(&self, seq: u64) {
+        self.position.fetch_max(seq, Ordering::Relaxed);
     }
 }
 
@@ -276,6 +295,7 @@ impl Hub {
                 seq: position,
             },
         }))));
+        entry.queued_up_to(position);
         entry.live.store(true, Ordering::Release);
         true
     }
@@ -313,7 +333,10 @@ impl Hub {
                 let n = parts.len() as u64;
                 let frames = changes_frames(entry.sub, &parts, &self.epoch, to, self.frame_budget);
                 match entry.out.try_push_all(frames) {
-                    Pushed::Queued => delivered += n,
+                    Pushed::Queued => {
+                        entry.queued_up_to(to);
+                        delivered += n;
+                    }
                     Pushed::Full => slow_consumer(&entry.out, &self.metrics),
                     // Ending already (told once): its entry goes when the connection does.
                     Pushed::Closed => {}

@@ -247,6 +247,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         pace: Pacing::new(&shared.config, Instant::now()),
         fetches: Vec::new(),
         admission,
+        info: None,
     };
     let reason = conn.run(&mut stream).await;
     conn.teardown();
@@ -299,6 +300,8 @@ struct Connection {
     fetches: Vec<tokio::task::AbortHandle>,
     /// The handshake's turn (`max_concurrent_handshakes`), given back at `welcome`.
     admission: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// What `GET /admin/clients` shows of this session (from `welcome` on).
+    info: Option<Arc<crate::shared::ClientInfo>>,
 }
 
 /// `fetch` requests one connection may have answered at once.
@@ -490,6 +493,9 @@ impl Connection {
     }
 
     fn teardown(&mut self) {
+        if let Some(s) = &self.session {
+            self.shared.clients.remove(&s.id);
+        }
         for t in self.fetches.drain(..) {
             t.abort();
         }
@@ -552,6 +558,12 @@ impl Connection {
                 Some(s) => {
                     s.task.abort();
                     self.shared.hub.unregister(&s.entry);
+                    if let Some(info) = &self.info {
+                        info.subs
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&u.sub);
+                    }
                 }
                 None => self.reply(ErrorReply::from(GatewayError::UnknownSubscription).sub(u.sub)),
             },
@@ -683,6 +695,19 @@ impl Connection {
                 .collect(),
             token_valid_ms,
         }));
+        let info = Arc::new(crate::shared::ClientInfo {
+            client_id: h.client_id.clone(),
+            user: user.clone(),
+            agent: crate::oplog::printable(&h.agent).to_string(),
+            peer: self.peer,
+            connected_at_ms: crate::storage::now_ms() as u64,
+            out: self.out.clone(),
+            subs: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            last_push_ms: std::sync::atomic::AtomicU64::new(0),
+            applied: std::sync::atomic::AtomicU64::new(last_applied_mutation),
+        });
+        self.shared.clients.insert(session_id, info.clone());
+        self.info = Some(info);
         self.session = Some(Session {
             client_id: h.client_id,
             user,
@@ -750,6 +775,12 @@ impl Connection {
             not_before,
         ))
         .abort_handle();
+        if let Some(info) = &self.info {
+            info.subs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(s.sub, entry.clone());
+        }
         self.subs.insert(s.sub, ActiveSub { entry, task });
     }
 
@@ -936,6 +967,13 @@ impl Connection {
                     .metrics
                     .push_seconds
                     .observe(started.elapsed().as_secs_f64());
+                if let Some(info) = &self.info {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    info.last_push_ms
+                        .store(crate::storage::now_ms() as u64, Relaxed);
+                    let applied = outcome.results.iter().map(|r| r.mutation_id).max();
+                    info.applied.fetch_max(applied.unwrap_or(0), Relaxed);
+                }
                 self.send(Frame::PushAck(PushAck {
                     batch,
                     results: outcome.results,

@@ -170,6 +170,7 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
                 return Ok(()); // the connection is closing
             }
         }
+        entry.queued_up_to(upto);
         position = upto;
     }
 }

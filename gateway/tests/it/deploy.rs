@@ -422,3 +422,96 @@ async fn the_health_command_asks_the_gateway_on_this_host() {
     );
     db.cleanup().await;
 }
+
+/// `syncgate admin clients list` reads each node's `GET /admin/clients` with the admin key:
+/// every session with its user, subscriptions (position, lag), last push and applied
+/// mutation; without the key the endpoint answers 401, and a node without one 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_clients_lists_each_session_with_its_lag_and_last_push() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = db.config();
+    config.auth.admin_key = "adm-key".into();
+    let gw = Gateway::start(config).await.unwrap();
+    assert_eq!(http(&gw, "GET", "/admin/clients", &[], b"").await.0, 401);
+    let wrong = [("Authorization", "Bearer adm-kez")];
+    assert_eq!(http(&gw, "GET", "/admin/clients", &wrong, b"").await.0, 401);
+    let (mut w, _) = connect(&gw, "admin-writer").await;
+    let ack = push(
+        &mut w,
+        1,
+        vec![
+            put(1, "machines", "m1", body(&[("name", "press".into())])),
+            put(2, "machines", "m2", body(&[("name", "saw".into())])),
+        ],
+    )
+    .await;
+    let mut reader = Replica::subscribe(&gw, "admin-reader", "machines", Body::new(), None).await;
+    reader.until_seq(ack.visible_at).await;
+    let node = gw.http_addr.to_string();
+    let out = command(&["admin", "clients", "list", "--node", &node, "--json"])
+        .env("SYNCGATE_ADMIN_KEY", "adm-key")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = &nodes[0];
+    assert_eq!(n["node"], node.as_str());
+    assert_eq!(n["published"], ack.visible_at);
+    let clients = n["clients"].as_array().unwrap();
+    let find = |id: &str| {
+        clients
+            .iter()
+            .find(|c| c["client_id"] == id)
+            .unwrap_or_else(|| panic!("{id} not listed: {clients:?}"))
+    };
+    let writer = find("admin-writer");
+    assert_eq!(writer["user"], "tester");
+    assert_eq!(writer["applied_mutation"], 2);
+    assert!(writer["last_push_at_ms"].as_u64().unwrap() > 0);
+    assert_eq!(writer["subscriptions"], serde_json::json!([]));
+    let r = find("admin-reader");
+    assert_eq!(r["last_push_at_ms"], 0);
+    let sub = &r["subscriptions"][0];
+    assert_eq!(
+        (
+            &sub["collection"],
+            &sub["live"],
+            &sub["position"],
+            &sub["lag"]
+        ),
+        (
+            &serde_json::json!("machines"),
+            &serde_json::json!(true),
+            &serde_json::json!(ack.visible_at),
+            &serde_json::json!(0)
+        )
+    );
+    // The table names them too; a session that ended is gone.
+    drop(w);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let out = command(&["admin", "clients", "list", "--node", &node])
+            .env("SYNCGATE_ADMIN_KEY", "adm-key")
+            .output()
+            .await
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(table.contains("admin-reader"), "{table}");
+        if !table.contains("admin-writer") {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the ended session is still listed: {table}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    gw.shutdown().await;
+    // No admin key configured: there is no endpoint.
+    let gw = Gateway::start(db.config()).await.unwrap();
+    let key = [("Authorization", "Bearer adm-key")];
+    assert_eq!(http(&gw, "GET", "/admin/clients", &key, b"").await.0, 404);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
