@@ -81,6 +81,11 @@ pub struct Config {
     /// How long a new connection has to complete the WebSocket upgrade, and then to send
     /// `hello`, in milliseconds; a connection that does not is closed.
     pub handshake_timeout_ms: u64,
+    /// How long a subscriber whose outbound queue filled may stay behind, in milliseconds: it
+    /// stops receiving live changes and catches up in pages (superseded versions of a
+    /// document left out when it follows a whole collection), then rejoins live with no gap;
+    /// only if it is still behind after this long is it closed with `slow_consumer`.
+    pub slow_consumer_deadline_ms: u64,
     /// Handshakes (from the accepted connection to `welcome`) a node runs at once; a
     /// connection beyond them gets `goaway` with a jittered `retry_after_ms` (0.1–1 s) and
     /// close 1013 at once, instead of queueing behind the others until it times out, so a
@@ -436,6 +441,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             handshake_timeout_ms: 10_000,
             max_concurrent_handshakes: 2_048,
+            slow_consumer_deadline_ms: 60_000,
             max_connections_per_user: 0,
             max_client_ids_per_user: 0,
             max_documents_per_user: 0,

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Connections turned away at once because `max_concurrent_handshakes` were in progress.
     pub admission_refused: IntCounter,
+    /// Slow subscribers by what happened: `degraded` (its queue was full: switched to
+    /// catch-up), `rejoined` (caught up and live again), `dropped` (still behind at the
+    /// deadline: closed with `slow_consumer`).
+    pub slow_consumers: IntCounterVec,
     /// Mutations by outcome (`applied`, `rejected`, `replayed`).
     pub mutations: IntCounterVec,
     /// Changes delivered to live subscribers (one per subscriber per change).
@@ -206,6 +210,17 @@ impl Metrics {
                 "syncgate_db_pool_max_connections",
                 "The database pool's maximum size",
             ),
+            slow_consumers: {
+                let c = counter_vec(
+                    "syncgate_slow_consumers_total",
+                    "Slow subscribers: degraded to catch-up, rejoined live, or dropped at the deadline",
+                    &["outcome"],
+                );
+                for outcome in ["degraded", "rejoined", "dropped"] {
+                    c.with_label_values(&[outcome]);
+                }
+                c
+            },
             admission_refused: counter(
                 "syncgate_admission_refused_total",
                 "Connections sent away with goaway because max_concurrent_handshakes were in progress",

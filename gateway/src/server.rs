@@ -235,6 +235,25 @@ impl Gateway {
             claims: claims_tx,
             config,
         });
+        // Live subscribers whose queue filled are caught up (and brought back live) by a task
+        // each instead of being dropped (`ws::subscription::resume`).
+        let (degraded_tx, mut degraded_rx) = mpsc::unbounded_channel();
+        shared.hub.degrade_to(degraded_tx);
+        {
+            let shared = shared.clone();
+            background.spawn(async move {
+                loop {
+                    let entry = tokio::select! {
+                        e = degraded_rx.recv() => e,
+                        _ = shared.shutdown.cancelled() => None,
+                    };
+                    let Some(entry) = entry else { return };
+                    if !entry.is_ended() {
+                        tokio::spawn(crate::ws::subscription::resume(shared.clone(), entry));
+                    }
+                }
+            });
+        }
         background.spawn(accept_loop(ws, shared.clone(), connections.clone()));
         background.spawn(crate::http::serve(http, shared, http_stop.clone()));
         tracing::info!(%ws_addr, %http_addr, "syncgate serving");

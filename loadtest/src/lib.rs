@@ -14,7 +14,7 @@
 //!   connection; every idle connection must receive a final probe exactly once.
 //! - [`storm`]: the reconnect storm; every client must receive exactly the changes it missed.
 //! - [`slow`]: one subscriber stops reading; the others' latency before and during, the
-//!   gateway's RSS, and the stalled one's recovery by cursor, everything exactly once.
+//!   gateway's RSS, and the stalled one's recovery (degraded and caught up by the gateway, or by cursor if dropped), everything exactly once.
 //! - [`chaos`]: kill -9 and restart a spawned gateway under write load; exactly-once ingest
 //!   with identical replayed acks, exactly-once in-order delivery across restarts.
 //! - [`capture`]: SQL sessions write a captured PostgreSQL table while terminals subscribe;

@@ -49,6 +49,9 @@ pub(crate) struct SubEntry {
     /// The seq up to which the subscription's frames are queued (catch-up or live), for
     /// `admin clients`: its lag is the published head minus this.
     position: AtomicU64,
+    /// Set when the client unsubscribed or the connection ended: a catch-up still running
+    /// for it stops.
+    ended: AtomicBool,
 }
 
 impl SubEntry {
@@ -61,7 +64,18 @@ impl SubEntry {
             view,
             live: AtomicBool::new(false),
             position: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
         }
+    }
+
+    /// The subscription is over (unsubscribed, or its connection ended).
+    pub(crate) fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    /// Whether [`SubEntry::end`] was called.
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// Whether it receives live chunks.
@@ -97,6 +111,9 @@ pub(crate) struct Hub {
     published: Mutex<u64>,
     /// Broadcasts `published` to catch-up tasks waiting for the hub to reach them.
     published_tx: watch::Sender<u64>,
+    /// Where a live subscriber whose queue is full goes to catch up instead of being
+    /// dropped (`None`: it is dropped with `slow_consumer`).
+    degraded: Mutex<Option<mpsc::UnboundedSender<Arc<SubEntry>>>>,
     /// The database epoch, for cursors.
     epoch: String,
     /// Metrics.
@@ -206,6 +223,7 @@ impl Hub {
             subs: DashMap::new(),
             published: Mutex::new(head),
             published_tx: watch::channel(head).0,
+            degraded: Mutex::new(None),
             epoch,
             metrics,
             frame_budget,
@@ -281,20 +299,29 @@ impl Hub {
         }
     }
 
+    /// Sends live subscribers whose queue is full to `sink` (a task that catches each up and
+    /// brings it back live) instead of dropping them.
+    pub(crate) fn degrade_to(&self, sink: mpsc::UnboundedSender<Arc<SubEntry>>) {
+        *self.degraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
     /// Makes the subscription live if it has caught up with `published`; queues its `Synced`
-    /// before any live chunk can reach it.
-    pub(crate) fn try_go_live(&self, entry: &SubEntry, position: u64) -> bool {
+    /// (when `announce`: not for a degraded subscriber rejoining, which the client never saw
+    /// leave) before any live chunk can reach it.
+    pub(crate) fn try_go_live(&self, entry: &SubEntry, position: u64, announce: bool) -> bool {
         let published = self.lock();
         if *published != position {
             return false;
         }
-        entry.out.push(Bytes::from(encode(&Frame::Synced(Synced {
-            sub: entry.sub,
-            cursor: Cursor {
-                epoch: self.epoch.clone(),
-                seq: position,
-            },
-        }))));
+        if announce {
+            entry.out.push(Bytes::from(encode(&Frame::Synced(Synced {
+                sub: entry.sub,
+                cursor: Cursor {
+                    epoch: self.epoch.clone(),
+                    seq: position,
+                },
+            }))));
+        }
         entry.queued_up_to(position);
         entry.live.store(true, Ordering::Release);
         true
@@ -337,7 +364,7 @@ impl Hub {
                         entry.queued_up_to(to);
                         delivered += n;
                     }
-                    Pushed::Full => slow_consumer(&entry.out, &self.metrics),
+                    Pushed::Full => self.degrade(entry),
                     // Ending already (told once): its entry goes when the connection does.
                     Pushed::Closed => {}
                 }
@@ -352,6 +379,25 @@ impl Hub {
         self.metrics.published_seq.set(to as i64);
         self.metrics.deliveries.inc_by(delivered);
         true
+    }
+}
+
+impl Hub {
+    /// A live subscriber whose queue has no room for a chunk (under the publish lock): it
+    /// stops receiving live chunks and catches up from its position instead (everything up
+    /// to it is queued), or, with no catch-up sink, is dropped.
+    fn degrade(&self, entry: &Arc<SubEntry>) {
+        entry.live.store(false, Ordering::Release);
+        let sink = self.degraded.lock().unwrap_or_else(|p| p.into_inner());
+        match sink.as_ref().map(|s| s.send(entry.clone())) {
+            Some(Ok(())) => {
+                self.metrics
+                    .slow_consumers
+                    .with_label_values(&["degraded"])
+                    .inc();
+            }
+            _ => slow_consumer(&entry.out, &self.metrics),
+        }
     }
 }
 

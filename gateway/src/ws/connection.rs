@@ -501,6 +501,7 @@ impl Connection {
         }
         for (_, s) in self.subs.drain() {
             s.task.abort();
+            s.entry.end();
             self.shared.hub.unregister(&s.entry);
         }
     }
@@ -557,6 +558,7 @@ impl Connection {
             Frame::Unsubscribe(u) => match self.subs.remove(&u.sub) {
                 Some(s) => {
                     s.task.abort();
+                    s.entry.end();
                     self.shared.hub.unregister(&s.entry);
                     if let Some(info) = &self.info {
                         info.subs

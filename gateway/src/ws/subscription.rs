@@ -54,9 +54,67 @@ pub(crate) async fn start(
     }
 }
 
+/// Catches a degraded subscriber up (its queue was full for a live chunk, see
+/// [`crate::sync::hub`]) from the position everything before was queued to, leaving out
+/// superseded versions when it follows the whole collection, and brings it back live without
+/// a `synced` (the client never saw it leave). Still behind after `slow_consumer_deadline_ms`:
+/// closed with `slow_consumer`, and it resumes by cursor.
+pub(crate) async fn resume(shared: Arc<Shared>, entry: Arc<SubEntry>) {
+    let deadline = std::time::Duration::from_millis(shared.config.slow_consumer_deadline_ms);
+    let from = entry.position();
+    let catch_up = tokio::time::timeout(deadline, follow(&shared, &entry, from, Mode::Degraded));
+    let outcome = tokio::select! {
+        o = catch_up => o,
+        // The node drains: the connection is being closed anyway.
+        _ = shared.shutdown.cancelled() => return,
+    };
+    let metrics = &shared.metrics;
+    match outcome {
+        Ok(Ok(true)) => metrics
+            .slow_consumers
+            .with_label_values(&["rejoined"])
+            .inc(),
+        Ok(Ok(false)) => {} // unsubscribed, or the connection closed
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, sub = entry.sub, "catch-up of a slow subscriber failed");
+            ErrorReply::from(GatewayError::Storage(Step::Subscription))
+                .sub(entry.sub)
+                .send(&entry.out, metrics);
+        }
+        Err(_) => {
+            metrics.slow_consumers.with_label_values(&["dropped"]).inc();
+            crate::sync::hub::slow_consumer(&entry.out, metrics);
+        }
+    }
+}
+
+/// How [`follow`] serves a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A new subscription: every change of the catch-up, then `synced`.
+    Start,
+    /// A degraded one catching up: superseded versions left out (whole-collection views),
+    /// no `synced`.
+    Degraded,
+}
+
+/// Of a page of changes in seq order, the latest change of each document (the client
+/// applying them ends in the same state; the page's cursor covers the rest).
+fn conflate(page: &[Arc<crate::changes::LogEntry>]) -> Vec<&crate::changes::LogEntry> {
+    let mut last: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, e) in page.iter().enumerate() {
+        last.insert(e.change.id.as_str(), i);
+    }
+    page.iter()
+        .enumerate()
+        .filter(|(i, e)| last.get(e.change.id.as_str()) == Some(i))
+        .map(|(_, e)| e.as_ref())
+        .collect()
+}
+
 async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Result<(), StoreError> {
     let hub = &shared.hub;
-    let mut position = match cursor {
+    let position = match cursor {
         Some(c) if c.epoch != hub.epoch() => {
             resync(shared, entry, "epoch_changed", &c);
             snapshot(shared, entry).await?
@@ -72,20 +130,36 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
         Some(c) => c.seq,
         None => snapshot(shared, entry).await?,
     };
+    follow(shared, entry, position, Mode::Start).await?;
+    Ok(())
+}
+
+/// Catches the subscription up from `position` and makes it live; `Ok(false)` when it ended
+/// (or its connection closed) first.
+async fn follow(
+    shared: &Shared,
+    entry: &SubEntry,
+    mut position: u64,
+    mode: Mode,
+) -> Result<bool, StoreError> {
+    let hub = &shared.hub;
     let mut published = hub.watch_published();
     loop {
+        if entry.is_ended() {
+            return Ok(false);
+        }
         let target = *published.borrow_and_update();
         if position > target {
             // The cursor is ahead of what this node has published (committed elsewhere, or
             // publication in progress): wait for the hub to get there.
             if published.changed().await.is_err() {
-                return Ok(());
+                return Ok(false);
             }
             continue;
         }
         if position == target {
-            if hub.try_go_live(entry, position) {
-                return Ok(());
+            if hub.try_go_live(entry, position, mode == Mode::Start) {
+                return Ok(true);
             }
             continue;
         }
@@ -140,6 +214,7 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
                         };
                         resync(shared, entry, "cursor_too_old", &c);
                         position = snapshot(shared, entry).await?;
+                        entry.queued_up_to(position);
                         continue;
                     }
                     other => other?,
@@ -156,18 +231,27 @@ async fn run(shared: &Shared, entry: &SubEntry, cursor: Option<Cursor>) -> Resul
             _ => target,
         };
         let page = page.items;
-        let parts: Vec<(u64, &[u8])> = page
+        // A degraded subscriber of a whole collection gets each document's latest version
+        // only. (With a filter, an older version may be the one that leaves the view.)
+        let kept: Vec<&crate::changes::LogEntry> =
+            if mode == Mode::Degraded && entry.view.is_everything() {
+                conflate(&page)
+            } else {
+                page.iter().map(AsRef::as_ref).collect()
+            };
+        let parts: Vec<(u64, &[u8])> = kept
             .iter()
             .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.view)?)))
             .collect();
         let frames = changes_frames(entry.sub, &parts, hub.epoch(), upto, hub.frame_budget());
         drop(parts);
+        drop(kept);
         drop(page);
         // Never held while waiting for a client to read.
         drop(turn);
         for frame in frames {
             if !entry.out.push_paced(frame).await {
-                return Ok(()); // the connection is closing
+                return Ok(false); // the connection is closing
             }
         }
         entry.queued_up_to(upto);
@@ -264,5 +348,40 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
         if !full {
             return Ok(position);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changes::LogEntry;
+    use syncgate_protocol::{Change, ChangeOp};
+
+    fn entry(seq: u64, id: &str) -> Arc<LogEntry> {
+        Arc::new(LogEntry::new(
+            Change {
+                seq,
+                collection: "c".into(),
+                id: id.into(),
+                op: ChangeOp::Upsert,
+                body: Some(Default::default()),
+            },
+            None,
+        ))
+    }
+
+    #[test]
+    fn conflation_keeps_each_documents_latest_change_in_seq_order() {
+        let page = vec![
+            entry(1, "a"),
+            entry(2, "b"),
+            entry(3, "a"),
+            entry(4, "c"),
+            entry(5, "b"),
+            entry(6, "a"),
+        ];
+        let kept: Vec<u64> = conflate(&page).iter().map(|e| e.change.seq).collect();
+        assert_eq!(kept, vec![4, 5, 6]);
+        assert!(conflate(&[]).is_empty());
     }
 }

@@ -799,11 +799,13 @@ async fn postgres_two_gateways_one_database() {
     db.cleanup().await;
 }
 
-/// A subscriber that never reads: its outbound queue hits the byte cap, it is disconnected
-/// (`slow_consumer`), and a reading subscriber still receives everything.
+/// A subscriber that never reads: its outbound queue hits the byte cap, it is degraded to
+/// catch-up, still behind at `slow_consumer_deadline_ms` it is disconnected (`slow_consumer`),
+/// and a reading subscriber still receives everything.
 async fn slow_consumer_is_disconnected_others_keep_syncing(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut cfg = db.config();
+    cfg.slow_consumer_deadline_ms = 500;
     cfg.limits.max_frame_bytes = 64 * 1024;
     cfg.limits.max_document_bytes = 8 * 1024;
     cfg.outbound_buffer_bytes = 64 * 1024;
@@ -949,6 +951,126 @@ async fn subscriptions_starting_together_on_a_reading_connection_are_not_slow_co
     let (last, reached) = tokio::join!(writes, read);
     assert_eq!(last, 56 * 15);
     assert_eq!(reached.len(), SUBS as usize);
+    assert_eq!(
+        gw.metrics
+            .errors
+            .with_label_values(&["slow_consumer"])
+            .get(),
+        0
+    );
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// Invariant 8, the graceful side: a subscriber that falls behind (it stops reading while
+/// 12 MB of changes go by, then reads again) is not disconnected. Its queue fills, it is
+/// degraded to catch-up, receives each document's latest version per page instead of every
+/// version (far fewer changes than were written), rejoins live, and ends with exactly the
+/// server's documents; it never sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_is_degraded_and_converges_without_a_disconnect() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = db.config();
+    cfg.limits.max_frame_bytes = 64 * 1024;
+    cfg.limits.max_document_bytes = 8 * 1024;
+    cfg.outbound_buffer_bytes = 64 * 1024;
+    let gw = Gateway::start(cfg).await.unwrap();
+    // A small receive buffer: the stall backs up into the gateway after a few KiB.
+    let conn = syncgate_client::Connection::open_with(&ws_url(&gw), None, Some(4096))
+        .await
+        .unwrap();
+    let (mut slow, _) = conn.handshake("behind", &token("tester")).await.unwrap();
+    slow.send(&Frame::Subscribe(syncgate_protocol::Subscribe {
+        sub: 1,
+        collection: "stock".into(),
+        filter: Body::new(),
+        cursor: None,
+    }))
+    .await
+    .unwrap();
+    loop {
+        if let Frame::Synced(_) = slow.recv_timeout(DEADLINE).await.unwrap() {
+            break;
+        }
+    }
+    // 12,000 changes to 4 documents of ~1 KB while it reads nothing.
+    let (mut w, _) = connect(&gw, "w").await;
+    let pad = Value::from("x".repeat(1000));
+    const BATCHES: u64 = 800;
+    let mut last = 0;
+    for b in 0..BATCHES {
+        let ms = (0..15)
+            .map(|i| {
+                put(
+                    b * 15 + i + 1,
+                    "stock",
+                    &format!("s{}", i % 4),
+                    body(&[("pad", pad.clone()), ("n", Value::from(b * 15 + i))]),
+                )
+            })
+            .collect();
+        last = push(&mut w, b, ms).await.visible_at;
+    }
+    assert_eq!(last, BATCHES * 15);
+    assert!(
+        gw.metrics
+            .slow_consumers
+            .with_label_values(&["degraded"])
+            .get()
+            >= 1,
+        "the stalled subscriber was never degraded"
+    );
+    // It reads again.
+    let mut docs: BTreeMap<String, Value> = BTreeMap::new();
+    let (mut frames, mut changes, mut reached) = (0u64, 0u64, 0u64);
+    while reached < last {
+        match slow.recv_timeout(DEADLINE).await.unwrap() {
+            Frame::Changes(ch) => {
+                frames += 1;
+                changes += ch.changes.len() as u64;
+                reached = reached.max(ch.cursor.seq);
+                for c in ch.changes {
+                    let n = c.body.as_ref().and_then(|b| b.get("n")).cloned();
+                    docs.insert(c.id, n.unwrap_or(Value::Nil));
+                }
+            }
+            Frame::Error(e) => panic!("the slow subscriber got {} {}", e.name, e.message),
+            _ => {}
+        }
+    }
+    let server: BTreeMap<String, Value> = server_docs(&gw, "stock")
+        .await
+        .into_iter()
+        .map(|(id, (b, _))| (id, b["n"].clone()))
+        .collect();
+    assert_eq!(docs, server);
+    eprintln!("caught up with {changes} changes in {frames} frames for {last} written");
+    assert!(
+        changes < last / 2 && frames < changes,
+        "{changes} changes in {frames} frames for {last} written"
+    );
+    // Live again: the next change arrives as it happens.
+    let next = push(
+        &mut w,
+        BATCHES,
+        vec![put(
+            BATCHES * 15 + 1,
+            "stock",
+            "s0",
+            body(&[("n", Value::from(-1))]),
+        )],
+    )
+    .await;
+    loop {
+        match slow.recv_timeout(DEADLINE).await.unwrap() {
+            Frame::Changes(ch) if ch.cursor.seq == next.visible_at => break,
+            Frame::Error(e) => panic!("{} {}", e.name, e.message),
+            _ => {}
+        }
+    }
+    let m = &gw.metrics.slow_consumers;
+    assert!(m.with_label_values(&["rejoined"]).get() >= 1);
+    assert_eq!(m.with_label_values(&["dropped"]).get(), 0);
     assert_eq!(
         gw.metrics
             .errors
