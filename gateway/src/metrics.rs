@@ -37,6 +37,9 @@ pub struct Metrics {
     pub db_pool_max: IntGauge,
     /// 1 when `/readyz` would answer 200, read at each scrape.
     pub ready: IntGauge,
+    /// Subscriptions by how far behind the published head their queued position is
+    /// ([`LAG_BUCKETS`]), read at each scrape.
+    pub subscriber_lag: IntGaugeVec,
     /// Connections turned away at once because `max_concurrent_handshakes` were in progress.
     pub admission_refused: IntCounter,
     /// Slow subscribers by what happened: `degraded` (its queue was full: switched to
@@ -225,6 +228,17 @@ impl Metrics {
                 "syncgate_admission_refused_total",
                 "Connections sent away with goaway because max_concurrent_handshakes were in progress",
             ),
+            subscriber_lag: {
+                let g = gauge_vec(
+                    "syncgate_subscribers_by_lag",
+                    "Subscriptions by changes queued behind the published head (0, 1-10, 11-100, 101-1000, 1001-10000, >10000)",
+                    &["lag"],
+                );
+                for (_, label) in LAG_BUCKETS {
+                    g.with_label_values(&[*label]);
+                }
+                g
+            },
             ready: gauge(
                 "syncgate_ready",
                 "1 when the node is ready (/readyz answers 200): not draining, database reachable",
@@ -350,11 +364,46 @@ pub(crate) const CLOSE_REASONS: &[&str] = &[
     "error",
 ];
 
+/// The bounded labels of `syncgate_subscribers_by_lag`: the largest lag of each bucket.
+pub(crate) const LAG_BUCKETS: &[(u64, &str)] = &[
+    (0, "0"),
+    (10, "1-10"),
+    (100, "11-100"),
+    (1_000, "101-1000"),
+    (10_000, "1001-10000"),
+    (u64::MAX, ">10000"),
+];
+
+/// The bucket label of a subscription `lag` changes behind.
+pub(crate) fn lag_bucket(lag: u64) -> &'static str {
+    LAG_BUCKETS
+        .iter()
+        .find(|(max, _)| lag <= *max)
+        .map_or(">10000", |(_, label)| label)
+}
+
 /// The reasons of `resync`.
 pub(crate) const RESYNC_REASONS: &[&str] = &["epoch_changed", "cursor_ahead", "cursor_too_old"];
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lags_fall_in_bounded_buckets() {
+        assert_eq!(lag_bucket(0), "0");
+        assert_eq!(lag_bucket(1), "1-10");
+        assert_eq!(lag_bucket(10), "1-10");
+        assert_eq!(lag_bucket(11), "11-100");
+        assert_eq!(lag_bucket(1_000), "101-1000");
+        assert_eq!(lag_bucket(10_000), "1001-10000");
+        assert_eq!(lag_bucket(10_001), ">10000");
+        assert_eq!(lag_bucket(u64::MAX), ">10000");
     }
 }

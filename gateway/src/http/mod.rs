@@ -165,5 +165,23 @@ async fn metrics(State(state): State<HttpState>) -> String {
         .set(i64::from(open.saturating_sub(idle)));
     m.db_pool.with_label_values(&["idle"]).set(i64::from(idle));
     m.db_pool_max.set(i64::from(max));
+    // Every subscription's lag, bucketed: a handful of bounded series whatever the count.
+    let published = shared.hub.published();
+    let mut counts = [0i64; crate::metrics::LAG_BUCKETS.len()];
+    for c in shared.clients.iter() {
+        for e in c.subs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let bucket = crate::metrics::lag_bucket(published.saturating_sub(e.position()));
+            if let Some(i) = crate::metrics::LAG_BUCKETS
+                .iter()
+                .position(|(_, l)| *l == bucket)
+                && let Some(n) = counts.get_mut(i)
+            {
+                *n += 1;
+            }
+        }
+    }
+    for ((_, label), n) in crate::metrics::LAG_BUCKETS.iter().zip(counts) {
+        m.subscriber_lag.with_label_values(&[*label]).set(n);
+    }
     m.render()
 }

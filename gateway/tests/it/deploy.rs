@@ -487,6 +487,14 @@ async fn admin_clients_lists_each_session_with_its_lag_and_last_push() {
             &serde_json::json!(0)
         )
     );
+    // /metrics counts the one subscription in the "0 behind" bucket.
+    let (_, _, text) = http(&gw, "GET", "/metrics", &[], b"").await;
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("syncgate_subscribers_by_lag{lag=\"0\"} 1\n")
+            && text.contains("syncgate_subscribers_by_lag{lag=\">10000\"} 0\n"),
+        "{text}"
+    );
     // The table names them too; a session that ended is gone.
     drop(w);
     let end = Instant::now() + DEADLINE;
