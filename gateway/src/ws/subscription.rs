@@ -144,6 +144,9 @@ async fn follow(
 ) -> Result<bool, StoreError> {
     let hub = &shared.hub;
     let mut published = hub.watch_published();
+    // A degraded subscriber rejoins silently, unless it was told to start over (`resync`):
+    // then it waits for the `synced` that ends the new snapshot, as at any subscribe.
+    let mut announce = mode == Mode::Start;
     loop {
         if entry.is_ended() {
             return Ok(false);
@@ -158,7 +161,7 @@ async fn follow(
             continue;
         }
         if position == target {
-            if hub.try_go_live(entry, position, mode == Mode::Start) {
+            if hub.try_go_live(entry, position, announce) {
                 return Ok(true);
             }
             continue;
@@ -215,6 +218,7 @@ async fn follow(
                         resync(shared, entry, "cursor_too_old", &c);
                         position = snapshot(shared, entry).await?;
                         entry.queued_up_to(position);
+                        announce = true;
                         continue;
                     }
                     other => other?,
