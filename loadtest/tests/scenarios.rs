@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use sea_orm::ConnectionTrait;
+
 use syncgate_gateway::auth::Authenticator;
 use syncgate_gateway::{Config, Gateway};
 use syncgate_loadtest::common::Target;
@@ -308,22 +310,10 @@ async fn chaos_short_run_survives_kill_and_restart() {
 /// subscriber once at the version its writer was told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short_run_survives_database_session_kills() {
-    let Ok(admin) = std::env::var("SYNCGATE_TEST_POSTGRES_URL") else {
-        eprintln!(
-            "SKIPPED: PostgreSQL test (set SYNCGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it)"
-        );
+    let Some(db) = ScratchDatabase::create().await else {
         return;
     };
-    use sea_orm::ConnectionTrait;
-    let name = format!("sg_lt_{:016x}", rand::random::<u64>());
-    let conn = sea_orm::Database::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
-    conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    let url = format!("{base}/{name}");
+    let url = db.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let mut gw = SpawnedGateway::start(GatewaySpec {
         bin: syncgate_bin(),
@@ -364,9 +354,7 @@ async fn chaos_short_run_survives_database_session_kills() {
     .await
     .unwrap();
     gw.stop().await;
-    let _ = conn
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await;
+    db.drop().await;
     assert_eq!(report.failures, Vec::<String>::new());
     assert_eq!(report.figures["acknowledged"], 3 * 4000);
     assert!(
@@ -377,25 +365,53 @@ async fn chaos_short_run_survives_database_session_kills() {
     eprintln!("database faults: {}", report.figures);
 }
 
-/// A fresh PostgreSQL database for a test (`None`: the PostgreSQL tests are off), and its
-/// admin connection to drop it with.
-async fn postgres_database() -> Option<(String, String, sea_orm::DatabaseConnection)> {
-    use sea_orm::ConnectionTrait;
-    let Ok(admin) = std::env::var("SYNCGATE_TEST_POSTGRES_URL") else {
-        eprintln!(
-            "SKIPPED: PostgreSQL test (set SYNCGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it)"
-        );
-        return None;
-    };
-    let name = format!("sg_lt_{:016x}", rand::random::<u64>());
-    let conn = sea_orm::Database::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
-    conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    Some((format!("{base}/{name}"), name, conn))
+/// A fresh PostgreSQL database for one test, on the server of `SYNCGATE_TEST_POSTGRES_URL`.
+struct ScratchDatabase {
+    /// Its URL.
+    url: String,
+    name: String,
+    /// A session on the server's admin database, to drop it with.
+    admin: sea_orm::DatabaseConnection,
+}
+
+impl ScratchDatabase {
+    /// `None` (saying so) when the PostgreSQL tests are off; an unreachable server fails.
+    async fn create() -> Option<ScratchDatabase> {
+        let Ok(admin_url) = std::env::var("SYNCGATE_TEST_POSTGRES_URL") else {
+            eprintln!(
+                "SKIPPED: PostgreSQL test (set SYNCGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it)"
+            );
+            return None;
+        };
+        let name = format!("sg_lt_{:016x}", rand::random::<u64>());
+        let admin = sea_orm::Database::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} is unreachable: {e}"));
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .unwrap_or(&admin_url);
+        Some(ScratchDatabase {
+            url: format!("{base}/{name}"),
+            name,
+            admin,
+        })
+    }
+
+    /// Drops it (its sessions ended first).
+    async fn drop(self) {
+        let _ = self
+            .admin
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
 }
 
 /// Three nodes on one PostgreSQL under a write load, restarted one after the other: by
@@ -403,10 +419,10 @@ async fn postgres_database() -> Option<(String, String, sea_orm::DatabaseConnect
 /// SIGKILL. Every mutation is applied once with one version, every subscriber receives every
 /// change once and in order, wherever it reconnects.
 async fn three_nodes(rolling: bool) {
-    use sea_orm::ConnectionTrait;
-    let Some((url, name, conn)) = postgres_database().await else {
+    let Some(db) = ScratchDatabase::create().await else {
         return;
     };
+    let url = db.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let spec = GatewaySpec {
         bin: syncgate_bin(),
@@ -449,9 +465,7 @@ async fn three_nodes(rolling: bool) {
     for gw in gws {
         gw.stop().await;
     }
-    let _ = conn
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await;
+    db.drop().await;
     assert_eq!(report.failures, Vec::<String>::new());
     assert_eq!(report.figures["acknowledged"], 3 * 1500);
     assert_eq!(report.figures["nodes"], 3);
@@ -488,22 +502,10 @@ async fn three_nodes_killed_in_turn_lose_and_double_nothing() {
 /// now non-empty collection is refused before anything is attached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_short_run_delivers_every_sql_write_once() {
-    let Ok(admin) = std::env::var("SYNCGATE_TEST_POSTGRES_URL") else {
-        eprintln!(
-            "SKIPPED: PostgreSQL test (set SYNCGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it)"
-        );
+    let Some(db) = ScratchDatabase::create().await else {
         return;
     };
-    use sea_orm::ConnectionTrait;
-    let name = format!("sg_lt_{:016x}", rand::random::<u64>());
-    let conn = sea_orm::Database::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
-    conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    let url = format!("{base}/{name}");
+    let url = db.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("syncgate.toml");
     std::fs::write(&config, "[collections.lt_capture]\n").unwrap();
@@ -572,9 +574,7 @@ async fn capture_short_run_delivers_every_sql_write_once() {
     assert!(format!("{e:#}").contains("would make it mirror"), "{e:#}");
     gw.stop().await;
     erp.close().await.ok();
-    let _ = conn
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await;
+    db.drop().await;
 }
 
 /// The command line end to end: `--spawn-gateway` (token minted by the gateway, CPU/RSS
