@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rustls::{ClientConfig, ClientConnection};
-use syncgate_protocol::codec::{decode_with_limits, encode};
+use syncgate_protocol::codec::{decode_message, encode};
+use syncgate_protocol::compress::{Compression, compress};
 use syncgate_protocol::tls::Transport;
 use syncgate_protocol::{
     DecodeError, ErrorFrame, Frame, Hello, Limits, SUPPORTED_VERSIONS, Welcome,
@@ -109,7 +110,17 @@ pub struct Connection {
     ws: WebSocketStream<Transport<TcpStream, ClientConnection>>,
     /// Limits the server announced (defaults until `Welcome`).
     limits: Limits,
+    /// Whether `hello` offers compression ([`Connection::offer_compression`]).
+    offer: bool,
+    /// The compression in use (PROTOCOL.md §3.15): the offered one from `hello` until
+    /// `welcome`, then the one `welcome` names, if any.
+    compression: Option<Compression>,
 }
+
+/// Frames the client sends compressed, once negotiated, from this size on.
+const COMPRESS_MIN_BYTES: usize = 1024;
+/// The deflate level the client compresses at.
+const COMPRESS_LEVEL: u32 = 6;
 
 impl Connection {
     /// Opens the WebSocket without sending anything.
@@ -197,7 +208,21 @@ impl Connection {
                 max_frame_bytes: 64 << 20,
                 ..Limits::default()
             },
+            offer: false,
+            compression: None,
         })
+    }
+
+    /// Makes `hello` offer compression (`deflate`): large frames in both directions then go
+    /// compressed if the gateway agrees. The SDK offers it; the plain handshake does not.
+    pub fn offer_compression(mut self, offer: bool) -> Connection {
+        self.offer = offer;
+        self
+    }
+
+    /// The compression negotiated in `welcome`, if any.
+    pub fn compression(&self) -> Option<Compression> {
+        self.compression
     }
 
     /// Opens the WebSocket and completes the handshake.
@@ -238,15 +263,36 @@ impl Connection {
         token: &str,
     ) -> Result<(Connection, Welcome), ConnError> {
         let c = &mut self;
+        let offered = match c.offer {
+            true => Compression::offer(),
+            false => Vec::new(),
+        };
         c.send(&Frame::Hello(Hello {
             versions: SUPPORTED_VERSIONS.to_vec(),
             client_id: client_id.to_owned(),
             token: token.to_owned(),
             agent: concat!("syncgate-client/", env!("CARGO_PKG_VERSION")).to_owned(),
+            compression: offered.clone(),
         }))
         .await?;
+        // Having offered it, the client accepts a compressed frame from here on (the gateway
+        // may compress the welcome itself).
+        c.compression = Compression::choose(&offered);
         match c.recv_timeout(Duration::from_secs(10)).await? {
-            Frame::Welcome(w) => Ok((self, w)),
+            Frame::Welcome(w) => {
+                c.compression = match w.compression.as_deref() {
+                    None => None,
+                    Some(name) => match offered.iter().any(|o| o == name) {
+                        true => Compression::from_name(name),
+                        false => {
+                            return Err(ConnError::Protocol(format!(
+                                "welcome chose compression {name:?}, which hello did not offer"
+                            )));
+                        }
+                    },
+                };
+                Ok((self, w))
+            }
             Frame::Error(e) => Err(ConnError::Server(e)),
             Frame::GoAway(g) => Err(ConnError::GoAway {
                 reason: g.reason,
@@ -259,9 +305,16 @@ impl Connection {
         }
     }
 
-    /// Sends a frame.
+    /// Sends a frame (compressed if negotiated, large enough and smaller for it).
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
-        self.send_raw(encode(frame)).await
+        let bytes = encode(frame);
+        let bytes = match self.compression {
+            Some(Compression::Deflate) if bytes.len() >= COMPRESS_MIN_BYTES => {
+                compress(&bytes, COMPRESS_LEVEL).unwrap_or(bytes)
+            }
+            _ => bytes,
+        };
+        self.send_raw(bytes).await
     }
 
     /// Sends arbitrary bytes as one binary message (tests use it for malformed frames).
@@ -276,7 +329,9 @@ impl Connection {
             match self.ws.next().await {
                 None => return Err(ConnError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Message::Binary(b))) => return Ok(decode_with_limits(&b, &self.limits)?),
+                Some(Ok(Message::Binary(b))) => {
+                    return Ok(decode_message(&b, &self.limits, self.compression)?);
+                }
                 Some(Ok(Message::Close(c))) => {
                     return Err(ConnError::Closed(c.map(|c| c.code.into())));
                 }

@@ -46,9 +46,18 @@ pub struct Config {
     pub limits: Limits,
     /// Interval at which clients should send a frame; silence for 3 intervals closes.
     pub heartbeat_ms: u32,
-    /// Byte cap of each connection's outbound queue. A subscriber whose queue would exceed it is
-    /// disconnected with `slow_consumer` and resumes by cursor.
+    /// Byte cap of each connection's outbound queue (frames counted uncompressed). A live
+    /// subscriber whose queue would exceed it is degraded to paged catch-up (see
+    /// `slow_consumer_deadline_ms`).
     pub outbound_buffer_bytes: usize,
+    /// Whether a client that offers compression in `hello` gets it (PROTOCOL.md §3.15).
+    pub compression: bool,
+    /// Frames of at least this many bytes are sent compressed on a session that negotiated
+    /// it (snapshot and catch-up pages, large live chunks), when compressing makes them
+    /// smaller.
+    pub compression_min_bytes: usize,
+    /// The deflate level, 1 (fastest) to 9 (smallest).
+    pub compression_level: u32,
     /// Memory (estimated) for the most recently published changes, from which resuming
     /// subscriptions catch up without reading the database; 0 turns it off.
     pub catch_up_cache_bytes: usize,
@@ -431,6 +440,9 @@ impl Default for Config {
             limits: Limits::default(),
             heartbeat_ms: 15_000,
             outbound_buffer_bytes: 1024 * 1024,
+            compression: true,
+            compression_min_bytes: 1024,
+            compression_level: 6,
             catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
             max_frames_per_second: 1000,
@@ -755,6 +767,9 @@ impl Config {
         }
         if self.outbound_buffer_bytes < l.max_frame_bytes as usize {
             return bad("outbound_buffer_bytes must be at least limits.max_frame_bytes".into());
+        }
+        if !(1..=9).contains(&self.compression_level) {
+            return bad("compression_level must be in 1..=9".into());
         }
         if self.handshake_timeout_ms < 100 {
             return bad("handshake_timeout_ms must be at least 100".into());

@@ -21,8 +21,15 @@ pub struct Metrics {
     pub frames_out: IntCounter,
     /// Payload bytes received.
     pub bytes_in: IntCounter,
-    /// Payload bytes sent.
+    /// Payload bytes sent (as on the wire: compressed frames count their compressed size).
     pub bytes_out: IntCounter,
+    /// Frames sent compressed (PROTOCOL.md §3.15).
+    pub frames_compressed: IntCounter,
+    /// Bytes compression kept off the wire.
+    pub compression_saved_bytes: IntCounter,
+    /// Seconds from a chunk's publication on this node to its frame being handed to the
+    /// subscriber's socket (live delivery; catch-up is not counted).
+    pub delivery_lag: Histogram,
     /// Errors sent to clients, by code name (every code present from the start, at 0).
     pub errors: IntCounterVec,
     /// WebSocket connections upgraded.
@@ -167,6 +174,19 @@ impl Metrics {
             frames_out: counter("syncgate_frames_out_total", "Frames sent to clients"),
             bytes_in: counter("syncgate_bytes_in_total", "Payload bytes received"),
             bytes_out: counter("syncgate_bytes_out_total", "Payload bytes sent"),
+            frames_compressed: counter(
+                "syncgate_frames_compressed_total",
+                "Frames sent compressed",
+            ),
+            compression_saved_bytes: counter(
+                "syncgate_compression_saved_bytes_total",
+                "Bytes compression kept off the wire",
+            ),
+            delivery_lag: histogram(
+                "syncgate_delivery_lag_seconds",
+                "Seconds from a change's publication on this node to its frame written to a live subscriber's socket",
+                secs.clone(),
+            ),
             errors: {
                 let errors = counter_vec(
                     "syncgate_errors_total",

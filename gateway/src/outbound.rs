@@ -13,9 +13,15 @@
 //! client's own requests use [`Outbound::push`], and the reader stops reading requests while
 //! the queue is over half its cap ([`Outbound::wait_for_space`]), so a client that does not
 //! read cannot grow it either.
+//!
+//! Compression (PROTOCOL.md §3.15) happens in the writer, off every lock, once the session
+//! negotiated it ([`Outbound::compress_from_now`]); the cap counts frames as queued
+//! (uncompressed). Live chunks carry the instant they were published, and the writer records
+//! how long each waited until the socket took it (`syncgate_delivery_lag_seconds`).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt};
@@ -45,9 +51,12 @@ impl Close {
     }
 }
 
+/// A queued frame and, for a live chunk, when it was published.
+type Queued = (Bytes, Option<Instant>);
+
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<Queued>,
     /// Bytes in `queue`.
     bytes: usize,
     /// Bytes the writer has taken and not finished writing.
@@ -87,6 +96,17 @@ pub(crate) struct Outbound {
     closed: tokio_util::sync::CancellationToken,
     /// The node-wide `syncgate_outbound_queue_bytes` gauge, kept equal to the sum of queues.
     gauge: prometheus::IntGauge,
+    /// How the writer compresses frames, once the session negotiated it.
+    packer: OnceLock<Packer>,
+}
+
+/// Which frames the writer compresses, and how hard.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Packer {
+    /// Frames of at least this many bytes are compressed (when that makes them smaller).
+    pub(crate) min_bytes: usize,
+    /// The deflate level, 1 (fastest) to 9 (smallest).
+    pub(crate) level: u32,
 }
 
 impl Outbound {
@@ -99,7 +119,14 @@ impl Outbound {
             cap,
             closed: tokio_util::sync::CancellationToken::new(),
             gauge,
+            packer: OnceLock::new(),
         }
+    }
+
+    /// From now on the writer sends frames of at least `packer.min_bytes` compressed (the
+    /// session negotiated deflate; the client accepts a compressed frame from its `hello` on).
+    pub(crate) fn compress_from_now(&self, packer: Packer) {
+        let _ = self.packer.set(packer);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -108,9 +135,9 @@ impl Outbound {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends a chunk's fan-out frames, all or none: none if together they would pass the
-    /// cap or the connection is closing.
-    pub(crate) fn try_push_all(&self, frames: Vec<Bytes>) -> Pushed {
+    /// Appends a chunk's fan-out frames, published at `published`, all or none: none if
+    /// together they would pass the cap or the connection is closing.
+    pub(crate) fn try_push_all(&self, frames: Vec<Bytes>, published: Instant) -> Pushed {
         let mut s = self.lock();
         if s.close.is_some() {
             return Pushed::Closed;
@@ -121,7 +148,7 @@ impl Outbound {
         }
         s.bytes += len;
         self.gauge.add(len as i64);
-        s.queue.extend(frames);
+        s.queue.extend(frames.into_iter().map(|f| (f, Some(published))));
         drop(s);
         self.wake_writer.notify_one();
         Pushed::Queued
@@ -143,7 +170,7 @@ impl Outbound {
                 if s.held() == 0 || s.held() + frame.len() <= self.cap / 2 {
                     s.bytes += frame.len();
                     self.gauge.add(frame.len() as i64);
-                    s.queue.push_back(frame);
+                    s.queue.push_back((frame, None));
                     drop(s);
                     self.wake_writer.notify_one();
                     return true;
@@ -162,7 +189,7 @@ impl Outbound {
         }
         s.bytes += frame.len();
         self.gauge.add(frame.len() as i64);
-        s.queue.push_back(frame);
+        s.queue.push_back((frame, None));
         drop(s);
         self.wake_writer.notify_one();
     }
@@ -203,7 +230,7 @@ impl Outbound {
         self.gauge.add(new_bytes as i64 - s.bytes as i64);
         s.bytes = new_bytes;
         if let Some(f) = last {
-            s.queue.push_back(f);
+            s.queue.push_back((f, None));
         }
         s.close = Some(Close::new(code, reason));
         drop(s);
@@ -244,7 +271,7 @@ impl Outbound {
 
     /// Takes every queued frame and the close request, if any; their bytes stay held (and in
     /// the gauge) until [`Outbound::written`].
-    fn take(&self) -> (VecDeque<Bytes>, usize, Option<Close>) {
+    fn take(&self) -> (VecDeque<Queued>, usize, Option<Close>) {
         let mut s = self.lock();
         let q = std::mem::take(&mut s.queue);
         let bytes = std::mem::take(&mut s.bytes);
@@ -265,6 +292,8 @@ impl Outbound {
     where
         S: Sink<Message> + Unpin,
     {
+        // Publish instants of the live frames in the batch being written (reused).
+        let mut stamps: Vec<Instant> = Vec::new();
         loop {
             self.wake_writer.notified().await;
             loop {
@@ -274,15 +303,24 @@ impl Outbound {
                     break;
                 }
                 let mut ok = true;
-                for f in frames {
+                stamps.clear();
+                for (f, published) in frames {
+                    let f = self.pack(f, &metrics);
                     metrics.bytes_out.inc_by(f.len() as u64);
                     if sink.feed(Message::Binary(f)).await.is_err() {
                         ok = false;
                         break;
                     }
+                    stamps.extend(published);
                 }
                 if ok && n > 0 {
                     ok = sink.flush().await.is_ok();
+                }
+                if ok {
+                    // Handed to the socket: the end of this node's part of the delivery.
+                    for p in &stamps {
+                        metrics.delivery_lag.observe(p.elapsed().as_secs_f64());
+                    }
                 }
                 self.written(bytes);
                 metrics.frames_out.inc_by(n as u64);
@@ -302,6 +340,29 @@ impl Outbound {
                     return;
                 }
             }
+        }
+    }
+}
+
+impl Outbound {
+    /// `frame` as it goes on the wire: compressed if the session negotiated it, the frame is
+    /// large enough and compressing makes it smaller.
+    fn pack(&self, frame: Bytes, metrics: &Metrics) -> Bytes {
+        let Some(p) = self.packer.get() else {
+            return frame;
+        };
+        if frame.len() < p.min_bytes {
+            return frame;
+        }
+        match syncgate_protocol::compress::compress(&frame, p.level) {
+            Some(z) => {
+                metrics.frames_compressed.inc();
+                metrics
+                    .compression_saved_bytes
+                    .inc_by((frame.len() - z.len()) as u64);
+                Bytes::from(z)
+            }
+            None => frame,
         }
     }
 }
@@ -326,23 +387,23 @@ mod tests {
     #[test]
     fn fan_out_is_bounded_replies_are_not() {
         let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
-        assert_eq!(q.try_push_all(vec![b(b"12345")]), Pushed::Queued);
-        assert_eq!(q.try_push_all(vec![b(b"12345")]), Pushed::Queued);
-        assert_eq!(q.try_push_all(vec![b(b"1")]), Pushed::Full);
+        assert_eq!(q.try_push_all(vec![b(b"12345")], Instant::now()), Pushed::Queued);
+        assert_eq!(q.try_push_all(vec![b(b"12345")], Instant::now()), Pushed::Queued);
+        assert_eq!(q.try_push_all(vec![b(b"1")], Instant::now()), Pushed::Full);
         q.push(b(b"ack"));
         assert_eq!(q.queued_bytes(), 13);
         assert!(!q.has_space());
         q.close(Some(b(b"err")), 4501, "slow");
         assert_eq!(q.queued_bytes(), 3);
         // A closed queue says so: the caller counts no second slow consumer.
-        assert_eq!(q.try_push_all(vec![b(b"x")]), Pushed::Closed);
+        assert_eq!(q.try_push_all(vec![b(b"x")], Instant::now()), Pushed::Closed);
     }
 
     #[test]
     fn a_chunk_goes_whole_or_not_at_all() {
         let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
-        assert_eq!(q.try_push_all(vec![b(b"1234"), b(b"1234")]), Pushed::Queued);
-        assert_eq!(q.try_push_all(vec![b(b"1"), b(b"234")]), Pushed::Full);
+        assert_eq!(q.try_push_all(vec![b(b"1234"), b(b"1234")], Instant::now()), Pushed::Queued);
+        assert_eq!(q.try_push_all(vec![b(b"1"), b(b"234")], Instant::now()), Pushed::Full);
         assert_eq!(q.queued_bytes(), 8);
     }
 
@@ -350,17 +411,17 @@ mod tests {
     fn what_the_writer_took_counts_until_it_is_written() {
         let gauge = prometheus::IntGauge::new("t", "t").unwrap();
         let q = Outbound::new(10, gauge.clone());
-        assert_eq!(q.try_push_all(vec![b(b"12345678")]), Pushed::Queued);
+        assert_eq!(q.try_push_all(vec![b(b"12345678")], Instant::now()), Pushed::Queued);
         // The writer takes the batch; the socket has not taken it yet.
         let (frames, bytes, _) = q.take();
         assert_eq!((frames.len(), bytes), (1, 8));
         assert_eq!(q.queued_bytes(), 8);
         assert_eq!(gauge.get(), 8);
-        assert_eq!(q.try_push_all(vec![b(b"123")]), Pushed::Full);
+        assert_eq!(q.try_push_all(vec![b(b"123")], Instant::now()), Pushed::Full);
         assert!(!q.has_space());
         q.written(bytes);
         assert_eq!((q.queued_bytes(), gauge.get()), (0, 0));
-        assert_eq!(q.try_push_all(vec![b(b"123")]), Pushed::Queued);
+        assert_eq!(q.try_push_all(vec![b(b"123")], Instant::now()), Pushed::Queued);
         drop(q);
         assert_eq!(gauge.get(), 0);
     }

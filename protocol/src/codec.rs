@@ -45,6 +45,10 @@ pub enum DecodeError {
     /// A field is missing or has the wrong type.
     #[error("invalid fields: {0}")]
     InvalidFields(String),
+    /// A `compressed` frame that may not be inflated: not negotiated, not a valid deflate
+    /// stream, or not exactly its declared size.
+    #[error("{0}")]
+    Compression(String),
 }
 
 impl DecodeError {
@@ -100,9 +104,30 @@ pub fn decode_with_limits(bytes: &[u8], limits: &Limits) -> Result<Frame, Decode
     Ok(frame)
 }
 
+/// Decodes one WebSocket message: a frame, or, on a connection that negotiated `compression`,
+/// a `compressed` frame holding one (inflated within `limits.max_frame_bytes` first; see
+/// [`crate::compress`]).
+pub fn decode_message(
+    bytes: &[u8],
+    limits: &Limits,
+    compression: Option<crate::compress::Compression>,
+) -> Result<Frame, DecodeError> {
+    let frame = crate::compress::inflate(bytes, limits, compression)?;
+    decode_with_limits(&frame, limits)
+}
+
 /// Checks the structure of one MessagePack value spanning all of `bytes`, without allocating
 /// in proportion to any length prefix.
 pub fn scan(bytes: &[u8], max_depth: u32) -> Result<(), DecodeError> {
+    let pos = scan_value(bytes, max_depth)?;
+    if pos != bytes.len() {
+        return Err(DecodeError::TrailingBytes(bytes.len() - pos));
+    }
+    Ok(())
+}
+
+/// [`scan`] for the one value at the start of `bytes`; returns its length.
+pub(crate) fn scan_value(bytes: &[u8], max_depth: u32) -> Result<usize, DecodeError> {
     // `pending[i]` counts the values still to read in the i-th open container; the root
     // "container" holds exactly one value.
     let mut pending: Vec<u64> = Vec::with_capacity(8);
@@ -154,10 +179,7 @@ pub fn scan(bytes: &[u8], max_depth: u32) -> Result<(), DecodeError> {
             pending.push(children);
         }
     }
-    if pos != bytes.len() {
-        return Err(DecodeError::TrailingBytes(bytes.len() - pos));
-    }
-    Ok(())
+    Ok(pos)
 }
 
 fn read_len(bytes: &[u8], pos: &mut usize, width: usize) -> Result<usize, DecodeError> {

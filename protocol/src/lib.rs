@@ -12,6 +12,7 @@
 //! - [`messages`]: every frame and the value types they carry (`Mutation`, `Change`, `Cursor` ...).
 //! - [`codec`]: [`encode`] / [`decode`], the structural pre-scan that bounds every length before
 //!   anything is allocated, and the shared-encoding builder for `Changes` frames used by fan-out.
+//! - [`compress`]: negotiated frame compression (raw deflate), inflated within the frame limit.
 //! - [`error`]: stable numeric error codes with names.
 //! - [`limits`]: the size limits a gateway announces in `Welcome` and enforces.
 //! - [`filter`]: equality filters on top-level document fields.
@@ -20,6 +21,7 @@
 
 pub mod apply;
 pub mod codec;
+pub mod compress;
 pub mod error;
 pub mod filter;
 pub mod limits;
@@ -27,7 +29,8 @@ pub mod messages;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use codec::{DecodeError, decode, decode_with_limits, encode};
+pub use codec::{DecodeError, decode, decode_message, decode_with_limits, encode};
+pub use compress::Compression;
 pub use error::ErrorCode;
 pub use filter::Filter;
 pub use limits::Limits;

@@ -52,6 +52,14 @@ pub struct Hello {
     /// Free-form client description, for logs (for example `syncgate-client/0.1`).
     #[serde(default, deserialize_with = "nil_as_default")]
     pub agent: String,
+    /// Compression algorithms the client accepts, most preferred first (PROTOCOL.md §3.15;
+    /// `"deflate"` is the one defined). Absent or empty: no compression.
+    #[serde(
+        default,
+        deserialize_with = "nil_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub compression: Vec<String>,
 }
 
 /// Server → client: the handshake succeeded.
@@ -79,6 +87,10 @@ pub struct Welcome {
     /// `refresh` brings a newer token first). Absent for an API key, which does not expire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_valid_ms: Option<u64>,
+    /// The compression algorithm chosen from `hello.compression`: from the `welcome` on,
+    /// either side may send any frame compressed with it. Absent: no compression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
 }
 
 /// Client → server: a newer token for the running session (same user, same roles and scope

@@ -116,14 +116,18 @@ fn frame() -> impl Strategy<Value = Frame> {
             proptest::collection::vec(any::<u32>(), 0..4),
             ".{0,20}",
             ".{0,40}",
-            ".{0,10}"
+            ".{0,10}",
+            proptest::collection::vec("[a-z]{1,8}", 0..3)
         )
-            .prop_map(|(versions, client_id, token, agent)| Frame::Hello(Hello {
-                versions,
-                client_id,
-                token,
-                agent
-            })),
+            .prop_map(
+                |(versions, client_id, token, agent, compression)| Frame::Hello(Hello {
+                    versions,
+                    client_id,
+                    token,
+                    agent,
+                    compression
+                })
+            ),
         (
             any::<u32>(),
             ".{0,10}",
@@ -143,6 +147,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                         heartbeat_ms,
                         upload_only: Vec::new(),
                         token_valid_ms: None,
+                        compression: None,
                     })
                 }
             ),

@@ -519,6 +519,7 @@ mod tests {
             heartbeat_ms: 15_000,
             upload_only: Vec::new(),
             token_valid_ms: None,
+            compression: None,
         }
     }
 

@@ -223,12 +223,13 @@ async fn session(
             };
         }
     };
-    let connect = Connection::connect_tls(
-        &settings.url,
-        settings.tls.clone(),
-        shared.store.client_id(),
-        &token,
-    );
+    let connect = async {
+        Connection::open_tls(&settings.url, None, None, settings.tls.clone())
+            .await?
+            .offer_compression(settings.compression)
+            .handshake(shared.store.client_id(), &token)
+            .await
+    };
     let (conn, welcome) = match tokio::time::timeout(settings.connect_timeout, connect).await {
         Err(_) => {
             return End::Lost {

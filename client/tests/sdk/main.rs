@@ -9,6 +9,7 @@
 )]
 
 mod cli;
+mod compression;
 mod conflicts;
 mod encrypted;
 mod fetch;

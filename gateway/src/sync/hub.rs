@@ -342,6 +342,7 @@ impl Hub {
                 .push(e);
         }
         let mut delivered = 0u64;
+        let now = std::time::Instant::now();
         for (collection, changes) in by_collection {
             let Some(list) = self.subs.get(collection) else {
                 continue;
@@ -359,7 +360,7 @@ impl Hub {
                 }
                 let n = parts.len() as u64;
                 let frames = changes_frames(entry.sub, &parts, &self.epoch, to, self.frame_budget);
-                match entry.out.try_push_all(frames) {
+                match entry.out.try_push_all(frames, now) {
                     Pushed::Queued => {
                         entry.queued_up_to(to);
                         delivered += n;

@@ -19,6 +19,7 @@ use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::tls::Transport;
 use syncgate_protocol::{
+    Compression,
     Fetch, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Refreshed, Subscribe, Welcome,
     negotiate_version,
 };
@@ -248,6 +249,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         fetches: Vec::new(),
         admission,
         info: None,
+        compression: None,
     };
     let reason = conn.run(&mut stream).await;
     conn.teardown();
@@ -302,6 +304,9 @@ struct Connection {
     admission: Option<tokio::sync::OwnedSemaphorePermit>,
     /// What `GET /admin/clients` shows of this session (from `welcome` on).
     info: Option<Arc<crate::shared::ClientInfo>>,
+    /// The compression negotiated in `welcome`, if any: frames from the client may come
+    /// compressed with it.
+    compression: Option<Compression>,
 }
 
 /// `fetch` requests one connection may have answered at once.
@@ -519,7 +524,11 @@ impl Connection {
 
     /// Handles one binary frame; returns a pending push acknowledgement, if it was a push.
     async fn handle_binary(&mut self, bytes: &[u8]) -> Option<PushReply> {
-        let frame = decode_with_limits(bytes, &self.shared.config.limits);
+        let limits = &self.shared.config.limits;
+        // A compressed frame is inflated first, within the frame limit (PROTOCOL.md §3.15).
+        let inflated = syncgate_protocol::compress::inflate(bytes, limits, self.compression);
+        let size = inflated.as_ref().map_or(bytes.len(), |b| b.len());
+        let frame = inflated.and_then(|b| decode_with_limits(&b, limits));
         // Pushes are bounded by their acknowledgements (count and bytes in flight); everything
         // else a client sends is counted against its frame rate.
         if !matches!(frame, Ok(Frame::Push(_))) {
@@ -569,7 +578,7 @@ impl Connection {
                 }
                 None => self.reply(ErrorReply::from(GatewayError::UnknownSubscription).sub(u.sub)),
             },
-            Frame::Push(p) => return self.push(p, bytes.len()).await,
+            Frame::Push(p) => return self.push(p, size).await,
             Frame::Fetch(f) => self.fetch(f),
             Frame::Refresh(r) => self.refresh(&r.token),
             Frame::Ping(p) => {
@@ -680,6 +689,19 @@ impl Connection {
                 suppressed, "session established"
             );
         }
+        let compression = match self.shared.config.compression {
+            true => Compression::choose(&h.compression),
+            false => None,
+        };
+        if let Some(c) = compression {
+            // The client accepts compressed frames from its `hello` on, so the welcome
+            // itself may go compressed.
+            self.compression = Some(c);
+            self.out.compress_from_now(crate::outbound::Packer {
+                min_bytes: self.shared.config.compression_min_bytes,
+                level: self.shared.config.compression_level,
+            });
+        }
         self.send(Frame::Welcome(Welcome {
             version,
             session,
@@ -696,6 +718,7 @@ impl Connection {
                 .map(|(name, _)| name.clone())
                 .collect(),
             token_valid_ms,
+            compression: compression.map(|c| c.name().to_owned()),
         }));
         let info = Arc::new(crate::shared::ClientInfo {
             client_id: h.client_id.clone(),

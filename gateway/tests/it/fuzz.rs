@@ -71,6 +71,7 @@ fn valid(rng: &mut rand::rngs::StdRng) -> Vec<u8> {
             client_id: "fuzz".into(),
             token: "x".into(),
             agent: String::new(),
+            compression: vec![],
         }),
     };
     encode(&frame)

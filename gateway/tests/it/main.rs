@@ -45,6 +45,7 @@ mod api_keys;
 mod capture;
 mod checks;
 mod compaction;
+mod compression;
 mod conflicts;
 mod deploy;
 mod drain;
@@ -580,6 +581,7 @@ async fn bad_handshakes_get_fatal_errors(backend: Backend) {
             client_id: client_id.into(),
             token,
             agent: "it".into(),
+            compression: vec![],
         })
     };
     let cases = [
@@ -1185,6 +1187,7 @@ fn hello_as(client_id: &str, token: String) -> Frame {
         client_id: client_id.into(),
         token,
         agent: "adversary".into(),
+        compression: vec![],
     })
 }
 
