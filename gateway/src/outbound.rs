@@ -148,7 +148,8 @@ impl Outbound {
         }
         s.bytes += len;
         self.gauge.add(len as i64);
-        s.queue.extend(frames.into_iter().map(|f| (f, Some(published))));
+        s.queue
+            .extend(frames.into_iter().map(|f| (f, Some(published))));
         drop(s);
         self.wake_writer.notify_one();
         Pushed::Queued
@@ -387,8 +388,14 @@ mod tests {
     #[test]
     fn fan_out_is_bounded_replies_are_not() {
         let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
-        assert_eq!(q.try_push_all(vec![b(b"12345")], Instant::now()), Pushed::Queued);
-        assert_eq!(q.try_push_all(vec![b(b"12345")], Instant::now()), Pushed::Queued);
+        assert_eq!(
+            q.try_push_all(vec![b(b"12345")], Instant::now()),
+            Pushed::Queued
+        );
+        assert_eq!(
+            q.try_push_all(vec![b(b"12345")], Instant::now()),
+            Pushed::Queued
+        );
         assert_eq!(q.try_push_all(vec![b(b"1")], Instant::now()), Pushed::Full);
         q.push(b(b"ack"));
         assert_eq!(q.queued_bytes(), 13);
@@ -396,14 +403,23 @@ mod tests {
         q.close(Some(b(b"err")), 4501, "slow");
         assert_eq!(q.queued_bytes(), 3);
         // A closed queue says so: the caller counts no second slow consumer.
-        assert_eq!(q.try_push_all(vec![b(b"x")], Instant::now()), Pushed::Closed);
+        assert_eq!(
+            q.try_push_all(vec![b(b"x")], Instant::now()),
+            Pushed::Closed
+        );
     }
 
     #[test]
     fn a_chunk_goes_whole_or_not_at_all() {
         let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
-        assert_eq!(q.try_push_all(vec![b(b"1234"), b(b"1234")], Instant::now()), Pushed::Queued);
-        assert_eq!(q.try_push_all(vec![b(b"1"), b(b"234")], Instant::now()), Pushed::Full);
+        assert_eq!(
+            q.try_push_all(vec![b(b"1234"), b(b"1234")], Instant::now()),
+            Pushed::Queued
+        );
+        assert_eq!(
+            q.try_push_all(vec![b(b"1"), b(b"234")], Instant::now()),
+            Pushed::Full
+        );
         assert_eq!(q.queued_bytes(), 8);
     }
 
@@ -411,17 +427,26 @@ mod tests {
     fn what_the_writer_took_counts_until_it_is_written() {
         let gauge = prometheus::IntGauge::new("t", "t").unwrap();
         let q = Outbound::new(10, gauge.clone());
-        assert_eq!(q.try_push_all(vec![b(b"12345678")], Instant::now()), Pushed::Queued);
+        assert_eq!(
+            q.try_push_all(vec![b(b"12345678")], Instant::now()),
+            Pushed::Queued
+        );
         // The writer takes the batch; the socket has not taken it yet.
         let (frames, bytes, _) = q.take();
         assert_eq!((frames.len(), bytes), (1, 8));
         assert_eq!(q.queued_bytes(), 8);
         assert_eq!(gauge.get(), 8);
-        assert_eq!(q.try_push_all(vec![b(b"123")], Instant::now()), Pushed::Full);
+        assert_eq!(
+            q.try_push_all(vec![b(b"123")], Instant::now()),
+            Pushed::Full
+        );
         assert!(!q.has_space());
         q.written(bytes);
         assert_eq!((q.queued_bytes(), gauge.get()), (0, 0));
-        assert_eq!(q.try_push_all(vec![b(b"123")], Instant::now()), Pushed::Queued);
+        assert_eq!(
+            q.try_push_all(vec![b(b"123")], Instant::now()),
+            Pushed::Queued
+        );
         drop(q);
         assert_eq!(gauge.get(), 0);
     }

@@ -41,10 +41,26 @@ impl Target {
         i: usize,
         client_id: &str,
     ) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
+        self.connect_offering(i, client_id, false).await
+    }
+
+    /// [`Target::connect`], offering frame compression in `hello` when `compression`.
+    pub async fn connect_offering(
+        &self,
+        i: usize,
+        client_id: &str,
+        compression: bool,
+    ) -> anyhow::Result<(Connection, syncgate_protocol::Welcome)> {
         let mut tries = 0;
         loop {
-            match Connection::connect_from(&self.url, self.source(i), client_id, &self.token).await
-            {
+            let handshake = async {
+                Connection::open_from(&self.url, self.source(i))
+                    .await?
+                    .offer_compression(compression)
+                    .handshake(client_id, &self.token)
+                    .await
+            };
+            match handshake.await {
                 Err(syncgate_client::ConnError::GoAway { retry_after_ms, .. }) if tries < 100 => {
                     tries += 1;
                     SENT_AWAY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -38,6 +38,7 @@ pub mod procfs;
 pub mod progress;
 pub mod report;
 pub mod slow;
+pub mod snapshot;
 pub mod spawn;
 pub mod stats;
 pub mod storm;

@@ -20,6 +20,7 @@ use syncgate_loadtest::mixed::MixedConfig;
 use syncgate_loadtest::procfs::{self, Sampler};
 use syncgate_loadtest::report::{RunInfo, rfc3339};
 use syncgate_loadtest::slow::SlowConfig;
+use syncgate_loadtest::snapshot::SnapshotConfig;
 use syncgate_loadtest::spawn::{GatewaySpec, SpawnedGateway};
 use syncgate_loadtest::storm::StormConfig;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -157,6 +158,12 @@ enum Scenario {
         clients: usize,
         #[arg(long, default_value_t = 1000)]
         missed: u64,
+    },
+    /// A new terminal's first sync: seed D ERP-like documents, then download them as a
+    /// snapshot without and with frame compression; bytes on the wire of each.
+    Snapshot {
+        #[arg(long, default_value_t = 10_000)]
+        docs: u64,
     },
     /// One subscriber stops reading while others go on: their latency before and during,
     /// the gateway's RSS, and how the stalled one recovers.
@@ -515,6 +522,15 @@ async fn scenario(
                 collection,
                 clients,
                 missed,
+                deadline,
+            })
+            .await?
+        }
+        Scenario::Snapshot { docs } => {
+            syncgate_loadtest::snapshot::run(&SnapshotConfig {
+                target,
+                collection,
+                docs,
                 deadline,
             })
             .await?

@@ -98,6 +98,32 @@ async fn ingest_short_run_acknowledges_everything_once() {
     gw.shutdown().await;
 }
 
+/// Both downloads hold every document once and agree; the compressed one is several times
+/// smaller on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_short_run_downloads_the_same_documents_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, target) = gateway(dir.path()).await;
+    let report = syncgate_loadtest::snapshot::run(&syncgate_loadtest::snapshot::SnapshotConfig {
+        target,
+        collection: "work_orders".into(),
+        docs: 1_500,
+        deadline: DEADLINE,
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    let f = &report.figures;
+    assert!(f["compressed"]["compressed_frames"].as_u64().unwrap() > 0);
+    assert_eq!(f["uncompressed"]["compressed_frames"], 0);
+    assert_eq!(
+        f["compressed"]["frame_bytes"], f["uncompressed"]["frame_bytes"],
+        "the same frames, inflated"
+    );
+    assert!(f["ratio"].as_f64().unwrap() > 3.0, "{f}");
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_short_run_keeps_every_connection_alive() {
     let dir = tempfile::tempdir().unwrap();

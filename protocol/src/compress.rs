@@ -222,7 +222,12 @@ mod tests {
     fn a_compressed_frame_decodes_to_the_frame() {
         let frame = snapshot(200);
         let packed = compress(&frame, 6).unwrap();
-        assert!(packed.len() * 4 < frame.len(), "{} vs {}", packed.len(), frame.len());
+        assert!(
+            packed.len() * 4 < frame.len(),
+            "{} vs {}",
+            packed.len(),
+            frame.len()
+        );
         let limits = Limits::default();
         assert_eq!(inflate(&packed, &limits, DEFLATE).unwrap(), &frame[..]);
         assert_eq!(

@@ -74,7 +74,10 @@ fn the_compressed_example_inflates_to_its_snapshot() {
         panic!("not a snapshot: {frame:?}")
     };
     let ids: Vec<_> = s.docs.iter().map(|d| (d.id.as_str(), d.version)).collect();
-    assert_eq!(ids, [("wo-1", 41), ("wo-2", 42), ("wo-3", 43), ("wo-4", 44)]);
+    assert_eq!(
+        ids,
+        [("wo-1", 41), ("wo-2", 42), ("wo-3", 43), ("wo-4", 44)]
+    );
     assert!(s.docs.iter().all(|d| d.body == s.docs[0].body));
 }
 

@@ -9,8 +9,14 @@ fn work_order(i: usize) -> Body {
     body(&[
         ("number", Value::from(format!("WO-{i:06}"))),
         ("status", Value::from(["open", "released", "done"][i % 3])),
-        ("article", Value::from(format!("ART-{:05}", 10_000 + i % 300))),
-        ("note", Value::from("check tooling before start; report scrap per shift")),
+        (
+            "article",
+            Value::from(format!("ART-{:05}", 10_000 + i % 300)),
+        ),
+        (
+            "note",
+            Value::from("check tooling before start; report scrap per shift"),
+        ),
     ])
 }
 
@@ -46,12 +52,19 @@ async fn the_sdk_syncs_compressed_and_converges_like_without() {
             .await
             .unwrap();
         reader.sync_now(DEADLINE).await.unwrap();
-        assert_eq!(replica(&reader).await, expected, "compression {compression}");
+        assert_eq!(
+            replica(&reader).await,
+            expected,
+            "compression {compression}"
+        );
         reader.close().await;
         wire.push(m.bytes_out.get() - before);
     }
     let (packed, plain) = (wire[0], wire[1]);
-    assert!(packed * 3 < plain, "snapshot: {packed} bytes compressed, {plain} without");
+    assert!(
+        packed * 3 < plain,
+        "snapshot: {packed} bytes compressed, {plain} without"
+    );
     assert!(m.frames_compressed.get() > compressed_before);
     // The uploads went deflated too: well under the size of the same pushes uncompressed.
     let mutations = (0..DOCS)

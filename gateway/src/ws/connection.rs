@@ -19,9 +19,8 @@ use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::tls::Transport;
 use syncgate_protocol::{
-    Compression,
-    Fetch, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Refreshed, Subscribe, Welcome,
-    negotiate_version,
+    Compression, Fetch, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Refreshed, Subscribe,
+    Welcome, negotiate_version,
 };
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;

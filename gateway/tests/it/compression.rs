@@ -18,11 +18,17 @@ const DOCS: usize = 2_000;
 fn work_order(i: usize) -> Body {
     body(&[
         ("number", format!("WO-{:06}", i).into()),
-        ("status", ["open", "released", "in_progress", "done"][i % 4].into()),
+        (
+            "status",
+            ["open", "released", "in_progress", "done"][i % 4].into(),
+        ),
         ("workcenter", format!("press-{:02}", i % 12).into()),
         ("article", format!("ART-{:05}", 10_000 + i % 300).into()),
         ("quantity", ((i % 50) as u64 * 10).into()),
-        ("note", "check tooling before start; report scrap per shift".into()),
+        (
+            "note",
+            "check tooling before start; report scrap per shift".into(),
+        ),
     ])
 }
 
@@ -46,7 +52,11 @@ async fn snapshot(conn: &mut Connection) -> (BTreeMap<String, Body>, usize, usiz
         compressed += usize::from(is_compressed(&raw));
         if conn.compression().is_some() && !is_compressed(&raw) {
             // Only frames under compression_min_bytes (1 KiB) go as they are.
-            assert!(raw.len() < 1024, "an uncompressed frame of {} bytes", raw.len());
+            assert!(
+                raw.len() < 1024,
+                "an uncompressed frame of {} bytes",
+                raw.len()
+            );
         }
         match decode_message(&raw, &limits, conn.compression()).unwrap() {
             Frame::Snapshot(s) => {
@@ -94,10 +104,21 @@ async fn a_client_that_offers_deflate_gets_compressed_frames_and_a_bomb_is_refus
     for (batch, chunk) in (0..DOCS).collect::<Vec<_>>().chunks(500).enumerate() {
         let mutations = chunk
             .iter()
-            .map(|&i| put(i as u64 + 1, "work_orders", &format!("wo-{i}"), work_order(i)))
+            .map(|&i| {
+                put(
+                    i as u64 + 1,
+                    "work_orders",
+                    &format!("wo-{i}"),
+                    work_order(i),
+                )
+            })
             .collect();
         let ack = push(&mut writer, batch as u64 + 1, mutations).await;
-        assert!(ack.results.iter().all(|r| r.status == MutationStatus::Applied));
+        assert!(
+            ack.results
+                .iter()
+                .all(|r| r.status == MutationStatus::Applied)
+        );
     }
 
     // Negotiated: the welcome names deflate, and the snapshot's large frames come deflated.
@@ -115,7 +136,11 @@ async fn a_client_that_offers_deflate_gets_compressed_frames_and_a_bomb_is_refus
     assert!(compressed > 0, "{compressed} of {frames}");
 
     // Not offered: nothing compressed, and the same documents.
-    let (mut plain, welcome) = open().await.handshake("plain", &token("tester")).await.unwrap();
+    let (mut plain, welcome) = open()
+        .await
+        .handshake("plain", &token("tester"))
+        .await
+        .unwrap();
     assert_eq!(welcome.compression, None);
     let (plain_docs, plain_bytes, _, none) = snapshot(&mut plain).await;
     assert_eq!(none, 0);
@@ -130,11 +155,29 @@ async fn a_client_that_offers_deflate_gets_compressed_frames_and_a_bomb_is_refus
 
     // The client may push compressed (the SDK's connection compresses frames >= 1 KiB).
     let big: Vec<Mutation> = (0..40)
-        .map(|i| put(i + 1, "work_orders", &format!("new-{i}"), work_order(i as usize)))
+        .map(|i| {
+            put(
+                i + 1,
+                "work_orders",
+                &format!("new-{i}"),
+                work_order(i as usize),
+            )
+        })
         .collect();
-    assert!(encode(&Frame::Push(Push { batch: 1, mutations: big.clone() })).len() > 1024);
+    assert!(
+        encode(&Frame::Push(Push {
+            batch: 1,
+            mutations: big.clone()
+        }))
+        .len()
+            > 1024
+    );
     let ack = push(&mut packed, 1, big).await;
-    assert!(ack.results.iter().all(|r| r.status == MutationStatus::Applied));
+    assert!(
+        ack.results
+            .iter()
+            .all(|r| r.status == MutationStatus::Applied)
+    );
     let server = server_docs(&gw, "work_orders").await;
     assert_eq!(server.len(), DOCS + 40);
 
@@ -143,7 +186,10 @@ async fn a_client_that_offers_deflate_gets_compressed_frames_and_a_bomb_is_refus
     let bomb = compress(&vec![0u8; 4 << 20], 9).unwrap();
     assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
     packed.send_raw(bomb.clone()).await.unwrap();
-    assert_eq!(error_code(&mut packed).await, ErrorCode::FrameTooLarge.code());
+    assert_eq!(
+        error_code(&mut packed).await,
+        ErrorCode::FrameTooLarge.code()
+    );
     still_serves(&mut packed).await;
     // One that lies about its size (4 KiB declared): inflating stops at 4 KiB
     // (malformed_frame), and the session goes on.
@@ -151,7 +197,10 @@ async fn a_client_that_offers_deflate_gets_compressed_frames_and_a_bomb_is_refus
     assert_eq!(&liar[18..23], &[0xce, 0x00, 0x40, 0x00, 0x00], "size field");
     liar[18..23].copy_from_slice(&[0xce, 0x00, 0x00, 0x10, 0x00]);
     packed.send_raw(liar).await.unwrap();
-    assert_eq!(error_code(&mut packed).await, ErrorCode::MalformedFrame.code());
+    assert_eq!(
+        error_code(&mut packed).await,
+        ErrorCode::MalformedFrame.code()
+    );
     still_serves(&mut packed).await;
 
     // Without negotiation a compressed frame is refused before it is inflated.
@@ -159,7 +208,10 @@ async fn a_client_that_offers_deflate_gets_compressed_frames_and_a_bomb_is_refus
         .send_raw(compress(&vec![0x90; 2048], 9).unwrap())
         .await
         .unwrap();
-    assert_eq!(error_code(&mut plain).await, ErrorCode::MalformedFrame.code());
+    assert_eq!(
+        error_code(&mut plain).await,
+        ErrorCode::MalformedFrame.code()
+    );
     still_serves(&mut plain).await;
 
     let value = |name: &'static str| {
