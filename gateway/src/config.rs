@@ -95,6 +95,11 @@ pub struct Config {
     /// document left out when it follows a whole collection), then rejoins live with no gap;
     /// only if it is still behind after this long is it closed with `slow_consumer`.
     pub slow_consumer_deadline_ms: u64,
+    /// How long a closing connection waits, at most, for its client to take the last frames
+    /// (the error that says why, `goaway`) and the close frame, in milliseconds, reading and
+    /// dropping what the client still sends meanwhile so that the close is never a reset. A
+    /// client silent for three heartbeats is not waited for.
+    pub close_linger_ms: u64,
     /// Handshakes (from the accepted connection to `welcome`) a node runs at once; a
     /// connection beyond them gets `goaway` with a jittered `retry_after_ms` (0.1–1 s) and
     /// close 1013 at once, instead of queueing behind the others until it times out, so a
@@ -454,6 +459,7 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             max_concurrent_handshakes: 2_048,
             slow_consumer_deadline_ms: 60_000,
+            close_linger_ms: 30_000,
             max_connections_per_user: 0,
             max_client_ids_per_user: 0,
             max_documents_per_user: 0,

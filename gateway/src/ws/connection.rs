@@ -273,15 +273,68 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     if !out.is_closed() {
         out.close_after_flush(1000, "bye");
     }
-    // The writer ends after its close frame; do not wait forever on a peer that stopped reading.
-    let abort = writer.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(5), writer)
-        .await
-        .is_err()
-    {
-        abort.abort();
-    }
+    let silence = Duration::from_millis(u64::from(shared.config.heartbeat_ms) * 3);
+    let cap = Duration::from_millis(shared.config.close_linger_ms);
+    linger(&mut stream, writer, silence, cap).await;
     shared.metrics.connections.dec();
+}
+
+/// The end of a connection: waits for the writer to send what is left (the error that says
+/// why, `goaway`) and the close frame, reading and dropping whatever the client still sends
+/// meanwhile, then waits briefly for the client's close frame. Closing a socket with unread
+/// bytes makes the kernel send a reset, and a reset makes the client's kernel discard what the
+/// client had not read yet: a client that stopped reading but went on sending `ping` used to
+/// lose the `slow_consumer` error that way and see only a reset (1006). Gives up when the
+/// client is silent for three heartbeats (it is gone) or after `close_linger_ms`.
+async fn linger<S>(
+    stream: &mut S,
+    mut writer: tokio::task::JoinHandle<()>,
+    silence: Duration,
+    cap: Duration,
+) where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let cap = Instant::now() + cap;
+    let mut last_seen = Instant::now();
+    let mut reading = true;
+    loop {
+        // Once the client's side has ended, the writer gets a few seconds to finish (a close
+        // frame after a protocol violation) and nothing more.
+        let until = match reading {
+            true => cap.min(last_seen + silence),
+            false => cap.min(last_seen + Duration::from_secs(5)),
+        };
+        tokio::select! {
+            _ = &mut writer => break,
+            msg = stream.next(), if reading => match msg {
+                Some(Ok(_)) => last_seen = Instant::now(),
+                Some(Err(_)) | None => {
+                    reading = false;
+                    last_seen = Instant::now();
+                }
+            },
+            _ = tokio::time::sleep_until(until.into()) => {
+                writer.abort();
+                return;
+            }
+        }
+    }
+    if !reading {
+        return;
+    }
+    // The close frame is out: the client answers with its own (RFC 6455 §5.5.1).
+    let answer = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if msg.is_close() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(
+        cap.max(Instant::now() + Duration::from_secs(1)).into(),
+        answer,
+    )
+    .await;
 }
 
 struct Connection {

@@ -1084,6 +1084,95 @@ async fn a_subscriber_that_falls_behind_is_degraded_and_converges_without_a_disc
     db.cleanup().await;
 }
 
+/// A subscriber that stops reading but goes on sending `ping` (as PROTOCOL.md §3.11 asks) and
+/// stays behind past `slow_consumer_deadline_ms` is closed with `slow_consumer`, and it sees
+/// that close when it reads again: the frames before it, the error 501 and close code 4501,
+/// not a reset (1006). The gateway keeps reading its pings while it waits for the client to
+/// take its last frames: a socket closed with unread bytes is reset, and a reset discards what
+/// the client had not read yet. The stall lasts longer than the 5 s the gateway used to wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinging_subscriber_that_stopped_reading_sees_slow_consumer_not_a_reset() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = db.config();
+    cfg.limits.max_frame_bytes = 64 * 1024;
+    cfg.limits.max_document_bytes = 8 * 1024;
+    cfg.outbound_buffer_bytes = 64 * 1024;
+    cfg.slow_consumer_deadline_ms = 200;
+    cfg.close_linger_ms = 60_000;
+    let gw = Gateway::start(cfg).await.unwrap();
+    let conn = syncgate_client::Connection::open_with(&ws_url(&gw), None, Some(4096))
+        .await
+        .unwrap();
+    let (mut slow, _) = conn.handshake("pinger", &token("tester")).await.unwrap();
+    slow.send(&Frame::Subscribe(syncgate_protocol::Subscribe {
+        sub: 1,
+        collection: "stock".into(),
+        filter: Body::new(),
+        cursor: None,
+    }))
+    .await
+    .unwrap();
+    loop {
+        if let Frame::Synced(_) = slow.recv_timeout(DEADLINE).await.unwrap() {
+            break;
+        }
+    }
+    // Changes of ~2 KB while it reads nothing but pings, until the gateway gives up on it.
+    let (mut w, _) = connect(&gw, "w").await;
+    let pad = Value::from("x".repeat(2000));
+    let dropped = || {
+        gw.metrics
+            .slow_consumers
+            .with_label_values(&["dropped"])
+            .get()
+    };
+    let end = Instant::now() + DEADLINE;
+    let mut b = 0u64;
+    while dropped() == 0 {
+        assert!(
+            Instant::now() < end,
+            "the stalled subscriber was never dropped"
+        );
+        let ms = (0..10)
+            .map(|i| {
+                put(
+                    b * 10 + i + 1,
+                    "stock",
+                    &format!("s{}", (b * 10 + i) % 40),
+                    body(&[("pad", pad.clone())]),
+                )
+            })
+            .collect();
+        push(&mut w, b, ms).await;
+        slow.send(&Frame::Ping(Ping { nonce: b })).await.unwrap();
+        b += 1;
+    }
+    // Still not reading, still pinging, for longer than the gateway used to wait.
+    let stall = Instant::now() + std::time::Duration::from_secs(6);
+    while Instant::now() < stall {
+        slow.send(&Frame::Ping(Ping { nonce: b })).await.unwrap();
+        b += 1;
+        // The client's own pace of pings, not a synchronisation.
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    // It reads again: whatever was on its way, then the error, then the close.
+    let mut error = None;
+    let code = loop {
+        match slow.recv_timeout(DEADLINE).await {
+            Ok(Frame::Error(e)) => error = Some(e),
+            Ok(_) => {}
+            Err(syncgate_client::ConnError::Closed(code)) => break code,
+            Err(e) => panic!("expected the close, got {e:?} (error frame: {error:?})"),
+        }
+    };
+    let error = error.expect("an error frame before the close");
+    assert_eq!(error.code, ErrorCode::SlowConsumer.code());
+    assert!(error.fatal);
+    assert_eq!(code, Some(4000 + ErrorCode::SlowConsumer.code()));
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
 /// PROTOCOL.md §3.7: when a batch is not committed, no later batch of the same client may
 /// commit before it is pushed again. One client keeps 8 batches of 20 in flight; one of them
 /// writes a document whose change row makes the database fail the transaction (SQLite: a
