@@ -31,11 +31,17 @@ pub struct SnapshotConfig {
 /// A work order as an ERP keeps it: repetitive field names, codes and statuses, a free-text
 /// note; about 200 bytes of MessagePack.
 pub fn work_order(run: &str, n: u64) -> Body {
-    let statuses = ["open", "released", "in_progress", "done", "on_hold"];
+    let status = match n % 5 {
+        0 => "open",
+        1 => "released",
+        2 => "in_progress",
+        3 => "done",
+        _ => "on_hold",
+    };
     [
         ("run", Value::from(run)),
         ("number", Value::from(format!("WO-{:07}", n))),
-        ("status", Value::from(statuses[(n % 5) as usize])),
+        ("status", Value::from(status)),
         ("plant", Value::from(format!("P{}", n % 3 + 1))),
         ("workcenter", Value::from(format!("WC-{:03}", n % 40))),
         (
