@@ -358,11 +358,22 @@ impl ErrorReply {
 
     /// Counts it, queues the frame and, if fatal, closes with `4000 + code`.
     pub(crate) fn send(self, out: &Outbound, metrics: &Metrics) {
+        self.send_unless(out, metrics, &std::sync::atomic::AtomicBool::new(false));
+    }
+
+    /// [`ErrorReply::send`] of a subscription's error: a non-fatal one is dropped once the
+    /// subscription (`gate`) ended (see [`Outbound::end_sub`]).
+    pub(crate) fn send_unless(
+        self,
+        out: &Outbound,
+        metrics: &Metrics,
+        gate: &std::sync::atomic::AtomicBool,
+    ) {
         let code = self.error.code();
         metrics.errors.with_label_values(&[code.name()]).inc();
         let bytes = Bytes::from(encode(&Frame::Error(self.frame())));
         match self.ending {
-            Ending::Continue => out.push(bytes),
+            Ending::Continue => out.push_unless(bytes, gate),
             Ending::AfterFlush => {
                 out.push(bytes);
                 out.close_after_flush(self.error.close_code(), code.name());

@@ -20,6 +20,7 @@
 //! how long each waited until the socket took it (`syncgate_delivery_lag_seconds`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
@@ -135,11 +136,26 @@ impl Outbound {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Marks a subscription ended, under the queue's lock: a frame pushed for it (with its
+    /// `ended` flag as the gate) is either queued before this returns or not at all. So a
+    /// frame the reader queues right after (`unsubscribed`) follows every frame of the
+    /// subscription, and a catch-up task still running cannot add one behind it.
+    pub(crate) fn end_sub(&self, ended: &AtomicBool) {
+        let _s = self.lock();
+        ended.store(true, Ordering::Release);
+    }
+
     /// Appends a chunk's fan-out frames, published at `published`, all or none: none if
-    /// together they would pass the cap or the connection is closing.
-    pub(crate) fn try_push_all(&self, frames: Vec<Bytes>, published: Instant) -> Pushed {
+    /// together they would pass the cap, the connection is closing or the subscription
+    /// (`gate`) ended.
+    pub(crate) fn try_push_all(
+        &self,
+        frames: Vec<Bytes>,
+        published: Instant,
+        gate: &AtomicBool,
+    ) -> Pushed {
         let mut s = self.lock();
-        if s.close.is_some() {
+        if s.close.is_some() || gate.load(Ordering::Acquire) {
             return Pushed::Closed;
         }
         let len: usize = frames.iter().map(Bytes::len).sum();
@@ -157,15 +173,15 @@ impl Outbound {
 
     /// Appends a catch-up frame once it fits in half the cap (or the connection holds
     /// nothing, so a frame larger than that still goes), checked and pushed under one lock.
-    /// Returns false if the connection closed first.
-    pub(crate) async fn push_paced(&self, frame: Bytes) -> bool {
+    /// Returns false if the connection closed or the subscription (`gate`) ended first.
+    pub(crate) async fn push_paced(&self, frame: Bytes, gate: &AtomicBool) -> bool {
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut s = self.lock();
-                if s.close.is_some() {
+                if s.close.is_some() || gate.load(Ordering::Acquire) {
                     return false;
                 }
                 if s.held() == 0 || s.held() + frame.len() <= self.cap / 2 {
@@ -184,8 +200,14 @@ impl Outbound {
     /// Appends a reply frame regardless of the cap (callers bound themselves with
     /// [`Outbound::wait_for_space`]). Ignored once closed.
     pub(crate) fn push(&self, frame: Bytes) {
+        self.push_unless(frame, &AtomicBool::new(false));
+    }
+
+    /// [`Outbound::push`] of a subscription's frame: ignored once the subscription (`gate`)
+    /// ended.
+    pub(crate) fn push_unless(&self, frame: Bytes, gate: &AtomicBool) {
         let mut s = self.lock();
-        if s.close.is_some() {
+        if s.close.is_some() || gate.load(Ordering::Acquire) {
             return;
         }
         s.bytes += frame.len();
@@ -385,18 +407,44 @@ mod tests {
         Bytes::from_static(s)
     }
 
+    /// The gate of a subscription that has not ended.
+    fn open() -> AtomicBool {
+        AtomicBool::new(false)
+    }
+
+    #[tokio::test]
+    async fn nothing_of_an_ended_subscription_is_queued_after_it_ended() {
+        let q = Outbound::new(100, prometheus::IntGauge::new("t", "t").unwrap());
+        let gate = AtomicBool::new(false);
+        assert!(q.push_paced(b(b"page"), &gate).await);
+        q.end_sub(&gate);
+        q.push(b(b"unsubscribed"));
+        assert!(!q.push_paced(b(b"late page"), &gate).await);
+        assert_eq!(
+            q.try_push_all(vec![b(b"late chunk")], Instant::now(), &gate),
+            Pushed::Closed
+        );
+        q.push_unless(b(b"late resync"), &gate);
+        let (frames, _, _) = q.take();
+        let frames: Vec<_> = frames.into_iter().map(|(f, _)| f).collect();
+        assert_eq!(frames, [b(b"page"), b(b"unsubscribed")]);
+    }
+
     #[test]
     fn fan_out_is_bounded_replies_are_not() {
         let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
         assert_eq!(
-            q.try_push_all(vec![b(b"12345")], Instant::now()),
+            q.try_push_all(vec![b(b"12345")], Instant::now(), &open()),
             Pushed::Queued
         );
         assert_eq!(
-            q.try_push_all(vec![b(b"12345")], Instant::now()),
+            q.try_push_all(vec![b(b"12345")], Instant::now(), &open()),
             Pushed::Queued
         );
-        assert_eq!(q.try_push_all(vec![b(b"1")], Instant::now()), Pushed::Full);
+        assert_eq!(
+            q.try_push_all(vec![b(b"1")], Instant::now(), &open()),
+            Pushed::Full
+        );
         q.push(b(b"ack"));
         assert_eq!(q.queued_bytes(), 13);
         assert!(!q.has_space());
@@ -404,7 +452,7 @@ mod tests {
         assert_eq!(q.queued_bytes(), 3);
         // A closed queue says so: the caller counts no second slow consumer.
         assert_eq!(
-            q.try_push_all(vec![b(b"x")], Instant::now()),
+            q.try_push_all(vec![b(b"x")], Instant::now(), &open()),
             Pushed::Closed
         );
     }
@@ -413,11 +461,11 @@ mod tests {
     fn a_chunk_goes_whole_or_not_at_all() {
         let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
         assert_eq!(
-            q.try_push_all(vec![b(b"1234"), b(b"1234")], Instant::now()),
+            q.try_push_all(vec![b(b"1234"), b(b"1234")], Instant::now(), &open()),
             Pushed::Queued
         );
         assert_eq!(
-            q.try_push_all(vec![b(b"1"), b(b"234")], Instant::now()),
+            q.try_push_all(vec![b(b"1"), b(b"234")], Instant::now(), &open()),
             Pushed::Full
         );
         assert_eq!(q.queued_bytes(), 8);
@@ -428,7 +476,7 @@ mod tests {
         let gauge = prometheus::IntGauge::new("t", "t").unwrap();
         let q = Outbound::new(10, gauge.clone());
         assert_eq!(
-            q.try_push_all(vec![b(b"12345678")], Instant::now()),
+            q.try_push_all(vec![b(b"12345678")], Instant::now(), &open()),
             Pushed::Queued
         );
         // The writer takes the batch; the socket has not taken it yet.
@@ -437,14 +485,14 @@ mod tests {
         assert_eq!(q.queued_bytes(), 8);
         assert_eq!(gauge.get(), 8);
         assert_eq!(
-            q.try_push_all(vec![b(b"123")], Instant::now()),
+            q.try_push_all(vec![b(b"123")], Instant::now(), &open()),
             Pushed::Full
         );
         assert!(!q.has_space());
         q.written(bytes);
         assert_eq!((q.queued_bytes(), gauge.get()), (0, 0));
         assert_eq!(
-            q.try_push_all(vec![b(b"123")], Instant::now()),
+            q.try_push_all(vec![b(b"123")], Instant::now(), &open()),
             Pushed::Queued
         );
         drop(q);
@@ -458,12 +506,12 @@ mod tests {
             prometheus::IntGauge::new("t", "t").unwrap(),
         ));
         // Nothing held: even a frame over half the cap goes.
-        assert!(q.push_paced(b(b"123456")).await);
+        assert!(q.push_paced(b(b"123456"), &open()).await);
         // Two more subscriptions starting now wait instead of pushing past the cap.
         let waiting: Vec<_> = (0..2)
             .map(|_| {
                 let q = q.clone();
-                tokio::spawn(async move { q.push_paced(b(b"1234")).await })
+                tokio::spawn(async move { q.push_paced(b(b"1234"), &open()).await })
             })
             .collect();
         for _ in 0..10 {
@@ -493,7 +541,7 @@ mod tests {
         // A closed queue releases the waiters with false.
         let late = {
             let q = q.clone();
-            tokio::spawn(async move { q.push_paced(b(b"12345")).await })
+            tokio::spawn(async move { q.push_paced(b(b"12345"), &open()).await })
         };
         q.close(None, 1000, "bye");
         assert!(!late.await.unwrap());

@@ -131,6 +131,14 @@ pub struct Unsubscribe {
     pub sub: u32,
 }
 
+/// Server → client: the `unsubscribe` of `sub` is done. Every frame of that subscription
+/// came before this one and none comes after it, so the id may be used again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsubscribed {
+    /// The subscription that ended.
+    pub sub: u32,
+}
+
 /// A document as it exists on the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Doc {
@@ -499,4 +507,5 @@ frames! {
     Fetched(Fetched) = "fetched",
     Refresh(Refresh) = "refresh",
     Refreshed(Refreshed) = "refreshed",
+    Unsubscribed(Unsubscribed) = "unsubscribed",
 }

@@ -166,6 +166,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 })
             ),
         any::<u32>().prop_map(|sub| Frame::Unsubscribe(Unsubscribe { sub })),
+        any::<u32>().prop_map(|sub| Frame::Unsubscribed(Unsubscribed { sub })),
         (
             any::<u32>(),
             proptest::collection::vec(("[a-z0-9]{1,8}", body(), any::<u64>()), 0..4)

@@ -483,6 +483,8 @@ impl Machine {
             }
             // The shell schedules the next `refresh` from it; nothing for the machine.
             Frame::Refreshed(_) => {}
+            // The SDK does not unsubscribe on a live session; nothing to release.
+            Frame::Unsubscribed(_) => {}
             Frame::GoAway(g) => {
                 return Err(End::GoAway {
                     reason: g.reason,

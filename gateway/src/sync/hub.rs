@@ -68,9 +68,28 @@ impl SubEntry {
         }
     }
 
-    /// The subscription is over (unsubscribed, or its connection ended).
+    /// The subscription is over (unsubscribed, or its connection ended). When this returns
+    /// every frame of it is queued that ever will be ([`Outbound::end_sub`]).
     pub(crate) fn end(&self) {
-        self.ended.store(true, Ordering::Release);
+        self.out.end_sub(&self.ended);
+    }
+
+    /// Queues a catch-up frame of this subscription, paced ([`Outbound::push_paced`]);
+    /// false once the subscription ended or the connection is closing.
+    pub(crate) async fn push_paced(&self, frame: Bytes) -> bool {
+        self.out.push_paced(frame, &self.ended).await
+    }
+
+    /// Queues a frame of this subscription unless it ended.
+    pub(crate) fn push(&self, frame: Bytes) {
+        self.out.push_unless(frame, &self.ended);
+    }
+
+    /// Sends an error about this subscription (a non-fatal one only while it has not ended).
+    pub(crate) fn error(&self, reply: ErrorReply, metrics: &Metrics) {
+        reply
+            .sub(self.sub)
+            .send_unless(&self.out, metrics, &self.ended);
     }
 
     /// Whether [`SubEntry::end`] was called.
@@ -314,7 +333,7 @@ impl Hub {
             return false;
         }
         if announce {
-            entry.out.push(Bytes::from(encode(&Frame::Synced(Synced {
+            entry.push(Bytes::from(encode(&Frame::Synced(Synced {
                 sub: entry.sub,
                 cursor: Cursor {
                     epoch: self.epoch.clone(),
@@ -360,7 +379,7 @@ impl Hub {
                 }
                 let n = parts.len() as u64;
                 let frames = changes_frames(entry.sub, &parts, &self.epoch, to, self.frame_budget);
-                match entry.out.try_push_all(frames, now) {
+                match entry.out.try_push_all(frames, now, &entry.ended) {
                     Pushed::Queued => {
                         entry.queued_up_to(to);
                         delivered += n;

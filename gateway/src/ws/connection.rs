@@ -20,7 +20,7 @@ use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::tls::Transport;
 use syncgate_protocol::{
     Compression, Fetch, Filter, Frame, GoAway, Hello, Pong, Push, PushAck, Refreshed, Subscribe,
-    Welcome, negotiate_version,
+    Unsubscribed, Welcome, negotiate_version,
 };
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -618,9 +618,13 @@ impl Connection {
             Frame::Subscribe(s) => self.subscribe(s),
             Frame::Unsubscribe(u) => match self.subs.remove(&u.sub) {
                 Some(s) => {
-                    s.task.abort();
+                    // Ended under the queue's lock: every frame of the subscription is queued
+                    // before `unsubscribed`, and its catch-up task (stopping at its next await)
+                    // can add none after it.
                     s.entry.end();
+                    s.task.abort();
                     self.shared.hub.unregister(&s.entry);
+                    self.send(Frame::Unsubscribed(Unsubscribed { sub: u.sub }));
                     if let Some(info) = &self.info {
                         info.subs
                             .lock()

@@ -48,9 +48,10 @@ pub(crate) async fn start(
     }
     if let Err(e) = run(&shared, &entry, cursor).await {
         tracing::error!(error = %e, sub = entry.sub, "subscription start failed");
-        ErrorReply::from(GatewayError::Storage(Step::Subscription))
-            .sub(entry.sub)
-            .send(&entry.out, &shared.metrics);
+        entry.error(
+            ErrorReply::from(GatewayError::Storage(Step::Subscription)),
+            &shared.metrics,
+        );
     }
 }
 
@@ -77,9 +78,10 @@ pub(crate) async fn resume(shared: Arc<Shared>, entry: Arc<SubEntry>) {
         Ok(Ok(false)) => {} // unsubscribed, or the connection closed
         Ok(Err(e)) => {
             tracing::error!(error = %e, sub = entry.sub, "catch-up of a slow subscriber failed");
-            ErrorReply::from(GatewayError::Storage(Step::Subscription))
-                .sub(entry.sub)
-                .send(&entry.out, metrics);
+            entry.error(
+                ErrorReply::from(GatewayError::Storage(Step::Subscription)),
+                metrics,
+            );
         }
         Err(_) => {
             metrics.slow_consumers.with_label_values(&["dropped"]).inc();
@@ -254,7 +256,7 @@ async fn follow(
         // Never held while waiting for a client to read.
         drop(turn);
         for frame in frames {
-            if !entry.out.push_paced(frame).await {
+            if !entry.push_paced(frame).await {
                 return Ok(false); // the connection is closing
             }
         }
@@ -286,7 +288,7 @@ fn resync(shared: &Shared, entry: &SubEntry, reason: &str, cursor: &Cursor) {
         );
     }
     shared.metrics.resyncs.with_label_values(&[reason]).inc();
-    entry.out.push(Bytes::from(encode(&Frame::Resync(Resync {
+    entry.push(Bytes::from(encode(&Frame::Resync(Resync {
         sub: entry.sub,
         reason: reason.to_owned(),
     }))));
@@ -345,7 +347,7 @@ async fn snapshot(shared: &Shared, entry: &SubEntry) -> Result<u64, StoreError> 
         // for a client to read.
         drop(turn);
         for frame in frames {
-            if !entry.out.push_paced(frame).await {
+            if !entry.push_paced(frame).await {
                 return Ok(position); // the connection is closing; its catch-up stops too
             }
         }

@@ -2091,3 +2091,93 @@ async fn collection_roles_guard_reads_and_writes() {
     gw.shutdown().await;
     db.cleanup().await;
 }
+
+/// `unsubscribe` is answered with `unsubscribed`, after every frame of the subscription and
+/// before anything else of it: a catch-up still running when the client unsubscribes queues
+/// nothing behind it, so the client can reuse the id at once. Twenty subscriptions of a
+/// many-page snapshot are cut off mid-way, each followed by a ping whose pong must come with no
+/// frame of the old subscription before it; the id's last subscription gets every document once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribed_subscription_sends_nothing_after_its_unsubscribed() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = db.config();
+    cfg.limits.max_frame_bytes = 16 * 1024;
+    cfg.limits.max_document_bytes = 4 * 1024;
+    cfg.outbound_buffer_bytes = 64 * 1024;
+    cfg.max_subscribes_per_second = 0;
+    let gw = Gateway::start(cfg).await.unwrap();
+    let (mut w, _) = connect(&gw, "w").await;
+    const DOCS: u64 = 3_000;
+    let pad = Value::from("y".repeat(300));
+    for b in 0..DOCS / 40 {
+        let ms = (0..40)
+            .map(|i| {
+                let n = b * 40 + i;
+                put(
+                    n + 1,
+                    "stock",
+                    &format!("s{n}"),
+                    body(&[("pad", pad.clone())]),
+                )
+            })
+            .collect();
+        push(&mut w, b, ms).await;
+    }
+    let (mut c, _) = connect(&gw, "churn").await;
+    let subscribe = Frame::Subscribe(Subscribe {
+        sub: 5,
+        collection: "stock".into(),
+        filter: Body::new(),
+        cursor: None,
+    });
+    let frame_sub = |f: &Frame| match f {
+        Frame::Snapshot(s) => Some(s.sub),
+        Frame::Changes(ch) => Some(ch.sub),
+        Frame::Synced(s) => Some(s.sub),
+        Frame::Resync(r) => Some(r.sub),
+        Frame::Error(e) => e.sub,
+        _ => None,
+    };
+    for round in 0..20u64 {
+        c.send(&subscribe).await.unwrap();
+        // Read a few pages of it first in some rounds, none in others.
+        for _ in 0..round % 3 {
+            let f = c.recv_timeout(DEADLINE).await.unwrap();
+            assert_eq!(frame_sub(&f), Some(5), "{f:?}");
+        }
+        c.send(&Frame::Unsubscribe(Unsubscribe { sub: 5 }))
+            .await
+            .unwrap();
+        loop {
+            match c.recv_timeout(DEADLINE).await.unwrap() {
+                Frame::Unsubscribed(u) => {
+                    assert_eq!(u.sub, 5);
+                    break;
+                }
+                f => assert_eq!(frame_sub(&f), Some(5), "{f:?}"),
+            }
+        }
+        c.send(&Frame::Ping(Ping { nonce: round })).await.unwrap();
+        match c.recv_timeout(DEADLINE).await.unwrap() {
+            Frame::Pong(p) => assert_eq!(p.nonce, round),
+            f => panic!("round {round}: {f:?} after unsubscribed"),
+        }
+    }
+    // The id once more, read to the end: every document once.
+    c.send(&subscribe).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        match c.recv_timeout(DEADLINE).await.unwrap() {
+            Frame::Snapshot(s) => {
+                for d in s.docs {
+                    assert!(seen.insert(d.id.clone()), "{} twice", d.id);
+                }
+            }
+            Frame::Synced(_) => break,
+            f => panic!("{f:?}"),
+        }
+    }
+    assert_eq!(seen.len() as u64, DOCS);
+    gw.shutdown().await;
+    db.cleanup().await;
+}
