@@ -447,7 +447,7 @@ impl Default for Config {
             outbound_buffer_bytes: 1024 * 1024,
             compression: true,
             compression_min_bytes: 1024,
-            compression_level: 6,
+            compression_level: 1,
             catch_up_cache_bytes: 64 * 1024 * 1024,
             max_connections: 19_000,
             max_frames_per_second: 1000,

@@ -6,6 +6,10 @@
 //!   and splicing it into each subscriber's frame (`encode_changes_frame`, what the gateway
 //!   does) against encoding a whole `Changes` frame per subscriber.
 //!
+//! - `compress_snapshot_1000` / `inflate_snapshot_1000`: a 1,000-document snapshot page
+//!   (~110 KB) deflated at levels 1 and 6 (what the gateway's writer does per large frame on
+//!   a session that negotiated compression) and inflated (what a client does).
+//!
 //! `cargo bench -p syncgate-protocol --bench codec`
 #![allow(
     clippy::unwrap_used,
@@ -121,5 +125,32 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, fanout);
+fn compression(c: &mut Criterion) {
+    use syncgate_protocol::compress::{Compression, compress, inflate};
+    let page = encode(&Frame::Snapshot(syncgate_protocol::Snapshot {
+        sub: 1,
+        docs: (0..1000)
+            .map(|i| syncgate_protocol::Doc {
+                id: format!("wo-{i}"),
+                body: body(i),
+                version: i + 1,
+            })
+            .collect(),
+    }));
+    let mut g = c.benchmark_group("compression");
+    g.throughput(Throughput::Bytes(page.len() as u64));
+    for level in [1, 6] {
+        g.bench_function(format!("compress_snapshot_1000_level_{level}"), |b| {
+            b.iter(|| compress(black_box(&page), level).unwrap())
+        });
+    }
+    let packed = compress(&page, 6).unwrap();
+    let limits = syncgate_protocol::Limits::default();
+    g.bench_function("inflate_snapshot_1000", |b| {
+        b.iter(|| inflate(black_box(&packed), &limits, Some(Compression::Deflate)).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec, fanout, compression);
 criterion_main!(benches);
