@@ -1084,6 +1084,108 @@ async fn a_subscriber_that_falls_behind_is_degraded_and_converges_without_a_disc
     db.cleanup().await;
 }
 
+/// A subscriber that reads slowly — all the time, one frame every 25 ms, slower than the
+/// changes come — is degraded to catch-up whenever its queue fills, receives fewer frames
+/// than there were changes (superseded versions left out), is never disconnected and never
+/// sees an error, and ends with exactly the server's documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_reads_slowly_converges_with_fewer_frames_and_no_disconnect() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = db.config();
+    cfg.limits.max_frame_bytes = 64 * 1024;
+    cfg.limits.max_document_bytes = 8 * 1024;
+    cfg.outbound_buffer_bytes = 64 * 1024;
+    let gw = Gateway::start(cfg).await.unwrap();
+    let conn = syncgate_client::Connection::open_with(&ws_url(&gw), None, Some(4096))
+        .await
+        .unwrap();
+    let (mut slow, _) = conn.handshake("dawdler", &token("tester")).await.unwrap();
+    slow.send(&Frame::Subscribe(syncgate_protocol::Subscribe {
+        sub: 1,
+        collection: "stock".into(),
+        filter: Body::new(),
+        cursor: None,
+    }))
+    .await
+    .unwrap();
+    loop {
+        if let Frame::Synced(_) = slow.recv_timeout(DEADLINE).await.unwrap() {
+            break;
+        }
+    }
+    let (target_tx, mut target_rx) = tokio::sync::watch::channel(u64::MAX);
+    let reader = tokio::spawn(async move {
+        let mut docs: BTreeMap<String, Value> = BTreeMap::new();
+        let (mut frames, mut changes, mut reached) = (0u64, 0u64, 0u64);
+        while reached < *target_rx.borrow_and_update() {
+            let frame = tokio::select! {
+                f = slow.recv_timeout(DEADLINE) => f.unwrap(),
+                // The writes ended: check whether everything has arrived.
+                _ = target_rx.changed() => continue,
+            };
+            match frame {
+                Frame::Changes(ch) => {
+                    frames += 1;
+                    changes += ch.changes.len() as u64;
+                    reached = reached.max(ch.cursor.seq);
+                    for c in ch.changes {
+                        let n = c.body.as_ref().and_then(|b| b.get("n")).cloned();
+                        docs.insert(c.id, n.unwrap_or(Value::Nil));
+                    }
+                }
+                Frame::Error(e) => panic!("the slow reader got {} {}", e.name, e.message),
+                _ => {}
+            }
+            // The reader's own pace: slower than the changes come.
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        (docs, frames, changes)
+    });
+    // 12,000 changes of ~1 KB to 4 documents, as fast as the gateway acknowledges them.
+    let (mut w, _) = connect(&gw, "w").await;
+    let pad = Value::from("x".repeat(1000));
+    const BATCHES: u64 = 800;
+    let mut last = 0;
+    for b in 0..BATCHES {
+        let ms = (0..15)
+            .map(|i| {
+                put(
+                    b * 15 + i + 1,
+                    "stock",
+                    &format!("s{}", i % 4),
+                    body(&[("pad", pad.clone()), ("n", Value::from(b * 15 + i))]),
+                )
+            })
+            .collect();
+        last = push(&mut w, b, ms).await.visible_at;
+    }
+    target_tx.send_replace(last);
+    let (docs, frames, changes) = reader.await.unwrap();
+    let server: BTreeMap<String, Value> = server_docs(&gw, "stock")
+        .await
+        .into_iter()
+        .map(|(id, (b, _))| (id, b["n"].clone()))
+        .collect();
+    assert_eq!(docs, server);
+    eprintln!("read {changes} changes in {frames} frames for {last} written");
+    assert!(frames < last, "{frames} frames for {last} changes");
+    let m = &gw.metrics.slow_consumers;
+    assert!(
+        m.with_label_values(&["degraded"]).get() >= 1,
+        "a reader of 40 frames/s kept up with the writes: the test shows nothing"
+    );
+    assert_eq!(m.with_label_values(&["dropped"]).get(), 0);
+    assert_eq!(
+        gw.metrics
+            .errors
+            .with_label_values(&["slow_consumer"])
+            .get(),
+        0
+    );
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
 /// A subscriber that stops reading but goes on sending `ping` (as PROTOCOL.md §3.11 asks) and
 /// stays behind past `slow_consumer_deadline_ms` is closed with `slow_consumer`, and it sees
 /// that close when it reads again: the frames before it, the error 501 and close code 4501,
