@@ -23,6 +23,7 @@ use crate::common::open_subscribers;
 use crate::common::{
     Report, Target, left, now_ns, push_and_check, put_padded, run_filter, run_id, stamp,
 };
+use crate::lean::{self, Lean, LeanChange};
 use crate::progress::Progress;
 use crate::stats::Recorder;
 
@@ -45,10 +46,23 @@ pub struct FanoutConfig {
     pub pad: usize,
     /// Give up (and fail) after this long.
     pub deadline: Duration,
+    /// Harness processes the subscribers are spread over (1: all in this one). With more,
+    /// this process runs the writers and `workers` children of `worker_exe` run the
+    /// subscribers, so that decoding deliveries does not compete with writing.
+    pub workers: usize,
+    /// The `syncgate-loadtest` binary the workers run (default: this executable).
+    pub worker_exe: Option<std::path::PathBuf>,
 }
+
+/// The environment variable that hands a worker its parent's timeline clock (milliseconds
+/// since it started), so that their latency timelines merge second by second.
+pub const CLOCK_AGE_ENV: &str = "SYNCGATE_LOADTEST_CLOCK_AGE_MS";
 
 /// Runs the scenario.
 pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<Report> {
+    if cfg.workers > 1 {
+        return run_in_workers(cfg).await;
+    }
     let run = run_id();
     let end = Instant::now() + cfg.deadline;
     let filter = run_filter(&run);
@@ -130,6 +144,198 @@ pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<Report> {
     ))
 }
 
+/// One worker of a `--workers` run: opens its share of subscribers to run `run`'s documents,
+/// prints `READY` on stdout, then receives every change; its report carries what the parent
+/// merges (`latency_wire`, `sweep`, `deliveries`, failures).
+pub async fn worker(cfg: &FanoutConfig, run: &str) -> anyhow::Result<Report> {
+    let end = Instant::now() + cfg.deadline;
+    let filter = run_filter(run);
+    let subs = open_subscribers(
+        &cfg.target,
+        &cfg.collection,
+        &filter,
+        &format!("lt-sub-{run}-{}", std::process::id()),
+        0,
+        cfg.subscribers,
+        end,
+    )
+    .await?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "READY")?;
+        out.flush()?;
+    }
+    let total = cfg.writers as u64 * cfg.changes_per_writer;
+    let sweep = Arc::new(Sweep::new(cfg.writers, cfg.changes_per_writer));
+    let progress = Progress::new("deliveries", 0);
+    let tasks: Vec<_> = subs
+        .into_iter()
+        .map(|(c, _)| {
+            let (sweep, progress) = (sweep.clone(), progress.clone());
+            tokio::spawn(async move {
+                let mut c = c;
+                let mut got = Received::default();
+                let err = receive(&mut c, &mut got, total, end, Some(&sweep), &progress).await;
+                c.close().await;
+                (got, err)
+            })
+        })
+        .collect();
+    let (mut latencies, mut deliveries, mut failures) = (Recorder::default(), 0u64, Vec::new());
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (got, err) = t.await.context("subscriber task")?;
+        deliveries += got.latency.count();
+        latencies.merge(&got.latency);
+        failures.extend(got.verdict(
+            &format!("subscriber {i}"),
+            cfg.writers,
+            cfg.changes_per_writer,
+            err,
+        ));
+    }
+    let sweep: Vec<u64> = sweep
+        .per_change
+        .iter()
+        .map(|s| s.load(Ordering::Relaxed))
+        .collect();
+    Ok(Report::new(
+        "fanout-worker",
+        serde_json::json!({"subscribers": cfg.subscribers, "run": run}),
+        serde_json::json!({"deliveries": deliveries, "latency_wire": latencies.to_wire(),
+            "sweep": sweep}),
+        &latencies,
+        failures,
+    ))
+}
+
+/// `run` with the subscribers in `cfg.workers` child processes (source addresses dealt out
+/// among them) and the writers here; the workers' figures are merged into one report.
+async fn run_in_workers(cfg: &FanoutConfig) -> anyhow::Result<Report> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let run = run_id();
+    let end = Instant::now() + cfg.deadline;
+    let exe = match &cfg.worker_exe {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating this executable")?,
+    };
+    let workers = cfg.workers;
+    let clock_age = crate::stats::start_clock()
+        .elapsed()
+        .as_millis()
+        .to_string();
+    let mut children = Vec::new();
+    for k in 0..workers {
+        let share = cfg.subscribers / workers + usize::from(k < cfg.subscribers % workers);
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["--url", &cfg.target.url, "--quiet", "--deadline"])
+            .arg(cfg.deadline.as_secs().max(1).to_string())
+            .args(["--collection", &cfg.collection])
+            .env("SYNCGATE_TOKEN", &cfg.target.token)
+            .env(CLOCK_AGE_ENV, &clock_age);
+        for (i, s) in cfg.target.sources.iter().enumerate() {
+            if i % workers == k {
+                cmd.arg("--source").arg(s.to_string());
+            }
+        }
+        cmd.args(["fanout", "--worker", "--run", &run, "--subscribers"])
+            .arg(share.to_string())
+            .arg("--writers")
+            .arg(cfg.writers.to_string())
+            .arg("--changes-per-writer")
+            .arg(cfg.changes_per_writer.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("starting a worker")?;
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
+        children.push((child, stdout));
+    }
+    // Every worker prints READY once its subscribers are synced.
+    for (k, (_, stdout)) in children.iter_mut().enumerate() {
+        let mut line = String::new();
+        tokio::time::timeout(left(end), stdout.read_line(&mut line))
+            .await
+            .with_context(|| format!("worker {k} did not get ready in time"))??;
+        if line.trim() != "READY" {
+            anyhow::bail!("worker {k} did not get ready: {line:?}");
+        }
+    }
+    let started = Instant::now();
+    let writer_tasks: Vec<_> = (0..cfg.writers)
+        .map(|w| {
+            let pace = Pace {
+                target: cfg.target.clone(),
+                collection: cfg.collection.clone(),
+                run: run.clone(),
+                writer: w,
+                count: cfg.changes_per_writer,
+                rate: cfg.rate_per_writer,
+                pad: cfg.pad,
+                end,
+            };
+            tokio::spawn(async move { pace.write().await })
+        })
+        .collect();
+    let mut committed = 0;
+    let mut failures = Vec::new();
+    for (w, t) in writer_tasks.into_iter().enumerate() {
+        match t.await.context("writer task")? {
+            Ok(n) => committed += n,
+            Err(e) => failures.push(format!("writer {w}: {e:#}")),
+        }
+    }
+    let (mut latencies, mut deliveries) = (Recorder::default(), 0u64);
+    let mut sweep = vec![0u64; cfg.writers * cfg.changes_per_writer as usize];
+    let mut harness_cpu_seconds = 0.0;
+    for (k, (mut child, mut stdout)) in children.into_iter().enumerate() {
+        let mut text = String::new();
+        tokio::time::timeout(left(end), stdout.read_to_string(&mut text))
+            .await
+            .with_context(|| format!("worker {k} did not finish in time"))??;
+        let status = child.wait().await?;
+        let Ok(r) = serde_json::from_str::<serde_json::Value>(&text) else {
+            failures.push(format!("worker {k} ended with {status} and no report"));
+            continue;
+        };
+        let at = |path: &str| r.pointer(path).cloned().unwrap_or_default();
+        deliveries += at("/figures/deliveries").as_u64().unwrap_or(0);
+        match serde_json::from_value::<crate::stats::RecorderWire>(at("/figures/latency_wire")) {
+            Ok(w) => latencies.merge(&Recorder::from_wire(&w)),
+            Err(e) => failures.push(format!("worker {k}: unreadable latencies: {e}")),
+        }
+        let theirs = at("/figures/sweep");
+        for (slot, us) in sweep
+            .iter_mut()
+            .zip(theirs.as_array().into_iter().flatten())
+        {
+            *slot = (*slot).max(us.as_u64().unwrap_or(0));
+        }
+        harness_cpu_seconds += at("/harness/cpu_seconds").as_f64().unwrap_or(0.0);
+        for f in at("/failures").as_array().into_iter().flatten() {
+            failures.push(format!("worker {k}: {}", f.as_str().unwrap_or_default()));
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut last_delivery = Recorder::default();
+    for us in sweep.into_iter().filter(|us| *us > 0) {
+        last_delivery.record(Duration::from_micros(us));
+    }
+    Ok(Report::new(
+        "fanout",
+        serde_json::json!({"subscribers": cfg.subscribers, "writers": cfg.writers,
+            "changes_per_writer": cfg.changes_per_writer, "rate_per_writer": cfg.rate_per_writer,
+            "pad": cfg.pad, "workers": workers}),
+        serde_json::json!({"committed": committed, "deliveries": deliveries,
+            "seconds": elapsed,
+            "deliveries_per_sec": deliveries as f64 / elapsed.max(1e-9),
+            "last_delivery_ms": last_delivery.summary(),
+            "workers_cpu_seconds": harness_cpu_seconds}),
+        &latencies,
+        failures,
+    ))
+}
+
 /// The slowest delivery of each change, across subscribers (µs).
 pub(crate) struct Sweep {
     per_change: Vec<AtomicU64>,
@@ -203,9 +409,21 @@ impl Received {
 
     /// Records the changes of one frame (or of a catch-up).
     pub(crate) fn absorb(&mut self, changes: &[syncgate_protocol::Change], sweep: Option<&Sweep>) {
+        let lean: Vec<LeanChange> = changes
+            .iter()
+            .map(|c| LeanChange {
+                seq: c.seq,
+                stamp: stamp(c),
+            })
+            .collect();
+        self.absorb_lean(&lean, sweep);
+    }
+
+    /// Records the changes of one frame as the lean decoding read them.
+    pub(crate) fn absorb_lean(&mut self, changes: &[LeanChange], sweep: Option<&Sweep>) {
         let now = now_ns();
         for change in changes {
-            let Some((w, n, t)) = stamp(change) else {
+            let Some((w, n, t)) = change.stamp else {
                 continue;
             };
             let us = now.saturating_sub(t) / 1000;
@@ -239,21 +457,27 @@ pub(crate) async fn receive(
     let mut ping = tokio::time::interval(Duration::from_secs(5));
     ping.tick().await;
     let mut err = None;
+    let limits = syncgate_protocol::Limits {
+        max_frame_bytes: 64 << 20,
+        ..syncgate_protocol::Limits::default()
+    };
     while got.count < total {
         let frame = tokio::select! {
-            f = c.recv_timeout(left(end)) => f,
+            f = c.recv_raw(left(end)) => f.and_then(|b| Ok(lean::decode(&b, &limits)?)),
             _ = ping.tick() => match c.send(&Frame::Ping(Ping { nonce: 0 })).await {
                 Ok(()) => continue,
                 Err(e) => Err(e),
             },
         };
         match frame {
-            Ok(Frame::Changes(ch)) => {
-                got.absorb(&ch.changes, sweep);
-                progress.inc(ch.changes.len() as u64);
-                got.cursor = Some(ch.cursor);
+            Ok(Lean::Changes {
+                changes, cursor, ..
+            }) => {
+                got.absorb_lean(&changes, sweep);
+                progress.inc(changes.len() as u64);
+                got.cursor = Some(cursor);
             }
-            Ok(Frame::Error(e)) => {
+            Ok(Lean::Other(Frame::Error(e))) => {
                 err = Some(ConnError::Server(e));
                 break;
             }

@@ -33,6 +33,7 @@ pub mod connect;
 pub mod fairness;
 pub mod fanout;
 pub mod ingest;
+pub mod lean;
 pub mod mixed;
 pub mod procfs;
 pub mod progress;

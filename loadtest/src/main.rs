@@ -92,6 +92,17 @@ enum Scenario {
         /// Padding bytes per document.
         #[arg(long, default_value_t = 0)]
         pad: usize,
+        /// Harness processes to run the subscribers in (the writers stay in this one), so
+        /// that decoding deliveries is not what limits the run; source addresses are dealt
+        /// out among them.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Internal: run as one worker of a `--workers` run.
+        #[arg(long, hide = true)]
+        worker: bool,
+        /// Internal: the run a worker subscribes to.
+        #[arg(long, hide = true)]
+        run: Option<String>,
     },
     /// W writers push batches as fast as acks come back: mutations/s acknowledged.
     Ingest {
@@ -302,7 +313,14 @@ fn parse_sources(s: &str) -> Result<Vec<IpAddr>, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    syncgate_loadtest::stats::start_clock();
+    // A worker process starts its timeline clock where its parent's is.
+    match std::env::var(syncgate_loadtest::fanout::CLOCK_AGE_ENV)
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        Some(ms) => syncgate_loadtest::stats::start_clock_aged(Duration::from_millis(ms)),
+        None => syncgate_loadtest::stats::start_clock(),
+    };
     // One connection is one file descriptor: lift the soft limit to the hard one.
     let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     let cli = Cli::parse();
@@ -379,6 +397,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
     let mut report = result?;
     report.gateway = sampler.map(Sampler::finish);
     report.harness = harness_sampler.map(Sampler::finish);
+    report.add_cost_figures();
     report.run = Some(RunInfo {
         command_line: std::env::args().collect(),
         started_at: rfc3339(
@@ -426,8 +445,11 @@ async fn scenario(
             changes_per_writer,
             rate,
             pad,
+            workers,
+            worker,
+            ref run,
         } => {
-            syncgate_loadtest::fanout::run(&FanoutConfig {
+            let cfg = FanoutConfig {
                 target,
                 collection,
                 subscribers,
@@ -436,8 +458,14 @@ async fn scenario(
                 rate_per_writer: rate,
                 pad,
                 deadline,
-            })
-            .await?
+                workers,
+                worker_exe: None,
+            };
+            match (worker, run) {
+                (true, Some(run)) => syncgate_loadtest::fanout::worker(&cfg, run).await?,
+                (true, None) => bail!("--worker needs --run"),
+                (false, _) => syncgate_loadtest::fanout::run(&cfg).await?,
+            }
         }
         Scenario::Ingest {
             writers,

@@ -61,6 +61,9 @@ pub struct ProcStats {
     pub rss_end_kib: u64,
     /// Average CPU use over the run, in percent of one core.
     pub cpu_percent: f64,
+    /// CPU time used over the run (user + system), seconds: the figure that does not depend
+    /// on how busy the rest of the machine was (per million deliveries in the reports).
+    pub cpu_seconds: f64,
     /// Samples taken.
     pub samples: u64,
     /// The readings over time, for the report's plot.
@@ -155,6 +158,8 @@ impl Sampler {
             }
             stats.rss_end_kib = last.rss_kib;
             stats.cpu_percent = cpu_percent(&first, &last);
+            stats.cpu_seconds =
+                last.cpu_ticks.saturating_sub(first.cpu_ticks) as f64 / TICKS_PER_SEC;
             stats
         });
         Sampler { stop, thread }

@@ -93,6 +93,41 @@ impl Report {
         }
     }
 
+    /// What the gateway and the harness cost per unit of work, from the sampled CPU time:
+    /// `gateway_cpu_s_per_million_deliveries` (or `_per_thousand_mutations` for ingest) — the
+    /// figure that does not depend on how busy the rest of the machine was — and
+    /// `harness_cpu_seconds` (this process and its workers), which says whether the harness
+    /// was the limit.
+    pub fn add_cost_figures(&mut self) {
+        let Some(figures) = self.figures.as_object_mut() else {
+            return;
+        };
+        let workers = figures
+            .get("workers_cpu_seconds")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0);
+        if let Some(h) = &self.harness {
+            figures.insert(
+                "harness_cpu_seconds".into(),
+                (h.cpu_seconds + workers).into(),
+            );
+        }
+        let Some(g) = &self.gateway else {
+            return;
+        };
+        figures.insert("gateway_cpu_seconds".into(), g.cpu_seconds.into());
+        let count = |k: &str| figures.get(k).and_then(serde_json::Value::as_u64);
+        let (deliveries, mutations) = (count("deliveries"), count("acknowledged"));
+        if let Some(d) = deliveries.filter(|d| *d > 0) {
+            let per = g.cpu_seconds / d as f64 * 1e6;
+            figures.insert("gateway_cpu_s_per_million_deliveries".into(), per.into());
+        }
+        if let Some(m) = mutations.filter(|m| *m > 0) {
+            let per = g.cpu_seconds / m as f64 * 1e3;
+            figures.insert("gateway_cpu_s_per_thousand_mutations".into(), per.into());
+        }
+    }
+
     /// The HTML page: verdict, parameters, figures, and the plots.
     pub fn to_html(&self) -> String {
         let mut h = String::new();

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The process-wide origin of timelines: every recorder buckets samples by whole seconds since
 /// this instant, so recorders of different tasks merge bucket by bucket.
@@ -15,6 +15,25 @@ static ORIGIN: OnceLock<Instant> = OnceLock::new();
 pub fn start_clock() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
+
+/// Starts the timeline clock as if it had started `age` ago (a worker process given its
+/// parent's clock, so that their timelines merge second by second); call it first.
+pub fn start_clock_aged(age: Duration) -> Instant {
+    *ORIGIN.get_or_init(|| Instant::now().checked_sub(age).unwrap_or_else(Instant::now))
+}
+
+/// A [`Recorder`] as a worker process hands it to its parent (JSON): every recorded value
+/// with its count, and the timeline's non-empty buckets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecorderWire {
+    /// `(µs, count)` of every histogram value recorded.
+    pub values: Vec<(u64, u64)>,
+    /// Every second with samples.
+    pub timeline: Vec<WireSecond>,
+}
+
+/// `(second, [(bucket, count)], max µs)`: one second of a [`RecorderWire`]'s timeline.
+pub type WireSecond = (u64, Vec<(u8, u32)>, u64);
 
 /// Log-spaced buckets of a timeline second: bucket `i` holds samples of `[1.25^i, 1.25^(i+1))`
 /// µs, so per-second percentiles are within 25 % (enough for a plot; the run's own percentiles
@@ -111,6 +130,61 @@ impl Recorder {
             *slot = slot.saturating_add(n.min(u64::from(u32::MAX)) as u32);
         }
         second.max_us = second.max_us.max(stored);
+    }
+
+    /// The recorder in the form a worker process prints.
+    pub fn to_wire(&self) -> RecorderWire {
+        let values = self.hist.as_ref().map_or_else(Vec::new, |h| {
+            h.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect()
+        });
+        let timeline = self
+            .timeline
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.buckets.iter().any(|c| *c > 0))
+            .map(|(sec, s)| {
+                let buckets = s
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c > 0)
+                    .map(|(i, c)| (i as u8, *c))
+                    .collect();
+                (sec as u64, buckets, s.max_us)
+            })
+            .collect();
+        RecorderWire { values, timeline }
+    }
+
+    /// A recorder from what a worker printed (its samples keep their seconds).
+    pub fn from_wire(w: &RecorderWire) -> Recorder {
+        let mut r = Recorder::default();
+        if !w.values.is_empty() {
+            let hist = r.hist.get_or_insert_with(new_histogram);
+            for (us, n) in &w.values {
+                let _ = hist.record_n((*us).clamp(1, 600_000_000), *n);
+            }
+        }
+        for (sec, buckets, max_us) in &w.timeline {
+            let sec = *sec as usize;
+            if sec > 24 * 3600 {
+                continue; // not a timeline this harness wrote
+            }
+            if r.timeline.len() <= sec {
+                r.timeline.resize(sec + 1, Second::default());
+            }
+            if let Some(second) = r.timeline.get_mut(sec) {
+                for (i, c) in buckets {
+                    if let Some(slot) = second.buckets.get_mut(usize::from(*i)) {
+                        *slot = slot.saturating_add(*c);
+                    }
+                }
+                second.max_us = second.max_us.max(*max_us);
+            }
+        }
+        r
     }
 
     /// Adds another recorder's samples.
@@ -303,6 +377,25 @@ mod tests {
         assert_eq!(
             r.timeline().iter().map(|p| p.max_ms).fold(0.0, f64::max),
             run_max
+        );
+    }
+
+    /// A worker's recorder crosses to its parent as JSON and comes back the same.
+    #[test]
+    fn a_recorder_survives_the_wire() {
+        let mut r = Recorder::default();
+        for us in [1u64, 150, 150, 9_999, 2_000_000] {
+            r.record(Duration::from_micros(us));
+        }
+        let text = serde_json::to_string(&r.to_wire()).unwrap();
+        let back = Recorder::from_wire(&serde_json::from_str(&text).unwrap());
+        assert_eq!(back.summary(), r.summary());
+        assert_eq!(back.timeline(), r.timeline());
+        assert_eq!(
+            Recorder::from_wire(&RecorderWire::default())
+                .summary()
+                .count,
+            0
         );
     }
 }

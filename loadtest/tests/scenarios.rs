@@ -62,6 +62,8 @@ async fn fanout_short_run_delivers_everything_once() {
         rate_per_writer: 400,
         pad: 16,
         deadline: DEADLINE,
+        workers: 1,
+        worker_exe: None,
     };
     let report = syncgate_loadtest::fanout::run(&cfg).await.unwrap();
     assert_eq!(report.failures, Vec::<String>::new());
@@ -73,6 +75,35 @@ async fn fanout_short_run_delivers_everything_once() {
     assert!(!report.latency_timeline.is_empty());
     let html = report.to_html();
     assert!(html.contains("nothing lost") && html.contains("<svg"));
+    gw.shutdown().await;
+}
+
+/// The subscribers in two worker processes of the real binary, the writers here: every
+/// subscriber in every worker receives every change once, in order, and the merged report
+/// counts them all, with one "last delivery" per change across the workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_in_worker_processes_delivers_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, target) = gateway(dir.path()).await;
+    let cfg = FanoutConfig {
+        target,
+        collection: "work_orders".into(),
+        subscribers: 7,
+        writers: 2,
+        changes_per_writer: 40,
+        rate_per_writer: 400,
+        pad: 16,
+        deadline: DEADLINE,
+        workers: 2,
+        worker_exe: Some(env!("CARGO_BIN_EXE_syncgate-loadtest").into()),
+    };
+    let report = syncgate_loadtest::fanout::run(&cfg).await.unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    assert_eq!(report.figures["committed"], 80);
+    assert_eq!(report.figures["deliveries"], 7 * 80);
+    assert_eq!(report.latency_ms.as_ref().unwrap().count, 7 * 80);
+    assert_eq!(report.figures["last_delivery_ms"]["count"], 80);
+    assert!(report.figures["workers_cpu_seconds"].as_f64().unwrap() >= 0.0);
     gw.shutdown().await;
 }
 

@@ -126,8 +126,9 @@ pub fn scan(bytes: &[u8], max_depth: u32) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// [`scan`] for the one value at the start of `bytes`; returns its length.
-pub(crate) fn scan_value(bytes: &[u8], max_depth: u32) -> Result<usize, DecodeError> {
+/// [`scan`] for the one value at the start of `bytes`; returns its length (to skip a value
+/// without decoding it).
+pub fn scan_value(bytes: &[u8], max_depth: u32) -> Result<usize, DecodeError> {
     // `pending[i]` counts the values still to read in the i-th open container; the root
     // "container" holds exactly one value.
     let mut pending: Vec<u64> = Vec::with_capacity(8);
