@@ -270,10 +270,12 @@ pub fn encode_change_with_body(
 /// byte-identical to [`encode`] of the equivalent [`Frame::Changes`].
 pub fn encode_changes_frame<'a>(
     sub: u32,
-    encoded_changes: impl ExactSizeIterator<Item = &'a [u8]>,
+    encoded_changes: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
     cursor: &Cursor,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32 + cursor.epoch.len());
+    // Sized once: the envelope, the keys and the cursor take under 64 bytes besides the epoch.
+    let changes: usize = encoded_changes.clone().map(<[u8]>::len).sum();
+    let mut out = Vec::with_capacity(64 + cursor.epoch.len() + changes);
     write_envelope(&mut out, "changes");
     let _ = rmp::encode::write_map_len(&mut out, 3);
     let _ = rmp::encode::write_str(&mut out, "sub");

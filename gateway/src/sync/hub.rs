@@ -52,6 +52,10 @@ pub(crate) struct SubEntry {
     /// Set when the client unsubscribed or the connection ended: a catch-up still running
     /// for it stops.
     ended: AtomicBool,
+    /// Its index in the registry's list for its collection (`usize::MAX`: not registered),
+    /// changed only under that list's lock, so that unregistering is a `swap_remove`, not a
+    /// scan (a scan per subscriber made a collection's subscribers all leaving quadratic).
+    slot: std::sync::atomic::AtomicUsize,
 }
 
 impl SubEntry {
@@ -65,6 +69,7 @@ impl SubEntry {
             live: AtomicBool::new(false),
             position: AtomicU64::new(0),
             ended: AtomicBool::new(false),
+            slot: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -296,19 +301,22 @@ impl Hub {
     /// Adds a (not yet live) subscription.
     pub(crate) fn register(&self, entry: Arc<SubEntry>) {
         self.metrics.subscriptions.inc();
-        self.subs
-            .entry(entry.collection.clone())
-            .or_default()
-            .push(entry);
+        let mut list = self.subs.entry(entry.collection.clone()).or_default();
+        entry.slot.store(list.len(), Ordering::Relaxed);
+        list.push(entry);
     }
 
     /// Removes a subscription.
     pub(crate) fn unregister(&self, entry: &Arc<SubEntry>) {
         let mut now_empty = false;
         if let Some(mut list) = self.subs.get_mut(&entry.collection) {
-            let before = list.len();
-            list.retain(|e| !Arc::ptr_eq(e, entry));
-            if list.len() < before {
+            // The slot changes only under this lock: it is where the entry is, if registered.
+            let i = entry.slot.swap(usize::MAX, Ordering::Relaxed);
+            if list.get(i).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+                list.swap_remove(i);
+                if let Some(moved) = list.get(i) {
+                    moved.slot.store(i, Ordering::Relaxed);
+                }
                 self.metrics.subscriptions.dec();
             }
             now_empty = list.is_empty();
@@ -499,7 +507,7 @@ async fn catch_up(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use syncgate_protocol::{Change, ChangeOp};
+    use syncgate_protocol::{Body, Change, ChangeOp};
 
     fn entry(seq: u64, collection: &str) -> Arc<LogEntry> {
         Arc::new(LogEntry::new(
@@ -512,6 +520,46 @@ mod tests {
             },
             None,
         ))
+    }
+
+    /// Entries leave the registry by their slot in any order, each once; the collection goes
+    /// when its last one does, and the gauge follows.
+    #[test]
+    fn unregistering_removes_exactly_that_entry() {
+        let metrics = Metrics::new();
+        let hub = Hub::new(0, "e".into(), metrics.clone(), 1024, 0);
+        let out = Arc::new(Outbound::new(1024, metrics.outbound_bytes.clone()));
+        let view = || View::new(syncgate_protocol::Filter::new(&Body::new()).unwrap(), None);
+        let entries: Vec<Arc<SubEntry>> = (0..6)
+            .map(|i| Arc::new(SubEntry::new(out.clone(), i, "c".into(), view())))
+            .collect();
+        for e in &entries {
+            hub.register(e.clone());
+        }
+        let subs = |hub: &Hub| -> Vec<u32> {
+            let mut v: Vec<u32> = hub
+                .subs
+                .get("c")
+                .map(|l| l.iter().map(|e| e.sub).collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        for (gone, left) in [
+            (1, vec![0, 2, 3, 4, 5]),
+            (0, vec![2, 3, 4, 5]),
+            (5, vec![2, 3, 4]),
+            (1, vec![2, 3, 4]), // twice: nothing more happens
+            (3, vec![2, 4]),
+        ] {
+            hub.unregister(&entries[gone]);
+            assert_eq!(subs(&hub), left);
+            assert_eq!(metrics.subscriptions.get(), left.len() as i64);
+        }
+        hub.unregister(&entries[2]);
+        hub.unregister(&entries[4]);
+        assert!(hub.subs.get("c").is_none());
+        assert_eq!(metrics.subscriptions.get(), 0);
     }
 
     #[test]
