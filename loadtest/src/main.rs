@@ -169,6 +169,16 @@ enum Scenario {
         clients: usize,
         #[arg(long, default_value_t = 1000)]
         missed: u64,
+        /// Harness processes to spread the clients over (the writer and the clock stay in
+        /// this one); source addresses are dealt out among them.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Internal: run as one worker of a `--workers` run.
+        #[arg(long, hide = true)]
+        worker: bool,
+        /// Internal: the run a worker's clients follow.
+        #[arg(long, hide = true)]
+        run: Option<String>,
     },
     /// A new terminal's first sync: seed D ERP-like documents, then download them as a
     /// snapshot without and with frame compression; bytes on the wire of each.
@@ -544,15 +554,27 @@ async fn scenario(
             })
             .await?
         }
-        Scenario::ReconnectStorm { clients, missed } => {
-            syncgate_loadtest::storm::run(&StormConfig {
+        Scenario::ReconnectStorm {
+            clients,
+            missed,
+            workers,
+            worker,
+            ref run,
+        } => {
+            let cfg = StormConfig {
                 target,
                 collection,
                 clients,
                 missed,
                 deadline,
-            })
-            .await?
+                workers,
+                worker_exe: None,
+            };
+            match (worker, run) {
+                (true, Some(run)) => syncgate_loadtest::storm::worker(&cfg, run).await?,
+                (true, None) => bail!("--worker needs --run"),
+                (false, _) => syncgate_loadtest::storm::run(&cfg).await?,
+            }
         }
         Scenario::Snapshot { docs } => {
             syncgate_loadtest::snapshot::run(&SnapshotConfig {

@@ -2,13 +2,20 @@
 //! drop; a writer commits K changes; then all N reconnect at the same moment, each resuming
 //! from its own cursor. Measures the time until every client has caught up. Checks that each
 //! receives exactly the K missed changes, once each, in order.
+//!
+//! With `workers` > 1 the clients live in child processes (source addresses dealt out): each
+//! subscribes its share, prints `READY`, waits for `GO` on its standard input (written once the
+//! K changes are committed), storms, and reports; the parent merges the reports. Clients decode
+//! the catch-up leanly (`crate::lean`), so the harness is not what a run measures.
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use syncgate_protocol::{Body, Cursor, Frame, Limits, Subscribe};
 
-use crate::common::{Report, Target, push_and_check, put, run_filter, run_id, subscribe};
-use crate::stats::Recorder;
+use crate::common::{Report, Target, left, push_and_check, put, run_filter, run_id, subscribe};
+use crate::lean::{self, Lean};
+use crate::stats::{Recorder, RecorderWire};
 
 /// Scenario parameters.
 #[derive(Debug, Clone)]
@@ -23,47 +30,102 @@ pub struct StormConfig {
     pub missed: u64,
     /// Give up (and fail) after this long.
     pub deadline: Duration,
+    /// Harness processes the clients are spread over (1: all in this one).
+    pub workers: usize,
+    /// The `syncgate-loadtest` binary the workers run (default: this executable).
+    pub worker_exe: Option<std::path::PathBuf>,
 }
 
 /// Runs the scenario.
 pub async fn run(cfg: &StormConfig) -> anyhow::Result<Report> {
+    if cfg.workers > 1 {
+        return run_in_workers(cfg).await;
+    }
     let run = run_id();
     let end = Instant::now() + cfg.deadline;
-    let filter = run_filter(&run);
-    // Everyone subscribes once and remembers its cursor, then drops.
+    let prefix = format!("lt-storm-{run}");
+    let cursors = setup(cfg, &run, &prefix, end).await?;
+    commit_missed(cfg, &run, end).await?;
+    let sent_away_before = crate::common::sent_away();
+    let started = Instant::now();
+    let (rec, failures) = storm(cfg, &run, &prefix, cursors, end).await?;
+    let all = started.elapsed();
+    Ok(report(
+        cfg,
+        all.as_secs_f64(),
+        &rec,
+        crate::common::sent_away() - sent_away_before,
+        failures,
+    ))
+}
+
+fn report(
+    cfg: &StormConfig,
+    all_sec: f64,
+    rec: &Recorder,
+    sent_away: u64,
+    failures: Vec<String>,
+) -> Report {
+    Report::new(
+        "reconnect-storm",
+        serde_json::json!({"clients": cfg.clients, "missed": cfg.missed, "workers": cfg.workers}),
+        serde_json::json!({"all_caught_up_sec": all_sec,
+            "changes_delivered": rec.count() * cfg.missed,
+            "deliveries": rec.count() * cfg.missed,
+            "deliveries_per_sec": (rec.count() * cfg.missed) as f64 / all_sec.max(1e-9),
+            "handshakes_sent_away": sent_away}),
+        rec,
+        failures,
+    )
+}
+
+/// Every client subscribes once, remembers its cursor and drops (a few hundred at a time).
+async fn setup(
+    cfg: &StormConfig,
+    run: &str,
+    prefix: &str,
+    end: Instant,
+) -> anyhow::Result<Vec<Cursor>> {
+    let filter = run_filter(run);
     let mut cursors = Vec::with_capacity(cfg.clients);
-    let mut setup = Vec::new();
+    let mut tasks = Vec::new();
     for i in 0..cfg.clients {
         let target = cfg.target.clone();
-        let (collection, filter, run) = (cfg.collection.clone(), filter.clone(), run.clone());
-        setup.push(tokio::spawn(async move {
-            let (mut c, _) = target.connect(i, &format!("lt-storm-{run}-{i}")).await?;
+        let (collection, filter, id) = (
+            cfg.collection.clone(),
+            filter.clone(),
+            format!("{prefix}-{i}"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut c, _) = target.connect(i, &id).await?;
             let (cursor, _, _) = subscribe(&mut c, &collection, &filter, None, end).await?;
             c.close().await;
             anyhow::Ok(cursor)
         }));
-        // Keep the setup bounded to a few hundred handshakes at once.
-        if setup.len() >= 256 {
-            for t in setup.drain(..) {
+        if tasks.len() >= 256 {
+            for t in tasks.drain(..) {
                 cursors.push(t.await.context("setup task")??);
             }
         }
     }
-    for t in setup {
+    for t in tasks {
         cursors.push(t.await.context("setup task")??);
     }
-    // The server moves on by K changes.
+    Ok(cursors)
+}
+
+/// The server moves on by K changes while the clients are away.
+async fn commit_missed(cfg: &StormConfig, run: &str, end: Instant) -> anyhow::Result<()> {
     let (mut w, welcome) = cfg
         .target
         .connect(0, &format!("lt-storm-writer-{run}"))
         .await?;
     let mut mid = welcome.last_applied_mutation + 1;
-    let mut n = 0;
-    let mut batch = 0;
+    let (mut n, mut batch) = (0, 0);
     while n < cfg.missed {
         let size = 500.min(cfg.missed - n);
         let ms = (0..size)
-            .map(|i| put(&run, 0, n + i, mid + i, &cfg.collection))
+            .map(|i| put(run, 0, n + i, mid + i, &cfg.collection))
             .collect();
         batch += 1;
         push_and_check(&mut w, batch, ms, end).await?;
@@ -71,25 +133,34 @@ pub async fn run(cfg: &StormConfig) -> anyhow::Result<Report> {
         mid += size;
     }
     w.close().await;
-    // The storm.
-    let sent_away_before = crate::common::sent_away();
-    let started = Instant::now();
+    Ok(())
+}
+
+/// Everyone reconnects at once and resumes from its cursor; each must get exactly
+/// `0..missed` in order. Returns each client's time to caught up, and the failures.
+async fn storm(
+    cfg: &StormConfig,
+    run: &str,
+    prefix: &str,
+    cursors: Vec<Cursor>,
+    end: Instant,
+) -> anyhow::Result<(Recorder, Vec<String>)> {
+    let filter = run_filter(run);
     let tasks: Vec<_> = cursors
         .into_iter()
         .enumerate()
         .map(|(i, cursor)| {
             let target = cfg.target.clone();
-            let (collection, filter, run) = (cfg.collection.clone(), filter.clone(), run.clone());
+            let (collection, filter, id) = (
+                cfg.collection.clone(),
+                filter.clone(),
+                format!("{prefix}-{i}"),
+            );
             tokio::spawn(async move {
                 let t0 = Instant::now();
-                let (mut c, _) = target.connect(i, &format!("lt-storm-{run}-{i}")).await?;
-                let (_, changes, _) =
-                    subscribe(&mut c, &collection, &filter, Some(cursor), end).await?;
+                let (mut c, _) = target.connect(i, &id).await?;
+                let ns = resume(&mut c, &collection, &filter, cursor, end).await?;
                 let took = t0.elapsed();
-                let ns: Vec<u64> = changes
-                    .iter()
-                    .filter_map(|c| c.body.as_ref()?.get("n")?.as_u64())
-                    .collect();
                 c.close().await;
                 anyhow::Ok((took, ns))
             })
@@ -97,13 +168,12 @@ pub async fn run(cfg: &StormConfig) -> anyhow::Result<Report> {
         .collect();
     let mut rec = Recorder::default();
     let mut failures = Vec::new();
-    let expected: Vec<u64> = (0..cfg.missed).collect();
     for (i, t) in tasks.into_iter().enumerate() {
         match t.await.context("storm task")? {
             Ok((took, ns)) => {
                 rec.record(took);
-                if ns != expected {
-                    let missing = expected.iter().filter(|n| !ns.contains(n)).count();
+                if !ns.iter().copied().eq(0..cfg.missed) {
+                    let missing = (0..cfg.missed).filter(|n| !ns.contains(n)).count();
                     failures.push(format!(
                         "client {i}: {} changes, {missing} missing (expected exactly 0..{} in order)",
                         ns.len(),
@@ -114,15 +184,171 @@ pub async fn run(cfg: &StormConfig) -> anyhow::Result<Report> {
             Err(e) => failures.push(format!("client {i}: {e:#}")),
         }
     }
-    let all = started.elapsed();
-    Ok(Report::new(
-        "reconnect-storm",
-        serde_json::json!({"clients": cfg.clients, "missed": cfg.missed}),
-        serde_json::json!({"all_caught_up_sec": all.as_secs_f64(),
-            "changes_delivered": rec.count() * cfg.missed,
-            "deliveries_per_sec": (rec.count() * cfg.missed) as f64 / all.as_secs_f64().max(1e-9),
-            "handshakes_sent_away": crate::common::sent_away() - sent_away_before}),
+    Ok((rec, failures))
+}
+
+/// Resumes a subscription from `cursor` and reads the catch-up to `synced`, decoding leanly;
+/// returns the `n` stamps of the changes, in arrival order.
+async fn resume(
+    c: &mut syncgate_client::Connection,
+    collection: &str,
+    filter: &Body,
+    cursor: Cursor,
+    end: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    c.send(&Frame::Subscribe(Subscribe {
+        sub: 1,
+        collection: collection.to_owned(),
+        filter: filter.clone(),
+        cursor: Some(cursor),
+    }))
+    .await?;
+    let limits = Limits {
+        max_frame_bytes: 64 << 20,
+        ..Limits::default()
+    };
+    let mut ns = Vec::new();
+    loop {
+        let raw = c.recv_raw(left(end)).await?;
+        match lean::decode(&raw, &limits)? {
+            Lean::Changes { changes, .. } => {
+                ns.extend(changes.iter().filter_map(|ch| ch.stamp.map(|(_, n, _)| n)));
+            }
+            Lean::Other(Frame::Synced(_)) => return Ok(ns),
+            Lean::Other(Frame::Error(e)) => bail!("subscribe failed: {} {}", e.name, e.message),
+            Lean::Other(_) => {}
+        }
+    }
+}
+
+/// One worker of a `--workers` run: subscribes its share of clients to `run`, prints
+/// `READY`, waits for `GO` on standard input, storms, and reports (`latency_wire`,
+/// `all_caught_up_sec` from `GO`).
+pub async fn worker(cfg: &StormConfig, run: &str) -> anyhow::Result<Report> {
+    use tokio::io::AsyncBufReadExt;
+    let end = Instant::now() + cfg.deadline;
+    let prefix = format!("lt-storm-{run}-w{}", std::process::id());
+    let cursors = setup(cfg, run, &prefix, end).await?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "READY")?;
+        out.flush()?;
+    }
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await?;
+    if line.trim() != "GO" {
+        bail!("expected GO, got {line:?}");
+    }
+    let sent_away_before = crate::common::sent_away();
+    let started = Instant::now();
+    let (rec, failures) = storm(cfg, run, &prefix, cursors, end).await?;
+    let all = started.elapsed().as_secs_f64();
+    let mut r = report(
+        cfg,
+        all,
         &rec,
+        crate::common::sent_away() - sent_away_before,
         failures,
-    ))
+    );
+    if let Some(f) = r.figures.as_object_mut() {
+        f.insert("latency_wire".into(), serde_json::to_value(rec.to_wire())?);
+    }
+    Ok(r)
+}
+
+/// `run` with the clients in `cfg.workers` child processes; the writer and the clock here.
+async fn run_in_workers(cfg: &StormConfig) -> anyhow::Result<Report> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let run = run_id();
+    let end = Instant::now() + cfg.deadline;
+    let exe = match &cfg.worker_exe {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating this executable")?,
+    };
+    let workers = cfg.workers;
+    let clock_age = crate::stats::start_clock()
+        .elapsed()
+        .as_millis()
+        .to_string();
+    let mut children = Vec::new();
+    for k in 0..workers {
+        let share = cfg.clients / workers + usize::from(k < cfg.clients % workers);
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["--url", &cfg.target.url, "--quiet", "--deadline"])
+            .arg(cfg.deadline.as_secs().max(1).to_string())
+            .args(["--collection", &cfg.collection])
+            .env("SYNCGATE_TOKEN", &cfg.target.token)
+            .env(crate::fanout::CLOCK_AGE_ENV, &clock_age);
+        for (i, s) in cfg.target.sources.iter().enumerate() {
+            if i % workers == k {
+                cmd.arg("--source").arg(s.to_string());
+            }
+        }
+        cmd.args(["reconnect-storm", "--worker", "--run", &run, "--clients"])
+            .arg(share.to_string())
+            .arg("--missed")
+            .arg(cfg.missed.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("starting a worker")?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
+        children.push((child, stdin, stdout));
+    }
+    for (k, (_, _, stdout)) in children.iter_mut().enumerate() {
+        let mut line = String::new();
+        tokio::time::timeout(left(end), stdout.read_line(&mut line))
+            .await
+            .with_context(|| format!("worker {k} did not get ready in time"))??;
+        if line.trim() != "READY" {
+            bail!("worker {k} did not get ready: {line:?}");
+        }
+    }
+    commit_missed(cfg, &run, end).await?;
+    let started = Instant::now();
+    for (_, stdin, _) in children.iter_mut() {
+        stdin.write_all(b"GO\n").await?;
+        stdin.flush().await?;
+    }
+    let (mut rec, mut failures, mut sent_away, mut workers_cpu) =
+        (Recorder::default(), Vec::new(), 0u64, 0.0);
+    for (k, (mut child, _, mut stdout)) in children.into_iter().enumerate() {
+        let mut text = String::new();
+        tokio::time::timeout(left(end), stdout.read_to_string(&mut text))
+            .await
+            .with_context(|| format!("worker {k} did not finish in time"))??;
+        let status = child.wait().await?;
+        let Ok(r) = serde_json::from_str::<serde_json::Value>(&text) else {
+            failures.push(format!("worker {k} ended with {status} and no report"));
+            continue;
+        };
+        let at = |path: &str| r.pointer(path).cloned().unwrap_or_default();
+        match serde_json::from_value::<RecorderWire>(at("/figures/latency_wire")) {
+            Ok(w) => rec.merge(&Recorder::from_wire(&w)),
+            Err(e) => failures.push(format!("worker {k}: unreadable latencies: {e}")),
+        }
+        sent_away += at("/figures/handshakes_sent_away").as_u64().unwrap_or(0);
+        workers_cpu += at("/harness/cpu_seconds").as_f64().unwrap_or(0.0);
+        for f in at("/failures").as_array().into_iter().flatten() {
+            failures.push(format!("worker {k}: {}", f.as_str().unwrap_or_default()));
+        }
+    }
+    // Until the last worker's last client had caught up (its report follows at once).
+    let all = started.elapsed().as_secs_f64();
+    if rec.count() != cfg.clients as u64 {
+        failures.push(format!(
+            "{} of {} clients reported",
+            rec.count(),
+            cfg.clients
+        ));
+    }
+    let mut r = report(cfg, all, &rec, sent_away, failures);
+    if let Some(f) = r.figures.as_object_mut() {
+        f.insert("workers_cpu_seconds".into(), workers_cpu.into());
+    }
+    Ok(r)
 }

@@ -129,6 +129,29 @@ async fn ingest_short_run_acknowledges_everything_once() {
     gw.shutdown().await;
 }
 
+/// The storm's clients in three worker processes of the real binary: every client of every
+/// worker gets exactly the missed changes, in order, and the merged report counts them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_in_worker_processes_delivers_exactly_what_was_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, target) = gateway(dir.path()).await;
+    let report = syncgate_loadtest::storm::run(&StormConfig {
+        target,
+        collection: "work_orders".into(),
+        clients: 31,
+        missed: 70,
+        deadline: DEADLINE,
+        workers: 3,
+        worker_exe: Some(env!("CARGO_BIN_EXE_syncgate-loadtest").into()),
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    assert_eq!(report.latency_ms.unwrap().count, 31);
+    assert_eq!(report.figures["changes_delivered"], 31 * 70);
+    gw.shutdown().await;
+}
+
 /// Both downloads hold every document once and agree; the compressed one is several times
 /// smaller on the wire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,6 +216,8 @@ async fn reconnect_storm_short_run_delivers_exactly_what_was_missed() {
         clients: 40,
         missed: 120,
         deadline: DEADLINE,
+        workers: 1,
+        worker_exe: None,
     })
     .await
     .unwrap();
@@ -221,6 +246,8 @@ async fn reconnect_storm_through_admission_control_catches_everyone_up() {
         clients: 60,
         missed: 50,
         deadline: DEADLINE,
+        workers: 1,
+        worker_exe: None,
     })
     .await
     .unwrap();
