@@ -774,6 +774,9 @@ impl Config {
         if self.outbound_buffer_bytes < l.max_frame_bytes as usize {
             return bad("outbound_buffer_bytes must be at least limits.max_frame_bytes".into());
         }
+        if self.close_linger_ms < 1000 {
+            return bad("close_linger_ms must be at least 1000".into());
+        }
         if !(1..=9).contains(&self.compression_level) {
             return bad("compression_level must be in 1..=9".into());
         }

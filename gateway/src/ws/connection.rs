@@ -279,6 +279,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     shared.metrics.connections.dec();
 }
 
+/// How long a closing connection waits for the client's close frame once its own is out.
+const CLOSE_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
 /// The end of a connection: waits for the writer to send what is left (the error that says
 /// why, `goaway`) and the close frame, reading and dropping whatever the client still sends
 /// meanwhile, then waits briefly for the client's close frame. Closing a socket with unread
@@ -322,7 +325,8 @@ async fn linger<S>(
     if !reading {
         return;
     }
-    // The close frame is out: the client answers with its own (RFC 6455 §5.5.1).
+    // The close frame is out: the client answers with its own (RFC 6455 §5.5.1). A live
+    // client does so at once; a dead one is not waited for long.
     let answer = async {
         while let Some(Ok(msg)) = stream.next().await {
             if msg.is_close() {
@@ -330,11 +334,8 @@ async fn linger<S>(
             }
         }
     };
-    let _ = tokio::time::timeout_at(
-        cap.max(Instant::now() + Duration::from_secs(1)).into(),
-        answer,
-    )
-    .await;
+    let _ =
+        tokio::time::timeout_at(cap.min(Instant::now() + CLOSE_ANSWER_WAIT).into(), answer).await;
 }
 
 struct Connection {
