@@ -133,12 +133,8 @@ pub async fn run(cfg: &ConnectConfig) -> anyhow::Result<Report> {
     let rss_open = cfg.gateway_pid.and_then(procfs::read).map(|r| r.rss_kib);
     if cfg.worker {
         // The parent holds (and reads the gateway's RSS) while every worker is open.
-        use tokio::io::AsyncBufReadExt;
-        println!("READY");
-        let mut line = String::new();
-        tokio::io::BufReader::new(tokio::io::stdin())
-            .read_line(&mut line)
-            .await?;
+        crate::workers::say_ready()?;
+        crate::workers::wait_for_go().await?;
     } else {
         // Hold them idle (the point of the scenario: what idle connections cost).
         tokio::time::sleep(cfg.hold).await;

@@ -26,6 +26,7 @@ use crate::common::{
 use crate::lean::{self, Lean, LeanChange};
 use crate::progress::Progress;
 use crate::stats::Recorder;
+use crate::workers::{self, Workers};
 
 /// Scenario parameters.
 #[derive(Debug, Clone)]
@@ -54,10 +55,6 @@ pub struct FanoutConfig {
     pub worker_exe: Option<std::path::PathBuf>,
 }
 
-/// The environment variable that hands a worker its parent's timeline clock (milliseconds
-/// since it started), so that their latency timelines merge second by second.
-pub const CLOCK_AGE_ENV: &str = "SYNCGATE_LOADTEST_CLOCK_AGE_MS";
-
 /// Runs the scenario.
 pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<Report> {
     if cfg.workers > 1 {
@@ -65,125 +62,102 @@ pub async fn run(cfg: &FanoutConfig) -> anyhow::Result<Report> {
     }
     let run = run_id();
     let end = Instant::now() + cfg.deadline;
-    let filter = run_filter(&run);
     let setup = Progress::new("subscribing", cfg.subscribers as u64);
-    let subs = open_subscribers(
-        &cfg.target,
-        &cfg.collection,
-        &filter,
-        &format!("lt-sub-{run}"),
-        0,
-        cfg.subscribers,
-        end,
-    )
-    .await?;
+    let subs = subscribe_all(cfg, &run, &format!("lt-sub-{run}"), end).await?;
     setup.finish();
-    let expected = cfg.changes_per_writer;
-    let total = cfg.writers as u64 * expected;
-    let sweep = Arc::new(Sweep::new(cfg.writers, expected));
+    let total = cfg.writers as u64 * cfg.changes_per_writer;
+    let sweep = Arc::new(Sweep::new(cfg.writers, cfg.changes_per_writer));
     let progress = Progress::new("deliveries", total * cfg.subscribers as u64);
     let started = Instant::now();
-    let sub_tasks: Vec<_> = subs
-        .into_iter()
-        .map(|(c, _)| {
-            let (sweep, progress) = (sweep.clone(), progress.clone());
-            tokio::spawn(async move {
-                let mut c = c;
-                let mut got = Received::default();
-                let err = receive(&mut c, &mut got, total, end, Some(&sweep), &progress).await;
-                c.close().await;
-                (got, err)
-            })
-        })
-        .collect();
-    let writer_tasks: Vec<_> = (0..cfg.writers)
-        .map(|w| {
-            let pace = Pace {
-                target: cfg.target.clone(),
-                collection: cfg.collection.clone(),
-                run: run.clone(),
-                writer: w,
-                count: expected,
-                rate: cfg.rate_per_writer,
-                pad: cfg.pad,
-                end,
-            };
-            tokio::spawn(async move { pace.write().await })
-        })
-        .collect();
-    let mut committed = 0;
-    let mut failures = Vec::new();
-    for (w, t) in writer_tasks.into_iter().enumerate() {
-        match t.await.context("writer task")? {
-            Ok(n) => committed += n,
-            Err(e) => failures.push(format!("writer {w}: {e:#}")),
-        }
-    }
-    let mut latencies = Recorder::default();
-    let mut deliveries = 0u64;
-    for (i, t) in sub_tasks.into_iter().enumerate() {
-        let (got, err) = t.await.context("subscriber task")?;
-        deliveries += got.latency.count();
-        latencies.merge(&got.latency);
-        failures.extend(got.verdict(&format!("subscriber {i}"), cfg.writers, expected, err));
-    }
+    let receivers = spawn_receivers(subs, total, end, &sweep, &progress);
+    let (committed, mut failures) = write_all(cfg, &run, end).await?;
+    let (latencies, deliveries, received_failures) = join_receivers(cfg, receivers).await?;
+    failures.extend(received_failures);
     progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
-    let last_delivery = sweep.recorder();
-    Ok(Report::new(
-        "fanout",
-        serde_json::json!({"subscribers": cfg.subscribers, "writers": cfg.writers,
-            "changes_per_writer": cfg.changes_per_writer, "rate_per_writer": cfg.rate_per_writer,
-            "pad": cfg.pad}),
-        serde_json::json!({"committed": committed, "deliveries": deliveries,
-            "seconds": elapsed,
-            "deliveries_per_sec": deliveries as f64 / elapsed.max(1e-9),
-            "last_delivery_ms": last_delivery.summary()}),
+    Ok(report(
+        cfg,
+        committed,
+        deliveries,
+        elapsed,
+        &sweep.recorder(),
         &latencies,
         failures,
     ))
 }
 
-/// One worker of a `--workers` run: opens its share of subscribers to run `run`'s documents,
-/// prints `READY` on stdout, then receives every change; its report carries what the parent
-/// merges (`latency_wire`, `sweep`, `deliveries`, failures).
-pub async fn worker(cfg: &FanoutConfig, run: &str) -> anyhow::Result<Report> {
-    let end = Instant::now() + cfg.deadline;
-    let filter = run_filter(run);
-    let subs = open_subscribers(
+fn report(
+    cfg: &FanoutConfig,
+    committed: u64,
+    deliveries: u64,
+    elapsed: f64,
+    last_delivery: &Recorder,
+    latencies: &Recorder,
+    failures: Vec<String>,
+) -> Report {
+    Report::new(
+        "fanout",
+        serde_json::json!({"subscribers": cfg.subscribers, "writers": cfg.writers,
+            "changes_per_writer": cfg.changes_per_writer, "rate_per_writer": cfg.rate_per_writer,
+            "pad": cfg.pad, "workers": cfg.workers}),
+        serde_json::json!({"committed": committed, "deliveries": deliveries,
+            "seconds": elapsed,
+            "deliveries_per_sec": deliveries as f64 / elapsed.max(1e-9),
+            "last_delivery_ms": last_delivery.summary()}),
+        latencies,
+        failures,
+    )
+}
+
+/// Opens the subscribers (ids starting with `prefix`), each synced on `run`'s documents.
+async fn subscribe_all(
+    cfg: &FanoutConfig,
+    run: &str,
+    prefix: &str,
+    end: Instant,
+) -> anyhow::Result<Vec<(Connection, Cursor)>> {
+    open_subscribers(
         &cfg.target,
         &cfg.collection,
-        &filter,
-        &format!("lt-sub-{run}-{}", std::process::id()),
+        &run_filter(run),
+        prefix,
         0,
         cfg.subscribers,
         end,
     )
-    .await?;
-    {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "READY")?;
-        out.flush()?;
-    }
-    let total = cfg.writers as u64 * cfg.changes_per_writer;
-    let sweep = Arc::new(Sweep::new(cfg.writers, cfg.changes_per_writer));
-    let progress = Progress::new("deliveries", 0);
-    let tasks: Vec<_> = subs
-        .into_iter()
-        .map(|(c, _)| {
+    .await
+}
+
+type Receiver = tokio::task::JoinHandle<(Received, Option<ConnError>)>;
+
+/// One task per subscriber, receiving until `total` changes have arrived.
+fn spawn_receivers(
+    subs: Vec<(Connection, Cursor)>,
+    total: u64,
+    end: Instant,
+    sweep: &Arc<Sweep>,
+    progress: &Progress,
+) -> Vec<Receiver> {
+    subs.into_iter()
+        .map(|(mut c, _)| {
             let (sweep, progress) = (sweep.clone(), progress.clone());
             tokio::spawn(async move {
-                let mut c = c;
                 let mut got = Received::default();
                 let err = receive(&mut c, &mut got, total, end, Some(&sweep), &progress).await;
                 c.close().await;
                 (got, err)
             })
         })
-        .collect();
+        .collect()
+}
+
+/// The subscribers' latencies, deliveries and failures.
+async fn join_receivers(
+    cfg: &FanoutConfig,
+    receivers: Vec<Receiver>,
+) -> anyhow::Result<(Recorder, u64, Vec<String>)> {
     let (mut latencies, mut deliveries, mut failures) = (Recorder::default(), 0u64, Vec::new());
-    for (i, t) in tasks.into_iter().enumerate() {
+    for (i, t) in receivers.into_iter().enumerate() {
         let (got, err) = t.await.context("subscriber task")?;
         deliveries += got.latency.count();
         latencies.merge(&got.latency);
@@ -194,6 +168,52 @@ pub async fn worker(cfg: &FanoutConfig, run: &str) -> anyhow::Result<Report> {
             err,
         ));
     }
+    Ok((latencies, deliveries, failures))
+}
+
+/// Runs the writers to the end: changes acknowledged, and the writers that failed.
+async fn write_all(
+    cfg: &FanoutConfig,
+    run: &str,
+    end: Instant,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let tasks: Vec<_> = (0..cfg.writers)
+        .map(|w| {
+            let pace = Pace {
+                target: cfg.target.clone(),
+                collection: cfg.collection.clone(),
+                run: run.to_owned(),
+                writer: w,
+                count: cfg.changes_per_writer,
+                rate: cfg.rate_per_writer,
+                pad: cfg.pad,
+                end,
+            };
+            tokio::spawn(async move { pace.write().await })
+        })
+        .collect();
+    let (mut committed, mut failures) = (0, Vec::new());
+    for (w, t) in tasks.into_iter().enumerate() {
+        match t.await.context("writer task")? {
+            Ok(n) => committed += n,
+            Err(e) => failures.push(format!("writer {w}: {e:#}")),
+        }
+    }
+    Ok((committed, failures))
+}
+
+/// One worker of a `--workers` run: opens its share of subscribers to run `run`'s documents,
+/// says `READY`, then receives every change; its report carries what the parent merges
+/// (`latency_wire`, `sweep`, `deliveries`, failures).
+pub async fn worker(cfg: &FanoutConfig, run: &str) -> anyhow::Result<Report> {
+    let end = Instant::now() + cfg.deadline;
+    let prefix = format!("lt-sub-{run}-{}", std::process::id());
+    let subs = subscribe_all(cfg, run, &prefix, end).await?;
+    workers::say_ready()?;
+    let total = cfg.writers as u64 * cfg.changes_per_writer;
+    let sweep = Arc::new(Sweep::new(cfg.writers, cfg.changes_per_writer));
+    let receivers = spawn_receivers(subs, total, end, &sweep, &Progress::new("deliveries", 0));
+    let (latencies, deliveries, failures) = join_receivers(cfg, receivers).await?;
     let sweep: Vec<u64> = sweep
         .per_change
         .iter()
@@ -212,91 +232,48 @@ pub async fn worker(cfg: &FanoutConfig, run: &str) -> anyhow::Result<Report> {
 /// `run` with the subscribers in `cfg.workers` child processes (source addresses dealt out
 /// among them) and the writers here; the workers' figures are merged into one report.
 async fn run_in_workers(cfg: &FanoutConfig) -> anyhow::Result<Report> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
     let run = run_id();
     let end = Instant::now() + cfg.deadline;
-    let exe = match &cfg.worker_exe {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().context("locating this executable")?,
+    let spawn = workers::Spawn {
+        exe: cfg.worker_exe.as_ref(),
+        target: &cfg.target,
+        collection: &cfg.collection,
+        deadline: cfg.deadline,
     };
-    let workers = cfg.workers;
-    let clock_age = crate::stats::start_clock()
-        .elapsed()
-        .as_millis()
-        .to_string();
-    let mut children = Vec::new();
-    for k in 0..workers {
-        let share = cfg.subscribers / workers + usize::from(k < cfg.subscribers % workers);
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.args(["--url", &cfg.target.url, "--quiet", "--deadline"])
-            .arg(cfg.deadline.as_secs().max(1).to_string())
-            .args(["--collection", &cfg.collection])
-            .env("SYNCGATE_TOKEN", &cfg.target.token)
-            .env(CLOCK_AGE_ENV, &clock_age);
-        for (i, s) in cfg.target.sources.iter().enumerate() {
-            if i % workers == k {
-                cmd.arg("--source").arg(s.to_string());
-            }
-        }
-        cmd.args(["fanout", "--worker", "--run", &run, "--subscribers"])
-            .arg(share.to_string())
-            .arg("--writers")
-            .arg(cfg.writers.to_string())
-            .arg("--changes-per-writer")
-            .arg(cfg.changes_per_writer.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().context("starting a worker")?;
-        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
-        children.push((child, stdout));
-    }
-    // Every worker prints READY once its subscribers are synced.
-    for (k, (_, stdout)) in children.iter_mut().enumerate() {
-        let mut line = String::new();
-        tokio::time::timeout(left(end), stdout.read_line(&mut line))
-            .await
-            .with_context(|| format!("worker {k} did not get ready in time"))??;
-        if line.trim() != "READY" {
-            anyhow::bail!("worker {k} did not get ready: {line:?}");
-        }
-    }
+    let mut children = Workers::spawn(&spawn, cfg.workers, |k| {
+        let share = workers::share(cfg.subscribers, cfg.workers, k);
+        [
+            "fanout",
+            "--worker",
+            "--run",
+            &run,
+            "--subscribers",
+            &share.to_string(),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([
+            "--writers".into(),
+            cfg.writers.to_string(),
+            "--changes-per-writer".into(),
+            cfg.changes_per_writer.to_string(),
+        ])
+        .collect()
+    })?;
+    // Every worker says READY once its subscribers are synced.
+    children.ready(end).await?;
     let started = Instant::now();
-    let writer_tasks: Vec<_> = (0..cfg.writers)
-        .map(|w| {
-            let pace = Pace {
-                target: cfg.target.clone(),
-                collection: cfg.collection.clone(),
-                run: run.clone(),
-                writer: w,
-                count: cfg.changes_per_writer,
-                rate: cfg.rate_per_writer,
-                pad: cfg.pad,
-                end,
-            };
-            tokio::spawn(async move { pace.write().await })
-        })
-        .collect();
-    let mut committed = 0;
-    let mut failures = Vec::new();
-    for (w, t) in writer_tasks.into_iter().enumerate() {
-        match t.await.context("writer task")? {
-            Ok(n) => committed += n,
-            Err(e) => failures.push(format!("writer {w}: {e:#}")),
-        }
-    }
+    let (committed, mut failures) = write_all(cfg, &run, end).await?;
     let (mut latencies, mut deliveries) = (Recorder::default(), 0u64);
     let mut sweep = vec![0u64; cfg.writers * cfg.changes_per_writer as usize];
-    let mut harness_cpu_seconds = 0.0;
-    for (k, (mut child, mut stdout)) in children.into_iter().enumerate() {
-        let mut text = String::new();
-        tokio::time::timeout(left(end), stdout.read_to_string(&mut text))
-            .await
-            .with_context(|| format!("worker {k} did not finish in time"))??;
-        let status = child.wait().await?;
-        let Ok(r) = serde_json::from_str::<serde_json::Value>(&text) else {
-            failures.push(format!("worker {k} ended with {status} and no report"));
-            continue;
+    let mut workers_cpu_seconds = 0.0;
+    for (k, r) in children.reports(end).await?.into_iter().enumerate() {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(e);
+                continue;
+            }
         };
         let at = |path: &str| r.pointer(path).cloned().unwrap_or_default();
         deliveries += at("/figures/deliveries").as_u64().unwrap_or(0);
@@ -311,29 +288,27 @@ async fn run_in_workers(cfg: &FanoutConfig) -> anyhow::Result<Report> {
         {
             *slot = (*slot).max(us.as_u64().unwrap_or(0));
         }
-        harness_cpu_seconds += at("/harness/cpu_seconds").as_f64().unwrap_or(0.0);
-        for f in at("/failures").as_array().into_iter().flatten() {
-            failures.push(format!("worker {k}: {}", f.as_str().unwrap_or_default()));
-        }
+        workers_cpu_seconds += at("/harness/cpu_seconds").as_f64().unwrap_or(0.0);
+        failures.extend(workers::failures_of(k, &r));
     }
     let elapsed = started.elapsed().as_secs_f64();
     let mut last_delivery = Recorder::default();
     for us in sweep.into_iter().filter(|us| *us > 0) {
         last_delivery.record(Duration::from_micros(us));
     }
-    Ok(Report::new(
-        "fanout",
-        serde_json::json!({"subscribers": cfg.subscribers, "writers": cfg.writers,
-            "changes_per_writer": cfg.changes_per_writer, "rate_per_writer": cfg.rate_per_writer,
-            "pad": cfg.pad, "workers": workers}),
-        serde_json::json!({"committed": committed, "deliveries": deliveries,
-            "seconds": elapsed,
-            "deliveries_per_sec": deliveries as f64 / elapsed.max(1e-9),
-            "last_delivery_ms": last_delivery.summary(),
-            "workers_cpu_seconds": harness_cpu_seconds}),
+    let mut r = report(
+        cfg,
+        committed,
+        deliveries,
+        elapsed,
+        &last_delivery,
         &latencies,
         failures,
-    ))
+    );
+    if let Some(f) = r.figures.as_object_mut() {
+        f.insert("workers_cpu_seconds".into(), workers_cpu_seconds.into());
+    }
+    Ok(r)
 }
 
 /// The slowest delivery of each change, across subscribers (µs).

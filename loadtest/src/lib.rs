@@ -43,3 +43,4 @@ pub mod snapshot;
 pub mod spawn;
 pub mod stats;
 pub mod storm;
+pub mod workers;

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -23,7 +23,7 @@ use syncgate_loadtest::slow::SlowConfig;
 use syncgate_loadtest::snapshot::SnapshotConfig;
 use syncgate_loadtest::spawn::{GatewaySpec, SpawnedGateway};
 use syncgate_loadtest::storm::StormConfig;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use syncgate_loadtest::workers::{self, Workers};
 
 #[derive(Parser)]
 #[command(
@@ -324,7 +324,7 @@ fn parse_sources(s: &str) -> Result<Vec<IpAddr>, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     // A worker process starts its timeline clock where its parent's is.
-    match std::env::var(syncgate_loadtest::fanout::CLOCK_AGE_ENV)
+    match std::env::var(syncgate_loadtest::workers::CLOCK_AGE_ENV)
         .ok()
         .and_then(|ms| ms.parse().ok())
     {
@@ -762,74 +762,48 @@ async fn connect_workers(
     workers: usize,
     gateway_pid: Option<u32>,
 ) -> anyhow::Result<Report> {
-    let exe = std::env::current_exe().context("locating this executable")?;
     let rss = || gateway_pid.and_then(procfs::read).map(|r| r.rss_kib);
     let rss_before = rss();
     let started = std::time::Instant::now();
-    let mut children = Vec::new();
-    for k in 0..workers {
-        let share = connections / workers + usize::from(k < connections % workers);
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.args(["--url", &target.url, "--quiet", "--deadline"])
-            .arg(cli.deadline.to_string())
-            .args(["--collection", &cli.collection])
-            .env("SYNCGATE_TOKEN", &target.token);
-        for (i, s) in target.sources.iter().enumerate() {
-            if i % workers == k {
-                cmd.arg("--source").arg(s.to_string());
-            }
-        }
-        cmd.args(["connect", "--worker", "--connections"])
-            .arg(share.to_string())
-            .arg("--rate")
-            .arg((rate / workers as u64).max(1).to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().context("starting a worker")?;
-        let stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
-        children.push((child, stdin, stdout.lines()));
-    }
-    // Every worker prints READY once all its connections are open (or fails).
-    for (k, (_, _, lines)) in children.iter_mut().enumerate() {
-        match lines.next_line().await? {
-            Some(l) if l.trim() == "READY" => {}
-            other => bail!("worker {k} did not get ready: {other:?}"),
-        }
-    }
+    let end = started + Duration::from_secs(cli.deadline);
+    let spawn = workers::Spawn {
+        exe: None,
+        target,
+        collection: &cli.collection,
+        deadline: Duration::from_secs(cli.deadline),
+    };
+    let mut children = Workers::spawn(&spawn, workers, |k| {
+        vec![
+            "connect".into(),
+            "--worker".into(),
+            "--connections".into(),
+            workers::share(connections, workers, k).to_string(),
+            "--rate".into(),
+            (rate / workers as u64).max(1).to_string(),
+        ]
+    })?;
+    // Every worker says READY once all its connections are open (or fails).
+    children.ready(end).await?;
     let ramp = started.elapsed();
     let rss_open = rss();
     tokio::time::sleep(Duration::from_secs(hold)).await; // the hold is the measurement
     let rss_held = rss();
-    for (_, stdin, _) in children.iter_mut() {
-        stdin.write_all(b"GO\n").await?;
-        stdin.flush().await?;
-    }
+    children.go().await?;
     let mut failures = Vec::new();
     let (mut opened, mut alive) = (0u64, 0u64);
     let mut per_worker = Vec::new();
-    for (k, (mut child, _, mut lines)) in children.into_iter().enumerate() {
-        let mut text = String::new();
-        while let Some(l) = lines.next_line().await? {
-            text.push_str(&l);
-            text.push('\n');
-        }
-        let status = child.wait().await?;
-        match serde_json::from_str::<serde_json::Value>(&text) {
+    for (k, r) in children.reports(end).await?.into_iter().enumerate() {
+        match r {
             Ok(r) => {
                 let field = |path: &str| r.pointer(path).cloned().unwrap_or_default();
                 opened += field("/figures/opened").as_u64().unwrap_or(0);
                 alive += field("/figures/alive_at_end").as_u64().unwrap_or(0);
-                let worker_failures = r.get("failures").and_then(|f| f.as_array());
-                for f in worker_failures.into_iter().flatten() {
-                    failures.push(format!("worker {k}: {}", f.as_str().unwrap_or_default()));
-                }
+                failures.extend(workers::failures_of(k, &r));
                 per_worker.push(serde_json::json!({"opened": field("/figures/opened"),
                     "alive_at_end": field("/figures/alive_at_end"),
                     "connect_ms": field("/latency_ms")}));
             }
-            Err(_) => failures.push(format!("worker {k} ended with {status} and no report")),
+            Err(e) => failures.push(e),
         }
     }
     if alive < connections as u64 {

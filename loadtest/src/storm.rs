@@ -16,6 +16,7 @@ use syncgate_protocol::{Body, Cursor, Frame, Limits, Subscribe};
 use crate::common::{Report, Target, left, push_and_check, put, run_filter, run_id, subscribe};
 use crate::lean::{self, Lean};
 use crate::stats::{Recorder, RecorderWire};
+use crate::workers::{self, Workers};
 
 /// Scenario parameters.
 #[derive(Debug, Clone)]
@@ -221,38 +222,20 @@ async fn resume(
     }
 }
 
-/// One worker of a `--workers` run: subscribes its share of clients to `run`, prints
-/// `READY`, waits for `GO` on standard input, storms, and reports (`latency_wire`,
-/// `all_caught_up_sec` from `GO`).
+/// One worker of a `--workers` run: subscribes its share of clients to `run`, says `READY`,
+/// waits for `GO`, storms, and reports (`latency_wire`, `all_caught_up_sec` from `GO`).
 pub async fn worker(cfg: &StormConfig, run: &str) -> anyhow::Result<Report> {
-    use tokio::io::AsyncBufReadExt;
     let end = Instant::now() + cfg.deadline;
     let prefix = format!("lt-storm-{run}-w{}", std::process::id());
     let cursors = setup(cfg, run, &prefix, end).await?;
-    {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "READY")?;
-        out.flush()?;
-    }
-    let mut line = String::new();
-    tokio::io::BufReader::new(tokio::io::stdin())
-        .read_line(&mut line)
-        .await?;
-    if line.trim() != "GO" {
-        bail!("expected GO, got {line:?}");
-    }
+    workers::say_ready()?;
+    workers::wait_for_go().await?;
     let sent_away_before = crate::common::sent_away();
     let started = Instant::now();
     let (rec, failures) = storm(cfg, run, &prefix, cursors, end).await?;
     let all = started.elapsed().as_secs_f64();
-    let mut r = report(
-        cfg,
-        all,
-        &rec,
-        crate::common::sent_away() - sent_away_before,
-        failures,
-    );
+    let sent_away = crate::common::sent_away() - sent_away_before;
+    let mut r = report(cfg, all, &rec, sent_away, failures);
     if let Some(f) = r.figures.as_object_mut() {
         f.insert("latency_wire".into(), serde_json::to_value(rec.to_wire())?);
     }
@@ -261,70 +244,40 @@ pub async fn worker(cfg: &StormConfig, run: &str) -> anyhow::Result<Report> {
 
 /// `run` with the clients in `cfg.workers` child processes; the writer and the clock here.
 async fn run_in_workers(cfg: &StormConfig) -> anyhow::Result<Report> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let run = run_id();
     let end = Instant::now() + cfg.deadline;
-    let exe = match &cfg.worker_exe {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().context("locating this executable")?,
+    let spawn = workers::Spawn {
+        exe: cfg.worker_exe.as_ref(),
+        target: &cfg.target,
+        collection: &cfg.collection,
+        deadline: cfg.deadline,
     };
-    let workers = cfg.workers;
-    let clock_age = crate::stats::start_clock()
-        .elapsed()
-        .as_millis()
-        .to_string();
-    let mut children = Vec::new();
-    for k in 0..workers {
-        let share = cfg.clients / workers + usize::from(k < cfg.clients % workers);
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.args(["--url", &cfg.target.url, "--quiet", "--deadline"])
-            .arg(cfg.deadline.as_secs().max(1).to_string())
-            .args(["--collection", &cfg.collection])
-            .env("SYNCGATE_TOKEN", &cfg.target.token)
-            .env(crate::fanout::CLOCK_AGE_ENV, &clock_age);
-        for (i, s) in cfg.target.sources.iter().enumerate() {
-            if i % workers == k {
-                cmd.arg("--source").arg(s.to_string());
-            }
-        }
-        cmd.args(["reconnect-storm", "--worker", "--run", &run, "--clients"])
-            .arg(share.to_string())
-            .arg("--missed")
-            .arg(cfg.missed.to_string())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().context("starting a worker")?;
-        let stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
-        children.push((child, stdin, stdout));
-    }
-    for (k, (_, _, stdout)) in children.iter_mut().enumerate() {
-        let mut line = String::new();
-        tokio::time::timeout(left(end), stdout.read_line(&mut line))
-            .await
-            .with_context(|| format!("worker {k} did not get ready in time"))??;
-        if line.trim() != "READY" {
-            bail!("worker {k} did not get ready: {line:?}");
-        }
-    }
+    let mut children = Workers::spawn(&spawn, cfg.workers, |k| {
+        let share = workers::share(cfg.clients, cfg.workers, k);
+        vec![
+            "reconnect-storm".into(),
+            "--worker".into(),
+            "--run".into(),
+            run.clone(),
+            "--clients".into(),
+            share.to_string(),
+            "--missed".into(),
+            cfg.missed.to_string(),
+        ]
+    })?;
+    children.ready(end).await?;
     commit_missed(cfg, &run, end).await?;
     let started = Instant::now();
-    for (_, stdin, _) in children.iter_mut() {
-        stdin.write_all(b"GO\n").await?;
-        stdin.flush().await?;
-    }
+    children.go().await?;
     let (mut rec, mut failures, mut sent_away, mut workers_cpu) =
         (Recorder::default(), Vec::new(), 0u64, 0.0);
-    for (k, (mut child, _, mut stdout)) in children.into_iter().enumerate() {
-        let mut text = String::new();
-        tokio::time::timeout(left(end), stdout.read_to_string(&mut text))
-            .await
-            .with_context(|| format!("worker {k} did not finish in time"))??;
-        let status = child.wait().await?;
-        let Ok(r) = serde_json::from_str::<serde_json::Value>(&text) else {
-            failures.push(format!("worker {k} ended with {status} and no report"));
-            continue;
+    for (k, r) in children.reports(end).await?.into_iter().enumerate() {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(e);
+                continue;
+            }
         };
         let at = |path: &str| r.pointer(path).cloned().unwrap_or_default();
         match serde_json::from_value::<RecorderWire>(at("/figures/latency_wire")) {
@@ -333,9 +286,7 @@ async fn run_in_workers(cfg: &StormConfig) -> anyhow::Result<Report> {
         }
         sent_away += at("/figures/handshakes_sent_away").as_u64().unwrap_or(0);
         workers_cpu += at("/harness/cpu_seconds").as_f64().unwrap_or(0.0);
-        for f in at("/failures").as_array().into_iter().flatten() {
-            failures.push(format!("worker {k}: {}", f.as_str().unwrap_or_default()));
-        }
+        failures.extend(workers::failures_of(k, &r));
     }
     // Until the last worker's last client had caught up (its report follows at once).
     let all = started.elapsed().as_secs_f64();
