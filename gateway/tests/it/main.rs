@@ -880,9 +880,7 @@ async fn slow_consumer_is_disconnected_others_keep_syncing(backend: Backend) {
 async fn subscriptions_starting_together_on_a_reading_connection_are_not_slow_consumers() {
     let db = TestDb::new(Backend::Sqlite).await;
     let mut cfg = db.config();
-    cfg.limits.max_frame_bytes = 64 * 1024;
-    cfg.limits.max_document_bytes = 8 * 1024;
-    cfg.outbound_buffer_bytes = 64 * 1024;
+    small_queues(&mut cfg);
     let gw = Gateway::start(cfg).await.unwrap();
     let pad = Value::from("x".repeat(4000));
     let (mut w, _) = connect(&gw, "w").await;
@@ -964,24 +962,21 @@ async fn subscriptions_starting_together_on_a_reading_connection_are_not_slow_co
     db.cleanup().await;
 }
 
-/// Invariant 8, the graceful side: a subscriber that falls behind (it stops reading while
-/// 12 MB of changes go by, then reads again) is not disconnected. Its queue fills, it is
-/// degraded to catch-up, receives each document's latest version per page instead of every
-/// version (far fewer changes than were written), rejoins live, and ends with exactly the
-/// server's documents; it never sees an error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_that_falls_behind_is_degraded_and_converges_without_a_disconnect() {
-    let db = TestDb::new(Backend::Sqlite).await;
-    let mut cfg = db.config();
+/// 64 KiB frames and outbound queue (8 KiB documents): a stalled subscriber fills its queue
+/// after a few changes.
+fn small_queues(cfg: &mut syncgate_gateway::Config) {
     cfg.limits.max_frame_bytes = 64 * 1024;
     cfg.limits.max_document_bytes = 8 * 1024;
     cfg.outbound_buffer_bytes = 64 * 1024;
-    let gw = Gateway::start(cfg).await.unwrap();
-    // A small receive buffer: the stall backs up into the gateway after a few KiB.
-    let conn = syncgate_client::Connection::open_with(&ws_url(&gw), None, Some(4096))
+}
+
+/// A subscriber of `stock` with a 4 KiB kernel receive buffer (when it stops reading, the
+/// stall backs up into the gateway after a few KiB), synced.
+async fn synced_small_buffer_subscriber(gw: &Gateway, client_id: &str) -> Connection {
+    let conn = syncgate_client::Connection::open_with(&ws_url(gw), None, Some(4096))
         .await
         .unwrap();
-    let (mut slow, _) = conn.handshake("behind", &token("tester")).await.unwrap();
+    let (mut slow, _) = conn.handshake(client_id, &token("tester")).await.unwrap();
     slow.send(&Frame::Subscribe(syncgate_protocol::Subscribe {
         sub: 1,
         collection: "stock".into(),
@@ -992,9 +987,23 @@ async fn a_subscriber_that_falls_behind_is_degraded_and_converges_without_a_disc
     .unwrap();
     loop {
         if let Frame::Synced(_) = slow.recv_timeout(DEADLINE).await.unwrap() {
-            break;
+            return slow;
         }
     }
+}
+
+/// Invariant 8, the graceful side: a subscriber that falls behind (it stops reading while
+/// 12 MB of changes go by, then reads again) is not disconnected. Its queue fills, it is
+/// degraded to catch-up, receives each document's latest version per page instead of every
+/// version (far fewer changes than were written), rejoins live, and ends with exactly the
+/// server's documents; it never sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_is_degraded_and_converges_without_a_disconnect() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = db.config();
+    small_queues(&mut cfg);
+    let gw = Gateway::start(cfg).await.unwrap();
+    let mut slow = synced_small_buffer_subscriber(&gw, "behind").await;
     // 12,000 changes to 4 documents of ~1 KB while it reads nothing.
     let (mut w, _) = connect(&gw, "w").await;
     let pad = Value::from("x".repeat(1000));
@@ -1092,27 +1101,9 @@ async fn a_subscriber_that_falls_behind_is_degraded_and_converges_without_a_disc
 async fn a_subscriber_that_reads_slowly_converges_with_fewer_frames_and_no_disconnect() {
     let db = TestDb::new(Backend::Sqlite).await;
     let mut cfg = db.config();
-    cfg.limits.max_frame_bytes = 64 * 1024;
-    cfg.limits.max_document_bytes = 8 * 1024;
-    cfg.outbound_buffer_bytes = 64 * 1024;
+    small_queues(&mut cfg);
     let gw = Gateway::start(cfg).await.unwrap();
-    let conn = syncgate_client::Connection::open_with(&ws_url(&gw), None, Some(4096))
-        .await
-        .unwrap();
-    let (mut slow, _) = conn.handshake("dawdler", &token("tester")).await.unwrap();
-    slow.send(&Frame::Subscribe(syncgate_protocol::Subscribe {
-        sub: 1,
-        collection: "stock".into(),
-        filter: Body::new(),
-        cursor: None,
-    }))
-    .await
-    .unwrap();
-    loop {
-        if let Frame::Synced(_) = slow.recv_timeout(DEADLINE).await.unwrap() {
-            break;
-        }
-    }
+    let mut slow = synced_small_buffer_subscriber(&gw, "dawdler").await;
     let (target_tx, mut target_rx) = tokio::sync::watch::channel(u64::MAX);
     let reader = tokio::spawn(async move {
         let mut docs: BTreeMap<String, Value> = BTreeMap::new();
@@ -1196,29 +1187,11 @@ async fn a_subscriber_that_reads_slowly_converges_with_fewer_frames_and_no_disco
 async fn a_pinging_subscriber_that_stopped_reading_sees_slow_consumer_not_a_reset() {
     let db = TestDb::new(Backend::Sqlite).await;
     let mut cfg = db.config();
-    cfg.limits.max_frame_bytes = 64 * 1024;
-    cfg.limits.max_document_bytes = 8 * 1024;
-    cfg.outbound_buffer_bytes = 64 * 1024;
+    small_queues(&mut cfg);
     cfg.slow_consumer_deadline_ms = 200;
     cfg.close_linger_ms = 60_000;
     let gw = Gateway::start(cfg).await.unwrap();
-    let conn = syncgate_client::Connection::open_with(&ws_url(&gw), None, Some(4096))
-        .await
-        .unwrap();
-    let (mut slow, _) = conn.handshake("pinger", &token("tester")).await.unwrap();
-    slow.send(&Frame::Subscribe(syncgate_protocol::Subscribe {
-        sub: 1,
-        collection: "stock".into(),
-        filter: Body::new(),
-        cursor: None,
-    }))
-    .await
-    .unwrap();
-    loop {
-        if let Frame::Synced(_) = slow.recv_timeout(DEADLINE).await.unwrap() {
-            break;
-        }
-    }
+    let mut slow = synced_small_buffer_subscriber(&gw, "pinger").await;
     // Changes of ~2 KB while it reads nothing but pings, until the gateway gives up on it.
     let (mut w, _) = connect(&gw, "w").await;
     let pad = Value::from("x".repeat(2000));
