@@ -1,6 +1,7 @@
 //! A single protocol connection.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -115,6 +116,37 @@ pub struct Connection {
     /// The compression in use (PROTOCOL.md §3.15): the offered one from `hello` until
     /// `welcome`, then the one `welcome` names, if any.
     compression: Option<Compression>,
+    /// Message payload bytes sent and received, counted as on the wire.
+    traffic: Arc<Traffic>,
+}
+
+/// Payload bytes of the WebSocket messages a connection (or every connection of an SDK
+/// client) sent and received, as on the wire: a compressed frame counts its compressed size.
+/// WebSocket and TCP framing are not counted.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Traffic {
+    /// Bytes sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn count_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn count_received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// Frames the client sends compressed, once negotiated, from this size on.
@@ -210,7 +242,20 @@ impl Connection {
             },
             offer: false,
             compression: None,
+            traffic: Arc::default(),
         })
+    }
+
+    /// Counts this connection's traffic into `traffic` (shared across reconnections by the
+    /// SDK) instead of a counter of its own.
+    pub fn count_into(mut self, traffic: Arc<Traffic>) -> Connection {
+        self.traffic = traffic;
+        self
+    }
+
+    /// The bytes this connection sent and received so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
     }
 
     /// Makes `hello` offer compression (`deflate`): large frames in both directions then go
@@ -319,6 +364,7 @@ impl Connection {
 
     /// Sends arbitrary bytes as one binary message (tests use it for malformed frames).
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), ConnError> {
+        self.traffic.count_sent(bytes.len());
         self.ws.send(Message::Binary(bytes.into())).await?;
         Ok(())
     }
@@ -330,6 +376,7 @@ impl Connection {
                 None => return Err(ConnError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Binary(b))) => {
+                    self.traffic.count_received(b.len());
                     return Ok(decode_message(&b, &self.limits, self.compression)?);
                 }
                 Some(Ok(Message::Close(c))) => {
@@ -348,7 +395,10 @@ impl Connection {
                 match self.ws.next().await {
                     None => return Err(ConnError::Closed(None)),
                     Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
+                    Some(Ok(Message::Binary(b))) => {
+                        self.traffic.count_received(b.len());
+                        return Ok(b.to_vec());
+                    }
                     Some(Ok(Message::Close(c))) => {
                         return Err(ConnError::Closed(c.map(|c| c.code.into())));
                     }

@@ -50,7 +50,7 @@ mod session;
 pub mod store;
 
 pub use backoff::Backoff;
-pub use conn::{ConnError, Connection};
+pub use conn::{ConnError, Connection, Traffic};
 pub use sdk::{
     Client, ClientBuilder, ClientError, ConnectionState, Event, Fetched, Status, SyncReport,
     TokenProvider,

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::backoff::Backoff;
+use crate::conn::Traffic;
 use crate::store::{
     LocalConflict, LocalDoc, LocalStore, OutboxEntry, Rejection, StoreError, StoredSubscription,
     Take,
@@ -227,6 +228,11 @@ pub struct Status {
     pub rejected: u64,
     /// The subscriptions with their cursors.
     pub subscriptions: Vec<StoredSubscription>,
+    /// Message bytes sent to the gateway since the client was opened, as on the wire
+    /// (compressed frames count their compressed size).
+    pub sent_bytes: u64,
+    /// Message bytes received from the gateway since the client was opened, as on the wire.
+    pub received_bytes: u64,
 }
 
 /// Settings of the background task.
@@ -270,6 +276,8 @@ pub(crate) struct Shared {
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) state: watch::Sender<ConnectionState>,
     pub(crate) wake: Notify,
+    /// Bytes sent and received over every connection of this client.
+    pub(crate) traffic: Arc<Traffic>,
 }
 
 impl Shared {
@@ -540,6 +548,7 @@ fn shared(store: LocalStore, events: broadcast::Sender<Event>) -> Arc<Shared> {
         events,
         state: watch::channel(ConnectionState::Connecting { attempt: 0 }).0,
         wake: Notify::new(),
+        traffic: Arc::default(),
     })
 }
 
@@ -722,6 +731,12 @@ impl Client {
         Ok(self.shared.store.query(collection, &f).await?)
     }
 
+    /// How many documents of a collection the optimistic state holds (deleted ones not
+    /// counted), without reading them: a progress display for a large first sync.
+    pub async fn count(&self, collection: &str) -> Result<u64, ClientError> {
+        Ok(self.shared.store.count(collection).await?)
+    }
+
     /// The outbox: mutations waiting for the server, oldest first.
     pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, ClientError> {
         Ok(self.shared.store.outbox().await?)
@@ -794,6 +809,8 @@ impl Client {
             last_mutation_id: store.last_mutation_id().await?,
             rejected: store.rejected().await?.len() as u64,
             subscriptions: store.subscriptions().await?,
+            sent_bytes: self.shared.traffic.sent(),
+            received_bytes: self.shared.traffic.received(),
         })
     }
 

@@ -1,7 +1,7 @@
 //! `syncgate-loadtest`: load scenarios that also check correctness.
 //!
 //! Simulated clients are plain protocol connections ([`syncgate_client::Connection`]): no
-//! SQLite, no SDK, a few KiB each.
+//! SQLite, no SDK, a few KiB each; only [`initial_sync`] runs the real SDK with its store.
 //!
 //! # Layout
 //! - [`fanout`]: S subscribers, W writers at R changes/s; every subscriber must receive every
@@ -19,6 +19,9 @@
 //!   with identical replayed acks, exactly-once in-order delivery across restarts.
 //! - [`capture`]: SQL sessions write a captured PostgreSQL table while terminals subscribe;
 //!   every statement delivered once, in each session's order; SQL write→terminal latency.
+//! - [`snapshot`]: a snapshot's bytes on the wire, without and with frame compression.
+//! - [`initial_sync`]: P9, a new terminal's first sync of a large collection through the SDK
+//!   into its SQLite replica; seconds, bytes, peak RSS; every document held once.
 //! - [`mixed`]: an ERP shift: terminals per plant, backend writers, terminals offline a while;
 //!   per-plant completeness and convergence.
 //! - [`common`]: run ids and filters, subscribe-until-synced, push-and-check.
@@ -33,6 +36,7 @@ pub mod connect;
 pub mod fairness;
 pub mod fanout;
 pub mod ingest;
+pub mod initial_sync;
 pub mod lean;
 pub mod mixed;
 pub mod procfs;

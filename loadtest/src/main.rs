@@ -16,6 +16,7 @@ use syncgate_loadtest::connect::ConnectConfig;
 use syncgate_loadtest::fairness::{Aggressor, FairnessConfig};
 use syncgate_loadtest::fanout::FanoutConfig;
 use syncgate_loadtest::ingest::IngestConfig;
+use syncgate_loadtest::initial_sync::InitialSyncConfig;
 use syncgate_loadtest::mixed::MixedConfig;
 use syncgate_loadtest::procfs::{self, Sampler};
 use syncgate_loadtest::report::{RunInfo, rfc3339};
@@ -185,6 +186,16 @@ enum Scenario {
     Snapshot {
         #[arg(long, default_value_t = 10_000)]
         docs: u64,
+    },
+    /// P9: a new terminal's first sync through the SDK: seed D documents, then a fresh SDK
+    /// client syncs them into its SQLite replica (uncompressed, then compressed); seconds,
+    /// bytes received, replica size, client peak RSS.
+    InitialSync {
+        #[arg(long, default_value_t = 100_000)]
+        docs: u64,
+        /// Only the compressed sync (skip the uncompressed one).
+        #[arg(long)]
+        compressed_only: bool,
     },
     /// One subscriber stops reading while others go on: their latency before and during,
     /// the gateway's RSS, and how the stalled one recovers.
@@ -581,6 +592,19 @@ async fn scenario(
                 target,
                 collection,
                 docs,
+                deadline,
+            })
+            .await?
+        }
+        Scenario::InitialSync {
+            docs,
+            compressed_only,
+        } => {
+            syncgate_loadtest::initial_sync::run(&InitialSyncConfig {
+                target,
+                collection,
+                docs,
+                both: !compressed_only,
                 deadline,
             })
             .await?

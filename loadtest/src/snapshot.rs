@@ -78,7 +78,7 @@ struct Download {
 pub async fn run(cfg: &SnapshotConfig) -> anyhow::Result<Report> {
     let run = run_id();
     let end = Instant::now() + cfg.deadline;
-    seed(cfg, &run, end).await?;
+    seed_docs(&cfg.target, &cfg.collection, &run, cfg.docs, end).await?;
     let mut failures = Vec::new();
     let plain = download(cfg, &run, false, end).await?;
     let packed = download(cfg, &run, true, end).await?;
@@ -115,49 +115,65 @@ pub async fn run(cfg: &SnapshotConfig) -> anyhow::Result<Report> {
     ))
 }
 
-/// Writes the run's documents in batches as large as the gateway allows.
-async fn seed(cfg: &SnapshotConfig, run: &str, end: Instant) -> anyhow::Result<()> {
-    let (mut c, welcome) = cfg
-        .target
+/// Batches of the seed in flight at once (the gateway allows 16 and 4 MiB per connection).
+const SEED_INFLIGHT: usize = 4;
+
+/// Writes `docs` documents of the run ([`work_order`], ids `{run}-{n}`) in batches as large as
+/// the gateway allows, a few in flight, each acknowledged as applied.
+pub(crate) async fn seed_docs(
+    target: &Target,
+    collection: &str,
+    run: &str,
+    docs: u64,
+    end: Instant,
+) -> anyhow::Result<()> {
+    let (mut c, welcome) = target
         .connect(0, &format!("lt-snapshot-seed-{run}"))
         .await?;
     let batch = u64::from(welcome.limits.max_mutations_per_batch.min(1000));
     let mut mid = welcome.last_applied_mutation;
     let (mut n, mut batch_id) = (0u64, 0u64);
-    while n < cfg.docs {
-        let size = batch.min(cfg.docs - n);
-        let mutations: Vec<Mutation> = (n..n + size)
-            .map(|i| {
-                mid += 1;
-                Mutation {
-                    mutation_id: mid,
-                    collection: cfg.collection.clone(),
-                    id: format!("{run}-{i}"),
-                    op: MutationOp::Put,
-                    body: Some(work_order(run, i)),
-                    base_version: None,
-                    resolves: None,
-                }
-            })
-            .collect();
-        let ids: Vec<u64> = mutations.iter().map(|m| m.mutation_id).collect();
-        batch_id += 1;
-        c.send(&Frame::Push(Push {
-            batch: batch_id,
-            mutations,
-        }))
-        .await?;
-        loop {
-            match c.recv_timeout(left(end)).await? {
-                Frame::PushAck(a) => {
-                    check_ack(&ids, &a)?;
-                    break;
-                }
-                Frame::Error(e) => bail!("seeding: {} {}: {}", e.code, e.name, e.message),
-                _ => {}
-            }
+    let mut inflight: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    while n < docs || !inflight.is_empty() {
+        if n < docs && inflight.len() < SEED_INFLIGHT {
+            let size = batch.min(docs - n);
+            let mutations: Vec<Mutation> = (n..n + size)
+                .map(|i| {
+                    mid += 1;
+                    Mutation {
+                        mutation_id: mid,
+                        collection: collection.to_owned(),
+                        id: format!("{run}-{i}"),
+                        op: MutationOp::Put,
+                        body: Some(work_order(run, i)),
+                        base_version: None,
+                        resolves: None,
+                    }
+                })
+                .collect();
+            batch_id += 1;
+            inflight.insert(batch_id, mutations.iter().map(|m| m.mutation_id).collect());
+            c.send(&Frame::Push(Push {
+                batch: batch_id,
+                mutations,
+            }))
+            .await?;
+            n += size;
+            continue;
         }
-        n += size;
+        match c.recv_timeout(left(end)).await? {
+            Frame::PushAck(a) => {
+                let Some(ids) = inflight.remove(&a.batch) else {
+                    bail!(
+                        "seeding: an ack for batch {}, which is not in flight",
+                        a.batch
+                    );
+                };
+                check_ack(&ids, &a)?;
+            }
+            Frame::Error(e) => bail!("seeding: {} {}: {}", e.code, e.name, e.message),
+            _ => {}
+        }
     }
     c.close().await;
     Ok(())

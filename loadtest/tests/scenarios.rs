@@ -178,6 +178,41 @@ async fn snapshot_short_run_downloads_the_same_documents_compressed() {
     gw.shutdown().await;
 }
 
+/// A fresh SDK client syncs every seeded document into its replica, both ways; the SDK's
+/// traffic counter shows the compressed sync several times smaller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_short_run_holds_every_document_in_the_sdk_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, target) = gateway(dir.path()).await;
+    let report =
+        syncgate_loadtest::initial_sync::run(&syncgate_loadtest::initial_sync::InitialSyncConfig {
+            target,
+            collection: "work_orders".into(),
+            // Several snapshot pages, and more than one seed batch in flight.
+            docs: 2_345,
+            both: true,
+            deadline: DEADLINE,
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    let f = &report.figures;
+    for mode in ["uncompressed", "compressed"] {
+        assert!(
+            f[mode]["replica_bytes"].as_u64().unwrap() > 2_345 * 100,
+            "{f}"
+        );
+        assert!(f[mode]["client_rss_max_kib"].as_u64().unwrap() > 0, "{f}");
+    }
+    // ~200 bytes of MessagePack per document arrive uncompressed.
+    assert!(
+        f["uncompressed"]["received_bytes"].as_u64().unwrap() > 2_345 * 150,
+        "{f}"
+    );
+    assert!(f["wire_ratio"].as_f64().unwrap() > 3.0, "{f}");
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_short_run_keeps_every_connection_alive() {
     let dir = tempfile::tempdir().unwrap();

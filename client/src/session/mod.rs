@@ -227,6 +227,7 @@ async fn session(
         Connection::open_tls(&settings.url, None, None, settings.tls.clone())
             .await?
             .offer_compression(settings.compression)
+            .count_into(shared.traffic.clone())
             .handshake(shared.store.client_id(), &token)
             .await
     };

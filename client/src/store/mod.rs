@@ -688,6 +688,9 @@ mod tests {
             ["d1", "d3"]
         );
         assert_eq!(s.query("c", &f(0)).await.unwrap().len(), 2);
+        // d0 is deleted: four live documents.
+        assert_eq!(s.count("c").await.unwrap(), 4);
+        assert_eq!(s.count("other").await.unwrap(), 0);
         assert_eq!(s.pending_count().await.unwrap(), 6);
         let batch = s.pending_after(2, 10, 1 << 20).await.unwrap();
         assert_eq!(batch.first().unwrap().mutation_id, 3);
