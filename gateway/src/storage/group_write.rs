@@ -638,35 +638,23 @@ impl GroupTxn {
     }
 
     /// Writes the rows, moves the head to `new_head` (announcing it on PostgreSQL) and commits.
-    ///
-    /// On SQLite every write goes to the database in one call (one hop to sqlx's worker
-    /// thread, which runs the statements one after another, binding each its share of the
-    /// parameters), then `COMMIT`: two hops whatever the group holds. PostgreSQL's extended
-    /// protocol takes one statement per round trip.
     pub async fn commit(self, rows: &GroupRows, new_head: u64) -> Result<(), StoreError> {
-        let mut statements = row_statements(self.backend, rows)?;
+        write_rows(&self.txn, self.backend, rows).await?;
         if new_head != self.head {
             let update = Query::update()
                 .table("sg_head")
                 .value("seq", new_head as i64)
                 .and_where(Expr::col("id").eq(1))
                 .to_owned();
-            statements.push(self.backend.build(&update));
+            self.txn.execute_raw(self.backend.build(&update)).await?;
             if self.backend == DbBackend::Postgres {
-                statements.push(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    "SELECT pg_notify($1, $2)",
-                    [NOTIFY_CHANNEL.into(), new_head.to_string().into()],
-                ));
-            }
-        }
-        if self.backend == DbBackend::Sqlite {
-            if let Some(all) = joined(statements) {
-                self.txn.execute_raw(all).await?;
-            }
-        } else {
-            for statement in statements {
-                self.txn.execute_raw(statement).await?;
+                self.txn
+                    .execute_raw(Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        "SELECT pg_notify($1, $2)",
+                        [NOTIFY_CHANNEL.into(), new_head.to_string().into()],
+                    ))
+                    .await?;
             }
         }
         self.txn.commit().await?;
@@ -803,27 +791,7 @@ fn insert(
     Ok(backend.build(&insert))
 }
 
-/// SQLite statements (`?` placeholders) as one: their SQL joined by `;`, their parameters
-/// concatenated in order. `None` for no statements.
-fn joined(statements: Vec<Statement>) -> Option<Statement> {
-    let mut it = statements.into_iter();
-    let mut all = it.next()?;
-    for s in it {
-        all.sql.push_str(";\n");
-        all.sql.push_str(&s.sql);
-        if let Some(v) = s.values {
-            match &mut all.values {
-                Some(values) => values.0.extend(v.0),
-                None => all.values = Some(v),
-            }
-        }
-    }
-    Some(all)
-}
-
-/// The statements that write a group's rows, in order.
-fn row_statements(backend: DbBackend, rows: &GroupRows) -> Result<Vec<Statement>, StoreError> {
-    let mut out = Vec::new();
+async fn write_rows(txn: &Txn, backend: DbBackend, rows: &GroupRows) -> Result<(), StoreError> {
     let now = now_ms();
     let change_size = |c: &ChangeRow| {
         c.body.as_ref().map_or(0, Bytes::len)
@@ -858,7 +826,7 @@ fn row_statements(backend: DbBackend, rows: &GroupRows) -> Result<Vec<Statement>
             "committed_at",
         ];
         let statement = insert(backend, "sg_changes", &columns, values, None)?;
-        out.push(statement);
+        txn.execute_raw(statement).await?;
     }
     let doc_size = |d: &DocumentRow| {
         d.collection.len() + d.id.len() + d.body.as_ref().map_or(0, Bytes::len) + 32
@@ -878,7 +846,7 @@ fn row_statements(backend: DbBackend, rows: &GroupRows) -> Result<Vec<Statement>
             .update_columns(["body", "version", "deleted"])
             .to_owned();
         let statement = insert(backend, "sg_documents", &columns, values, Some(upsert))?;
-        out.push(statement);
+        txn.execute_raw(statement).await?;
     }
     let error_size = |e: &RejectionRow| e.client_id.len() + e.reason.len() + e.mutation.len() + 48;
     for chunk in byte_chunks(&rows.rejections, error_size) {
@@ -903,7 +871,7 @@ fn row_statements(backend: DbBackend, rows: &GroupRows) -> Result<Vec<Statement>
             "created_at",
         ];
         let statement = insert(backend, "sg_sync_errors", &columns, values, None)?;
-        out.push(statement);
+        txn.execute_raw(statement).await?;
     }
     let conflict_size = |c: &ConflictRow| {
         c.server_body.as_ref().map_or(0, Bytes::len)
@@ -955,7 +923,7 @@ fn row_statements(backend: DbBackend, rows: &GroupRows) -> Result<Vec<Statement>
             "created_at",
         ];
         let statement = insert(backend, "sg_conflicts", &columns, values, None)?;
-        out.push(statement);
+        txn.execute_raw(statement).await?;
     }
     for r in &rows.resolutions {
         let update = Query::update()
@@ -968,7 +936,7 @@ fn row_statements(backend: DbBackend, rows: &GroupRows) -> Result<Vec<Statement>
             .and_where(Expr::col("mutation_id").eq(r.mutation_id as i64))
             .and_where(Expr::col("state").eq("open"))
             .to_owned();
-        out.push(backend.build(&update));
+        txn.execute_raw(backend.build(&update)).await?;
     }
     for chunk in rows.clients.chunks(INSERT_CHUNK) {
         let values = chunk.iter().map(|c| {
@@ -986,7 +954,7 @@ fn row_statements(backend: DbBackend, rows: &GroupRows) -> Result<Vec<Statement>
             .update_columns(["last_mutation", "updated_at"])
             .to_owned();
         let statement = insert(backend, "sg_clients", &columns, values, Some(upsert))?;
-        out.push(statement);
+        txn.execute_raw(statement).await?;
     }
     for chunk in rows.usage.chunks(INSERT_CHUNK) {
         let values = chunk.iter().map(|u| {
@@ -1008,9 +976,9 @@ fn row_statements(backend: DbBackend, rows: &GroupRows) -> Result<Vec<Statement>
             )
             .to_owned();
         let statement = insert(backend, "sg_usage", &columns, values, Some(add))?;
-        out.push(statement);
+        txn.execute_raw(statement).await?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Bytes of parameters per multi-row statement. sqlx 0.9.0 leaves Nagle's algorithm on
