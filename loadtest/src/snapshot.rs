@@ -115,11 +115,15 @@ pub async fn run(cfg: &SnapshotConfig) -> anyhow::Result<Report> {
     ))
 }
 
-/// Batches of the seed in flight at once (the gateway allows 16 and 4 MiB per connection).
+/// Batches of the seed in flight at once per connection (the gateway allows 16 and 4 MiB).
 const SEED_INFLIGHT: usize = 4;
+/// Connections the seed is spread over (the gateway paces each connection's mutations, by
+/// default to 5,000/s).
+const SEED_CONNECTIONS: u64 = 8;
 
-/// Writes `docs` documents of the run ([`work_order`], ids `{run}-{n}`) in batches as large as
-/// the gateway allows, a few in flight, each acknowledged as applied.
+/// Writes `docs` documents of the run ([`work_order`], ids `{run}-{n}`) over a few
+/// connections in batches as large as the gateway allows, a few in flight on each, every one
+/// acknowledged as applied.
 pub(crate) async fn seed_docs(
     target: &Target,
     collection: &str,
@@ -127,12 +131,35 @@ pub(crate) async fn seed_docs(
     docs: u64,
     end: Instant,
 ) -> anyhow::Result<()> {
+    let share = docs.div_ceil(SEED_CONNECTIONS).max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, from) in (0..docs).step_by(share as usize).enumerate() {
+        let (target, collection, run) = (target.clone(), collection.to_owned(), run.to_owned());
+        let to = (from + share).min(docs);
+        tasks.spawn(async move { seed_range(&target, &collection, &run, i, from..to, end).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// One seeding connection: documents `range` of the run.
+async fn seed_range(
+    target: &Target,
+    collection: &str,
+    run: &str,
+    i: usize,
+    range: std::ops::Range<u64>,
+    end: Instant,
+) -> anyhow::Result<()> {
     let (mut c, welcome) = target
-        .connect(0, &format!("lt-snapshot-seed-{run}"))
+        .connect(i, &format!("lt-snapshot-seed-{run}-{i}"))
         .await?;
     let batch = u64::from(welcome.limits.max_mutations_per_batch.min(1000));
     let mut mid = welcome.last_applied_mutation;
-    let (mut n, mut batch_id) = (0u64, 0u64);
+    let docs = range.end;
+    let (mut n, mut batch_id) = (range.start, 0u64);
     let mut inflight: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     while n < docs || !inflight.is_empty() {
         if n < docs && inflight.len() < SEED_INFLIGHT {
