@@ -575,6 +575,7 @@ async fn fetch_once(
         crate::conn::Connection::open_tls(&settings.url, None, None, settings.tls.clone())
             .await?
             .offer_compression(settings.compression)
+            .count_into(client.shared.traffic.clone())
             .handshake(client.client_id(), &token)
             .await
     };

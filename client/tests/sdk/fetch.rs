@@ -34,6 +34,19 @@ async fn fetch_reads_named_documents_into_the_replica() {
             .await
             .unwrap();
     }
+    // One large enough that its bytes stand out from the session's heartbeats (hex: it
+    // compresses only about 2x).
+    let big: String = (0..10_000)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    author
+        .put(
+            "manuals",
+            "m-big",
+            body(&[("text", Value::from(big.as_str()))]),
+        )
+        .await
+        .unwrap();
     author.sync_now(DEADLINE).await.unwrap();
     author.close().await;
 
@@ -47,6 +60,12 @@ async fn fetch_reads_named_documents_into_the_replica() {
     assert_eq!(fetched.docs.len(), 1);
     assert_eq!(fetched.docs[0].body["title"], Value::from("Press"));
     assert_eq!(fetched.missing, ["m-404"]);
+    // The fetch's own connection counts into the client's traffic.
+    let before = client.status().await.unwrap().received_bytes;
+    let fetched = client.fetch("manuals", &["m-big"], DEADLINE).await.unwrap();
+    assert_eq!(fetched.docs[0].body["text"], Value::from(big.as_str()));
+    let after = client.status().await.unwrap().received_bytes;
+    assert!(after >= before + 8_000, "{before} -> {after}");
     // A local edit not yet uploaded stays on top of a later fetch.
     client
         .patch("manuals", "m-1", body(&[("note", Value::from("mine"))]))
