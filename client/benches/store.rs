@@ -28,7 +28,10 @@ fn body(n: u64) -> Body {
         ("status", Value::from("in_progress")),
         ("plant", Value::from(format!("P{}", n % 3 + 1))),
         ("workcenter", Value::from(format!("WC-{:03}", n % 40))),
-        ("article", Value::from(format!("ART-{:06}", 100_000 + n % 2_500))),
+        (
+            "article",
+            Value::from(format!("ART-{:06}", 100_000 + n % 2_500)),
+        ),
         ("quantity", Value::from(n % 97 * 5 + 10)),
         ("due", Value::from(format!("2026-12-{:02}", n % 28 + 1))),
         (
