@@ -80,7 +80,7 @@ fn store_benches(c: &mut Criterion) {
     group.bench_function("apply_changes_100_held", |b| {
         b.iter(|| {
             let changes: Vec<Change> = (0..100)
-                .map(|i| {
+                .map(|_| {
                     seq += 1;
                     Change {
                         seq,
