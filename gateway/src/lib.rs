@@ -37,3 +37,6 @@ mod ws;
 
 pub use config::Config;
 pub use server::Gateway;
+/// Fixtures for the criterion benches (`gateway/benches`); not part of the API.
+#[doc(hidden)]
+pub use sync::bench;

@@ -5,7 +5,7 @@
 //! Bounds: the cap counts the frames queued *and* the batch the writer has taken and is still
 //! writing (a stalled socket holds that batch: counting it only as queued let a stalled
 //! connection hold about twice the cap while the gauge showed less). Live fan-out uses
-//! [`Outbound::try_push_all`], all of a chunk's frames or none, refused past the cap; the
+//! [`Outbound::try_push_changes`], all of a chunk's frames or none, refused past the cap; the
 //! caller then disconnects the subscriber with `slow_consumer` (once: a closed queue says so
 //! and counts nothing). Catch-up uses [`Outbound::push_paced`], which waits until the frame
 //! fits in half the cap and pushes under the same lock as the check, so several subscriptions
@@ -52,8 +52,50 @@ impl Close {
     }
 }
 
+/// A frame as queued.
+#[derive(Debug, Clone)]
+pub(crate) enum OutFrame {
+    /// A whole frame.
+    Whole(Bytes),
+    /// A live `changes` frame of subscription `sub`: the chunk's tail, encoded once and shared
+    /// by every subscriber sent the same changes; the writer puts the head (with `sub`) in
+    /// front, off every lock ([`syncgate_protocol::codec::write_changes_head`]).
+    Changes {
+        /// The subscription.
+        sub: u32,
+        /// The frame after its `sub`.
+        tail: Bytes,
+    },
+}
+
+impl OutFrame {
+    /// The frame's bytes as they go on the wire (before compression).
+    pub(crate) fn into_wire(self) -> Bytes {
+        match self {
+            OutFrame::Whole(b) => b,
+            OutFrame::Changes { sub, tail } => {
+                let mut frame = Vec::with_capacity(
+                    syncgate_protocol::codec::changes_head_len(sub) + tail.len(),
+                );
+                syncgate_protocol::codec::write_changes_head(&mut frame, sub);
+                frame.extend_from_slice(&tail);
+                Bytes::from(frame)
+            }
+        }
+    }
+}
+
 /// A queued frame and, for a live chunk, when it was published.
-type Queued = (Bytes, Option<Instant>);
+type Queued = (OutFrame, Option<Instant>);
+
+/// The frames a writer took to write (its buffer swaps with the queue's at every take).
+#[derive(Default)]
+pub(crate) struct Batch(VecDeque<Queued>);
+
+impl Batch {
+    /// Frames of room an idle connection keeps in each of its two buffers.
+    const KEEP: usize = 8;
+}
 
 #[derive(Default)]
 struct State {
@@ -72,7 +114,7 @@ impl State {
     }
 }
 
-/// What [`Outbound::try_push_all`] did.
+/// What [`Outbound::try_push_changes`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushed {
     /// Every frame was queued.
@@ -145,27 +187,37 @@ impl Outbound {
         ended.store(true, Ordering::Release);
     }
 
-    /// Appends a chunk's fan-out frames, published at `published`, all or none: none if
+    /// Appends the live frames of subscription `sub` for a chunk published at `published` —
+    /// each of the shared `tails` behind the subscription's own head —, all or none: none if
     /// together they would pass the cap, the connection is closing or the subscription
     /// (`gate`) ended.
-    pub(crate) fn try_push_all(
+    pub(crate) fn try_push_changes(
         &self,
-        frames: Vec<Bytes>,
+        sub: u32,
+        tails: &[Bytes],
         published: Instant,
         gate: &AtomicBool,
     ) -> Pushed {
+        let head = syncgate_protocol::codec::changes_head_len(sub);
+        let len: usize = tails.iter().map(|t| head + t.len()).sum();
         let mut s = self.lock();
         if s.close.is_some() || gate.load(Ordering::Acquire) {
             return Pushed::Closed;
         }
-        let len: usize = frames.iter().map(Bytes::len).sum();
         if s.held() + len > self.cap {
             return Pushed::Full;
         }
         s.bytes += len;
         self.gauge.add(len as i64);
-        s.queue
-            .extend(frames.into_iter().map(|f| (f, Some(published))));
+        s.queue.extend(tails.iter().map(|t| {
+            (
+                OutFrame::Changes {
+                    sub,
+                    tail: t.clone(),
+                },
+                Some(published),
+            )
+        }));
         drop(s);
         self.wake_writer.notify_one();
         Pushed::Queued
@@ -187,7 +239,7 @@ impl Outbound {
                 if s.held() == 0 || s.held() + frame.len() <= self.cap / 2 {
                     s.bytes += frame.len();
                     self.gauge.add(frame.len() as i64);
-                    s.queue.push_back((frame, None));
+                    s.queue.push_back((OutFrame::Whole(frame), None));
                     drop(s);
                     self.wake_writer.notify_one();
                     return true;
@@ -212,7 +264,7 @@ impl Outbound {
         }
         s.bytes += frame.len();
         self.gauge.add(frame.len() as i64);
-        s.queue.push_back((frame, None));
+        s.queue.push_back((OutFrame::Whole(frame), None));
         drop(s);
         self.wake_writer.notify_one();
     }
@@ -253,7 +305,7 @@ impl Outbound {
         self.gauge.add(new_bytes as i64 - s.bytes as i64);
         s.bytes = new_bytes;
         if let Some(f) = last {
-            s.queue.push_back((f, None));
+            s.queue.push_back((OutFrame::Whole(f), None));
         }
         s.close = Some(Close::new(code, reason));
         drop(s);
@@ -292,14 +344,43 @@ impl Outbound {
         self.closed.cancelled().await
     }
 
-    /// Takes every queued frame and the close request, if any; their bytes stay held (and in
+    /// Takes every queued frame into `batch` (empty; the two buffers swap, so neither is
+    /// allocated again per chunk) and the close request, if any; their bytes stay held (and in
     /// the gauge) until [`Outbound::written`].
-    fn take(&self) -> (VecDeque<Queued>, usize, Option<Close>) {
+    fn take_into(&self, batch: &mut Batch) -> (usize, Option<Close>) {
         let mut s = self.lock();
-        let q = std::mem::take(&mut s.queue);
+        std::mem::swap(&mut s.queue, &mut batch.0);
+        if batch.0.is_empty() {
+            // Idle: neither buffer keeps a burst's room.
+            s.queue.shrink_to(Batch::KEEP);
+            batch.0.shrink_to(Batch::KEEP);
+        }
         let bytes = std::mem::take(&mut s.bytes);
         s.writing += bytes;
-        (q, bytes, s.close.clone())
+        (bytes, s.close.clone())
+    }
+
+    /// [`Outbound::take_into`] a new batch.
+    #[cfg(test)]
+    fn take(&self) -> (VecDeque<Queued>, usize, Option<Close>) {
+        let mut batch = Batch::default();
+        let (bytes, close) = self.take_into(&mut batch);
+        (batch.0, bytes, close)
+    }
+
+    /// What the writer does short of the socket, for the fan-out bench: takes everything
+    /// queued into `batch` and returns each frame's wire bytes (uncompressed).
+    pub(crate) fn take_wire_into(&self, batch: &mut Batch) -> Vec<Bytes> {
+        let (bytes, _) = self.take_into(batch);
+        let wire = batch.0.drain(..).map(|(f, _)| f.into_wire()).collect();
+        self.written(bytes);
+        wire
+    }
+
+    /// [`Outbound::take_wire_into`] a new batch.
+    #[cfg(test)]
+    pub(crate) fn take_wire(&self) -> Vec<Bytes> {
+        self.take_wire_into(&mut Batch::default())
     }
 
     /// The writer has written (or given up on) `bytes` it took.
@@ -317,18 +398,21 @@ impl Outbound {
     {
         // Publish instants of the live frames in the batch being written (reused).
         let mut stamps: Vec<Instant> = Vec::new();
+        // The batch being written; it swaps with the queue's buffer at every take.
+        let mut batch = Batch::default();
         loop {
             self.wake_writer.notified().await;
             loop {
-                let (frames, bytes, close) = self.take();
-                let n = frames.len();
+                let (bytes, close) = self.take_into(&mut batch);
+                let n = batch.0.len();
                 if n == 0 && close.is_none() {
+                    stamps.shrink_to(Batch::KEEP);
                     break;
                 }
                 let mut ok = true;
                 stamps.clear();
-                for (f, published) in frames {
-                    let f = self.pack(f, &metrics);
+                for (f, published) in batch.0.drain(..) {
+                    let f = self.pack(f.into_wire(), &metrics);
                     metrics.bytes_out.inc_by(f.len() as u64);
                     if sink.feed(Message::Binary(f)).await.is_err() {
                         ok = false;
@@ -412,6 +496,33 @@ mod tests {
         AtomicBool::new(false)
     }
 
+    /// The head every live frame of subscription 0 carries in front of its tail.
+    const H: usize = 15;
+
+    /// Queues a live chunk of subscription 0 with these tails.
+    fn chunk(q: &Outbound, tails: &[&'static [u8]]) -> Pushed {
+        let tails: Vec<Bytes> = tails.iter().map(|t| b(t)).collect();
+        q.try_push_changes(0, &tails, Instant::now(), &open())
+    }
+
+    #[test]
+    fn a_live_frame_is_its_subscriptions_head_and_the_shared_tail() {
+        assert_eq!(syncgate_protocol::codec::changes_head_len(0), H);
+        let q = Outbound::new(1000, prometheus::IntGauge::new("t", "t").unwrap());
+        let tail = b(b"TAIL");
+        for sub in [0, 300] {
+            q.try_push_changes(sub, std::slice::from_ref(&tail), Instant::now(), &open());
+        }
+        let wire = q.take_wire();
+        for (frame, sub) in wire.iter().zip([0, 300]) {
+            let mut want = Vec::new();
+            syncgate_protocol::codec::write_changes_head(&mut want, sub);
+            want.extend_from_slice(b"TAIL");
+            assert_eq!(&frame[..], &want[..]);
+        }
+        assert_eq!(wire.len(), 2);
+    }
+
     #[tokio::test]
     async fn nothing_of_an_ended_subscription_is_queued_after_it_ended() {
         let q = Outbound::new(100, prometheus::IntGauge::new("t", "t").unwrap());
@@ -421,80 +532,53 @@ mod tests {
         q.push(b(b"unsubscribed"));
         assert!(!q.push_paced(b(b"late page"), &gate).await);
         assert_eq!(
-            q.try_push_all(vec![b(b"late chunk")], Instant::now(), &gate),
+            q.try_push_changes(0, &[b(b"late chunk")], Instant::now(), &gate),
             Pushed::Closed
         );
         q.push_unless(b(b"late resync"), &gate);
-        let (frames, _, _) = q.take();
-        let frames: Vec<_> = frames.into_iter().map(|(f, _)| f).collect();
+        let frames = q.take_wire();
         assert_eq!(frames, [b(b"page"), b(b"unsubscribed")]);
     }
 
     #[test]
     fn fan_out_is_bounded_replies_are_not() {
-        let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
-        assert_eq!(
-            q.try_push_all(vec![b(b"12345")], Instant::now(), &open()),
-            Pushed::Queued
-        );
-        assert_eq!(
-            q.try_push_all(vec![b(b"12345")], Instant::now(), &open()),
-            Pushed::Queued
-        );
-        assert_eq!(
-            q.try_push_all(vec![b(b"1")], Instant::now(), &open()),
-            Pushed::Full
-        );
+        let q = Outbound::new(2 * (H + 5), prometheus::IntGauge::new("t", "t").unwrap());
+        assert_eq!(chunk(&q, &[b"12345"]), Pushed::Queued);
+        assert_eq!(chunk(&q, &[b"12345"]), Pushed::Queued);
+        assert_eq!(chunk(&q, &[b"1"]), Pushed::Full);
         q.push(b(b"ack"));
-        assert_eq!(q.queued_bytes(), 13);
+        assert_eq!(q.queued_bytes(), 2 * (H + 5) + 3);
         assert!(!q.has_space());
         q.close(Some(b(b"err")), 4501, "slow");
         assert_eq!(q.queued_bytes(), 3);
         // A closed queue says so: the caller counts no second slow consumer.
-        assert_eq!(
-            q.try_push_all(vec![b(b"x")], Instant::now(), &open()),
-            Pushed::Closed
-        );
+        assert_eq!(chunk(&q, &[b"x"]), Pushed::Closed);
     }
 
     #[test]
     fn a_chunk_goes_whole_or_not_at_all() {
-        let q = Outbound::new(10, prometheus::IntGauge::new("t", "t").unwrap());
-        assert_eq!(
-            q.try_push_all(vec![b(b"1234"), b(b"1234")], Instant::now(), &open()),
-            Pushed::Queued
-        );
-        assert_eq!(
-            q.try_push_all(vec![b(b"1"), b(b"234")], Instant::now(), &open()),
-            Pushed::Full
-        );
-        assert_eq!(q.queued_bytes(), 8);
+        let q = Outbound::new(3 * H + 10, prometheus::IntGauge::new("t", "t").unwrap());
+        assert_eq!(chunk(&q, &[b"1234", b"1234"]), Pushed::Queued);
+        // One of these two frames would fit, both do not.
+        assert_eq!(chunk(&q, &[b"1", b"234"]), Pushed::Full);
+        assert_eq!(q.queued_bytes(), 2 * H + 8);
     }
 
     #[test]
     fn what_the_writer_took_counts_until_it_is_written() {
         let gauge = prometheus::IntGauge::new("t", "t").unwrap();
-        let q = Outbound::new(10, gauge.clone());
-        assert_eq!(
-            q.try_push_all(vec![b(b"12345678")], Instant::now(), &open()),
-            Pushed::Queued
-        );
+        let q = Outbound::new(2 * H + 10, gauge.clone());
+        assert_eq!(chunk(&q, &[b"12345678"]), Pushed::Queued);
         // The writer takes the batch; the socket has not taken it yet.
         let (frames, bytes, _) = q.take();
-        assert_eq!((frames.len(), bytes), (1, 8));
-        assert_eq!(q.queued_bytes(), 8);
-        assert_eq!(gauge.get(), 8);
-        assert_eq!(
-            q.try_push_all(vec![b(b"123")], Instant::now(), &open()),
-            Pushed::Full
-        );
+        assert_eq!((frames.len(), bytes), (1, H + 8));
+        assert_eq!(q.queued_bytes(), H + 8);
+        assert_eq!(gauge.get(), (H + 8) as i64);
+        assert_eq!(chunk(&q, &[b"123"]), Pushed::Full);
         assert!(!q.has_space());
         q.written(bytes);
         assert_eq!((q.queued_bytes(), gauge.get()), (0, 0));
-        assert_eq!(
-            q.try_push_all(vec![b(b"123")], Instant::now(), &open()),
-            Pushed::Queued
-        );
+        assert_eq!(chunk(&q, &[b"123"]), Pushed::Queued);
         drop(q);
         assert_eq!(gauge.get(), 0);
     }

@@ -267,27 +267,74 @@ pub fn encode_change_with_body(
 }
 
 /// Builds a `Changes` frame from pre-encoded changes (see [`encode_change`]). The output is
-/// byte-identical to [`encode`] of the equivalent [`Frame::Changes`].
+/// byte-identical to [`encode`] of the equivalent [`Frame::Changes`], and to
+/// [`write_changes_head`] followed by [`encode_changes_tail`].
 pub fn encode_changes_frame<'a>(
     sub: u32,
     encoded_changes: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
     cursor: &Cursor,
 ) -> Vec<u8> {
-    // Sized once: the envelope, the keys and the cursor take under 64 bytes besides the epoch.
+    let mut out = Vec::with_capacity(changes_head_len(sub) + tail_len(&encoded_changes, cursor));
+    write_changes_head(&mut out, sub);
+    write_changes_tail(&mut out, encoded_changes, cursor);
+    out
+}
+
+/// The start of a `Changes` frame, up to and including its `sub`: the only part that differs
+/// between subscribers who are sent the same changes. [`changes_head_len`] bytes.
+pub fn write_changes_head(out: &mut Vec<u8>, sub: u32) {
+    write_envelope(out, "changes");
+    let _ = rmp::encode::write_map_len(out, 3);
+    let _ = rmp::encode::write_str(out, "sub");
+    let _ = rmp::encode::write_uint(out, u64::from(sub));
+}
+
+/// How many bytes [`write_changes_head`] writes for `sub`.
+pub fn changes_head_len(sub: u32) -> usize {
+    // [ (1) "changes" (1 + 7) { (1) "sub" (1 + 3) uint
+    let uint = match sub {
+        0..=127 => 1,
+        128..=255 => 2,
+        256..=65_535 => 3,
+        _ => 5,
+    };
+    14 + uint
+}
+
+/// The rest of a `Changes` frame after its `sub`: the changes and the cursor. Encoded once per
+/// chunk and filter, it is shared by every subscriber who is sent those changes; each one's
+/// frame is its own [`write_changes_head`] followed by these bytes.
+pub fn encode_changes_tail<'a>(
+    encoded_changes: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+    cursor: &Cursor,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(tail_len(&encoded_changes, cursor));
+    write_changes_tail(&mut out, encoded_changes, cursor);
+    out
+}
+
+/// An upper bound of the tail's size: the changes, the keys and the cursor (under 50 bytes
+/// besides the epoch).
+fn tail_len<'a>(
+    encoded_changes: &(impl ExactSizeIterator<Item = &'a [u8]> + Clone),
+    cursor: &Cursor,
+) -> usize {
     let changes: usize = encoded_changes.clone().map(<[u8]>::len).sum();
-    let mut out = Vec::with_capacity(64 + cursor.epoch.len() + changes);
-    write_envelope(&mut out, "changes");
-    let _ = rmp::encode::write_map_len(&mut out, 3);
-    let _ = rmp::encode::write_str(&mut out, "sub");
-    let _ = rmp::encode::write_uint(&mut out, u64::from(sub));
-    let _ = rmp::encode::write_str(&mut out, "changes");
-    let _ = rmp::encode::write_array_len(&mut out, encoded_changes.len() as u32);
+    50 + cursor.epoch.len() + changes
+}
+
+fn write_changes_tail<'a>(
+    out: &mut Vec<u8>,
+    encoded_changes: impl ExactSizeIterator<Item = &'a [u8]>,
+    cursor: &Cursor,
+) {
+    let _ = rmp::encode::write_str(out, "changes");
+    let _ = rmp::encode::write_array_len(out, encoded_changes.len() as u32);
     for c in encoded_changes {
         out.extend_from_slice(c);
     }
-    let _ = rmp::encode::write_str(&mut out, "cursor");
-    write_struct(&mut out, cursor);
-    out
+    let _ = rmp::encode::write_str(out, "cursor");
+    write_struct(out, cursor);
 }
 
 /// Encodes any protocol value (a body, a mutation) on its own, as stored by the gateway and the
@@ -501,5 +548,42 @@ mod tests {
         });
         assert_eq!(built, encode(&frame));
         assert_eq!(decode(&built).unwrap(), frame);
+    }
+
+    /// A frame is its subscriber's head followed by the shared tail, for every width of `sub`,
+    /// and the head's length is what `changes_head_len` says (the outbound cap counts on it).
+    #[test]
+    fn a_changes_frame_is_its_head_followed_by_the_shared_tail() {
+        let change = Change {
+            seq: 9,
+            collection: "c".into(),
+            id: "d".into(),
+            op: ChangeOp::Delete,
+            body: None,
+        };
+        let encoded = encode_change(&change);
+        let cursor = Cursor {
+            epoch: "e".into(),
+            seq: 9,
+        };
+        let tail = encode_changes_tail(std::iter::once(&encoded[..]), &cursor);
+        for sub in [0, 1, 127, 128, 255, 256, 65_535, 65_536, u32::MAX] {
+            let mut frame = Vec::new();
+            write_changes_head(&mut frame, sub);
+            assert_eq!(frame.len(), changes_head_len(sub), "sub {sub}");
+            frame.extend_from_slice(&tail);
+            assert_eq!(
+                frame,
+                encode_changes_frame(sub, std::iter::once(&encoded[..]), &cursor)
+            );
+            assert_eq!(
+                frame,
+                encode(&Frame::Changes(Changes {
+                    sub,
+                    changes: vec![change.clone()],
+                    cursor: cursor.clone(),
+                }))
+            );
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! live fan-out (the hub) and by catch-up (subscription tasks) alike.
 
 use bytes::Bytes;
-use syncgate_protocol::codec::encode_changes_frame;
+use syncgate_protocol::codec::{encode_changes_frame, encode_changes_tail};
 use syncgate_protocol::{Body, Cursor, Filter};
 
 use crate::auth::scope::Scope;
@@ -13,16 +13,35 @@ use crate::changes::LogEntry;
 /// What one subscription may see of its collection: the documents that match the client's
 /// filter *and* lie in the user's row scope (when the collection has one). The scope is the
 /// server's; the client cannot widen it.
-#[derive(Debug, Clone)]
+///
+/// Views compare equal when their filter and scope are the same terms: the hub groups the
+/// subscribers of a collection by view and judges and encodes each chunk once per group.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct View {
     filter: Filter,
     scope: Option<Scope>,
+    /// A hash of the terms (equal views have equal keys; the registry's index).
+    key: u64,
 }
 
 impl View {
     /// The client's `filter` within the user's `scope`.
     pub(crate) fn new(filter: Filter, scope: Option<Scope>) -> View {
-        View { filter, scope }
+        use std::hash::{Hash, Hasher};
+        // The terms hold msgpack values, which are not `Hash` (floats): their debug form is,
+        // and it is the same for equal terms.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{filter:?}{scope:?}").hash(&mut h);
+        View {
+            filter,
+            scope,
+            key: h.finish(),
+        }
+    }
+
+    /// The registry's index of this view: equal views have equal keys.
+    pub(crate) fn key(&self) -> u64 {
+        self.key
     }
 
     /// Whether every document is visible (no filter, no scope): then no change needs its
@@ -45,21 +64,19 @@ pub(crate) fn frame_budget(max_frame_bytes: usize, outbound_cap: usize) -> usize
     (max_frame_bytes.min(outbound_cap) / 4).max(1024)
 }
 
-/// Builds the `Changes` frames that carry `parts` (`(seq, encoded change)`, in seq order) with
-/// at most `budget` bytes of changes each. Every frame but the last carries the seq of its last
-/// change as its cursor; the last carries `upto` (the position the whole range covers).
-pub(crate) fn changes_frames(
-    sub: u32,
-    parts: &[(u64, &[u8])],
-    epoch: &str,
+/// Cuts `parts` (`(seq, encoded change)`, in seq order) into runs of at most `budget` bytes of
+/// changes each (a single larger change goes alone), each with the seq its frame's cursor
+/// carries: a run's last seq, or `upto` (the position the whole range covers) for the last run.
+fn cut<'p, 'a>(
+    parts: &'p [(u64, &'a [u8])],
     upto: u64,
     budget: usize,
-) -> Vec<Bytes> {
-    let mut frames = Vec::new();
+) -> impl Iterator<Item = (&'p [(u64, &'a [u8])], u64)> {
     let mut rest = parts;
-    while !rest.is_empty() {
-        // The first change always goes (a single larger change goes alone), then as many as
-        // fit the budget.
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
         let mut bytes = 0;
         let mut n = 0;
         for p in rest {
@@ -69,24 +86,69 @@ pub(crate) fn changes_frames(
             bytes += p.1.len();
             n += 1;
         }
-        let (chunk, tail) = rest.split_at(n);
+        let (run, tail) = rest.split_at(n);
         let seq = if tail.is_empty() {
             upto
         } else {
-            chunk.last().map_or(upto, |p| p.0)
+            run.last().map_or(upto, |p| p.0)
         };
-        let cursor = Cursor {
-            epoch: epoch.to_owned(),
-            seq,
-        };
-        frames.push(Bytes::from(encode_changes_frame(
-            sub,
-            chunk.iter().map(|p| p.1),
-            &cursor,
-        )));
         rest = tail;
-    }
-    frames
+        Some((run, seq))
+    })
+}
+
+/// Builds the `Changes` frames of subscription `sub` that carry `parts` (`(seq, encoded
+/// change)`, in seq order) with at most `budget` bytes of changes each. Every frame but the
+/// last carries the seq of its last change as its cursor; the last carries `upto`.
+pub(crate) fn changes_frames(
+    sub: u32,
+    parts: &[(u64, &[u8])],
+    epoch: &str,
+    upto: u64,
+    budget: usize,
+) -> Vec<Bytes> {
+    encode_runs(parts, epoch, upto, budget, |changes, cursor| {
+        encode_changes_frame(sub, changes, cursor)
+    })
+}
+
+/// The same frames as [`changes_frames`] without their heads: the tails every subscriber who
+/// is sent `parts` shares (PROTOCOL.md's frame with its `sub` cut off; see
+/// [`syncgate_protocol::codec::encode_changes_tail`]). Live fan-out encodes these once per
+/// chunk and view; each connection's writer puts its own `sub` in front.
+pub(crate) fn changes_tails(
+    parts: &[(u64, &[u8])],
+    epoch: &str,
+    upto: u64,
+    budget: usize,
+) -> Vec<Bytes> {
+    encode_runs(parts, epoch, upto, budget, |changes, cursor| {
+        encode_changes_tail(changes, cursor)
+    })
+}
+
+/// The encoded changes of a run.
+type Encoded<'a> =
+    std::iter::Map<std::slice::Iter<'a, (u64, &'a [u8])>, fn(&(u64, &'a [u8])) -> &'a [u8]>;
+
+/// Each run [`cut`] gives, encoded by `encode` with its cursor.
+fn encode_runs<'a>(
+    parts: &'a [(u64, &'a [u8])],
+    epoch: &str,
+    upto: u64,
+    budget: usize,
+    encode: impl Fn(Encoded<'a>, &Cursor) -> Vec<u8>,
+) -> Vec<Bytes> {
+    cut(parts, upto, budget)
+        .map(|(run, seq)| {
+            let cursor = Cursor {
+                epoch: epoch.to_owned(),
+                seq,
+            };
+            let changes: Encoded<'a> = run.iter().map(|p| p.1);
+            Bytes::from(encode(changes, &cursor))
+        })
+        .collect()
 }
 
 /// What a subscriber with `view` receives for `e`: the change itself if the document is
@@ -139,5 +201,26 @@ mod tests {
         assert_eq!(got, vec![(vec![3, 5], 5), (vec![9], 12)]);
         assert_eq!(changes_frames(7, &parts, "e", 12, 1 << 20).len(), 1);
         assert!(changes_frames(7, &[], "e", 12, 90).is_empty());
+        // The tails are the same frames without their heads.
+        let tails = changes_tails(&parts, "e", 12, budget);
+        assert_eq!(tails.len(), frames.len());
+        for (frame, tail) in frames.iter().zip(&tails) {
+            let mut whole = Vec::new();
+            syncgate_protocol::codec::write_changes_head(&mut whole, 7);
+            whole.extend_from_slice(tail);
+            assert_eq!(&whole[..], &frame[..]);
+        }
+    }
+
+    #[test]
+    fn equal_views_have_equal_keys() {
+        let f = |line: u64| Filter::new(&[("line".to_owned(), Value::from(line))].into()).unwrap();
+        assert_eq!(View::new(f(1), None), View::new(f(1), None));
+        assert_eq!(View::new(f(1), None).key(), View::new(f(1), None).key());
+        assert_ne!(View::new(f(1), None), View::new(f(2), None));
+        assert_ne!(View::new(f(1), None).key(), View::new(f(2), None).key());
+        let everything = View::new(Filter::default(), None);
+        assert!(everything.is_everything());
+        assert_ne!(everything, View::new(f(1), None));
     }
 }

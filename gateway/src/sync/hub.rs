@@ -2,7 +2,6 @@
 //! to live subscribers in strict seq order.
 //!
 //! # State and ownership
-//! - `subs`: collection → subscriber entries. Connections add and remove their own entries.
 //! - `published`: the last seq handed to live subscribers, under a mutex that is held while a
 //!   chunk is published and while a subscription goes live. That mutex is the handover point
 //!   between catch-up (reading the log) and live delivery: a subscription goes live only when
@@ -11,9 +10,15 @@
 //! - Only the follower task (`run_follower`) publishes. It gets committed groups straight from
 //!   this node's ingest (no database read) and fills any gap — changes committed by other
 //!   nodes — from the log, woken by PostgreSQL NOTIFY or a periodic poll.
+//! - `subs`: per collection, the subscribers grouped by [`View`] (filter and row scope). A
+//!   published chunk is judged against each view once, and the tail of its `Changes` frames
+//!   (changes and cursor, [`changes_tails`]) is encoded once per view; every member is queued
+//!   a reference to those shared bytes, and its connection's writer puts the member's own
+//!   head (`sub`) in front, off the publish lock. Under the lock are only the order, one
+//!   judgement and encoding per view, and a push of shared bytes per subscriber.
+//!   Connections add and remove their own entries.
 //!
-//! A change is encoded once ([`LogEntry::encoded`]); each subscriber's `Changes` frame splices
-//! those bytes behind its own `sub` and cursor.
+//! A change is encoded once ([`LogEntry::encoded`]) and spliced into each view's tails.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,7 +37,7 @@ use crate::error::{ErrorReply, GatewayError};
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Pushed};
 use crate::storage::{Page, Store};
-use crate::sync::frames::{View, changes_frames, deliverable};
+use crate::sync::frames::{View, changes_tails, deliverable};
 
 /// One subscription of one connection.
 pub(crate) struct SubEntry {
@@ -127,10 +132,36 @@ pub(crate) enum HubEvent {
     Wake,
 }
 
+/// The subscribers of one collection that share a view: a chunk is judged against the view
+/// and its frames' tails are encoded once for all of them.
+struct Group {
+    view: View,
+    members: Vec<Arc<SubEntry>>,
+}
+
+/// The subscribers of one collection, in groups by view, indexed by [`View::key`] (views with
+/// equal keys but different terms — a hash collision, or a float filter value that is not
+/// equal to itself — are separate groups under one key).
+#[derive(Default)]
+struct CollectionSubs {
+    groups: std::collections::HashMap<u64, Vec<Group>>,
+}
+
+impl CollectionSubs {
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Every group.
+    fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.values().flatten()
+    }
+}
+
 /// The subscriber registry and publisher state.
 pub(crate) struct Hub {
-    /// Subscribers by collection.
-    subs: DashMap<String, Vec<Arc<SubEntry>>>,
+    /// Subscribers by collection, grouped by view.
+    subs: DashMap<String, CollectionSubs>,
     /// The last published seq; locked while publishing and while going live.
     published: Mutex<u64>,
     /// Broadcasts `published` to catch-up tasks waiting for the hub to reach them.
@@ -298,31 +329,59 @@ impl Hub {
         &self.epoch
     }
 
-    /// Adds a (not yet live) subscription.
+    /// Adds a (not yet live) subscription, to the group of its view.
     pub(crate) fn register(&self, entry: Arc<SubEntry>) {
         self.metrics.subscriptions.inc();
-        let mut list = self.subs.entry(entry.collection.clone()).or_default();
-        entry.slot.store(list.len(), Ordering::Relaxed);
-        list.push(entry);
+        let mut subs = self.subs.entry(entry.collection.clone()).or_default();
+        let same_key = subs.groups.entry(entry.view.key()).or_default();
+        let i = match same_key.iter().position(|g| g.view == entry.view) {
+            Some(i) => i,
+            None => {
+                same_key.push(Group {
+                    view: entry.view.clone(),
+                    members: Vec::new(),
+                });
+                same_key.len() - 1
+            }
+        };
+        if let Some(group) = same_key.get_mut(i) {
+            entry.slot.store(group.members.len(), Ordering::Relaxed);
+            group.members.push(entry);
+        }
     }
 
-    /// Removes a subscription.
+    /// Removes a subscription (its group goes with its last member).
     pub(crate) fn unregister(&self, entry: &Arc<SubEntry>) {
         let mut now_empty = false;
-        if let Some(mut list) = self.subs.get_mut(&entry.collection) {
-            // The slot changes only under this lock: it is where the entry is, if registered.
+        if let Some(mut subs) = self.subs.get_mut(&entry.collection) {
+            // The slot changes only under this lock: it is where the entry is in its group, if
+            // registered. The group is the one under the view's key that holds it there.
             let i = entry.slot.swap(usize::MAX, Ordering::Relaxed);
-            if list.get(i).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-                list.swap_remove(i);
-                if let Some(moved) = list.get(i) {
-                    moved.slot.store(i, Ordering::Relaxed);
+            let key = entry.view.key();
+            if let Some(same_key) = subs.groups.get_mut(&key) {
+                let held = same_key
+                    .iter()
+                    .position(|g| g.members.get(i).is_some_and(|e| Arc::ptr_eq(e, entry)));
+                if let Some(g) = held {
+                    if let Some(group) = same_key.get_mut(g) {
+                        group.members.swap_remove(i);
+                        if let Some(moved) = group.members.get(i) {
+                            moved.slot.store(i, Ordering::Relaxed);
+                        }
+                        if group.members.is_empty() {
+                            same_key.swap_remove(g);
+                        }
+                    }
+                    self.metrics.subscriptions.dec();
                 }
-                self.metrics.subscriptions.dec();
+                if same_key.is_empty() {
+                    subs.groups.remove(&key);
+                }
             }
-            now_empty = list.is_empty();
+            now_empty = subs.is_empty();
         }
         if now_empty {
-            self.subs.remove_if(&entry.collection, |_, l| l.is_empty());
+            self.subs.remove_if(&entry.collection, |_, s| s.is_empty());
         }
     }
 
@@ -356,7 +415,7 @@ impl Hub {
 
     /// Publishes the chunk `from+1..=to` (entries in seq order) to live subscribers.
     /// Returns false if `from` is not the published head (the caller must fill the gap).
-    fn publish(&self, from: u64, to: u64, entries: &[Arc<LogEntry>]) -> bool {
+    pub(crate) fn publish(&self, from: u64, to: u64, entries: &[Arc<LogEntry>]) -> bool {
         let mut published = self.lock();
         if *published != from {
             return false;
@@ -371,30 +430,39 @@ impl Hub {
         let mut delivered = 0u64;
         let now = std::time::Instant::now();
         for (collection, changes) in by_collection {
-            let Some(list) = self.subs.get(collection) else {
+            let Some(subs) = self.subs.get(collection) else {
                 continue;
             };
-            for entry in list.iter() {
-                if !entry.live.load(Ordering::Acquire) {
-                    continue;
-                }
+            for group in subs.groups() {
+                // Judged and encoded once per view; each member's writer adds its own head.
                 let parts: Vec<(u64, &[u8])> = changes
                     .iter()
-                    .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.view)?)))
+                    .filter_map(|e| Some((e.change.seq, deliverable(e, &group.view)?)))
                     .collect();
                 if parts.is_empty() {
                     continue;
                 }
                 let n = parts.len() as u64;
-                let frames = changes_frames(entry.sub, &parts, &self.epoch, to, self.frame_budget);
-                match entry.out.try_push_all(frames, now, &entry.ended) {
-                    Pushed::Queued => {
-                        entry.queued_up_to(to);
-                        delivered += n;
+                let mut tails: Option<Vec<Bytes>> = None;
+                for entry in &group.members {
+                    if !entry.live.load(Ordering::Acquire) {
+                        continue;
                     }
-                    Pushed::Full => self.degrade(entry),
-                    // Ending already (told once): its entry goes when the connection does.
-                    Pushed::Closed => {}
+                    let tails = tails.get_or_insert_with(|| {
+                        changes_tails(&parts, &self.epoch, to, self.frame_budget)
+                    });
+                    match entry
+                        .out
+                        .try_push_changes(entry.sub, tails, now, &entry.ended)
+                    {
+                        Pushed::Queued => {
+                            entry.queued_up_to(to);
+                            delivered += n;
+                        }
+                        Pushed::Full => self.degrade(entry),
+                        // Ending already (told once): its entry goes when the connection does.
+                        Pushed::Closed => {}
+                    }
                 }
             }
         }
@@ -540,7 +608,11 @@ mod tests {
             let mut v: Vec<u32> = hub
                 .subs
                 .get("c")
-                .map(|l| l.iter().map(|e| e.sub).collect())
+                .map(|l| {
+                    l.groups()
+                        .flat_map(|g| g.members.iter().map(|e| e.sub))
+                        .collect()
+                })
                 .unwrap_or_default();
             v.sort();
             v
@@ -560,6 +632,87 @@ mod tests {
         hub.unregister(&entries[4]);
         assert!(hub.subs.get("c").is_none());
         assert_eq!(metrics.subscriptions.get(), 0);
+    }
+
+    /// Live fan-out by group sends every subscriber exactly the frames the per-subscriber path
+    /// (catch-up's `changes_frames` over what its own view lets through) would, whatever the
+    /// mix of views: everything, two filters, a filter on NaN (not equal to itself, so each
+    /// such subscriber is a group of its own under one key), a subscriber not live yet and one
+    /// that left.
+    #[test]
+    fn grouped_fan_out_equals_the_per_subscriber_frames() {
+        use syncgate_protocol::{Filter, Value};
+        let metrics = Metrics::new();
+        let budget = 300;
+        let hub = Hub::new(0, "e".into(), metrics.clone(), budget, 0);
+        let filter = |v: Option<Value>| {
+            let body: Body = v.map(|v| ("line".to_owned(), v)).into_iter().collect();
+            View::new(Filter::new(&body).unwrap(), None)
+        };
+        let views = [
+            filter(None),
+            filter(Some(Value::from(1))),
+            filter(Some(Value::from(2))),
+            filter(Some(Value::from(f64::NAN))),
+        ];
+        let mut subs = Vec::new();
+        for i in 0..24u32 {
+            let view = views[i as usize % views.len()].clone();
+            let out = Arc::new(Outbound::new(1 << 20, metrics.outbound_bytes.clone()));
+            let entry = Arc::new(SubEntry::new(out.clone(), 100 + i, "c".into(), view));
+            hub.register(entry.clone());
+            if i != 5 {
+                assert!(hub.try_go_live(&entry, 0, false));
+            }
+            subs.push((entry, out));
+        }
+        hub.unregister(&subs[6].0);
+        // Documents move between lines 1 and 2, with bodies large enough for several frames.
+        let entries: Vec<Arc<LogEntry>> = (1..=12u64)
+            .map(|seq| {
+                let body = |line: u64| -> Body {
+                    [
+                        ("line".to_owned(), Value::from(line)),
+                        ("pad".to_owned(), Value::from("x".repeat(60))),
+                    ]
+                    .into()
+                };
+                Arc::new(LogEntry::new(
+                    Change {
+                        seq,
+                        collection: if seq == 7 { "other" } else { "c" }.into(),
+                        id: format!("d{}", seq % 4),
+                        op: ChangeOp::Upsert,
+                        body: Some(body(seq % 3)),
+                    },
+                    Some(body((seq + 1) % 3)),
+                ))
+            })
+            .collect();
+        assert!(hub.publish(0, 12, &entries));
+        let mut delivered = 0;
+        for (i, (entry, out)) in subs.iter().enumerate() {
+            let got = out.take_wire();
+            let parts: Vec<(u64, &[u8])> = entries
+                .iter()
+                .filter(|e| e.change.collection == "c")
+                .filter_map(|e| Some((e.change.seq, deliverable(e, &entry.view)?)))
+                .collect();
+            let want = match i {
+                5 | 6 => Vec::new(),
+                _ => crate::sync::frames::changes_frames(entry.sub, &parts, "e", 12, budget),
+            };
+            assert_eq!(got, want, "subscriber {i}");
+            if !want.is_empty() {
+                delivered += parts.len() as u64;
+            }
+        }
+        assert!(delivered > 0);
+        assert_eq!(metrics.deliveries.get(), delivered);
+        // The NaN subscribers are groups of their own; the others share three groups.
+        let c = hub.subs.get("c").unwrap();
+        assert_eq!(c.groups().count(), 3 + 6);
+        assert_eq!(c.groups().map(|g| g.members.len()).sum::<usize>(), 23);
     }
 
     #[test]

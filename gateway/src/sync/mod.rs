@@ -2,5 +2,7 @@
 //! the in-memory catch-up tail ([`hub`]), and what each subscriber is sent — deliverability
 //! under a filter and frames cut to a byte budget ([`frames`], pure).
 
+#[doc(hidden)]
+pub mod bench;
 pub(crate) mod frames;
 pub(crate) mod hub;
