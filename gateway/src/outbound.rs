@@ -52,6 +52,29 @@ impl Close {
     }
 }
 
+/// The metrics a writer records: handles to five of them, not a clone of the whole
+/// [`Metrics`] (every idle connection's writer carries these for its life).
+pub(crate) struct WriterMetrics {
+    frames_out: prometheus::IntCounter,
+    bytes_out: prometheus::IntCounter,
+    frames_compressed: prometheus::IntCounter,
+    compression_saved_bytes: prometheus::IntCounter,
+    delivery_lag: prometheus::Histogram,
+}
+
+impl WriterMetrics {
+    /// The writer's handles of `m`.
+    pub(crate) fn of(m: &Metrics) -> WriterMetrics {
+        WriterMetrics {
+            frames_out: m.frames_out.clone(),
+            bytes_out: m.bytes_out.clone(),
+            frames_compressed: m.frames_compressed.clone(),
+            compression_saved_bytes: m.compression_saved_bytes.clone(),
+            delivery_lag: m.delivery_lag.clone(),
+        }
+    }
+}
+
 /// A frame as queued.
 #[derive(Debug, Clone)]
 pub(crate) enum OutFrame {
@@ -392,7 +415,7 @@ impl Outbound {
 
     /// The writer task: drains everything queued, writes it, flushes once, repeats; ends
     /// after sending the close frame or when the socket fails.
-    pub(crate) async fn run_writer<S>(&self, mut sink: S, metrics: Metrics)
+    pub(crate) async fn run_writer<S>(&self, mut sink: S, metrics: WriterMetrics)
     where
         S: Sink<Message> + Unpin,
     {
@@ -454,7 +477,7 @@ impl Outbound {
 impl Outbound {
     /// `frame` as it goes on the wire: compressed if the session negotiated it, the frame is
     /// large enough and compressing makes it smaller.
-    fn pack(&self, frame: Bytes, metrics: &Metrics) -> Bytes {
+    fn pack(&self, frame: Bytes, metrics: &WriterMetrics) -> Bytes {
         let Some(p) = self.packer.get() else {
             return frame;
         };

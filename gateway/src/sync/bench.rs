@@ -1,6 +1,6 @@
 //! A fan-out fixture for the criterion benches (`gateway/benches/fanout.rs`); not an API.
 //!
-//! It drives the real [`Hub`] and [`Outbound`] queues without sockets: `publish` hands one
+//! It drives the real `Hub` and `Outbound` queues without sockets: `publish` hands one
 //! committed chunk to every live subscriber (what the log follower does, under the publish
 //! lock), `drain` does what each connection's writer does with what it took off its queue up
 //! to the socket (a frame's wire bytes), so a bench of both is the node's CPU per delivery

@@ -57,6 +57,10 @@ pub(crate) struct SubEntry {
     /// Set when the client unsubscribed or the connection ended: a catch-up still running
     /// for it stops.
     ended: AtomicBool,
+    /// Wakes the subscription's start task when it ended ([`SubEntry::stopped`]). A signal,
+    /// not an `AbortHandle`: a handle kept after the task finished keeps the task's whole
+    /// allocation (its future's size, ~4.5 KB) alive for the subscription's life.
+    stop: tokio::sync::Notify,
     /// Its index in the registry's list for its collection (`usize::MAX`: not registered),
     /// changed only under that list's lock, so that unregistering is a `swap_remove`, not a
     /// scan (a scan per subscriber made a collection's subscribers all leaving quadratic).
@@ -74,6 +78,7 @@ impl SubEntry {
             live: AtomicBool::new(false),
             position: AtomicU64::new(0),
             ended: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
             slot: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
@@ -82,6 +87,19 @@ impl SubEntry {
     /// every frame of it is queued that ever will be ([`Outbound::end_sub`]).
     pub(crate) fn end(&self) {
         self.out.end_sub(&self.ended);
+        self.stop.notify_waiters();
+    }
+
+    /// Resolves once the subscription ended ([`SubEntry::end`]).
+    pub(crate) async fn stopped(&self) {
+        let notified = self.stop.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: an `end` after the read wakes this waiter.
+        notified.as_mut().enable();
+        if self.is_ended() {
+            return;
+        }
+        notified.await;
     }
 
     /// Queues a catch-up frame of this subscription, paced ([`Outbound::push_paced`]);
@@ -713,6 +731,32 @@ mod tests {
         let c = hub.subs.get("c").unwrap();
         assert_eq!(c.groups().count(), 3 + 6);
         assert_eq!(c.groups().map(|g| g.members.len()).sum::<usize>(), 23);
+    }
+
+    /// The start task of a subscription stops when it ends, whether it ended before the task
+    /// waited or while it waits.
+    #[tokio::test]
+    async fn stopped_resolves_once_the_subscription_ended() {
+        let metrics = Metrics::new();
+        let view = || View::new(syncgate_protocol::Filter::new(&Body::new()).unwrap(), None);
+        let out = Arc::new(Outbound::new(1024, metrics.outbound_bytes.clone()));
+        let early = SubEntry::new(out.clone(), 1, "c".into(), view());
+        early.end();
+        early.stopped().await;
+        let late = Arc::new(SubEntry::new(out, 2, "c".into(), view()));
+        let waiting = tokio::spawn({
+            let late = late.clone();
+            async move { late.stopped().await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        late.end();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("stopped within the deadline")
+            .unwrap();
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! Tasks per connection: this reader, the writer ([`Outbound::run_writer`]) and, while a
 //! subscription is catching up, one short-lived task per subscription
-//! ([`crate::ws::subscription::start`]). On disconnect the reader unregisters every subscription
-//! and aborts catch-up tasks; pushes already handed to ingest still commit (the client learns
+//! ([`crate::ws::subscription::start`], stopped by [`SubEntry::end`]: nothing of it is kept once
+//! it finished). On disconnect the reader ends and unregisters every subscription, which stops
+//! their catch-up tasks; pushes already handed to ingest still commit (the client learns
 //! their outcome from `Welcome.last_applied_mutation` and replays).
 
 use std::collections::HashMap;
@@ -24,7 +25,6 @@ use syncgate_protocol::{
 };
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
@@ -161,11 +161,9 @@ impl Drop for UserSlot {
     }
 }
 
-/// A subscription of this connection.
+/// A subscription of this connection (its start task stops when the entry ends).
 struct ActiveSub {
     entry: Arc<SubEntry>,
-    /// The catch-up task, while it runs.
-    task: AbortHandle,
 }
 
 /// Serves one accepted TCP connection to the end.
@@ -228,7 +226,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     ));
     let writer = {
         let out = out.clone();
-        let metrics = shared.metrics.clone();
+        let metrics = crate::outbound::WriterMetrics::of(&shared.metrics);
         tokio::spawn(async move { out.run_writer(sink, metrics).await })
     };
     let mut conn = Connection {
@@ -558,7 +556,6 @@ impl Connection {
             t.abort();
         }
         for (_, s) in self.subs.drain() {
-            s.task.abort();
             s.entry.end();
             self.shared.hub.unregister(&s.entry);
         }
@@ -609,7 +606,9 @@ impl Connection {
         };
         if self.session.is_none() {
             match frame {
-                Frame::Hello(h) => self.hello(h).await,
+                // Boxed: its state (token checks, the client-id claim) lives on the heap
+                // while it runs, not in every connection's future for the connection's life.
+                Frame::Hello(h) => Box::pin(self.hello(h)).await,
                 _ => self.reply(GatewayError::HelloFirst),
             }
             return None;
@@ -623,7 +622,6 @@ impl Connection {
                     // before `unsubscribed`, and its catch-up task (stopping at its next await)
                     // can add none after it.
                     s.entry.end();
-                    s.task.abort();
                     self.shared.hub.unregister(&s.entry);
                     self.send(Frame::Unsubscribed(Unsubscribed { sub: u.sub }));
                     if let Some(info) = &self.info {
@@ -850,20 +848,29 @@ impl Connection {
         let view = View::new(filter, scope);
         let entry = Arc::new(SubEntry::new(self.out.clone(), s.sub, s.collection, view));
         self.shared.hub.register(entry.clone());
-        let task = tokio::spawn(crate::ws::subscription::start(
+        // Stops at its next await once the subscription ends (unsubscribe, connection gone);
+        // nothing is kept of it once it finished.
+        let start = crate::ws::subscription::start(
             self.shared.clone(),
             entry.clone(),
             s.cursor,
             not_before,
-        ))
-        .abort_handle();
+        );
+        let stop = entry.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = stop.stopped() => {}
+                _ = start => {}
+            }
+        });
         if let Some(info) = &self.info {
             info.subs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(s.sub, entry.clone());
         }
-        self.subs.insert(s.sub, ActiveSub { entry, task });
+        self.subs.insert(s.sub, ActiveSub { entry });
     }
 
     /// Replaces the session's token with a newer one of the same user and rights: the

@@ -35,7 +35,7 @@ fn page_bytes(shared: &Shared) -> usize {
 }
 
 /// Runs until the subscription is live (or the connection goes away, or the client
-/// unsubscribes, and this task is aborted). Reads nothing before `not_before` (the connection's
+/// unsubscribes: the task that runs it stops on [`SubEntry::stopped`]). Reads nothing before `not_before` (the connection's
 /// `max_subscribes_per_second`).
 pub(crate) async fn start(
     shared: Arc<Shared>,
