@@ -92,6 +92,16 @@ pub(crate) enum OutFrame {
 }
 
 impl OutFrame {
+    /// Its size on the wire (uncompressed): what the cap counts.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            OutFrame::Whole(b) => b.len(),
+            OutFrame::Changes { sub, tail } => {
+                syncgate_protocol::codec::changes_head_len(*sub) + tail.len()
+            }
+        }
+    }
+
     /// The frame's bytes as they go on the wire (before compression).
     pub(crate) fn into_wire(self) -> Bytes {
         match self {
@@ -246,10 +256,12 @@ impl Outbound {
         Pushed::Queued
     }
 
-    /// Appends a catch-up frame once it fits in half the cap (or the connection holds
+    /// Appends a catch-up frame (whole, or a shared tail behind its subscription's head)
+    /// once it fits in half the cap (or the connection holds
     /// nothing, so a frame larger than that still goes), checked and pushed under one lock.
     /// Returns false if the connection closed or the subscription (`gate`) ended first.
-    pub(crate) async fn push_paced(&self, frame: Bytes, gate: &AtomicBool) -> bool {
+    pub(crate) async fn push_paced(&self, frame: OutFrame, gate: &AtomicBool) -> bool {
+        let len = frame.len();
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
@@ -259,10 +271,10 @@ impl Outbound {
                 if s.close.is_some() || gate.load(Ordering::Acquire) {
                     return false;
                 }
-                if s.held() == 0 || s.held() + frame.len() <= self.cap / 2 {
-                    s.bytes += frame.len();
-                    self.gauge.add(frame.len() as i64);
-                    s.queue.push_back((OutFrame::Whole(frame), None));
+                if s.held() == 0 || s.held() + len <= self.cap / 2 {
+                    s.bytes += len;
+                    self.gauge.add(len as i64);
+                    s.queue.push_back((frame, None));
                     drop(s);
                     self.wake_writer.notify_one();
                     return true;
@@ -550,10 +562,10 @@ mod tests {
     async fn nothing_of_an_ended_subscription_is_queued_after_it_ended() {
         let q = Outbound::new(100, prometheus::IntGauge::new("t", "t").unwrap());
         let gate = AtomicBool::new(false);
-        assert!(q.push_paced(b(b"page"), &gate).await);
+        assert!(q.push_paced(OutFrame::Whole(b(b"page")), &gate).await);
         q.end_sub(&gate);
         q.push(b(b"unsubscribed"));
-        assert!(!q.push_paced(b(b"late page"), &gate).await);
+        assert!(!q.push_paced(OutFrame::Whole(b(b"late page")), &gate).await);
         assert_eq!(
             q.try_push_changes(0, &[b(b"late chunk")], Instant::now(), &gate),
             Pushed::Closed
@@ -613,12 +625,14 @@ mod tests {
             prometheus::IntGauge::new("t", "t").unwrap(),
         ));
         // Nothing held: even a frame over half the cap goes.
-        assert!(q.push_paced(b(b"123456"), &open()).await);
+        assert!(q.push_paced(OutFrame::Whole(b(b"123456")), &open()).await);
         // Two more subscriptions starting now wait instead of pushing past the cap.
         let waiting: Vec<_> = (0..2)
             .map(|_| {
                 let q = q.clone();
-                tokio::spawn(async move { q.push_paced(b(b"1234"), &open()).await })
+                tokio::spawn(
+                    async move { q.push_paced(OutFrame::Whole(b(b"1234")), &open()).await },
+                )
             })
             .collect();
         for _ in 0..10 {
@@ -648,7 +662,7 @@ mod tests {
         // A closed queue releases the waiters with false.
         let late = {
             let q = q.clone();
-            tokio::spawn(async move { q.push_paced(b(b"12345"), &open()).await })
+            tokio::spawn(async move { q.push_paced(OutFrame::Whole(b(b"12345")), &open()).await })
         };
         q.close(None, 1000, "bye");
         assert!(!late.await.unwrap());

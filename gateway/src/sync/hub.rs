@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::changes::{Committed, LogEntry};
 use crate::error::{ErrorReply, GatewayError};
 use crate::metrics::Metrics;
-use crate::outbound::{Outbound, Pushed};
+use crate::outbound::{OutFrame, Outbound, Pushed};
 use crate::storage::{Page, Store};
 use crate::sync::frames::{View, changes_tails, deliverable};
 
@@ -105,6 +105,18 @@ impl SubEntry {
     /// Queues a catch-up frame of this subscription, paced ([`Outbound::push_paced`]);
     /// false once the subscription ended or the connection is closing.
     pub(crate) async fn push_paced(&self, frame: Bytes) -> bool {
+        self.out
+            .push_paced(OutFrame::Whole(frame), &self.ended)
+            .await
+    }
+
+    /// [`SubEntry::push_paced`] of a catch-up `changes` frame shared with other subscribers:
+    /// its `tail` behind this subscription's head.
+    pub(crate) async fn push_paced_tail(&self, tail: Bytes) -> bool {
+        let frame = OutFrame::Changes {
+            sub: self.sub,
+            tail,
+        };
         self.out.push_paced(frame, &self.ended).await
     }
 
@@ -176,6 +188,31 @@ impl CollectionSubs {
     }
 }
 
+/// A catch-up page from the recent tail as every subscriber with one view receives it: the
+/// tails of its `changes` frames and the position it brings a subscriber to.
+pub(crate) struct SharedPage {
+    /// The position after the page.
+    pub(crate) upto: u64,
+    /// The frames' tails (each subscriber's head goes in front).
+    pub(crate) tails: Vec<Bytes>,
+}
+
+/// A page made for one view and range; the range of the tail never changes once published.
+struct CachedPage {
+    collection: String,
+    view: View,
+    after: u64,
+    target: u64,
+    page: Arc<SharedPage>,
+}
+
+/// Catch-up pages kept, most recently made, so that subscribers resuming together (a
+/// reconnect storm: one view, one cursor) judge and encode each page once; at most this many
+/// and [`SHARED_PAGE_BYTES`] of tails.
+const SHARED_PAGES: usize = 16;
+/// Bytes of frame tails the kept catch-up pages hold at most.
+const SHARED_PAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// The subscriber registry and publisher state.
 pub(crate) struct Hub {
     /// Subscribers by collection, grouped by view.
@@ -195,6 +232,9 @@ pub(crate) struct Hub {
     frame_budget: usize,
     /// The most recently published changes, so catch-ups read memory, not the database.
     tail: Mutex<Tail>,
+    /// The catch-up pages last made from the tail, newest last (bounded by [`SHARED_PAGES`]
+    /// and [`SHARED_PAGE_BYTES`]).
+    pages: Mutex<std::collections::VecDeque<CachedPage>>,
 }
 
 /// Recently published changes: contiguous in seq (every seq is one change), oldest first,
@@ -305,6 +345,7 @@ impl Hub {
                 bytes: 0,
                 cap: tail_bytes,
             }),
+            pages: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -321,6 +362,68 @@ impl Hub {
     ) -> Option<Page<Arc<LogEntry>>> {
         let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         tail.read(collection, after, upto, limit, max_bytes)
+    }
+
+    /// The next catch-up page from memory of a subscriber of `collection` with `view` at
+    /// `after`, going to `upto` ([`Hub::read_tail`]'s page: at most `limit` changes, about
+    /// `max_bytes`), judged and encoded once for every subscriber who asks for the same page;
+    /// `None` when the recent tail does not reach back to `after`. `limit` and `max_bytes` must
+    /// be the same for every caller (they are the node's constants).
+    pub(crate) fn shared_page(
+        &self,
+        collection: &str,
+        view: &View,
+        after: u64,
+        upto: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Option<Arc<SharedPage>> {
+        let lock = || self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let found = lock()
+            .iter()
+            .rev()
+            .find(|c| {
+                c.after == after
+                    && c.target == upto
+                    && c.view.key() == view.key()
+                    && c.collection == collection
+                    && c.view == *view
+            })
+            .map(|c| c.page.clone());
+        if found.is_some() {
+            return found;
+        }
+        let read = self.read_tail(collection, after, upto, limit, max_bytes)?;
+        let page_upto = match read.items.last() {
+            Some(last) if read.more => last.change.seq,
+            _ => upto,
+        };
+        let parts: Vec<(u64, &[u8])> = read
+            .items
+            .iter()
+            .filter_map(|e| Some((e.change.seq, deliverable(e, view)?)))
+            .collect();
+        let page = Arc::new(SharedPage {
+            upto: page_upto,
+            tails: changes_tails(&parts, &self.epoch, page_upto, self.frame_budget),
+        });
+        let mut pages = lock();
+        pages.push_back(CachedPage {
+            collection: collection.to_owned(),
+            view: view.clone(),
+            after,
+            target: upto,
+            page: page.clone(),
+        });
+        let bytes = |p: &CachedPage| p.page.tails.iter().map(Bytes::len).sum::<usize>();
+        let mut held: usize = pages.iter().map(bytes).sum();
+        while pages.len() > SHARED_PAGES || (held > SHARED_PAGE_BYTES && pages.len() > 1) {
+            match pages.pop_front() {
+                Some(old) => held -= bytes(&old),
+                None => break,
+            }
+        }
+        Some(page)
     }
 
     /// Bytes of changes per frame.
@@ -757,6 +860,98 @@ mod tests {
             .await
             .expect("stopped within the deadline")
             .unwrap();
+    }
+
+    /// A catch-up page from memory is made once per view and range and is, behind each
+    /// subscriber's head, exactly the frames of the per-subscriber path; another view or range
+    /// gets its own page, a range the tail does not hold gets none, and the kept pages stay
+    /// bounded.
+    #[test]
+    fn catch_up_pages_are_shared_per_view_and_range() {
+        use syncgate_protocol::{Filter, Value};
+        let metrics = Metrics::new();
+        let budget = 300;
+        let hub = Hub::new(0, "e".into(), metrics, budget, 1 << 20);
+        let view = |line: Option<u64>| {
+            let body: Body = line
+                .map(|l| ("line".to_owned(), Value::from(l)))
+                .into_iter()
+                .collect();
+            View::new(Filter::new(&body).unwrap(), None)
+        };
+        let entries: Vec<Arc<LogEntry>> = (1..=40u64)
+            .map(|seq| {
+                let body = |line: u64| -> Body {
+                    [
+                        ("line".to_owned(), Value::from(line)),
+                        ("pad".to_owned(), Value::from("x".repeat(40))),
+                    ]
+                    .into()
+                };
+                Arc::new(LogEntry::new(
+                    Change {
+                        seq,
+                        collection: "c".into(),
+                        id: format!("d{}", seq % 5),
+                        op: ChangeOp::Upsert,
+                        body: Some(body(seq % 2)),
+                    },
+                    Some(body((seq + 1) % 2)),
+                ))
+            })
+            .collect();
+        assert!(hub.publish(0, 40, &entries));
+        let page = |v: &View, after: u64| hub.shared_page("c", v, after, 40, 16, 10_000).unwrap();
+        let a = page(&view(Some(1)), 0);
+        assert!(
+            Arc::ptr_eq(&a, &page(&view(Some(1)), 0)),
+            "one page per view and range"
+        );
+        assert!(!Arc::ptr_eq(&a, &page(&view(Some(0)), 0)));
+        assert!(!Arc::ptr_eq(&a, &page(&view(Some(1)), 4)));
+        assert!(!Arc::ptr_eq(&a, &page(&view(None), 0)));
+        for (v, after) in [(view(Some(1)), 0), (view(None), 7), (view(Some(0)), 30)] {
+            let p = page(&v, after);
+            let read = hub.read_tail("c", after, 40, 16, 10_000).unwrap();
+            assert_eq!(
+                p.upto,
+                if read.more {
+                    read.items.last().unwrap().change.seq
+                } else {
+                    40
+                }
+            );
+            let parts: Vec<(u64, &[u8])> = read
+                .items
+                .iter()
+                .filter_map(|e| Some((e.change.seq, deliverable(e, &v)?)))
+                .collect();
+            let whole = crate::sync::frames::changes_frames(9, &parts, "e", p.upto, budget);
+            let assembled: Vec<Bytes> = p
+                .tails
+                .iter()
+                .map(|t| {
+                    OutFrame::Changes {
+                        sub: 9,
+                        tail: t.clone(),
+                    }
+                    .into_wire()
+                })
+                .collect();
+            assert_eq!(assembled, whole);
+        }
+        assert!(
+            hub.shared_page("c", &view(None), 0, 41, 16, 10_000)
+                .is_none()
+        );
+        for after in 0..2 * SHARED_PAGES as u64 {
+            page(&view(None), after);
+        }
+        assert!(hub.pages.lock().unwrap().len() <= SHARED_PAGES);
+        assert!(
+            !Arc::ptr_eq(&a, &page(&view(Some(1)), 0)),
+            "evicted, made again"
+        );
     }
 
     #[test]

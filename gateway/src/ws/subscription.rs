@@ -169,6 +169,36 @@ async fn follow(
             continue;
         }
         let budget = page_bytes(shared);
+        // Unless this page is conflated (a degraded whole-collection subscriber), a page from
+        // memory is the same for every subscriber with this view at this position: it is
+        // judged and encoded once for all of them, and this subscriber's head goes in front.
+        let conflated = mode == Mode::Degraded && entry.view.is_everything();
+        let shared_page = match conflated {
+            true => None,
+            false => hub.shared_page(
+                &entry.collection,
+                &entry.view,
+                position,
+                target,
+                CATCH_UP_PAGE as usize,
+                budget,
+            ),
+        };
+        if let Some(page) = shared_page {
+            shared
+                .metrics
+                .catch_up_pages
+                .with_label_values(&["memory"])
+                .inc();
+            for tail in &page.tails {
+                if !entry.push_paced_tail(tail.clone()).await {
+                    return Ok(false); // the connection is closing
+                }
+            }
+            entry.queued_up_to(page.upto);
+            position = page.upto;
+            continue;
+        }
         let tail = hub.read_tail(
             &entry.collection,
             position,
