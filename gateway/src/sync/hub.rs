@@ -711,6 +711,37 @@ mod tests {
         ))
     }
 
+    /// A view filtering on `line` (or none, for `None`).
+    fn line_view(line: Option<syncgate_protocol::Value>) -> View {
+        let body: Body = line.map(|v| ("line".to_owned(), v)).into_iter().collect();
+        View::new(syncgate_protocol::Filter::new(&body).unwrap(), None)
+    }
+
+    /// Change `seq` of document `d{seq % docs}`, moving it from line `(seq + 1) % lines` to
+    /// `seq % lines`, with `pad` bytes of padding (so several changes fill several frames).
+    fn moving(seq: u64, collection: &str, docs: u64, lines: u64, pad: usize) -> Arc<LogEntry> {
+        let body = |line: u64| -> Body {
+            [
+                ("line".to_owned(), syncgate_protocol::Value::from(line)),
+                (
+                    "pad".to_owned(),
+                    syncgate_protocol::Value::from("x".repeat(pad)),
+                ),
+            ]
+            .into()
+        };
+        Arc::new(LogEntry::new(
+            Change {
+                seq,
+                collection: collection.into(),
+                id: format!("d{}", seq % docs),
+                op: ChangeOp::Upsert,
+                body: Some(body(seq % lines)),
+            },
+            Some(body((seq + 1) % lines)),
+        ))
+    }
+
     /// Entries leave the registry by their slot in any order, each once; the collection goes
     /// when its last one does, and the gauge follows.
     #[test]
@@ -762,19 +793,15 @@ mod tests {
     /// that left.
     #[test]
     fn grouped_fan_out_equals_the_per_subscriber_frames() {
-        use syncgate_protocol::{Filter, Value};
+        use syncgate_protocol::Value;
         let metrics = Metrics::new();
         let budget = 300;
         let hub = Hub::new(0, "e".into(), metrics.clone(), budget, 0);
-        let filter = |v: Option<Value>| {
-            let body: Body = v.map(|v| ("line".to_owned(), v)).into_iter().collect();
-            View::new(Filter::new(&body).unwrap(), None)
-        };
         let views = [
-            filter(None),
-            filter(Some(Value::from(1))),
-            filter(Some(Value::from(2))),
-            filter(Some(Value::from(f64::NAN))),
+            line_view(None),
+            line_view(Some(Value::from(1))),
+            line_view(Some(Value::from(2))),
+            line_view(Some(Value::from(f64::NAN))),
         ];
         let mut subs = Vec::new();
         for i in 0..24u32 {
@@ -788,27 +815,10 @@ mod tests {
             subs.push((entry, out));
         }
         hub.unregister(&subs[6].0);
-        // Documents move between lines 1 and 2, with bodies large enough for several frames.
+        // Documents move between lines 0, 1 and 2, with bodies large enough for several
+        // frames; one change is of another collection.
         let entries: Vec<Arc<LogEntry>> = (1..=12u64)
-            .map(|seq| {
-                let body = |line: u64| -> Body {
-                    [
-                        ("line".to_owned(), Value::from(line)),
-                        ("pad".to_owned(), Value::from("x".repeat(60))),
-                    ]
-                    .into()
-                };
-                Arc::new(LogEntry::new(
-                    Change {
-                        seq,
-                        collection: if seq == 7 { "other" } else { "c" }.into(),
-                        id: format!("d{}", seq % 4),
-                        op: ChangeOp::Upsert,
-                        body: Some(body(seq % 3)),
-                    },
-                    Some(body((seq + 1) % 3)),
-                ))
-            })
+            .map(|seq| moving(seq, if seq == 7 { "other" } else { "c" }, 4, 3, 60))
             .collect();
         assert!(hub.publish(0, 12, &entries));
         let mut delivered = 0;
@@ -868,38 +878,13 @@ mod tests {
     /// bounded.
     #[test]
     fn catch_up_pages_are_shared_per_view_and_range() {
-        use syncgate_protocol::{Filter, Value};
+        use syncgate_protocol::Value;
         let metrics = Metrics::new();
         let budget = 300;
         let hub = Hub::new(0, "e".into(), metrics, budget, 1 << 20);
-        let view = |line: Option<u64>| {
-            let body: Body = line
-                .map(|l| ("line".to_owned(), Value::from(l)))
-                .into_iter()
-                .collect();
-            View::new(Filter::new(&body).unwrap(), None)
-        };
-        let entries: Vec<Arc<LogEntry>> = (1..=40u64)
-            .map(|seq| {
-                let body = |line: u64| -> Body {
-                    [
-                        ("line".to_owned(), Value::from(line)),
-                        ("pad".to_owned(), Value::from("x".repeat(40))),
-                    ]
-                    .into()
-                };
-                Arc::new(LogEntry::new(
-                    Change {
-                        seq,
-                        collection: "c".into(),
-                        id: format!("d{}", seq % 5),
-                        op: ChangeOp::Upsert,
-                        body: Some(body(seq % 2)),
-                    },
-                    Some(body((seq + 1) % 2)),
-                ))
-            })
-            .collect();
+        let view = |line: Option<u64>| line_view(line.map(Value::from));
+        let entries: Vec<Arc<LogEntry>> =
+            (1..=40u64).map(|seq| moving(seq, "c", 5, 2, 40)).collect();
         assert!(hub.publish(0, 40, &entries));
         let page = |v: &View, after: u64| hub.shared_page("c", v, after, 40, 16, 10_000).unwrap();
         let a = page(&view(Some(1)), 0);
