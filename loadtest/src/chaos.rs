@@ -345,12 +345,12 @@ async fn follow(
         if Instant::now() >= end {
             bail!("deadline passed with {} of {total} changes", got.count);
         }
-        let Ok((mut c, _)) = connect_retrying(target, i, &mut attempt, &name, end).await else {
+        let Ok((mut c, w)) = connect_retrying(target, i, &mut attempt, &name, end).await else {
             continue;
         };
         connections += 1;
         let Ok((cursor, catch_up, docs)) =
-            subscribe(&mut c, collection, &filter, got.cursor.clone(), end).await
+            subscribe(&mut c, &w, collection, &filter, got.cursor.clone(), end).await
         else {
             continue;
         };

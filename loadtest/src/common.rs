@@ -5,9 +5,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use syncgate_client::Connection;
+use syncgate_client::{ConnError, Connection};
 use syncgate_protocol::{
-    Body, Change, Cursor, Frame, Mutation, MutationOp, MutationStatus, Push, Subscribe, Value,
+    Body, Change, Cursor, Frame, Mutation, MutationOp, MutationStatus, Ping, Push, Subscribe,
+    Value, Welcome,
 };
 
 pub use crate::report::Report;
@@ -128,6 +129,7 @@ pub fn left(end: Instant) -> Duration {
 /// Subscribes and reads until `synced`; returns its cursor and the changes of the catch-up.
 pub async fn subscribe(
     c: &mut Connection,
+    welcome: &Welcome,
     collection: &str,
     filter: &Body,
     cursor: Option<Cursor>,
@@ -142,8 +144,23 @@ pub async fn subscribe(
     .await?;
     let mut changes = Vec::new();
     let mut snapshot_docs = 0;
+    // The protocol's heartbeat holds while the answer takes long (a gateway with thousands
+    // of subscriptions starting at once): a `ping` after every `heartbeat_ms` of silence on
+    // this side, or the gateway ends the session with heartbeat_timeout.
+    let beat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(1)));
+    let mut next_ping = Instant::now() + beat;
     loop {
-        match c.recv_timeout(left(end)).await? {
+        let wait = left(end).min(next_ping.saturating_duration_since(Instant::now()));
+        let frame = match c.recv_timeout(wait).await {
+            Ok(f) => f,
+            Err(ConnError::Timeout) if Instant::now() < end => {
+                c.send(&Frame::Ping(Ping { nonce: 0 })).await?;
+                next_ping = Instant::now() + beat;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match frame {
             Frame::Synced(s) => return Ok((s.cursor, changes, snapshot_docs)),
             Frame::Changes(ch) => changes.extend(ch.changes),
             Frame::Snapshot(s) => snapshot_docs += s.docs.len(),
@@ -216,8 +233,8 @@ pub async fn open_subscribers(
         let (target, collection, filter) = (target.clone(), collection.to_owned(), filter.clone());
         let id = format!("{name}-{i}");
         pending.push(tokio::spawn(async move {
-            let (mut c, _) = target.connect(i, &id).await?;
-            let (cursor, _, _) = subscribe(&mut c, &collection, &filter, None, end).await?;
+            let (mut c, w) = target.connect(i, &id).await?;
+            let (cursor, _, _) = subscribe(&mut c, &w, &collection, &filter, None, end).await?;
             anyhow::Ok((c, cursor))
         }));
         if pending.len() >= 256 {

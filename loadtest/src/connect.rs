@@ -33,6 +33,9 @@ pub struct ConnectConfig {
     /// Run as one worker of several processes (`--workers`): instead of holding, print `READY`
     /// on stdout once every connection is open and wait for a line on stdin before the probe.
     pub worker: bool,
+    /// The gateway the probe is written through (`None`: `target`'s); with several nodes,
+    /// another node than the connections', so that they must get a change written elsewhere.
+    pub probe_url: Option<String>,
 }
 
 async fn barrier(c: &mut syncgate_client::Connection, end: Instant) -> anyhow::Result<usize> {
@@ -71,7 +74,7 @@ pub async fn run(cfg: &ConnectConfig) -> anyhow::Result<Report> {
             let t0 = Instant::now();
             let setup = async {
                 let (mut c, w) = target.connect(i, &format!("lt-conn-{run}-{i}")).await?;
-                subscribe(&mut c, &collection, &filter, None, end).await?;
+                subscribe(&mut c, &w, &collection, &filter, None, end).await?;
                 anyhow::Ok((c, w.heartbeat_ms))
             };
             let (mut c, heartbeat_ms) = match setup.await {
@@ -142,8 +145,11 @@ pub async fn run(cfg: &ConnectConfig) -> anyhow::Result<Report> {
     let rss_held = cfg.gateway_pid.and_then(procfs::read).map(|r| r.rss_kib);
     // The probe: every open connection must receive it exactly once.
     probe_tx.send_replace(true);
-    let (mut w, welcome) = cfg
-        .target
+    let mut writer_target = cfg.target.clone();
+    if let Some(url) = &cfg.probe_url {
+        writer_target.url = url.clone();
+    }
+    let (mut w, welcome) = writer_target
         .connect(0, &format!("lt-conn-writer-{run}"))
         .await?;
     let probe = put(

@@ -237,6 +237,7 @@ async fn run_in_workers(cfg: &FanoutConfig) -> anyhow::Result<Report> {
     let spawn = workers::Spawn {
         exe: cfg.worker_exe.as_ref(),
         target: &cfg.target,
+        nodes: &[],
         collection: &cfg.collection,
         deadline: cfg.deadline,
     };

@@ -54,8 +54,8 @@ pub async fn run(cfg: &IngestConfig) -> anyhow::Result<Report> {
     let elapsed = started.elapsed().as_secs_f64();
     // Visibility: a snapshot of the run must hold every document once.
     let expected = cfg.writers as u64 * cfg.mutations_per_writer;
-    let (mut c, _) = cfg.target.connect(0, &format!("lt-verify-{run}")).await?;
-    let (_, _, docs) = subscribe(&mut c, &cfg.collection, &run_filter(&run), None, end).await?;
+    let (mut c, w) = cfg.target.connect(0, &format!("lt-verify-{run}")).await?;
+    let (_, _, docs) = subscribe(&mut c, &w, &cfg.collection, &run_filter(&run), None, end).await?;
     c.close().await;
     if docs as u64 != expected {
         failures.push(format!(

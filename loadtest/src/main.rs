@@ -129,9 +129,18 @@ enum Scenario {
         /// ~19,000 here); source addresses are dealt out among them.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Gateway nodes to spawn on one PostgreSQL database (needs --spawn-gateway,
+        /// --gateway-arg=--database=postgres://... and --workers of at least N): worker k
+        /// holds its connections on node k mod N and writes its probe through the next node,
+        /// so every connection must get a change written on another node.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
         /// Internal: run as one worker of a `--workers` run.
         #[arg(long, hide = true)]
         worker: bool,
+        /// Internal: the node a worker writes its probe through (default: --url).
+        #[arg(long, hide = true)]
+        probe_url: Option<String>,
     },
     /// A calm writer's push→ack latency alone, then beside an aggressor (`flood`: large
     /// batches, many in flight; `churn`: subscribe, snapshot, unsubscribe, again).
@@ -510,19 +519,43 @@ async fn scenario(
             rate,
             hold,
             workers,
+            nodes,
             worker,
+            ref probe_url,
         } => {
-            if workers > 1 {
-                return connect_workers(
-                    cli,
-                    &target,
+            if nodes > 1 {
+                if workers < nodes {
+                    bail!("--nodes {nodes} needs --workers {nodes} or more (one or more per node)");
+                }
+                if spawned.is_none() {
+                    bail!("--nodes {nodes} starts the nodes itself: it needs --spawn-gateway PATH");
+                }
+                let gws = start_nodes(cli, spawned, nodes).await?;
+                let urls: Vec<String> = gws.iter().map(SpawnedGateway::url).collect();
+                let pids: Vec<u32> = gws.iter().filter_map(SpawnedGateway::pid).collect();
+                let shape = ConnectShape {
                     connections,
                     rate,
                     hold,
                     workers,
-                    gateway_pid,
-                )
-                .await;
+                };
+                let result = connect_workers(cli, &target, &shape, &urls, &pids).await;
+                let mut gws = gws.into_iter();
+                *spawned = gws.next();
+                for gw in gws {
+                    gw.stop().await;
+                }
+                return result;
+            }
+            if workers > 1 {
+                let shape = ConnectShape {
+                    connections,
+                    rate,
+                    hold,
+                    workers,
+                };
+                let pids: Vec<u32> = gateway_pid.into_iter().collect();
+                return connect_workers(cli, &target, &shape, &[], &pids).await;
             }
             syncgate_loadtest::connect::run(&ConnectConfig {
                 target,
@@ -533,6 +566,7 @@ async fn scenario(
                 gateway_pid,
                 deadline,
                 worker,
+                probe_url: probe_url.clone(),
             })
             .await?
         }
@@ -647,40 +681,10 @@ async fn scenario(
             db_fault_min_ms,
             db_fault_max_ms,
         } => {
-            let Some(first) = spawned.take() else {
+            if spawned.is_none() {
                 bail!("chaos kills and restarts the gateway: it needs --spawn-gateway PATH");
-            };
-            if nodes > 1
-                && !cli
-                    .gateway_args
-                    .iter()
-                    .any(|a| a.contains("postgres://") || a.contains("postgresql://"))
-            {
-                *spawned = Some(first);
-                bail!(
-                    "--nodes {nodes} needs one PostgreSQL database for all nodes: \
-                     --gateway-arg=--database=postgres://..."
-                );
             }
-            let mut gws = vec![first];
-            for _ in 1..nodes {
-                match SpawnedGateway::start(GatewaySpec {
-                    bin: cli.spawn_gateway.clone().unwrap_or_default(),
-                    args: cli.gateway_args.clone(),
-                    log: cli.gateway_log.clone(),
-                })
-                .await
-                {
-                    Ok(gw) => gws.push(gw),
-                    Err(e) => {
-                        for gw in gws.drain(1..) {
-                            gw.stop().await;
-                        }
-                        *spawned = gws.pop();
-                        return Err(e.context("starting another node"));
-                    }
-                }
-            }
+            let mut gws = start_nodes(cli, spawned, nodes).await?;
             let cfg = ChaosConfig {
                 collection,
                 writers,
@@ -775,36 +779,107 @@ async fn scenario(
     })
 }
 
-/// `connect --workers N`: N child processes of this binary each open their share; the parent
-/// reads the gateway's RSS while all of them hold, then lets them run the probe.
-async fn connect_workers(
-    cli: &Cli,
-    target: &Target,
+/// The run a `connect --workers N` run deals out.
+struct ConnectShape {
     connections: usize,
     rate: u64,
     hold: u64,
     workers: usize,
-    gateway_pid: Option<u32>,
+}
+
+/// Starts `nodes` gateways like the spawned one (it becomes the first; the others share its
+/// arguments, so they must name one PostgreSQL database). On failure the ones started here
+/// stop and the first goes back to `spawned`.
+async fn start_nodes(
+    cli: &Cli,
+    spawned: &mut Option<SpawnedGateway>,
+    nodes: usize,
+) -> anyhow::Result<Vec<SpawnedGateway>> {
+    let Some(first) = spawned.take() else {
+        bail!("starting nodes needs --spawn-gateway PATH");
+    };
+    if nodes > 1
+        && !cli
+            .gateway_args
+            .iter()
+            .any(|a| a.contains("postgres://") || a.contains("postgresql://"))
+    {
+        *spawned = Some(first);
+        bail!(
+            "--nodes {nodes} needs one PostgreSQL database for all nodes: \
+             --gateway-arg=--database=postgres://..."
+        );
+    }
+    let mut gws = vec![first];
+    for _ in 1..nodes {
+        match SpawnedGateway::start(GatewaySpec {
+            bin: cli.spawn_gateway.clone().unwrap_or_default(),
+            args: cli.gateway_args.clone(),
+            log: cli.gateway_log.clone(),
+        })
+        .await
+        {
+            Ok(gw) => gws.push(gw),
+            Err(e) => {
+                for gw in gws.drain(1..) {
+                    gw.stop().await;
+                }
+                *spawned = gws.pop();
+                return Err(e.context("starting another node"));
+            }
+        }
+    }
+    Ok(gws)
+}
+
+/// `connect --workers N`: N child processes of this binary each open their share (on node
+/// `k mod nodes` when there are `nodes`); the parent reads the gateways' RSS (the sum over
+/// `pids`) while all of them hold, then lets them run the probe.
+async fn connect_workers(
+    cli: &Cli,
+    target: &Target,
+    shape: &ConnectShape,
+    nodes: &[String],
+    pids: &[u32],
 ) -> anyhow::Result<Report> {
-    let rss = || gateway_pid.and_then(procfs::read).map(|r| r.rss_kib);
+    let &ConnectShape {
+        connections,
+        rate,
+        hold,
+        workers,
+    } = shape;
+    // Each node's RSS, and their sum (`None` once a node cannot be read).
+    let rss = || -> Option<(u64, Vec<u64>)> {
+        let each: Option<Vec<u64>> = pids
+            .iter()
+            .map(|&p| procfs::read(p).map(|r| r.rss_kib))
+            .collect();
+        each.filter(|e| !e.is_empty()).map(|e| (e.iter().sum(), e))
+    };
     let rss_before = rss();
     let started = std::time::Instant::now();
     let end = started + Duration::from_secs(cli.deadline);
     let spawn = workers::Spawn {
         exe: None,
         target,
+        nodes,
         collection: &cli.collection,
         deadline: Duration::from_secs(cli.deadline),
     };
     let mut children = Workers::spawn(&spawn, workers, |k| {
-        vec![
+        let mut args: Vec<String> = vec![
             "connect".into(),
             "--worker".into(),
             "--connections".into(),
             workers::share(connections, workers, k).to_string(),
             "--rate".into(),
             (rate / workers as u64).max(1).to_string(),
-        ]
+        ];
+        // The probe goes through the next node: a change written on another node.
+        if let Some(next) = nodes.get((k + 1) % nodes.len().max(1)) {
+            args.extend(["--probe-url".into(), next.clone()]);
+        }
+        args
     })?;
     // Every worker says READY once all its connections are open (or fails).
     children.ready(end).await?;
@@ -835,20 +910,24 @@ async fn connect_workers(
             "{alive} of {connections} connections alive at the end"
         ));
     }
-    let per_conn = match (rss_before, rss_held) {
-        (Some(b), Some(h)) if opened > 0 => {
-            Some(h.saturating_sub(b) as f64 * 1024.0 / opened as f64)
+    let per_conn = match (&rss_before, &rss_held) {
+        (Some((b, _)), Some((h, _))) if opened > 0 => {
+            Some(h.saturating_sub(*b) as f64 * 1024.0 / opened as f64)
         }
         _ => None,
     };
+    let sum = |r: &Option<(u64, Vec<u64>)>| r.as_ref().map(|(s, _)| *s);
+    let each = |r: &Option<(u64, Vec<u64>)>| r.as_ref().map(|(_, e)| e.clone());
     Ok(Report {
         scenario: "connect",
         params: serde_json::json!({"connections": connections, "rate": rate, "hold_sec": hold,
-            "workers": workers, "sources": target.sources.len()}),
+            "workers": workers, "nodes": nodes.len().max(1), "sources": target.sources.len()}),
         figures: serde_json::json!({"opened": opened, "alive_at_end": alive,
             "ramp_sec": ramp.as_secs_f64(),
             "connects_per_sec": opened as f64 / ramp.as_secs_f64().max(1e-9),
-            "gateway_rss_kib": {"before": rss_before, "all_open": rss_open, "after_hold": rss_held},
+            "gateway_rss_kib": {"before": sum(&rss_before), "all_open": sum(&rss_open),
+                "after_hold": sum(&rss_held)},
+            "node_rss_kib": {"before": each(&rss_before), "after_hold": each(&rss_held)},
             "gateway_rss_bytes_per_connection": per_conn, "workers": per_worker}),
         failures,
         ..Report::default()

@@ -66,8 +66,16 @@ pub async fn run(cfg: &SlowConfig) -> anyhow::Result<Report> {
     )
     .await?;
     let stalled_name = format!("lt-stalled-{run}");
-    let (mut stalled, _) = cfg.target.connect_small_buffer(0, &stalled_name).await?;
-    subscribe(&mut stalled, &cfg.collection, &filter, None, end).await?;
+    let (mut stalled, stalled_welcome) = cfg.target.connect_small_buffer(0, &stalled_name).await?;
+    subscribe(
+        &mut stalled,
+        &stalled_welcome,
+        &cfg.collection,
+        &filter,
+        None,
+        end,
+    )
+    .await?;
     let rss = || cfg.gateway_pid.and_then(procfs::read).map(|r| r.rss_kib);
     let rss_start = rss();
     let progress = Progress::new("deliveries", total * (cfg.subscribers as u64 + 1));
@@ -132,12 +140,12 @@ pub async fn run(cfg: &SlowConfig) -> anyhow::Result<Report> {
                     Some(c) => c,
                     None => {
                         outcome.reconnects += 1;
-                        let (mut c, _) = target
+                        let (mut c, w) = target
                             .connect_small_buffer(0, &stalled_name)
                             .await
                             .context("stalled subscriber reconnecting")?;
                         let (cursor, catch_up, _) =
-                            subscribe(&mut c, &collection, &filter, got.cursor.clone(), end)
+                            subscribe(&mut c, &w, &collection, &filter, got.cursor.clone(), end)
                                 .await
                                 .context("stalled subscriber resuming")?;
                         progress.inc(catch_up.len() as u64);

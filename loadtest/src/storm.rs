@@ -98,8 +98,8 @@ async fn setup(
             format!("{prefix}-{i}"),
         );
         tasks.push(tokio::spawn(async move {
-            let (mut c, _) = target.connect(i, &id).await?;
-            let (cursor, _, _) = subscribe(&mut c, &collection, &filter, None, end).await?;
+            let (mut c, w) = target.connect(i, &id).await?;
+            let (cursor, _, _) = subscribe(&mut c, &w, &collection, &filter, None, end).await?;
             c.close().await;
             anyhow::Ok(cursor)
         }));
@@ -249,6 +249,7 @@ async fn run_in_workers(cfg: &StormConfig) -> anyhow::Result<Report> {
     let spawn = workers::Spawn {
         exe: cfg.worker_exe.as_ref(),
         target: &cfg.target,
+        nodes: &[],
         collection: &cfg.collection,
         deadline: cfg.deadline,
     };

@@ -24,6 +24,9 @@ pub struct Spawn<'a> {
     pub exe: Option<&'a PathBuf>,
     /// Where they connect; each gets every `n`-th source address.
     pub target: &'a Target,
+    /// Gateway nodes to deal the workers out to (worker `k` connects to node `k % len`);
+    /// empty: every worker connects to `target`'s URL.
+    pub nodes: &'a [String],
     /// The collection.
     pub collection: &'a str,
     /// Their deadline.
@@ -58,8 +61,13 @@ impl Workers {
             .to_string();
         let mut children = Vec::with_capacity(n);
         for k in 0..n {
+            let url = match s.nodes.len() {
+                0 => None,
+                len => s.nodes.get(k % len),
+            }
+            .unwrap_or(&s.target.url);
             let mut cmd = tokio::process::Command::new(&exe);
-            cmd.args(["--url", &s.target.url, "--quiet", "--deadline"])
+            cmd.args(["--url", url, "--quiet", "--deadline"])
                 .arg(s.deadline.as_secs().max(1).to_string())
                 .args(["--collection", s.collection])
                 .env("SYNCGATE_TOKEN", &s.target.token)

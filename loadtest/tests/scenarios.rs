@@ -226,6 +226,7 @@ async fn connect_short_run_keeps_every_connection_alive() {
         gateway_pid: Some(std::process::id()),
         deadline: DEADLINE,
         worker: false,
+        probe_url: None,
     })
     .await
     .unwrap();
@@ -696,6 +697,96 @@ async fn capture_short_run_delivers_every_sql_write_once() {
     db.drop().await;
 }
 
+/// The JSON report of a harness run that succeeded with no failure (else its output).
+fn passed_report(out: &std::process::Output, json: &std::path::Path) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(report["failures"], serde_json::json!([]));
+    report
+}
+
+/// `connect --nodes 2 --workers 3` on one PostgreSQL database: the harness starts the second
+/// node itself, each worker holds its connections on one node and writes its probe through
+/// the other, so every connection must get, exactly once, a change written on another node;
+/// the RSS figures are the sum over the nodes and each node's is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_connect_across_nodes_gets_every_probe_from_another_node() {
+    let Some(db) = ScratchDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate-loadtest"))
+        .args(["--quiet", "--deadline", "60", "--spawn-gateway"])
+        .arg(syncgate_bin())
+        .arg(format!("--gateway-arg=--data-dir={}", dir.path().display()))
+        .arg(format!("--gateway-arg=--database={}", db.url))
+        .arg("--gateway-log")
+        .arg(dir.path().join("gw.log"))
+        .args(["--source", "127.0.0.1-127.0.0.2", "--report"])
+        .arg(&json)
+        .args([
+            "connect",
+            "--connections",
+            "31",
+            "--workers",
+            "3",
+            "--nodes",
+            "2",
+            "--rate",
+            "600",
+            "--hold",
+            "0",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    db.drop().await;
+    let report = passed_report(&out, &json);
+    assert_eq!(report["params"]["nodes"], 2);
+    assert_eq!(report["figures"]["opened"], 31);
+    assert_eq!(report["figures"]["alive_at_end"], 31);
+    let nodes = report["figures"]["node_rss_kib"]["after_hold"]
+        .as_array()
+        .unwrap();
+    assert_eq!(nodes.len(), 2);
+    let sum: u64 = nodes.iter().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(report["figures"]["gateway_rss_kib"]["after_hold"], sum);
+}
+
+/// Without PostgreSQL, or with fewer workers than nodes, `--nodes` refuses to start and says
+/// what it needs.
+#[test]
+fn cli_connect_across_nodes_says_what_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_syncgate-loadtest"))
+            .args(["--quiet", "--deadline", "30", "--spawn-gateway"])
+            .arg(syncgate_bin())
+            .arg(format!("--gateway-arg=--data-dir={}", dir.path().display()))
+            .args(["connect", "--connections", "4", "--hold", "0"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let sqlite = run(&["--workers", "2", "--nodes", "2"]);
+    assert!(!sqlite.status.success());
+    let said = String::from_utf8_lossy(&sqlite.stderr);
+    assert!(said.contains("needs one PostgreSQL database"), "{said}");
+    let few = run(&["--workers", "1", "--nodes", "2"]);
+    assert!(!few.status.success());
+    let said = String::from_utf8_lossy(&few.stderr);
+    assert!(said.contains("needs --workers 2 or more"), "{said}");
+}
+
 /// The command line end to end: `--spawn-gateway` (token minted by the gateway, CPU/RSS
 /// sampled), `connect --workers 2` (two child processes, merged report), JSON and HTML files.
 #[test]
@@ -726,15 +817,7 @@ fn cli_connect_with_workers_against_a_spawned_gateway() {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["failures"], serde_json::json!([]));
+    let report = passed_report(&out, &json);
     assert_eq!(report["figures"]["opened"], 41);
     assert_eq!(report["figures"]["alive_at_end"], 41);
     assert_eq!(report["figures"]["workers"].as_array().unwrap().len(), 2);
