@@ -101,10 +101,15 @@ pub struct Config {
     /// client silent for three heartbeats is not waited for.
     pub close_linger_ms: u64,
     /// Handshakes (from the accepted connection to `welcome`) a node runs at once; a
-    /// connection beyond them gets `goaway` with a jittered `retry_after_ms` (0.1–1 s) and
-    /// close 1013 at once, instead of queueing behind the others until it times out, so a
-    /// reconnect storm becomes a ramp. 0 = no limit.
+    /// connection beyond them waits up to `handshake_queue_ms` for a turn (first come, first
+    /// served; its upgrade is answered once it has one), and then gets `goaway` with a
+    /// jittered `retry_after_ms` (0.1–1 s) and close 1013, instead of queueing behind the
+    /// others until it times out, so a reconnect storm becomes a ramp. 0 = no limit.
     pub max_concurrent_handshakes: usize,
+    /// How long a connection beyond `max_concurrent_handshakes` waits for a turn before it is
+    /// sent away, in milliseconds (0 = sent away at once). A waiting connection holds only
+    /// its socket; coming back on a retry hint costs a client a new connection and 0.1–1 s.
+    pub handshake_queue_ms: u64,
     /// Sessions one user (token `sub`) may hold at once on this node; 0 = no limit. Further
     /// handshakes of that user get `too_many_connections` (204).
     pub max_connections_per_user: usize,
@@ -458,6 +463,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             handshake_timeout_ms: 10_000,
             max_concurrent_handshakes: 2_048,
+            handshake_queue_ms: 2_000,
             slow_consumer_deadline_ms: 60_000,
             close_linger_ms: 30_000,
             max_connections_per_user: 0,
@@ -783,6 +789,9 @@ impl Config {
         if self.handshake_timeout_ms < 100 {
             return bad("handshake_timeout_ms must be at least 100".into());
         }
+        if self.handshake_queue_ms > 60_000 {
+            return bad("handshake_queue_ms must be at most 60000".into());
+        }
         if self.heartbeat_ms < 100 {
             return bad("heartbeat_ms must be at least 100".into());
         }
@@ -922,6 +931,17 @@ mod tests {
             Ok(c) => c.validate().expect_err(toml).to_string(),
         };
         assert!(err.contains(says), "{toml}: {err}");
+    }
+
+    #[test]
+    fn the_handshake_queue_waits_at_most_a_minute() {
+        invalid(
+            "handshake_queue_ms = 60001",
+            "handshake_queue_ms must be at most 60000",
+        );
+        for ok in ["handshake_queue_ms = 0", "handshake_queue_ms = 60000"] {
+            Config::from_toml(ok).unwrap().validate().unwrap();
+        }
     }
 
     #[test]

@@ -47,8 +47,14 @@ pub struct Metrics {
     /// Subscriptions by how far behind the published head their queued position is
     /// ([`LAG_BUCKETS`]), read at each scrape.
     pub subscriber_lag: IntGaugeVec,
-    /// Connections turned away at once because `max_concurrent_handshakes` were in progress.
+    /// Connections turned away because `max_concurrent_handshakes` were in progress and no
+    /// turn came within `handshake_queue_ms`.
     pub admission_refused: IntCounter,
+    /// How long connections that found every handshake turn taken waited for one (those sent
+    /// away included, at `handshake_queue_ms`).
+    pub admission_wait: Histogram,
+    /// Connections waiting for a handshake turn now.
+    pub admission_waiting: IntGauge,
     /// Slow subscribers by what happened: `degraded` (its queue was full: switched to
     /// catch-up), `rejoined` (caught up and live again), `dropped` (still behind at the
     /// deadline: closed with `slow_consumer`).
@@ -246,7 +252,16 @@ impl Metrics {
             },
             admission_refused: counter(
                 "syncgate_admission_refused_total",
-                "Connections sent away with goaway because max_concurrent_handshakes were in progress",
+                "Connections sent away with goaway because max_concurrent_handshakes were in progress and no turn came within handshake_queue_ms",
+            ),
+            admission_wait: histogram(
+                "syncgate_admission_wait_seconds",
+                "Seconds connections that found every handshake turn taken waited for one (those sent away included)",
+                secs.clone(),
+            ),
+            admission_waiting: gauge(
+                "syncgate_admission_waiting",
+                "Connections waiting for a handshake turn (max_concurrent_handshakes) now",
             ),
             subscriber_lag: {
                 let g = gauge_vec(

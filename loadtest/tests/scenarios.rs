@@ -272,6 +272,8 @@ async fn reconnect_storm_through_admission_control_catches_everyone_up() {
         dir.path(),
         Config {
             max_concurrent_handshakes: 2,
+            // Sent away at once: the clients must come back on the hint.
+            handshake_queue_ms: 0,
             ..Config::default()
         },
     )

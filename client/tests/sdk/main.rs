@@ -774,6 +774,8 @@ async fn a_client_sent_away_at_the_handshake_retries_on_the_hint_and_gets_in() {
     let client_dir = tempfile::tempdir().unwrap();
     let mut config = gateway_config(gw_dir.path());
     config.max_concurrent_handshakes = 1;
+    // Sent away at once rather than after waiting for a turn.
+    config.handshake_queue_ms = 0;
     let gw = Gateway::start(config).await.unwrap();
     // A connection that upgrades and never says hello holds the only turn.
     let mut pending = tokio::net::TcpStream::connect(gw.ws_addr).await.unwrap();

@@ -176,11 +176,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let limits = shared.config.limits;
     // Admission: a turn among `max_concurrent_handshakes`, held until `welcome`; without
-    // one the connection is sent away at once with a retry hint.
+    // one within `handshake_queue_ms` the connection is sent away with a retry hint.
     let admission = match &shared.handshakes {
         Some(turns) => match turns.clone().try_acquire_owned() {
             Ok(turn) => Some(turn),
-            Err(_) => return turn_away(&shared, tcp).await,
+            Err(_) => match wait_for_turn(&shared, turns).await {
+                Some(turn) => Some(turn),
+                None => return turn_away(&shared, tcp).await,
+            },
         },
         None => None,
     };
@@ -1073,6 +1076,39 @@ impl Connection {
             Err(_) => self.reply(ErrorReply::from(GatewayError::IngestStopped).batch(batch)),
         }
     }
+}
+
+/// Waits up to `handshake_queue_ms` for a handshake turn (the semaphore serves waiters in
+/// arrival order); `None` when none came in time or the node is shutting down. A client that
+/// gives up meanwhile is found out when its upgrade is read, and gives its turn back then.
+async fn wait_for_turn(
+    shared: &Shared,
+    turns: &Arc<tokio::sync::Semaphore>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let queue = Duration::from_millis(shared.config.handshake_queue_ms);
+    if queue.is_zero() {
+        return None;
+    }
+    /// Counts the connection as waiting until dropped (also when the wait is cancelled).
+    struct Waiting<'a>(&'a prometheus::IntGauge);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    shared.metrics.admission_waiting.inc();
+    let waiting = Waiting(&shared.metrics.admission_waiting);
+    let waited = Instant::now();
+    let turn = tokio::select! {
+        t = tokio::time::timeout(queue, turns.clone().acquire_owned()) => t.ok().and_then(Result::ok),
+        _ = shared.shutdown.cancelled() => None,
+    };
+    drop(waiting);
+    shared
+        .metrics
+        .admission_wait
+        .observe(waited.elapsed().as_secs_f64());
+    turn
 }
 
 /// A connection beyond `max_concurrent_handshakes`: upgraded (within the handshake timeout),

@@ -1852,8 +1852,9 @@ async fn silent_http_sockets_are_closed_and_websockets_still_connect() {
 /// Opens a WebSocket by hand (the upgrade request written byte by byte), for frames no client
 /// library would send.
 /// Admission (`max_concurrent_handshakes`): while the node's handshakes are all in progress,
-/// a new connection is sent away at once with `goaway` (a retry hint of 0.1–1 s) and close
-/// 1013 instead of waiting for a turn; once a handshake ends, connections are taken again.
+/// a new connection that gets no turn within `handshake_queue_ms` is sent away with `goaway`
+/// (a retry hint of 0.1–1 s) and close 1013; once a handshake ends, connections are taken
+/// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_handshakes_in_progress_are_sent_away_with_a_hint() {
     use futures_util::StreamExt;
@@ -1861,6 +1862,7 @@ async fn connections_beyond_the_handshakes_in_progress_are_sent_away_with_a_hint
     let db = TestDb::new(Backend::Sqlite).await;
     let mut cfg = db.config();
     cfg.max_concurrent_handshakes = 1;
+    cfg.handshake_queue_ms = 200;
     let gw = Gateway::start(cfg).await.unwrap();
     // Upgraded, no hello yet: it holds the node's one handshake turn.
     let pending = raw_websocket(gw.ws_addr).await;
@@ -1879,6 +1881,10 @@ async fn connections_beyond_the_handshakes_in_progress_are_sent_away_with_a_hint
         other => panic!("expected close 1013, got {other:?}"),
     }
     assert_eq!(gw.metrics.admission_refused.get(), 1);
+    // It waited its `handshake_queue_ms` for a turn first.
+    assert_eq!(gw.metrics.admission_wait.get_sample_count(), 1);
+    assert!(gw.metrics.admission_wait.get_sample_sum() >= 0.2);
+    assert_eq!(gw.metrics.admission_waiting.get(), 0);
     // The pending one completes its handshake: the turn is free for the next client.
     drop(pending);
     let end = Instant::now() + DEADLINE;
@@ -1892,6 +1898,46 @@ async fn connections_beyond_the_handshakes_in_progress_are_sent_away_with_a_hint
     // An established session holds no turn: another client gets in beside it.
     let (_a, _) = connect(&gw, "a").await;
     let (_b, _) = connect(&gw, "b").await;
+    gw.shutdown().await;
+    db.cleanup().await;
+}
+
+/// Admission with a queue: a connection that finds every handshake turn taken waits for one
+/// (its upgrade is answered then) instead of being sent away, and gets in as soon as a turn is
+/// given back; connections waiting are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waits_for_a_handshake_turn_before_it_is_sent_away() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = db.config();
+    cfg.max_concurrent_handshakes = 1;
+    cfg.handshake_queue_ms = 60_000;
+    let gw = Gateway::start(cfg).await.unwrap();
+    // Upgraded, no hello yet: it holds the node's one handshake turn.
+    let pending = raw_websocket(gw.ws_addr).await;
+    let url = ws_url(&gw);
+    let queued = tokio::spawn(async move {
+        syncgate_client::Connection::connect(&url, "queued", &token("t")).await
+    });
+    let end = Instant::now() + DEADLINE;
+    while gw.metrics.admission_waiting.get() != 1 {
+        assert!(
+            Instant::now() < end,
+            "the second connection never waited for a turn"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(!queued.is_finished());
+    // The pending connection goes: its turn passes to the waiting one, which gets in.
+    drop(pending);
+    let (_conn, welcome) = tokio::time::timeout(DEADLINE, queued)
+        .await
+        .expect("the waiting connection got no turn")
+        .unwrap()
+        .expect("admitted after waiting");
+    assert!(!welcome.session.is_empty());
+    assert_eq!(gw.metrics.admission_refused.get(), 0);
+    assert_eq!(gw.metrics.admission_waiting.get(), 0);
+    assert_eq!(gw.metrics.admission_wait.get_sample_count(), 1);
     gw.shutdown().await;
     db.cleanup().await;
 }
