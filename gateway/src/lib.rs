@@ -36,6 +36,7 @@ mod tls;
 mod ws;
 
 pub use config::Config;
+pub use oplog::DependencyLogLimit;
 pub use server::Gateway;
 /// Fixtures for the criterion benches (`gateway/benches`); not part of the API.
 #[doc(hidden)]

@@ -972,14 +972,22 @@ fn parse_claim(s: &str) -> Result<(String, serde_json::Value), String> {
 }
 
 fn init_tracing(json: bool) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // The level filter first: the rate limit counts only lines that would be written.
+    let filter = filter.and(syncgate_gateway::DependencyLogLimit);
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        tracing_subscriber::registry()
+            .with(lines.json().with_filter(filter))
+            .init();
     } else {
-        builder.init();
+        tracing_subscriber::registry()
+            .with(lines.with_filter(filter))
+            .init();
     }
 }

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub admission_wait: Histogram,
     /// Connections waiting for a handshake turn now.
     pub admission_waiting: IntGauge,
+    /// Log lines of dependencies suppressed by their rate limit, by target.
+    pub log_lines_suppressed: IntCounterVec,
     /// Slow subscribers by what happened: `degraded` (its queue was full: switched to
     /// catch-up), `rejoined` (caught up and live again), `dropped` (still behind at the
     /// deadline: closed with `slow_consumer`).
@@ -262,6 +264,11 @@ impl Metrics {
             admission_waiting: gauge(
                 "syncgate_admission_waiting",
                 "Connections waiting for a handshake turn (max_concurrent_handshakes) now",
+            ),
+            log_lines_suppressed: counter_vec(
+                "syncgate_log_lines_suppressed_total",
+                "Log lines of dependencies (sqlx ...) suppressed: over 10 per second from one call site",
+                &["target"],
             ),
             subscriber_lag: {
                 let g = gauge_vec(

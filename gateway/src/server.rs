@@ -176,6 +176,7 @@ impl Gateway {
             metrics.clone(),
             oplog.clone(),
         ));
+        background.spawn(report_suppressed_lines(metrics.clone(), shutdown.clone()));
         if config.compaction_interval_secs > 0 {
             background.spawn(run_compaction(
                 store.clone(),
@@ -685,6 +686,29 @@ async fn compact_collections(
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// Every [`crate::oplog::SUPPRESSED_REPORT_EVERY`]: one `warn` line per dependency whose log
+/// lines were suppressed meanwhile ([`crate::oplog::DependencyLogLimit`]), and the counter.
+async fn report_suppressed_lines(metrics: Metrics, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(crate::oplog::SUPPRESSED_REPORT_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for (target, n) in crate::oplog::DEPENDENCY_LINES.take_suppressed() {
+            metrics
+                .log_lines_suppressed
+                .with_label_values(&[target.as_str()])
+                .inc_by(n);
+            tracing::warn!(
+                target_of_lines = %target,
+                suppressed = n,
+                "log lines of a dependency suppressed: more than {} per second from one place",
+                crate::oplog::DEPENDENCY_LINES_PER_SECOND
+            );
+        }
+    }
 }
 
 /// The background compaction: every `compaction_interval_secs`, each collection in turn.
