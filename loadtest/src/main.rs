@@ -523,6 +523,12 @@ async fn scenario(
             worker,
             ref probe_url,
         } => {
+            let shape = ConnectShape {
+                connections,
+                rate,
+                hold,
+                workers,
+            };
             if nodes > 1 {
                 if workers < nodes {
                     bail!("--nodes {nodes} needs --workers {nodes} or more (one or more per node)");
@@ -533,12 +539,6 @@ async fn scenario(
                 let gws = start_nodes(cli, spawned, nodes).await?;
                 let urls: Vec<String> = gws.iter().map(SpawnedGateway::url).collect();
                 let pids: Vec<u32> = gws.iter().filter_map(SpawnedGateway::pid).collect();
-                let shape = ConnectShape {
-                    connections,
-                    rate,
-                    hold,
-                    workers,
-                };
                 let result = connect_workers(cli, &target, &shape, &urls, &pids).await;
                 let mut gws = gws.into_iter();
                 *spawned = gws.next();
@@ -548,12 +548,6 @@ async fn scenario(
                 return result;
             }
             if workers > 1 {
-                let shape = ConnectShape {
-                    connections,
-                    rate,
-                    hold,
-                    workers,
-                };
                 let pids: Vec<u32> = gateway_pid.into_iter().collect();
                 return connect_workers(cli, &target, &shape, &[], &pids).await;
             }
