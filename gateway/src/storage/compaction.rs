@@ -223,7 +223,11 @@ impl Store {
                     .to_owned();
                 let turn = self.log_writer_turn().await;
                 let started = std::time::Instant::now();
-                self.db.execute_raw(self.backend.build(&delete)).await?;
+                let delete = self.backend.build(&delete);
+                match &turn {
+                    Some(writer) => writer.execute_raw(delete).await?,
+                    None => self.db.execute_raw(delete).await?,
+                };
                 drop(turn);
                 observe(started.elapsed());
                 report.longest_batch_us = Ord::max(
@@ -330,9 +334,12 @@ impl Store {
     /// Removes changes from the log in one transaction, keeping each one's exactly-once
     /// record in `sg_applied`. Returns how long the transaction took (after its turn).
     async fn remove_changes(&self, batch: &[Removable]) -> Result<std::time::Duration, StoreError> {
-        let _turn = self.log_writer_turn().await;
+        let turn = self.log_writer_turn().await;
         let started = std::time::Instant::now();
-        let txn = self.db.begin().await?;
+        let txn = match &turn {
+            Some(writer) => writer.begin().await?,
+            None => self.db.begin().await?,
+        };
         let origins: Vec<(&str, u64, u64)> = batch
             .iter()
             .filter_map(|r| r.origin.as_ref().map(|(c, m)| (c.as_str(), *m, r.seq)))

@@ -277,7 +277,7 @@ pub struct GroupTxn {
     backend: DbBackend,
     head: u64,
     /// This process's turn to write the log (SQLite), until commit or rollback.
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<sea_orm::DatabaseConnection>>,
     /// How long the group waited for that turn (`None`: no turn, PostgreSQL).
     turn_wait: Option<std::time::Duration>,
 }
@@ -290,7 +290,10 @@ impl Store {
         let asked = std::time::Instant::now();
         let turn = self.log_writer_turn().await;
         let turn_wait = turn.as_ref().map(|_| asked.elapsed());
-        let txn = self.begin().await?;
+        let txn = match &turn {
+            Some(writer) => sea_orm::TransactionTrait::begin(&**writer).await?,
+            None => self.begin().await?,
+        };
         let lock = Query::update()
             .table("sg_head")
             .value("seq", Expr::col("seq"))

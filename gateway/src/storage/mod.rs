@@ -58,11 +58,15 @@ pub struct Store {
     backend: DbBackend,
     /// The database's epoch, read once at start.
     epoch: Arc<str>,
-    /// SQLite only: held by every writer of the log (a group commit, a compaction batch)
-    /// for its whole transaction, so that they queue here, in order, instead of in SQLite's
-    /// busy handler, which sleeps in steps of up to 100 ms and made a group commit wait
-    /// hundreds of milliseconds behind a compaction batch of a few.
-    log_writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite only: the log writers' own connection (a pool of exactly one), held by every
+    /// writer of the log (a group commit, a compaction batch) for its whole transaction. So
+    /// they queue here, in order, instead of in SQLite's busy handler, which sleeps in steps
+    /// of up to 100 ms and made a group commit wait hundreds of milliseconds behind a
+    /// compaction batch of a few. And one connection does every log write, so its page cache
+    /// stays valid from one group to the next: SQLite drops a connection's whole cache when
+    /// another connection wrote since it last read, and the pool used to hand each group the
+    /// connection that had been idle longest, which had always missed the last write.
+    log_writer: Option<Arc<tokio::sync::Mutex<DatabaseConnection>>>,
 }
 
 /// One page of a read bounded by count and bytes.
@@ -198,26 +202,42 @@ impl Store {
         if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             probe_postgres(url).await?;
         }
-        let mut opts = ConnectOptions::new(url.to_owned());
-        opts.max_connections(Ord::max(pool_size, 2))
-            .min_connections(1)
-            .connect_timeout(Duration::from_secs(10))
-            .acquire_timeout(Duration::from_secs(30))
-            .sqlx_logging(false);
-        opts.map_sqlx_sqlite_opts(move |o| {
-            o.create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(match synchronous {
-                    crate::config::SqliteSynchronous::Full => SqliteSynchronous::Full,
-                    crate::config::SqliteSynchronous::Normal => SqliteSynchronous::Normal,
-                })
-                .busy_timeout(Duration::from_secs(10))
-        });
-        let db = Database::connect(opts).await?;
+        let options = |connections: u32| {
+            let mut opts = ConnectOptions::new(url.to_owned());
+            opts.max_connections(connections)
+                .min_connections(1)
+                .connect_timeout(Duration::from_secs(10))
+                .acquire_timeout(Duration::from_secs(30))
+                // A connection in use within the last few seconds is handed out without a
+                // ping first: the ping was one more round trip (PostgreSQL) or hand-over to
+                // the worker thread (SQLite) before every group commit. A connection that
+                // broke meanwhile fails its statement, which is a transient storage error.
+                .test_before_acquire_if_idle_for(Duration::from_secs(10))
+                .sqlx_logging(false);
+            opts.map_sqlx_sqlite_opts(move |o| {
+                o.create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(match synchronous {
+                        crate::config::SqliteSynchronous::Full => SqliteSynchronous::Full,
+                        crate::config::SqliteSynchronous::Normal => SqliteSynchronous::Normal,
+                    })
+                    .busy_timeout(Duration::from_secs(10))
+            });
+            opts
+        };
+        let db = Database::connect(options(Ord::max(pool_size, 2))).await?;
         let backend = db.get_database_backend();
         let epoch = schema::migrate(&db, backend).await?;
-        let log_writer =
-            (backend == DbBackend::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
+        let log_writer = match backend {
+            DbBackend::Sqlite => {
+                let mut opts = options(1);
+                // Kept open for the process's life: its page cache is the point.
+                opts.idle_timeout(None).max_lifetime(None);
+                let writer = Database::connect(opts).await?;
+                Some(Arc::new(tokio::sync::Mutex::new(writer)))
+            }
+            _ => None,
+        };
         Ok(Store {
             db,
             backend,
@@ -285,8 +305,11 @@ impl Store {
         }
     }
 
-    /// Closes the pool.
+    /// Closes the pool (and the log writers' connection).
     pub async fn close(self) {
+        if let Some(w) = &self.log_writer {
+            let _ = w.lock().await.close_by_ref().await;
+        }
         let _ = self.db.close().await;
     }
 
@@ -1129,8 +1152,11 @@ impl Store {
         }
     }
 
-    /// Waits for this process's turn to write the log (SQLite; see `Store::log_writer`).
-    pub(crate) async fn log_writer_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    /// Waits for this process's turn to write the log (SQLite; see `Store::log_writer`): the
+    /// log writers' connection, held until the guard drops.
+    pub(crate) async fn log_writer_turn(
+        &self,
+    ) -> Option<tokio::sync::OwnedMutexGuard<DatabaseConnection>> {
         match &self.log_writer {
             Some(m) => Some(m.clone().lock_owned().await),
             None => None,
@@ -1156,5 +1182,54 @@ mod tests {
         ))));
         assert!(refused.is_transient());
         assert!(!StoreError::Corrupt("x".into()).is_transient());
+    }
+
+    /// `PRAGMA data_version` on a connection: changes when another connection committed
+    /// since this one last asked (and only then).
+    async fn data_version(db: &impl ConnectionTrait) -> i64 {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                DbBackend::Sqlite,
+                "PRAGMA data_version",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get_by_index::<i64>(0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_group_commit_on_sqlite_writes_through_the_one_log_writer_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("log.db").display());
+        let store = Store::open(&url, 4, crate::config::SqliteSynchronous::Normal)
+            .await
+            .unwrap();
+        let writer = store.log_writer.clone().unwrap();
+        // A connection of the pool (a reader), held throughout.
+        let mut reader = store
+            .db
+            .get_sqlite_connection_pool()
+            .acquire()
+            .await
+            .unwrap();
+        let pragma = || sea_orm::sqlx::query_scalar::<_, i64>("PRAGMA data_version");
+        let reader_before = pragma().fetch_one(&mut *reader).await.unwrap();
+        let writer_before = data_version(&*writer.lock().await).await;
+        for _ in 0..3 {
+            let group = store.begin_group().await.unwrap();
+            let head = group.head();
+            group.commit(&GroupRows::default(), head + 1).await.unwrap();
+        }
+        assert_eq!(store.head().await.unwrap(), 3);
+        // The writer saw no other connection's commit: all three were its own, so its page
+        // cache stayed valid; the pool's connections saw them as someone else's.
+        assert_eq!(data_version(&*writer.lock().await).await, writer_before);
+        assert_ne!(
+            pragma().fetch_one(&mut *reader).await.unwrap(),
+            reader_before
+        );
+        drop(reader);
+        store.close().await;
     }
 }
