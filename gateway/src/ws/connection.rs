@@ -180,9 +180,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     let admission = match &shared.handshakes {
         Some(turns) => match turns.clone().try_acquire_owned() {
             Ok(turn) => Some(turn),
-            Err(_) => match wait_for_turn(&shared, turns).await {
+            // Both boxed, like the upgrade below: the rare paths' state would otherwise size
+            // every connection's future for its whole life.
+            Err(_) => match Box::pin(wait_for_turn(&shared, turns)).await {
                 Some(turn) => Some(turn),
-                None => return turn_away(&shared, tcp).await,
+                None => return Box::pin(turn_away(&shared, tcp)).await,
             },
         },
         None => None,
@@ -339,6 +341,14 @@ async fn linger<S>(
         tokio::time::timeout_at(cap.min(Instant::now() + CLOSE_ANSWER_WAIT).into(), answer).await;
 }
 
+/// What a frame leaves for [`Connection::run`] to await.
+enum Awaited {
+    /// The handshake.
+    Hello(Hello),
+    /// A push and its frame's size (inflated).
+    Push(Push, usize),
+}
+
 struct Connection {
     shared: Arc<Shared>,
     /// The client's address, for log lines.
@@ -458,8 +468,17 @@ impl Connection {
                             last_seen = Instant::now();
                             self.shared.metrics.frames_in.inc();
                             self.shared.metrics.bytes_in.inc_by(b.len() as u64);
-                            if let Some(p) = self.handle_binary(&b).await {
-                                pushes.push_back(p);
+                            match self.handle_binary(&b) {
+                                None => {}
+                                // Boxed: the handshake's state (token checks, the client-id
+                                // claim) lives on the heap while it runs, not in every
+                                // connection's future for the connection's life.
+                                Some(Awaited::Hello(h)) => Box::pin(self.hello(h)).await,
+                                Some(Awaited::Push(p, size)) => {
+                                    if let Some(reply) = self.push(p, size).await {
+                                        pushes.push_back(reply);
+                                    }
+                                }
                             }
                         }
                         Ok(Message::Text(_)) => {
@@ -576,7 +595,11 @@ impl Connection {
     }
 
     /// Handles one binary frame; returns a pending push acknowledgement, if it was a push.
-    async fn handle_binary(&mut self, bytes: &[u8]) -> Option<PushReply> {
+    /// Handles a binary frame; what it must wait for (the handshake, handing a push to
+    /// ingest) it returns for [`Connection::run`] to await. Not `async` itself: an `async fn`
+    /// here would carry the decoded frame twice across that await, and the largest await
+    /// point of `run` sizes every idle connection's future.
+    fn handle_binary(&mut self, bytes: &[u8]) -> Option<Awaited> {
         let limits = &self.shared.config.limits;
         // A compressed frame is inflated first, within the frame limit (PROTOCOL.md §3.15).
         let inflated = syncgate_protocol::compress::inflate(bytes, limits, self.compression);
@@ -609,9 +632,7 @@ impl Connection {
         };
         if self.session.is_none() {
             match frame {
-                // Boxed: its state (token checks, the client-id claim) lives on the heap
-                // while it runs, not in every connection's future for the connection's life.
-                Frame::Hello(h) => Box::pin(self.hello(h)).await,
+                Frame::Hello(h) => return Some(Awaited::Hello(h)),
                 _ => self.reply(GatewayError::HelloFirst),
             }
             return None;
@@ -636,7 +657,7 @@ impl Connection {
                 }
                 None => self.reply(ErrorReply::from(GatewayError::UnknownSubscription).sub(u.sub)),
             },
-            Frame::Push(p) => return self.push(p, size).await,
+            Frame::Push(p) => return Some(Awaited::Push(p, size)),
             Frame::Fetch(f) => self.fetch(f),
             Frame::Refresh(r) => self.refresh(&r.token),
             Frame::Ping(p) => {
