@@ -12,7 +12,7 @@
 //! - `ingest`: the group-commit task; `order` and `plan`, its pure decisions.
 //! - `storage`: the only module that knows sea-orm: schema, reads, the group transaction.
 //! - `changes`: committed changes with their encoding (`LogEntry`, `Committed`).
-//! - `outbound`: the byte-bounded outbound queue and the writer task.
+//! - `outbound`: the byte-bounded outbound queue and the writer that drains it.
 //! - `error`: `GatewayError` and `ErrorReply`, every error a client is sent.
 //! - `shared`: the state every task of a node shares (`Shared`).
 //! - `metrics`: Prometheus metrics. `oplog`: rate limits of the operator's `info` lines.

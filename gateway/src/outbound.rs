@@ -1,7 +1,8 @@
-//! Each connection's outbound queue, bounded in bytes, and the writer task that drains it.
+//! Each connection's outbound queue, bounded in bytes, and the writer that drains it.
 //!
-//! Ownership: the writer task owns the WebSocket sink; everyone else (the connection's reader,
-//! its subscription tasks, the hub's publisher) only appends encoded frames here.
+//! Ownership: the connection's one task owns the WebSocket and drives its [`Writer`] beside
+//! its reads ([`Writer::poll_write`]); everyone else (its subscription tasks, the hub's
+//! publisher) only appends encoded frames here and wakes that task.
 //! Bounds: the cap counts the frames queued *and* the batch the writer has taken and is still
 //! writing (a stalled socket holds that batch: counting it only as queued let a stalled
 //! connection hold about twice the cap while the gauge showed less). Live fan-out uses
@@ -20,12 +21,15 @@
 //! how long each waited until the socket took it (`syncgate_delivery_lag_seconds`).
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::{Sink, SinkExt};
+use futures_util::Sink;
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -164,8 +168,9 @@ pub(crate) enum Pushed {
 pub(crate) struct Outbound {
     /// Queue, byte count and close request, under one short lock (never held across await).
     state: Mutex<State>,
-    /// Wakes the writer (permit semantics: a wake-up before it waits is not lost).
-    wake_writer: Notify,
+    /// Wakes the connection's task to write ([`Writer::poll_write`] registers before it looks
+    /// at the queue, so a frame queued after the look wakes it).
+    wake_writer: AtomicWaker,
     /// Wakes tasks waiting for the queue to drain.
     space: Notify,
     /// The byte cap.
@@ -192,7 +197,7 @@ impl Outbound {
     pub(crate) fn new(cap: usize, gauge: prometheus::IntGauge) -> Outbound {
         Outbound {
             state: Mutex::new(State::default()),
-            wake_writer: Notify::new(),
+            wake_writer: AtomicWaker::new(),
             space: Notify::new(),
             cap,
             closed: tokio_util::sync::CancellationToken::new(),
@@ -254,7 +259,7 @@ impl Outbound {
             )
         }));
         drop(s);
-        self.wake_writer.notify_one();
+        self.wake_writer.wake();
         Pushed::Queued
     }
 
@@ -278,7 +283,7 @@ impl Outbound {
                     self.gauge.add(len as i64);
                     s.queue.push_back((frame, None));
                     drop(s);
-                    self.wake_writer.notify_one();
+                    self.wake_writer.wake();
                     return true;
                 }
             }
@@ -303,7 +308,7 @@ impl Outbound {
         self.gauge.add(frame.len() as i64);
         s.queue.push_back((OutFrame::Whole(frame), None));
         drop(s);
-        self.wake_writer.notify_one();
+        self.wake_writer.wake();
     }
 
     /// Whether the connection holds less than half its cap.
@@ -362,7 +367,7 @@ impl Outbound {
     /// Wakes everyone who waits on this queue after a close was recorded.
     fn signal_closed(&self) {
         self.closed.cancel();
-        self.wake_writer.notify_one();
+        self.wake_writer.wake();
         self.space.notify_waiters();
     }
 
@@ -426,65 +431,169 @@ impl Outbound {
         s.writing = s.writing.saturating_sub(bytes);
         self.gauge.sub(bytes as i64);
     }
+}
 
-    /// The writer task: drains everything queued, writes it, flushes once, repeats; ends
-    /// after sending the close frame or when the socket fails.
-    pub(crate) async fn run_writer<S>(&self, mut sink: S, metrics: WriterMetrics)
+/// Drains an [`Outbound`] into a WebSocket sink: takes everything queued, hands it to the
+/// sink, flushes once, repeats; finishes after the close frame or when the socket fails. Not
+/// a task: the connection's task polls it beside its reads, so an idle writer is these fields
+/// and nothing else (it used to be a task of its own, ~900 bytes per idle connection).
+pub(crate) struct Writer {
+    metrics: WriterMetrics,
+    /// The batch being written; it swaps with the queue's buffer at every take.
+    batch: Batch,
+    /// Publish instants of the live frames of the batch handed to the sink (reused).
+    stamps: Vec<Instant>,
+    step: WriterStep,
+}
+
+/// Where a [`Writer`] is.
+enum WriterStep {
+    /// Waiting for frames.
+    Idle,
+    /// Handing the batch taken (`bytes` of it, `n` frames) to the sink, then `close`, if any.
+    Feeding(Taken),
+    /// Flushing what was handed to the sink.
+    Flushing(Taken),
+    /// Sending the close frame (`Some` until handed to the sink), then closing the sink.
+    Closing(Option<Message>),
+    /// The close frame is out or the socket failed.
+    Done,
+}
+
+/// A batch taken from the queue.
+struct Taken {
+    bytes: usize,
+    n: usize,
+    close: Option<Close>,
+}
+
+impl Writer {
+    pub(crate) fn new(metrics: WriterMetrics) -> Writer {
+        Writer {
+            metrics,
+            batch: Batch::default(),
+            stamps: Vec::new(),
+            step: WriterStep::Idle,
+        }
+    }
+
+    /// Writes what `out` holds to `sink` as far as the socket takes it. `Ready` once finished:
+    /// the close frame was sent (after everything queued before the close request) or the
+    /// socket failed (then `out` is closed, so every producer stops).
+    pub(crate) fn poll_write<S>(
+        &mut self,
+        out: &Outbound,
+        sink: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<()>
     where
         S: Sink<Message> + Unpin,
     {
-        // Publish instants of the live frames in the batch being written (reused).
-        let mut stamps: Vec<Instant> = Vec::new();
-        // The batch being written; it swaps with the queue's buffer at every take.
-        let mut batch = Batch::default();
         loop {
-            self.wake_writer.notified().await;
-            loop {
-                let (bytes, close) = self.take_into(&mut batch);
-                let n = batch.0.len();
-                if n == 0 && close.is_none() {
-                    stamps.shrink_to(Batch::KEEP);
-                    break;
-                }
-                let mut ok = true;
-                stamps.clear();
-                for (f, published) in batch.0.drain(..) {
-                    let f = self.pack(f.into_wire(), &metrics);
-                    metrics.bytes_out.inc_by(f.len() as u64);
-                    if sink.feed(Message::Binary(f)).await.is_err() {
-                        ok = false;
-                        break;
+            let step = std::mem::replace(&mut self.step, WriterStep::Done);
+            self.step = match step {
+                WriterStep::Done => return Poll::Ready(()),
+                WriterStep::Idle => {
+                    out.wake_writer.register(cx.waker());
+                    let (bytes, close) = out.take_into(&mut self.batch);
+                    let n = self.batch.0.len();
+                    if n == 0 && close.is_none() {
+                        self.stamps.shrink_to(Batch::KEEP);
+                        self.step = WriterStep::Idle;
+                        return Poll::Pending;
                     }
-                    stamps.extend(published);
+                    self.stamps.clear();
+                    WriterStep::Feeding(Taken { bytes, n, close })
                 }
-                if ok && n > 0 {
-                    ok = sink.flush().await.is_ok();
-                }
-                if ok {
-                    // Handed to the socket: the end of this node's part of the delivery.
-                    for p in &stamps {
-                        metrics.delivery_lag.observe(p.elapsed().as_secs_f64());
+                WriterStep::Feeding(taken) => {
+                    while !self.batch.0.is_empty() {
+                        match Pin::new(&mut *sink).poll_ready(cx) {
+                            Poll::Pending => {
+                                self.step = WriterStep::Feeding(taken);
+                                return Poll::Pending;
+                            }
+                            Poll::Ready(Err(_)) => return self.fail(out, &taken),
+                            Poll::Ready(Ok(())) => {}
+                        }
+                        let Some((frame, published)) = self.batch.0.pop_front() else {
+                            break;
+                        };
+                        let frame = out.pack(frame.into_wire(), &self.metrics);
+                        self.metrics.bytes_out.inc_by(frame.len() as u64);
+                        if Pin::new(&mut *sink)
+                            .start_send(Message::Binary(frame))
+                            .is_err()
+                        {
+                            return self.fail(out, &taken);
+                        }
+                        self.stamps.extend(published);
+                    }
+                    match taken.n {
+                        0 => self.written(out, taken),
+                        _ => WriterStep::Flushing(taken),
                     }
                 }
-                self.written(bytes);
-                metrics.frames_out.inc_by(n as u64);
-                self.space.notify_waiters();
-                if !ok {
-                    // The peer is gone: make every producer stop.
-                    self.close(None, 1006, "write failed");
-                    return;
-                }
-                if let Some(c) = close {
-                    let frame = CloseFrame {
-                        code: CloseCode::from(c.code),
-                        reason: c.reason.into(),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    let _ = sink.close().await;
-                    return;
-                }
-            }
+                WriterStep::Flushing(taken) => match Pin::new(&mut *sink).poll_flush(cx) {
+                    Poll::Pending => {
+                        self.step = WriterStep::Flushing(taken);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(_)) => return self.fail(out, &taken),
+                    Poll::Ready(Ok(())) => {
+                        // Handed to the socket: the end of this node's part of the delivery.
+                        for p in &self.stamps {
+                            self.metrics.delivery_lag.observe(p.elapsed().as_secs_f64());
+                        }
+                        self.written(out, taken)
+                    }
+                },
+                WriterStep::Closing(Some(frame)) => match Pin::new(&mut *sink).poll_ready(cx) {
+                    Poll::Pending => {
+                        self.step = WriterStep::Closing(Some(frame));
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(_)) => WriterStep::Done,
+                    Poll::Ready(Ok(())) => match Pin::new(&mut *sink).start_send(frame) {
+                        Ok(()) => WriterStep::Closing(None),
+                        Err(_) => WriterStep::Done,
+                    },
+                },
+                // Flushes the close frame and closes the socket's sending side.
+                WriterStep::Closing(None) => match Pin::new(&mut *sink).poll_close(cx) {
+                    Poll::Pending => {
+                        self.step = WriterStep::Closing(None);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(_) => WriterStep::Done,
+                },
+            };
         }
+    }
+
+    /// A batch is written: its bytes are no longer held, producers waiting for room are woken,
+    /// and the close frame follows if one was asked for.
+    fn written(&mut self, out: &Outbound, taken: Taken) -> WriterStep {
+        out.written(taken.bytes);
+        self.metrics.frames_out.inc_by(taken.n as u64);
+        out.space.notify_waiters();
+        match taken.close {
+            Some(c) => WriterStep::Closing(Some(Message::Close(Some(CloseFrame {
+                code: CloseCode::from(c.code),
+                reason: c.reason.into(),
+            })))),
+            None => WriterStep::Idle,
+        }
+    }
+
+    /// The peer is gone: the batch is given up and every producer is made to stop.
+    fn fail(&mut self, out: &Outbound, taken: &Taken) -> Poll<()> {
+        self.batch.0.clear();
+        out.written(taken.bytes);
+        self.metrics.frames_out.inc_by(taken.n as u64);
+        out.space.notify_waiters();
+        out.close(None, 1006, "write failed");
+        self.step = WriterStep::Done;
+        Poll::Ready(())
     }
 }
 

@@ -1,21 +1,25 @@
-//! One WebSocket connection: the handshake, then a reader loop that turns frames into work
-//! (subscriptions, pushes, pings) while a writer task drains the outbound queue.
+//! One WebSocket connection: the handshake, then a loop that turns frames into work
+//! (subscriptions, pushes, pings) and, in the same task, drains the outbound queue into the
+//! socket ([`Io`], [`crate::outbound::Writer`]).
 //!
-//! Tasks per connection: this reader, the writer ([`Outbound::run_writer`]) and, while a
-//! subscription is catching up, one short-lived task per subscription
+//! Tasks per connection: this one and, while a subscription is catching up, one short-lived
+//! task per subscription
 //! ([`crate::ws::subscription::start`], stopped by [`SubEntry::end`]: nothing of it is kept once
-//! it finished). On disconnect the reader ends and unregisters every subscription, which stops
+//! it finished). On disconnect the loop ends and unregisters every subscription, which stops
 //! their catch-up tasks; pushes already handed to ingest still commit (the client learns
 //! their outcome from `Welcome.last_applied_mutation` and replays).
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
-use futures_util::{Future, StreamExt};
+use futures_util::task::AtomicWaker;
+use futures_util::{Future, Sink, StreamExt};
 use syncgate_protocol::codec::{decode_with_limits, encode};
 use syncgate_protocol::limits::is_valid_id;
 use syncgate_protocol::tls::Transport;
@@ -34,7 +38,7 @@ use crate::config::SyncMode;
 use crate::error::{ErrorReply, GatewayError, Step};
 use crate::ingest::IngestRequest;
 use crate::ingest::plan::{PushJob, PushOutcome};
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Writer};
 use crate::shared::Shared;
 use crate::storage::ClientClaim;
 use crate::sync::frames::View;
@@ -224,15 +228,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     };
     shared.metrics.connections.inc();
     shared.metrics.connections_opened.inc();
-    let (sink, mut stream) = ws.split();
     let out = Arc::new(Outbound::new(
         shared.config.outbound_buffer_bytes,
         shared.metrics.outbound_bytes.clone(),
     ));
-    let writer = {
-        let out = out.clone();
-        let metrics = crate::outbound::WriterMetrics::of(&shared.metrics);
-        tokio::spawn(async move { out.run_writer(sink, metrics).await })
+    let mut io = Io {
+        ws,
+        writer: Writer::new(crate::outbound::WriterMetrics::of(&shared.metrics)),
+        written: false,
     };
     let mut conn = Connection {
         shared: shared.clone(),
@@ -253,7 +256,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
         info: None,
         compression: None,
     };
-    let reason = conn.run(&mut stream).await;
+    let reason = conn.run(&mut io).await;
     conn.teardown();
     shared
         .metrics
@@ -278,32 +281,28 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
     }
     let silence = Duration::from_millis(u64::from(shared.config.heartbeat_ms) * 3);
     let cap = Duration::from_millis(shared.config.close_linger_ms);
-    linger(&mut stream, writer, silence, cap).await;
+    linger(&mut io, &out, silence, cap).await;
     shared.metrics.connections.dec();
 }
 
 /// How long a closing connection waits for the client's close frame once its own is out.
 const CLOSE_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
-/// The end of a connection: waits for the writer to send what is left (the error that says
-/// why, `goaway`) and the close frame, reading and dropping whatever the client still sends
-/// meanwhile, then waits briefly for the client's close frame. Closing a socket with unread
-/// bytes makes the kernel send a reset, and a reset makes the client's kernel discard what the
-/// client had not read yet: a client that stopped reading but went on sending `ping` used to
-/// lose the `slow_consumer` error that way and see only a reset (1006). Gives up when the
-/// client is silent for three heartbeats (it is gone) or after `close_linger_ms`.
-async fn linger<S>(
-    stream: &mut S,
-    mut writer: tokio::task::JoinHandle<()>,
-    silence: Duration,
-    cap: Duration,
-) where
-    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+/// The end of a connection: drives the writer until it sent what is left (the error that
+/// says why, `goaway`) and the close frame, reading and dropping whatever the client still
+/// sends meanwhile, then waits briefly for the client's close frame. Closing a socket with
+/// unread bytes makes the kernel send a reset, and a reset makes the client's kernel discard
+/// what the client had not read yet: a client that stopped reading but went on sending `ping`
+/// used to lose the `slow_consumer` error that way and see only a reset (1006). Gives up when
+/// the client is silent for three heartbeats (it is gone) or after `close_linger_ms`.
+async fn linger<S>(io: &mut Io<S>, out: &Outbound, silence: Duration, cap: Duration)
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Sink<Message> + Unpin,
 {
     let cap = Instant::now() + cap;
     let mut last_seen = Instant::now();
     let mut reading = true;
-    loop {
+    while !io.written {
         // Once the client's side has ended, the writer gets a few seconds to finish (a close
         // frame after a protocol violation) and nothing more.
         let until = match reading {
@@ -311,18 +310,16 @@ async fn linger<S>(
             false => cap.min(last_seen + Duration::from_secs(5)),
         };
         tokio::select! {
-            _ = &mut writer => break,
-            msg = stream.next(), if reading => match msg {
-                Some(Ok(_)) => last_seen = Instant::now(),
-                Some(Err(_)) | None => {
+            event = io.next(out, reading) => match event {
+                IoEvent::Written => {}
+                IoEvent::Read(Some(Ok(_))) => last_seen = Instant::now(),
+                IoEvent::Read(Some(Err(_)) | None) => {
                     reading = false;
                     last_seen = Instant::now();
                 }
             },
-            _ = tokio::time::sleep_until(until.into()) => {
-                writer.abort();
-                return;
-            }
+            // Given up: the socket is dropped with whatever was not written.
+            _ = tokio::time::sleep_until(until.into()) => return,
         }
     }
     if !reading {
@@ -331,7 +328,7 @@ async fn linger<S>(
     // The close frame is out: the client answers with its own (RFC 6455 §5.5.1). A live
     // client does so at once; a dead one is not waited for long.
     let answer = async {
-        while let Some(Ok(msg)) = stream.next().await {
+        while let Some(Ok(msg)) = io.ws.next().await {
             if msg.is_close() {
                 return;
             }
@@ -339,6 +336,142 @@ async fn linger<S>(
     };
     let _ =
         tokio::time::timeout_at(cap.min(Instant::now() + CLOSE_ANSWER_WAIT).into(), answer).await;
+}
+
+/// A connection's WebSocket, read and written by its one task: [`Io::next`] drives the
+/// writer and, when asked to, reads.
+struct Io<S> {
+    ws: S,
+    writer: Writer,
+    /// The writer finished (the close frame is out, or the socket failed).
+    written: bool,
+}
+
+/// What [`Io::next`] saw.
+enum IoEvent {
+    /// The writer finished.
+    Written,
+    /// The next message from the client (`None`: the stream ended).
+    Read(Option<Result<Message, WsError>>),
+}
+
+impl<S> Io<S>
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Sink<Message> + Unpin,
+{
+    /// Writes what `out` holds as far as the socket takes it and, if `read`, resolves with the
+    /// next message; resolves with [`IoEvent::Written`] once when the writer finishes.
+    fn next<'a>(&'a mut self, out: &'a Outbound, read: bool) -> impl Future<Output = IoEvent> + 'a {
+        std::future::poll_fn(move |cx| {
+            if !self.written && self.writer.poll_write(out, &mut self.ws, cx).is_ready() {
+                self.written = true;
+                return Poll::Ready(IoEvent::Written);
+            }
+            match read {
+                true => self.ws.poll_next_unpin(cx).map(IoEvent::Read),
+                false => Poll::Pending,
+            }
+        })
+    }
+}
+
+/// The connection's socket, for one poll. A poisoned lock is still usable: a panic while it
+/// was held ended the task that owns the socket.
+fn lock<'a, T>(m: &'a std::sync::Mutex<T>) -> std::sync::MutexGuard<'a, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one wait of [`Connection::run`] ended with.
+enum Turn {
+    /// The node is shutting down.
+    Shutdown,
+    /// A push was answered by ingest.
+    Pushed(PushDone),
+    /// The outbound queue has room again.
+    Space,
+    /// The client's next message (`None`: the stream ended).
+    Read(Option<Result<Message, WsError>>),
+    /// The handshake, heartbeat, token or pause deadline passed.
+    Deadline,
+    /// A close was asked for.
+    Closed,
+    /// The writer finished.
+    Written,
+}
+
+/// One task serves a connection's reads and writes, but its wake-ups have two kinds of cause:
+/// the writer's (a frame queued, the socket writable again) — most of them under fan-out —
+/// and everything else (a frame from the client, an ingest answer, a timer, shutdown). The
+/// waits of the second kind are polled with this gate's waker, which marks the gate before it
+/// wakes the task, so a wake-up for the writer polls the writer alone and not every wait.
+struct Gate {
+    inner: Arc<GateInner>,
+    waker: std::task::Waker,
+}
+
+struct GateInner {
+    /// A wait was woken since the last poll of the waits.
+    woken: AtomicBool,
+    /// The connection's task.
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for GateInner {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Gate {
+    fn new() -> Gate {
+        let inner = Arc::new(GateInner {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Gate {
+            waker: std::task::Waker::from(inner.clone()),
+            inner,
+        }
+    }
+
+    /// Drives the writer until it finishes (then [`Turn::Written`]) while `waits` (polled
+    /// only once one of them was woken) comes to a turn.
+    fn wait<'a, S, F>(
+        &'a self,
+        io: &'a std::sync::Mutex<&mut Io<S>>,
+        out: &'a Outbound,
+        mut waits: Pin<&'a mut F>,
+    ) -> impl Future<Output = Turn> + 'a
+    where
+        S: Sink<Message> + Unpin,
+        F: Future<Output = Turn>,
+    {
+        // New waits: each must be polled once to register.
+        self.inner.woken.store(true, Ordering::Release);
+        std::future::poll_fn(move |cx| {
+            {
+                let mut io = lock(io);
+                let io = &mut **io;
+                if !io.written && io.writer.poll_write(out, &mut io.ws, cx).is_ready() {
+                    io.written = true;
+                    return Poll::Ready(Turn::Written);
+                }
+            }
+            // Registered before the mark is read: a wait woken after the read wakes the task.
+            self.inner.task.register(cx.waker());
+            if !self.inner.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+            waits
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&self.waker))
+        })
+    }
 }
 
 /// What a frame leaves for [`Connection::run`] to await.
@@ -424,10 +557,11 @@ impl Pacing {
 
 impl Connection {
     /// Serves frames until the connection ends; returns why (for the closing log line).
-    async fn run<S>(&mut self, stream: &mut S) -> String
+    async fn run<S>(&mut self, io: &mut Io<S>) -> String
     where
-        S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+        S: futures_util::Stream<Item = Result<Message, WsError>> + Sink<Message> + Unpin,
     {
+        let out = self.out.clone();
         let heartbeat = Duration::from_millis(u64::from(self.shared.config.heartbeat_ms) * 3);
         let handshake_deadline =
             Instant::now() + Duration::from_millis(self.shared.config.handshake_timeout_ms);
@@ -436,6 +570,7 @@ impl Connection {
         let max_inflight = self.shared.config.max_inflight_pushes;
         let max_inflight_bytes = self.shared.config.max_inflight_push_bytes;
         let shutdown = self.shared.shutdown.clone();
+        let gate = Gate::new();
         loop {
             // One timer per connection: the handshake deadline, then the earlier of the
             // heartbeat and the token's expiry.
@@ -453,59 +588,77 @@ impl Connection {
                 && pushes.len() < max_inflight
                 && self.inflight_bytes < max_inflight_bytes
                 && self.out.has_space();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return self.drain(&mut pushes).await,
-                Some(done) = pushes.next(), if !pushes.is_empty() => self.finish_push(done),
-                _ = self.out.wait_for_space(), if !can_read
-                    && !paused
-                    && pushes.len() < max_inflight
-                    && self.inflight_bytes < max_inflight_bytes => {}
-                msg = stream.next(), if can_read => {
-                    let Some(msg) = msg else { return "connection ended by the client".into() };
-                    match msg {
-                        Ok(Message::Binary(b)) => {
-                            last_seen = Instant::now();
-                            self.shared.metrics.frames_in.inc();
-                            self.shared.metrics.bytes_in.inc_by(b.len() as u64);
-                            match self.handle_binary(&b) {
-                                None => {}
-                                // Boxed: the handshake's state (token checks, the client-id
-                                // claim) lives on the heap while it runs, not in every
-                                // connection's future for the connection's life.
-                                Some(Awaited::Hello(h)) => Box::pin(self.hello(h)).await,
-                                Some(Awaited::Push(p, size)) => {
-                                    if let Some(reply) = self.push(p, size).await {
-                                        pushes.push_back(reply);
-                                    }
+            let may_wait_for_space = !can_read
+                && !paused
+                && pushes.len() < max_inflight
+                && self.inflight_bytes < max_inflight_bytes;
+            let turn = {
+                // Shared by the writer and the read wait, which are polled one after the other
+                // by this one task: never contended.
+                let io = std::sync::Mutex::new(&mut *io);
+                // Pinned here and lent to the gate: moved into it, the waits would be laid out
+                // twice in this future (every idle connection carries its size).
+                let waits = std::pin::pin!(async {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => Turn::Shutdown,
+                        Some(done) = pushes.next(), if !pushes.is_empty() => Turn::Pushed(done),
+                        _ = out.wait_for_space(), if may_wait_for_space => Turn::Space,
+                        msg = std::future::poll_fn(|cx| lock(&io).ws.poll_next_unpin(cx)),
+                            if can_read => Turn::Read(msg),
+                        _ = tokio::time::sleep_until(deadline.into()) => Turn::Deadline,
+                        _ = out.closed() => Turn::Closed,
+                    }
+                });
+                gate.wait(&io, &out, waits).await
+            };
+            match turn {
+                Turn::Shutdown => return self.drain(&mut pushes).await,
+                Turn::Pushed(done) => self.finish_push(done),
+                Turn::Space => {}
+                Turn::Read(None) => return "connection ended by the client".into(),
+                Turn::Read(Some(msg)) => match msg {
+                    Ok(Message::Binary(b)) => {
+                        last_seen = Instant::now();
+                        self.shared.metrics.frames_in.inc();
+                        self.shared.metrics.bytes_in.inc_by(b.len() as u64);
+                        match self.handle_binary(&b) {
+                            None => {}
+                            // Boxed: the handshake's state (token checks, the client-id
+                            // claim) lives on the heap while it runs, not in every
+                            // connection's future for the connection's life.
+                            Some(Awaited::Hello(h)) => Box::pin(self.hello(h)).await,
+                            Some(Awaited::Push(p, size)) => {
+                                if let Some(reply) = self.push(p, size).await {
+                                    pushes.push_back(reply);
                                 }
                             }
                         }
-                        Ok(Message::Text(_)) => {
-                            last_seen = Instant::now();
-                            self.reply(GatewayError::TextFrame);
-                            if self.session.is_none() {
-                                return "text frame before hello".into();
-                            }
-                        }
-                        Ok(Message::Ping(_) | Message::Pong(_)) => last_seen = Instant::now(),
-                        Ok(Message::Close(_)) => return "closed by the client".into(),
-                        Ok(Message::Frame(_)) => {}
-                        Err(WsError::Capacity(e)) => {
-                            self.reply(GatewayError::MessageTooLarge(e.to_string()));
-                            return "frame_too_large".into();
-                        }
-                        Err(e) => {
-                            // A peer that breaks the WebSocket protocol gets the close code
-                            // RFC 6455 names for it; a vanished one gets nothing.
-                            if let Some(code) = ws_violation_close_code(&e) {
-                                self.out.close(None, code, "websocket protocol violation");
-                            }
-                            return format!("read failed: {e}");
+                    }
+                    Ok(Message::Text(_)) => {
+                        last_seen = Instant::now();
+                        self.reply(GatewayError::TextFrame);
+                        if self.session.is_none() {
+                            return "text frame before hello".into();
                         }
                     }
-                }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                    Ok(Message::Ping(_) | Message::Pong(_)) => last_seen = Instant::now(),
+                    Ok(Message::Close(_)) => return "closed by the client".into(),
+                    Ok(Message::Frame(_)) => {}
+                    Err(WsError::Capacity(e)) => {
+                        self.reply(GatewayError::MessageTooLarge(e.to_string()));
+                        return "frame_too_large".into();
+                    }
+                    Err(e) => {
+                        // A peer that breaks the WebSocket protocol gets the close code
+                        // RFC 6455 names for it; a vanished one gets nothing.
+                        if let Some(code) = ws_violation_close_code(&e) {
+                            self.out.close(None, code, "websocket protocol violation");
+                        }
+                        return format!("read failed: {e}");
+                    }
+                },
+                Turn::Deadline => {
                     if let Some((from, until)) = self.pace.paused
                         && Instant::now() >= until
                     {
@@ -519,12 +672,16 @@ impl Connection {
                         self.reply(GatewayError::Auth(AuthError::Expired));
                         return "token expired".into();
                     }
-                    let e = GatewayError::Timeout { established: self.session.is_some() };
+                    let e = GatewayError::Timeout {
+                        established: self.session.is_some(),
+                    };
                     let name = e.code().name();
                     self.reply(e);
                     return name.into();
                 }
-                _ = self.out.closed() => return self.close_reason(),
+                // A close was asked for, or the writer finished (which only a close request
+                // or a failed socket does).
+                Turn::Closed | Turn::Written => return self.close_reason(),
             }
             if self.out.is_closed() {
                 return self.close_reason();
