@@ -51,6 +51,44 @@ const MAX_RATE_STRIKES: u32 = 100;
 /// A push on its way; it completes with its [`PushDone`].
 type PushReply = Pin<Box<dyn Future<Output = PushDone> + Send>>;
 
+/// A connection's pushes in flight, answered in order. Nothing while there are none: most
+/// connections seldom or never push (a terminal that watches), and a `FuturesOrdered`, even
+/// empty, holds two heap allocations (~150 B) — for the connection's life if kept.
+#[derive(Default)]
+struct Pushes(Option<FuturesOrdered<PushReply>>);
+
+impl Pushes {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push_back(&mut self, reply: PushReply) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(reply);
+    }
+
+    /// The oldest push's answer, once it is there (`None` at once if there is no push). A
+    /// `poll_fn`, not an `async fn`: its future is one reference, like `StreamExt::next`'s,
+    /// and it sits in the wait every idle connection carries.
+    fn next(&mut self) -> impl Future<Output = Option<PushDone>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let Some(pushes) = self.0.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let done = std::task::ready!(pushes.poll_next_unpin(cx));
+            if pushes.is_empty() {
+                self.0 = None;
+            }
+            Poll::Ready(done)
+        })
+    }
+}
+
 /// A push whose answer came back.
 struct PushDone {
     batch: u64,
@@ -566,7 +604,7 @@ impl Connection {
         let handshake_deadline =
             Instant::now() + Duration::from_millis(self.shared.config.handshake_timeout_ms);
         let mut last_seen = Instant::now();
-        let mut pushes: FuturesOrdered<PushReply> = FuturesOrdered::new();
+        let mut pushes = Pushes::default();
         let max_inflight = self.shared.config.max_inflight_pushes;
         let max_inflight_bytes = self.shared.config.max_inflight_push_bytes;
         let shutdown = self.shared.shutdown.clone();
@@ -693,7 +731,7 @@ impl Connection {
     /// (ingest goes on committing; at most 3/4 of the grace period), then `goaway` with a
     /// jittered retry hint and a close with 1012. A push the client sent but the gateway had
     /// not read yet stays in the client's outbox and is sent again after the reconnect.
-    async fn drain(&mut self, pushes: &mut FuturesOrdered<PushReply>) -> String {
+    async fn drain(&mut self, pushes: &mut Pushes) -> String {
         let grace = Duration::from_millis(self.shared.config.shutdown_grace_ms);
         let until = tokio::time::Instant::now() + grace * 3 / 4;
         let mut unanswered = pushes.len();
@@ -1371,6 +1409,36 @@ pub(crate) fn goaway_retry_after_ms(r: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn pushes_in_flight_hold_nothing_while_there_are_none_and_answer_in_order() {
+        fn reply(batch: u64, answered: oneshot::Receiver<()>) -> PushReply {
+            Box::pin(async move {
+                let _ = answered.await;
+                PushDone {
+                    batch,
+                    size: 0,
+                    started: Instant::now(),
+                    reply: Ok(Err(GatewayError::Draining)),
+                }
+            })
+        }
+        let mut pushes = Pushes::default();
+        assert!(pushes.0.is_none() && pushes.next().await.is_none());
+        let (first, first_rx) = oneshot::channel();
+        let (second, second_rx) = oneshot::channel();
+        pushes.push_back(reply(1, first_rx));
+        pushes.push_back(reply(2, second_rx));
+        assert_eq!(pushes.len(), 2);
+        // The second is answered first; the first still comes out first.
+        let _ = second.send(());
+        let _ = first.send(());
+        assert_eq!(pushes.next().await.map(|d| d.batch), Some(1));
+        assert!(pushes.0.is_some());
+        assert_eq!(pushes.next().await.map(|d| d.batch), Some(2));
+        // Empty again: nothing kept.
+        assert!(pushes.0.is_none() && pushes.is_empty());
+    }
 
     #[test]
     fn every_close_gets_one_of_the_bounded_labels() {
